@@ -1,0 +1,659 @@
+//! ARIMA(p,d,q) with an optional constant: exact Gaussian likelihood, maximum-likelihood fit and
+//! one-step forecast.
+//!
+//! # Model
+//! With `w = Δ^d y`, the differenced series follows a stationary, invertible ARMA(p,q):
+//!
+//! ```text
+//! w_t = c + φ_1 w_{t-1} + … + φ_p w_{t-p} + ε_t + θ_1 ε_{t-1} + … + θ_q ε_{t-q},  ε_t ~ N(0, σ²)
+//! ```
+//!
+//! `c` is an *intercept* (the mean is `μ = c / (1 − Σφ)`), exactly as statsmodels' `SARIMAX`
+//! with `trend="c"` — which is what pmdarima fits — so coefficients compare one to one.
+//!
+//! # Likelihood
+//! The exact likelihood of `w − μ` is computed with a Kalman filter on Harvey's state-space form
+//! (state dimension `r = max(p, q+1)`), started from the stationary covariance (the discrete
+//! Lyapunov equation, solved directly). Differencing first is the same as statsmodels' exact
+//! diffuse treatment of the `d` integrated states; statsmodels burns the first `d` observations
+//! of its (approximately) diffuse filter, which leaves a difference far below the tolerances used in
+//! the golden tests. σ² is concentrated out (`σ̂² = Σ v²/F / n`), which has the same maximiser
+//! as statsmodels' joint fit over σ².
+//!
+//! # Fit
+//! Parameters are optimised in an unconstrained space: AR and MA polynomials go through the
+//! partial-autocorrelation (Monahan/Jones) transform, so every trial point is stationary and
+//! invertible, as with statsmodels' `enforce_stationarity=True, enforce_invertibility=True`.
+//! Data are standardised first (likelihoods are equivariant under affine maps), starting values
+//! come from a Hannan–Rissanen regression, and BFGS does the rest.
+
+use serde::{Deserialize, Serialize};
+
+use super::optim;
+use crate::linalg;
+
+/// An ARIMA order and whether the (differenced) model carries a constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ArimaOrder {
+    pub p: usize,
+    pub d: usize,
+    pub q: usize,
+    /// Intercept in the differenced model (a drift when `d == 1`).
+    pub constant: bool,
+}
+
+impl ArimaOrder {
+    pub const fn new(p: usize, d: usize, q: usize, constant: bool) -> Self {
+        Self { p, d, q, constant }
+    }
+
+    /// Number of estimated parameters, σ² included (statsmodels' `k` in the AIC).
+    pub fn n_params(&self) -> usize {
+        self.p + self.q + usize::from(self.constant) + 1
+    }
+}
+
+impl std::fmt::Display for ArimaOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = if self.constant { "+c" } else { "" };
+        write!(f, "ARIMA({},{},{}){c}", self.p, self.d, self.q)
+    }
+}
+
+/// Coefficients of a fitted (or given) model, in statsmodels' sign convention.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArmaParams {
+    /// Intercept `c` of the differenced model (0 without a constant).
+    pub constant: f64,
+    /// φ_1..φ_p.
+    pub ar: Vec<f64>,
+    /// θ_1..θ_q.
+    pub ma: Vec<f64>,
+    /// Innovation variance.
+    pub sigma2: f64,
+}
+
+impl ArmaParams {
+    /// Mean of the differenced series implied by the intercept.
+    pub fn mean(&self) -> f64 {
+        let s: f64 = self.ar.iter().sum();
+        if self.constant == 0.0 { 0.0 } else { self.constant / (1.0 - s) }
+    }
+}
+
+/// Why a fit could not be produced.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum FitError {
+    #[error("{order} needs more than {needed} observations after differencing, got {got}")]
+    TooShort { order: ArimaOrder, needed: usize, got: usize },
+    #[error("the differenced series is constant, so {order} has no finite likelihood")]
+    Degenerate { order: ArimaOrder },
+    #[error("{order}: the likelihood is not finite at any starting point")]
+    NoFiniteStart { order: ArimaOrder },
+}
+
+/// A fitted model and what a forecaster needs from it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArimaFit {
+    pub order: ArimaOrder,
+    pub params: ArmaParams,
+    /// Maximised log-likelihood (over the `n − d` differenced observations).
+    pub llf: f64,
+    /// Akaike information criterion: `−2·llf + 2·k`, `k` counting σ².
+    pub aic: f64,
+    /// Observations used by the likelihood (`n − d`).
+    pub nobs: usize,
+    /// One-step-ahead point forecast of the original (undifferenced) series.
+    pub forecast: f64,
+    /// Variance of that forecast.
+    pub forecast_var: f64,
+    /// Whether the optimiser met its convergence test.
+    pub converged: bool,
+}
+
+/// Output of one Kalman pass over a zero-mean ARMA series (σ² = 1 scaling).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FilterOutput {
+    /// Σ v_t² / F_t.
+    pub ssr: f64,
+    /// Σ ln F_t.
+    pub sum_log_f: f64,
+    pub n: usize,
+    /// Predicted value of the next observation (zero-mean scale).
+    pub next: f64,
+    /// Its variance divided by σ².
+    pub next_f: f64,
+}
+
+impl FilterOutput {
+    /// Log-likelihood with σ² concentrated out.
+    pub fn concentrated_llf(&self) -> f64 {
+        let n = self.n as f64;
+        let sigma2 = self.ssr / n;
+        -0.5 * n * ((2.0 * std::f64::consts::PI).ln() + sigma2.ln() + 1.0) - 0.5 * self.sum_log_f
+    }
+
+    /// Log-likelihood at a given σ².
+    pub fn llf_at(&self, sigma2: f64) -> f64 {
+        let n = self.n as f64;
+        -0.5 * (n * (2.0 * std::f64::consts::PI).ln()
+            + n * sigma2.ln()
+            + self.sum_log_f
+            + self.ssr / sigma2)
+    }
+}
+
+const MAX_STATE: usize = 16;
+
+/// Runs the Kalman filter for the zero-mean ARMA series `z`. Returns `None` when the model is not
+/// stationary (no stationary initial covariance) or the filter breaks down.
+pub(crate) fn arma_filter(z: &[f64], ar: &[f64], ma: &[f64]) -> Option<FilterOutput> {
+    let r = ar.len().max(ma.len() + 1);
+    if r > MAX_STATE {
+        return None;
+    }
+    let phi = |i: usize| ar.get(i).copied().unwrap_or(0.0);
+    let mut rvec = [0.0; MAX_STATE];
+    rvec[0] = 1.0;
+    for (j, t) in ma.iter().enumerate() {
+        rvec[j + 1] = *t;
+    }
+    let mut p = stationary_cov(ar, &rvec[..r], r)?;
+    let mut a = [0.0; MAX_STATE];
+    let mut tp = vec![0.0; r * r];
+    let mut pn = vec![0.0; r * r];
+    let mut ssr = 0.0;
+    let mut sum_log_f = 0.0;
+    let mut converged = false;
+    let mut gain = [0.0; MAX_STATE];
+    let mut f_conv = 0.0;
+    for &zt in z {
+        if converged {
+            let v = zt - a[0];
+            ssr += v * v / f_conv;
+            sum_log_f += f_conv.ln();
+            // a ← T·(a + g·v)
+            let mut af = [0.0; MAX_STATE];
+            for i in 0..r {
+                af[i] = a[i] + gain[i] * v;
+            }
+            for i in 0..r {
+                a[i] = phi(i) * af[0] + if i + 1 < r { af[i + 1] } else { 0.0 };
+            }
+            continue;
+        }
+        let f = p[0];
+        if !(f > 0.0) || !f.is_finite() {
+            return None;
+        }
+        let v = zt - a[0];
+        ssr += v * v / f;
+        sum_log_f += f.ln();
+        // Filtered state and covariance.
+        let mut af = [0.0; MAX_STATE];
+        for i in 0..r {
+            gain[i] = p[i * r] / f;
+            af[i] = a[i] + gain[i] * v;
+        }
+        for i in 0..r {
+            for j in 0..r {
+                pn[i * r + j] = p[i * r + j] - gain[i] * p[j * r] ;
+            }
+        }
+        // Predict: a ← T·af, P ← T·Pf·T' + R·R'.
+        for i in 0..r {
+            a[i] = phi(i) * af[0] + if i + 1 < r { af[i + 1] } else { 0.0 };
+        }
+        for i in 0..r {
+            for j in 0..r {
+                tp[i * r + j] = phi(i) * pn[j] + if i + 1 < r { pn[(i + 1) * r + j] } else { 0.0 };
+            }
+        }
+        let mut delta = 0.0f64;
+        for i in 0..r {
+            for j in 0..r {
+                let v = tp[i * r] * phi(j)
+                    + if j + 1 < r { tp[i * r + j + 1] } else { 0.0 }
+                    + rvec[i] * rvec[j];
+                delta = delta.max((v - p[i * r + j]).abs());
+                p[i * r + j] = v;
+            }
+        }
+        if delta < 1e-13 {
+            converged = true;
+            f_conv = p[0];
+            for i in 0..r {
+                gain[i] = p[i * r] / f_conv;
+            }
+        }
+    }
+    let next_f = if converged { f_conv } else { p[0] };
+    Some(FilterOutput { ssr, sum_log_f, n: z.len(), next: a[0], next_f })
+}
+
+/// Stationary state covariance: the solution of `P = T·P·T' + R·R'` (row-major, `r x r`).
+fn stationary_cov(ar: &[f64], rvec: &[f64], r: usize) -> Option<Vec<f64>> {
+    if ar.is_empty() {
+        // Pure MA: the state is a finite moving average of white noise, P has a closed form:
+        // P[i][j] = Σ_k R[i+k]·R[j+k].
+        let mut p = vec![0.0; r * r];
+        for i in 0..r {
+            for j in 0..r {
+                p[i * r + j] = (0..r).filter(|k| i + k < r && j + k < r).map(|k| rvec[i + k] * rvec[j + k]).sum();
+            }
+        }
+        return Some(p);
+    }
+    let n = r * r;
+    let phi = |i: usize| ar.get(i).copied().unwrap_or(0.0);
+    // T[i][k] = φ_{i+1}·[k == 0] + [k == i+1]
+    let t = |i: usize, k: usize| (if k == 0 { phi(i) } else { 0.0 }) + if k == i + 1 { 1.0 } else { 0.0 };
+    let mut m = vec![0.0; n * n];
+    let mut b = vec![0.0; n];
+    for i in 0..r {
+        for j in 0..r {
+            let row = i * r + j;
+            b[row] = rvec[i] * rvec[j];
+            m[row * n + row] += 1.0;
+            for k in 0..r {
+                let tik = t(i, k);
+                if tik == 0.0 {
+                    continue;
+                }
+                for l in 0..r {
+                    let tjl = t(j, l);
+                    if tjl != 0.0 {
+                        m[row * n + k * r + l] -= tik * tjl;
+                    }
+                }
+            }
+        }
+    }
+    linalg::solve_in_place(&mut m, &mut b, n)?;
+    if b[0] <= 0.0 {
+        return None;
+    }
+    Some(b)
+}
+
+/// Differences a series `d` times.
+pub fn difference(y: &[f64], d: usize) -> Vec<f64> {
+    let mut w = y.to_vec();
+    for _ in 0..d {
+        w = w.windows(2).map(|p| p[1] - p[0]).collect();
+    }
+    w
+}
+
+/// Maps partial autocorrelations in (−1, 1) to the coefficients of a stationary AR polynomial
+/// `1 − φ_1 L − … − φ_p L^p` (Durbin–Levinson recursion).
+pub(crate) fn pacf_to_ar(r: &[f64]) -> Vec<f64> {
+    let mut phi: Vec<f64> = Vec::with_capacity(r.len());
+    for (k, &rk) in r.iter().enumerate() {
+        let prev = phi.clone();
+        for j in 0..k {
+            phi[j] = prev[j] - rk * prev[k - 1 - j];
+        }
+        phi.push(rk);
+    }
+    phi
+}
+
+/// Inverse of [`pacf_to_ar`]; `None` if the polynomial is not stationary.
+pub(crate) fn ar_to_pacf(phi: &[f64]) -> Option<Vec<f64>> {
+    let mut cur = phi.to_vec();
+    let mut r = vec![0.0; phi.len()];
+    for k in (0..phi.len()).rev() {
+        let rk = cur[k];
+        if !(rk.abs() < 1.0) {
+            return None;
+        }
+        r[k] = rk;
+        let denom = 1.0 - rk * rk;
+        let prev: Vec<f64> = (0..k).map(|j| (cur[j] + rk * cur[k - 1 - j]) / denom).collect();
+        cur = prev;
+    }
+    Some(r)
+}
+
+fn to_unconstrained(pacf: &[f64]) -> Vec<f64> {
+    pacf.iter().map(|r| r / (1.0 - r * r).sqrt()).collect()
+}
+
+fn to_pacf(u: &[f64]) -> Vec<f64> {
+    u.iter().map(|u| u / (1.0 + u * u).sqrt()).collect()
+}
+
+/// True when `1 − Σφ_i L^i` has all roots outside the unit circle.
+pub fn is_stationary(ar: &[f64]) -> bool {
+    ar_to_pacf(ar).is_some()
+}
+
+/// True when `1 + Σθ_j L^j` has all roots outside the unit circle.
+pub fn is_invertible(ma: &[f64]) -> bool {
+    let neg: Vec<f64> = ma.iter().map(|t| -t).collect();
+    ar_to_pacf(&neg).is_some()
+}
+
+/// Smallest modulus among the roots of `1 + c_1 z + … + c_k z^k` (∞ for a constant polynomial).
+/// Computed with Durand–Kerner iterations, ample for degree ≤ 5.
+pub fn min_root_modulus(coeffs: &[f64]) -> f64 {
+    let mut deg = coeffs.len();
+    while deg > 0 && coeffs[deg - 1].abs() < 1e-12 {
+        deg -= 1;
+    }
+    if deg == 0 {
+        return f64::INFINITY;
+    }
+    // Monic form in z: z^k + (c_{k-1}/c_k) z^{k-1} + … + 1/c_k.
+    let lead = coeffs[deg - 1];
+    let mut poly = vec![0.0; deg + 1]; // poly[i] = coefficient of z^i
+    poly[0] = 1.0 / lead;
+    for i in 1..deg {
+        poly[i] = coeffs[i - 1] / lead;
+    }
+    poly[deg] = 1.0;
+    let eval = |z: (f64, f64)| {
+        let mut acc = (0.0, 0.0);
+        for i in (0..=deg).rev() {
+            acc = (acc.0 * z.0 - acc.1 * z.1 + poly[i], acc.0 * z.1 + acc.1 * z.0);
+        }
+        acc
+    };
+    let mut roots: Vec<(f64, f64)> = (0..deg)
+        .map(|i| {
+            let ang = 0.4 + 2.0 * std::f64::consts::PI * i as f64 / deg as f64;
+            let rad = 1.0 + poly.iter().take(deg).fold(0.0f64, |m, c| m.max(c.abs()));
+            (rad * ang.cos() * 0.5, rad * ang.sin() * 0.5)
+        })
+        .collect();
+    for _ in 0..500 {
+        let mut moved = 0.0f64;
+        for i in 0..deg {
+            let zi = roots[i];
+            let num = eval(zi);
+            let mut den = (1.0, 0.0);
+            for (j, zj) in roots.iter().enumerate() {
+                if j != i {
+                    let diff = (zi.0 - zj.0, zi.1 - zj.1);
+                    den = (den.0 * diff.0 - den.1 * diff.1, den.0 * diff.1 + den.1 * diff.0);
+                }
+            }
+            let dd = den.0 * den.0 + den.1 * den.1;
+            if dd == 0.0 {
+                continue;
+            }
+            let q = ((num.0 * den.0 + num.1 * den.1) / dd, (num.1 * den.0 - num.0 * den.1) / dd);
+            roots[i] = (zi.0 - q.0, zi.1 - q.1);
+            moved = moved.max(q.0.abs() + q.1.abs());
+        }
+        if moved < 1e-14 {
+            break;
+        }
+    }
+    roots.iter().map(|z| (z.0 * z.0 + z.1 * z.1).sqrt()).fold(f64::INFINITY, f64::min)
+}
+
+/// Log-likelihood of `y` under `order` at the given parameters (σ² as given), the way statsmodels'
+/// `loglike(params)` computes it. `None` outside the stationary region.
+pub fn loglike(y: &[f64], order: ArimaOrder, params: &ArmaParams) -> Option<f64> {
+    let w = difference(y, order.d);
+    let mu = if order.constant { params.mean() } else { 0.0 };
+    let z: Vec<f64> = w.iter().map(|v| v - mu).collect();
+    let out = arma_filter(&z, &params.ar, &params.ma)?;
+    Some(out.llf_at(params.sigma2))
+}
+
+/// Unconstrained parameter vector layout: `[μ (if constant)] [AR pacf (p)] [MA pacf (q)]`.
+struct Layout {
+    order: ArimaOrder,
+}
+
+impl Layout {
+    fn len(&self) -> usize {
+        usize::from(self.order.constant) + self.order.p + self.order.q
+    }
+
+    fn split<'a>(&self, x: &'a [f64]) -> (f64, &'a [f64], &'a [f64]) {
+        let c = usize::from(self.order.constant);
+        let mu = if self.order.constant { x[0] } else { 0.0 };
+        (mu, &x[c..c + self.order.p], &x[c + self.order.p..])
+    }
+
+    /// (μ, φ, θ) in the standardised scale.
+    fn constrain(&self, x: &[f64]) -> (f64, Vec<f64>, Vec<f64>) {
+        let (mu, ua, um) = self.split(x);
+        let ar = pacf_to_ar(&to_pacf(ua));
+        let ma = pacf_to_ar(&to_pacf(um)).into_iter().map(|v| -v).collect();
+        (mu, ar, ma)
+    }
+}
+
+/// Negative concentrated log-likelihood per observation of standardised data.
+fn objective(x: &[f64], layout: &Layout, data: &[f64], scratch: &mut Vec<f64>) -> f64 {
+    let (mu, ar, ma) = layout.constrain(x);
+    scratch.clear();
+    scratch.extend(data.iter().map(|v| v - mu));
+    match arma_filter(scratch, &ar, &ma) {
+        Some(out) if out.ssr > 0.0 => {
+            let v = -out.concentrated_llf() / out.n as f64;
+            if v.is_finite() { v } else { f64::INFINITY }
+        }
+        _ => f64::INFINITY,
+    }
+}
+
+/// Hannan–Rissanen starting values on standardised data: (μ, φ, θ).
+fn hannan_rissanen(x: &[f64], order: ArimaOrder) -> (f64, Vec<f64>, Vec<f64>) {
+    let n = x.len();
+    let (p, q) = (order.p, order.q);
+    let mean = if order.constant { x.iter().sum::<f64>() / n as f64 } else { 0.0 };
+    let xc: Vec<f64> = x.iter().map(|v| v - mean).collect();
+    let zeros = (mean, vec![0.0; p], vec![0.0; q]);
+    if p == 0 && q == 0 {
+        return zeros;
+    }
+    // Stage 1: long AR for innovation estimates (only needed when q > 0).
+    let mut resid = vec![0.0; n];
+    let mut m = 0;
+    if q > 0 {
+        m = (p + q + 2).max(((n as f64).ln() * 1.5) as usize).min(n / 3);
+        if m == 0 {
+            return zeros;
+        }
+        let rows = n - m;
+        let mut design = Vec::with_capacity(rows * m);
+        for t in m..n {
+            design.extend((1..=m).map(|i| xc[t - i]));
+        }
+        let Some(beta) = linalg::ols(&design, &xc[m..], m) else { return zeros };
+        for t in m..n {
+            resid[t] = xc[t] - (1..=m).map(|i| beta[i - 1] * xc[t - i]).sum::<f64>();
+        }
+    }
+    // Stage 2: regress on lagged values and lagged innovations.
+    let start = m + p.max(q);
+    let k = p + q;
+    if n <= start + k + 1 {
+        return zeros;
+    }
+    let mut design = Vec::with_capacity((n - start) * k);
+    for t in start..n {
+        design.extend((1..=p).map(|i| xc[t - i]));
+        design.extend((1..=q).map(|j| resid[t - j]));
+    }
+    let Some(beta) = linalg::ols(&design, &xc[start..], k) else { return zeros };
+    let ar = beta[..p].to_vec();
+    let ma = beta[p..].to_vec();
+    let ar = if is_stationary(&ar) { ar } else { vec![0.0; p] };
+    let ma = if is_invertible(&ma) { ma } else { vec![0.0; q] };
+    (mean, ar, ma)
+}
+
+/// Fits `order` to `y` by exact maximum likelihood.
+pub fn fit(y: &[f64], order: ArimaOrder) -> Result<ArimaFit, FitError> {
+    let w = difference(y, order.d);
+    let n = w.len();
+    let needed = order.n_params();
+    if n <= needed {
+        return Err(FitError::TooShort { order, needed, got: n });
+    }
+    // Standardise: centre only when the model has a constant to absorb the shift.
+    let mean = w.iter().sum::<f64>() / n as f64;
+    let center = if order.constant { mean } else { 0.0 };
+    let scale = (w.iter().map(|v| (v - center).powi(2)).sum::<f64>() / n as f64).sqrt();
+    if !(scale > 1e-12 * mean.abs().max(1.0)) {
+        return Err(FitError::Degenerate { order });
+    }
+    let x: Vec<f64> = w.iter().map(|v| (v - center) / scale).collect();
+    let layout = Layout { order };
+
+    let (mu0, ar0, ma0) = hannan_rissanen(&x, order);
+    let mut starts = Vec::new();
+    let mut hr = Vec::with_capacity(layout.len());
+    if order.constant {
+        hr.push(mu0);
+    }
+    hr.extend(to_unconstrained(&ar_to_pacf(&ar0).unwrap_or_else(|| vec![0.0; order.p])));
+    let neg_ma: Vec<f64> = ma0.iter().map(|t| -t).collect();
+    hr.extend(to_unconstrained(&ar_to_pacf(&neg_ma).unwrap_or_else(|| vec![0.0; order.q])));
+    starts.push(hr);
+    let mut zero = vec![0.0; layout.len()];
+    if order.constant {
+        zero[0] = mu0;
+    }
+    starts.push(zero);
+
+    let mut scratch = Vec::with_capacity(n);
+    let mut best: Option<optim::Minimum> = None;
+    for s in &starts {
+        if !s.iter().all(|v| v.is_finite()) {
+            continue;
+        }
+        let m = optim::minimize(
+            |p| objective(p, &layout, &x, &mut scratch),
+            s,
+            optim::Settings::default(),
+        );
+        if m.f.is_finite() && best.as_ref().is_none_or(|b| m.f < b.f - 1e-12) {
+            best = Some(m);
+        }
+        // The Hannan–Rissanen start nearly always lands in the right basin; only fall back to the
+        // zero start when it failed to converge.
+        if best.as_ref().is_some_and(|b| b.converged) {
+            break;
+        }
+    }
+    let best = best.ok_or(FitError::NoFiniteStart { order })?;
+    let (mu_x, ar, ma) = layout.constrain(&best.x);
+    let z: Vec<f64> = x.iter().map(|v| v - mu_x).collect();
+    let out = arma_filter(&z, &ar, &ma).ok_or(FitError::NoFiniteStart { order })?;
+    let sigma2 = out.ssr / n as f64 * scale * scale;
+    let llf = out.concentrated_llf() - n as f64 * scale.ln();
+    let mu = center + scale * mu_x;
+    let constant = if order.constant { mu * (1.0 - ar.iter().sum::<f64>()) } else { 0.0 };
+    let w_next = mu + scale * out.next;
+    let forecast = undifference_next(y, order.d, w_next);
+    Ok(ArimaFit {
+        order,
+        params: ArmaParams { constant, ar, ma, sigma2 },
+        llf,
+        aic: -2.0 * llf + 2.0 * order.n_params() as f64,
+        nobs: n,
+        forecast,
+        forecast_var: sigma2 * out.next_f,
+        converged: best.converged,
+    })
+}
+
+/// Turns a forecast of `Δ^d y_{n+1}` into a forecast of `y_{n+1}`.
+fn undifference_next(y: &[f64], d: usize, w_next: f64) -> f64 {
+    // y_{n+1} = w_{n+1} + Σ_{k=1..d} (−1)^{k+1} C(d,k) y_{n+1−k}
+    let n = y.len();
+    let mut acc = w_next;
+    let mut binom = 1.0;
+    for k in 1..=d {
+        binom = binom * (d + 1 - k) as f64 / k as f64;
+        let sign = if k % 2 == 1 { 1.0 } else { -1.0 };
+        acc += sign * binom * y[n - k];
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacf_round_trip() {
+        let r = [0.5, -0.3, 0.2];
+        let phi = pacf_to_ar(&r);
+        let back = ar_to_pacf(&phi).expect("stationary");
+        for (a, b) in r.iter().zip(&back) {
+            assert!((a - b).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn unit_root_is_not_stationary() {
+        assert!(!is_stationary(&[1.0]));
+        assert!(!is_stationary(&[0.5, 0.5]));
+        assert!(is_stationary(&[0.5, 0.3]));
+        assert!(!is_invertible(&[-1.0]));
+    }
+
+    #[test]
+    fn root_modulus_of_a_known_polynomial() {
+        // 1 - 0.5 z has its root at 2.
+        assert!((min_root_modulus(&[-0.5]) - 2.0).abs() < 1e-9);
+        // (1 - 0.5z)(1 - 0.25z) = 1 - 0.75 z + 0.125 z², roots 2 and 4.
+        assert!((min_root_modulus(&[-0.75, 0.125]) - 2.0).abs() < 1e-9);
+        assert!(min_root_modulus(&[]).is_infinite());
+    }
+
+    #[test]
+    fn ar1_stationary_variance() {
+        let p = stationary_cov(&[0.5], &[1.0], 1).expect("stationary");
+        assert!((p[0] - 1.0 / 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn white_noise_likelihood_is_gaussian() {
+        let z = [0.3, -1.2, 0.8, 0.1];
+        let out = arma_filter(&z, &[], &[]).expect("valid");
+        let ssr: f64 = z.iter().map(|v| v * v).sum();
+        assert!((out.ssr - ssr).abs() < 1e-12);
+        assert!(out.sum_log_f.abs() < 1e-12);
+    }
+
+    #[test]
+    fn undifferencing_inverts_differencing() {
+        let y = [1.0, 4.0, 9.0, 16.0, 25.0];
+        // Second differences are constant 2, so predicting 2 gives the next square.
+        assert!((undifference_next(&y, 2, 2.0) - 36.0).abs() < 1e-12);
+        assert!((undifference_next(&y, 1, 11.0) - 36.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn recovers_an_ar1() {
+        // Deterministic pseudo-random AR(1) with φ = 0.7 around 10.
+        let mut state = 12345u64;
+        let mut noise = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Sum of uniforms ≈ normal.
+            (0..12).map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (state >> 11) as f64 / (1u64 << 53) as f64
+            }).sum::<f64>() - 6.0
+        };
+        let mut y = vec![10.0];
+        for _ in 0..400 {
+            let prev = *y.last().expect("non-empty");
+            y.push(3.0 + 0.7 * prev + noise());
+        }
+        let fit = fit(&y, ArimaOrder::new(1, 0, 0, true)).expect("fits");
+        assert!((fit.params.ar[0] - 0.7).abs() < 0.08, "{fit:?}");
+        assert!((fit.params.mean() - 10.0).abs() < 0.6, "{fit:?}");
+        assert!(fit.converged);
+    }
+}

@@ -1,0 +1,640 @@
+//! The planner's tick API: `tick(now, observation) -> decision`.
+//!
+//! Once per adjustment interval the caller (operator, local mode, simulator) hands the planner an
+//! [`Observation`] — the interval's aggregates — and the current time. The planner feeds its
+//! forecasters, updates its correction factors and returns a [`Decision`]: the target replica
+//! counts and every reason behind them. It never reads a clock and never does I/O; the caller
+//! applies the decision through its actuator.
+//!
+//! Order of rules in one tick:
+//! 1. feed the forecasters (requests, mean ISL, mean OSL) and update κ_P, κ_D;
+//! 2. **in flight**: if the last change has not landed (replicas pending, or ready counts differ
+//!    from the last target) hold everything, for at most `max_reconfig_wait_s`;
+//! 3. **idle**: no requests for `idle_after_s` → minimums;
+//! 4. the **policy** computes desired counts (DOPD, DYN-SLA, DYN-LOAD or static);
+//! 5. **emergency** scale-up by one instance of the role under pressure (prefill queue per
+//!    instance, KV usage), within the budget;
+//! 6. **scale-down stabilisation**: a role shrinks only to the largest count desired during the
+//!    last `scale_down_stabilization_s` (scale-up is immediate).
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use crate::forecast::{Forecast, ForecastConfig, Forecaster, ForecasterKind};
+use crate::profile::{PerRole, Profile, Role};
+use crate::sizing::{
+    self, BudgetRule, Reason, Replicas, Signal, SizingConfig, SizingInput, SlaTargets, Sizing,
+};
+
+/// Replica counts of one role as the actuator sees them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaState {
+    /// Serving.
+    pub ready: u32,
+    /// Asked for but not serving yet (starting, or Pending on the cluster).
+    pub pending: u32,
+}
+
+/// What happened during the last interval. Filled by the router's load endpoint in production
+/// and by the simulator in replay.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Observation {
+    /// Length of the interval, seconds.
+    pub interval_s: f64,
+    /// Requests that arrived in the interval.
+    pub requests: f64,
+    /// Mean prompt length of those requests (`None` when there were none).
+    pub mean_isl: Option<f64>,
+    /// Mean output length.
+    pub mean_osl: Option<f64>,
+    /// Mean observed TTFT, seconds.
+    pub ttft_s: Option<f64>,
+    /// Mean observed inter-token latency, seconds.
+    pub itl_s: Option<f64>,
+    /// Mean request duration (arrival to last token), seconds.
+    pub request_duration_s: Option<f64>,
+    /// Requests waiting for prefill, all instances together.
+    pub prefill_queue_depth: f64,
+    /// Mean fraction of KV blocks in use over decode instances, 0..1.
+    pub kv_usage: f64,
+    pub replicas: PerRole<ReplicaState>,
+}
+
+fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|x| x.is_finite() && *x >= 0.0)
+}
+
+fn finite0(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 { v } else { 0.0 }
+}
+
+/// The scaling policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// DOPD: forecast, KV-bound decode, producer/consumer-balanced prefill (paper §3).
+    #[default]
+    Dopd,
+    /// Dynamo's SLA planner (throughput per GPU from the profile).
+    DynSla,
+    /// Dynamo's load planner (thresholds on KV usage and prefill queue).
+    DynLoad,
+    /// Fixed counts.
+    Static,
+}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "dopd" => Ok(Self::Dopd),
+            "dyn-sla" => Ok(Self::DynSla),
+            "dyn-load" => Ok(Self::DynLoad),
+            "static" => Ok(Self::Static),
+            other => Err(format!("unknown policy {other:?}: expected dopd, dyn-sla, dyn-load or static")),
+        }
+    }
+}
+
+/// Thresholds of Dynamo's load planner (its shipped defaults, paper §6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoadThresholds {
+    pub kv_scale_up: f64,
+    pub kv_scale_down: f64,
+    pub queue_scale_up: f64,
+    pub queue_scale_down: f64,
+    /// Intervals without decode changes after a decode scale-up.
+    pub decode_grace_intervals: u32,
+    /// Intervals of queue history for the "queue is draining" check.
+    pub queue_trend_intervals: usize,
+}
+
+impl Default for LoadThresholds {
+    fn default() -> Self {
+        Self {
+            kv_scale_up: 0.9,
+            kv_scale_down: 0.5,
+            queue_scale_up: 5.0,
+            queue_scale_down: 0.2,
+            decode_grace_intervals: 3,
+            queue_trend_intervals: 3,
+        }
+    }
+}
+
+/// Emergency scale-up thresholds (paper §6: values not published; these follow Dynamo's
+/// load-planner scale-up thresholds).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmergencyConfig {
+    pub enabled: bool,
+    /// Prefill queue length per ready prefill instance.
+    pub prefill_queue_per_instance: f64,
+    /// Decode KV usage fraction.
+    pub kv_usage: f64,
+}
+
+impl Default for EmergencyConfig {
+    fn default() -> Self {
+        Self { enabled: true, prefill_queue_per_instance: 5.0, kv_usage: 0.9 }
+    }
+}
+
+/// Everything the planner is configured with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlannerConfig {
+    pub policy: PolicyKind,
+    pub predictor: ForecasterKind,
+    pub forecast: ForecastConfig,
+    pub sizing: SizingConfig,
+    pub sla: SlaTargets,
+    pub load: LoadThresholds,
+    pub emergency: EmergencyConfig,
+    /// Counts used by the static policy.
+    pub static_replicas: Replicas,
+    /// Shrink to the minimums after this long without requests (DOPD code: 50 s).
+    pub idle_after_s: f64,
+    /// Scale-down looks back this far and keeps the largest desired count (0 disables).
+    pub scale_down_stabilization_s: f64,
+    /// Give up waiting for an in-flight change after this long (e.g. pods stuck Pending).
+    pub max_reconfig_wait_s: f64,
+    /// Correction factors are clamped to `[1/k, k]`.
+    pub kappa_limit: f64,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Dopd,
+            predictor: ForecasterKind::Arima,
+            forecast: ForecastConfig::default(),
+            sizing: SizingConfig::default(),
+            sla: SlaTargets::default(),
+            load: LoadThresholds::default(),
+            emergency: EmergencyConfig::default(),
+            static_replicas: PerRole { prefill: 1, decode: 1 },
+            idle_after_s: 50.0,
+            scale_down_stabilization_s: 30.0,
+            max_reconfig_wait_s: 300.0,
+            kappa_limit: 10.0,
+        }
+    }
+}
+
+/// Forecasts of the next interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadForecast {
+    pub requests: Forecast,
+    pub isl: Forecast,
+    pub osl: Forecast,
+}
+
+/// A planner decision.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The tick's time.
+    pub at: f64,
+    pub policy: PolicyKind,
+    /// Counts to run from now on.
+    pub target: Replicas,
+    /// True when `target` differs from what was running or requested before.
+    pub changed: bool,
+    /// Every rule that shaped `target`, in the order applied.
+    pub reasons: Vec<Reason>,
+    pub forecast: Option<WorkloadForecast>,
+    pub sizing: Option<Sizing>,
+    /// Current correction factors (observed / profiled latency).
+    pub kappa: PerRole<f64>,
+}
+
+/// The planner: forecasters, correction factors and the bookkeeping for hysteresis.
+#[derive(Debug)]
+pub struct Planner {
+    cfg: PlannerConfig,
+    profile: Profile,
+    requests: Box<dyn Forecaster>,
+    isl: Box<dyn Forecaster>,
+    osl: Box<dyn Forecaster>,
+    kappa: PerRole<f64>,
+    /// Last target issued (what the actuator was asked for).
+    issued: Option<Replicas>,
+    issued_at: f64,
+    last_request_at: Option<f64>,
+    started_at: Option<f64>,
+    desired_history: VecDeque<(f64, Replicas)>,
+    decode_grace_left: u32,
+    queue_history: VecDeque<f64>,
+}
+
+impl Planner {
+    pub fn new(profile: Profile, cfg: PlannerConfig) -> Self {
+        let build = || cfg.predictor.build(&cfg.forecast);
+        Self {
+            requests: build(),
+            isl: build(),
+            osl: build(),
+            profile,
+            kappa: PerRole { prefill: 1.0, decode: 1.0 },
+            issued: None,
+            issued_at: 0.0,
+            last_request_at: None,
+            started_at: None,
+            desired_history: VecDeque::new(),
+            decode_grace_left: 0,
+            queue_history: VecDeque::new(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &PlannerConfig {
+        &self.cfg
+    }
+
+    pub fn profile(&self) -> &Profile {
+        &self.profile
+    }
+
+    /// One planning step using the planner's own forecasts.
+    pub fn tick(&mut self, now: f64, obs: &Observation) -> Decision {
+        self.step(now, obs, None)
+    }
+
+    /// One planning step with the next interval given instead of forecast (the simulator's
+    /// oracle policy: the lower bound of what forecasting can achieve).
+    pub fn tick_with_known_next(&mut self, now: f64, obs: &Observation, next: SizingInput) -> Decision {
+        self.step(now, obs, Some(next))
+    }
+
+    fn observe(&mut self, now: f64, obs: &Observation) {
+        let requests = finite0(obs.requests);
+        self.requests.observe(requests);
+        let (isl, osl) = if requests > 0.0 {
+            (finite(obs.mean_isl), finite(obs.mean_osl))
+        } else {
+            (None, None)
+        };
+        self.isl.observe(isl.unwrap_or(f64::NAN));
+        self.osl.observe(osl.unwrap_or(f64::NAN));
+        if requests > 0.0 {
+            self.last_request_at = Some(now);
+        }
+        self.started_at.get_or_insert(now);
+        let lim = self.cfg.kappa_limit.max(1.0);
+        let clamp = |k: f64| k.clamp(1.0 / lim, lim);
+        // κ_P = observed TTFT / profiled TTFT(ISL).
+        if let (Some(ttft), Some(isl)) = (finite(obs.ttft_s), isl) {
+            let k = ttft / self.profile.ttft(isl);
+            if k.is_finite() && k > 0.0 {
+                self.kappa.prefill = clamp(k);
+            }
+        }
+        // κ_D = observed ITL / profiled TPOT(c_obs, ISL + OSL/2), c_obs by Little's law.
+        if let (Some(itl), Some(isl), Some(osl)) = (finite(obs.itl_s), isl, osl) {
+            let n_d = f64::from(obs.replicas.decode.ready.max(1));
+            let interval = if obs.interval_s > 0.0 { obs.interval_s } else { 10.0 };
+            let duration = finite(obs.request_duration_s).unwrap_or(osl * itl);
+            let c_obs = (requests / n_d * duration / interval).max(1.0);
+            let k = itl / self.profile.tpot(c_obs, isl + osl / 2.0);
+            if k.is_finite() && k > 0.0 {
+                self.kappa.decode = clamp(k);
+            }
+        }
+        let ready_p = f64::from(obs.replicas.prefill.ready.max(1));
+        self.queue_history.push_back(finite0(obs.prefill_queue_depth) / ready_p);
+        while self.queue_history.len() > self.cfg.load.queue_trend_intervals.max(2) {
+            self.queue_history.pop_front();
+        }
+    }
+
+    fn forecast(&mut self) -> WorkloadForecast {
+        WorkloadForecast {
+            requests: self.requests.predict(),
+            isl: self.isl.predict(),
+            osl: self.osl.predict(),
+        }
+    }
+
+    fn step(&mut self, now: f64, obs: &Observation, known: Option<SizingInput>) -> Decision {
+        self.observe(now, obs);
+        let running = PerRole {
+            prefill: obs.replicas.prefill.ready + obs.replicas.prefill.pending,
+            decode: obs.replicas.decode.ready + obs.replicas.decode.pending,
+        };
+        let ready = PerRole { prefill: obs.replicas.prefill.ready, decode: obs.replicas.decode.ready };
+        let current = self.issued.unwrap_or(running);
+        let mut reasons = Vec::new();
+        let decision = |target: Replicas, reasons: Vec<Reason>, forecast, sizing, this: &mut Self| {
+            let changed = target != current;
+            if changed || this.issued.is_none() {
+                this.issued = Some(target);
+                this.issued_at = now;
+            }
+            Decision { at: now, policy: this.cfg.policy, target, changed, reasons, forecast, sizing, kappa: this.kappa }
+        };
+
+        // 2. A change still landing: hold.
+        let pending = obs.replicas.prefill.pending + obs.replicas.decode.pending;
+        if let Some(issued) = self.issued {
+            let waited = now - self.issued_at;
+            if (pending > 0 || ready != issued) && waited < self.cfg.max_reconfig_wait_s {
+                reasons.push(Reason::ReconfigInFlight { waited_s: waited });
+                return decision(issued, reasons, None, None, self);
+            }
+        }
+
+        // 3. Idle.
+        let idle_s = now - self.last_request_at.or(self.started_at).unwrap_or(now);
+        if idle_s >= self.cfg.idle_after_s && self.cfg.policy != PolicyKind::Static {
+            reasons.push(Reason::Idle { idle_s });
+            let target = self.cfg.sizing.min_replicas;
+            self.desired_history.clear();
+            return decision(target, reasons, None, None, self);
+        }
+
+        // 4. Policy.
+        let mut forecast = None;
+        let mut sizing_out = None;
+        let mut desired = match self.cfg.policy {
+            PolicyKind::Static => {
+                let mut r = Vec::new();
+                let t = sizing::constrain(&self.profile, self.cfg.static_replicas, &self.cfg.sizing, BudgetRule::Dopd, &mut r);
+                reasons.extend(r);
+                t
+            }
+            PolicyKind::DynLoad => self.load_policy(current, obs, &mut reasons),
+            PolicyKind::Dopd | PolicyKind::DynSla => {
+                let input = match known {
+                    Some(k) => k,
+                    None => {
+                        let f = self.forecast();
+                        let held = self.requests.len();
+                        if held < self.cfg.forecast.arima.min_history {
+                            reasons.push(Reason::Warmup { observations: held });
+                        }
+                        forecast = Some(f);
+                        SizingInput {
+                            requests: f.requests.point,
+                            isl: f.isl.point,
+                            osl: f.osl.point,
+                            interval_s: if obs.interval_s > 0.0 { obs.interval_s } else { 10.0 },
+                            kappa_d: 1.0,
+                            kappa_p: 1.0,
+                        }
+                    }
+                };
+                let input = SizingInput { kappa_d: self.kappa.decode, kappa_p: self.kappa.prefill, ..input };
+                let s = if self.cfg.policy == PolicyKind::Dopd {
+                    sizing::size_dopd(&self.profile, &input, &self.cfg.sizing)
+                } else {
+                    sizing::size_dyn_sla(&self.profile, &input, &self.cfg.sla, &self.cfg.sizing)
+                };
+                reasons.extend(s.reasons.iter().cloned());
+                let t = s.replicas;
+                sizing_out = Some(s);
+                t
+            }
+        };
+
+        // 5. Emergency scale-up on pressure, within the budget.
+        if self.cfg.emergency.enabled && matches!(self.cfg.policy, PolicyKind::Dopd | PolicyKind::DynSla) {
+            let e = &self.cfg.emergency;
+            let per_p = finite0(obs.prefill_queue_depth) / f64::from(ready.prefill.max(1));
+            let kv = finite0(obs.kv_usage);
+            for (role, signal, value, threshold) in [
+                (Role::Prefill, Signal::PrefillQueuePerInstance, per_p, e.prefill_queue_per_instance),
+                (Role::Decode, Signal::KvUsage, kv, e.kv_usage),
+            ] {
+                if value <= threshold {
+                    continue;
+                }
+                let mut up = desired;
+                match role {
+                    Role::Prefill => up.prefill = up.prefill.max(current.prefill + 1),
+                    Role::Decode => up.decode = up.decode.max(current.decode + 1),
+                }
+                if up != desired && up.gpus(&self.profile) <= self.cfg.sizing.gpu_budget {
+                    desired = up;
+                    reasons.push(Reason::Emergency { role, signal, value, threshold });
+                }
+            }
+        }
+
+        // 6. Scale-down stabilisation.
+        let window = self.cfg.scale_down_stabilization_s;
+        self.desired_history.push_back((now, desired));
+        while self.desired_history.front().is_some_and(|(t, _)| now - t > window) {
+            self.desired_history.pop_front();
+        }
+        if window > 0.0 {
+            let peak = self.desired_history.iter().fold(desired, |m, (_, r)| PerRole {
+                prefill: m.prefill.max(r.prefill),
+                decode: m.decode.max(r.decode),
+            });
+            for role in [Role::Prefill, Role::Decode] {
+                let (d, cur, pk) = match role {
+                    Role::Prefill => (&mut desired.prefill, current.prefill, peak.prefill),
+                    Role::Decode => (&mut desired.decode, current.decode, peak.decode),
+                };
+                if *d < cur {
+                    let held = pk.min(cur);
+                    if held > *d {
+                        reasons.push(Reason::Cooldown { role, held_at: held, wanted: *d });
+                        *d = held;
+                    }
+                }
+            }
+        }
+        decision(desired, reasons, forecast, sizing_out, self)
+    }
+
+    /// Dynamo's load planner: ±1 per role on thresholds, with a decode grace period and a check
+    /// that the prefill queue is not already draining.
+    fn load_policy(&mut self, current: Replicas, obs: &Observation, reasons: &mut Vec<Reason>) -> Replicas {
+        let t = self.cfg.load.clone();
+        let min = self.cfg.sizing.min_replicas;
+        let budget = self.cfg.sizing.gpu_budget;
+        let mut target = current;
+        let per_p = finite0(obs.prefill_queue_depth) / f64::from(obs.replicas.prefill.ready.max(1));
+        let draining = {
+            let h: Vec<f64> = self.queue_history.iter().copied().collect();
+            // Least-squares slope over the history, extrapolated over the same span.
+            let n = h.len() as f64;
+            if h.len() >= 2 {
+                let mx = (n - 1.0) / 2.0;
+                let my = h.iter().sum::<f64>() / n;
+                let (mut sxy, mut sxx) = (0.0, 0.0);
+                for (i, y) in h.iter().enumerate() {
+                    sxy += (i as f64 - mx) * (y - my);
+                    sxx += (i as f64 - mx).powi(2);
+                }
+                let slope = sxy / sxx;
+                per_p + slope * n < t.queue_scale_up
+            } else {
+                false
+            }
+        };
+        let gpus = |r: &Replicas| r.gpus(&self.profile);
+        if per_p > t.queue_scale_up && !draining {
+            let mut up = target;
+            up.prefill += 1;
+            if gpus(&up) <= budget {
+                target = up;
+                reasons.push(Reason::LoadThreshold { role: Role::Prefill, signal: Signal::PrefillQueuePerInstance, value: per_p, threshold: t.queue_scale_up, up: true });
+            }
+        } else if per_p < t.queue_scale_down && target.prefill > min.prefill {
+            target.prefill -= 1;
+            reasons.push(Reason::LoadThreshold { role: Role::Prefill, signal: Signal::PrefillQueuePerInstance, value: per_p, threshold: t.queue_scale_down, up: false });
+        }
+        let kv = finite0(obs.kv_usage);
+        if self.decode_grace_left > 0 {
+            self.decode_grace_left -= 1;
+        } else if kv > t.kv_scale_up {
+            let mut up = target;
+            up.decode += 1;
+            if gpus(&up) <= budget {
+                target = up;
+                self.decode_grace_left = t.decode_grace_intervals;
+                reasons.push(Reason::LoadThreshold { role: Role::Decode, signal: Signal::KvUsage, value: kv, threshold: t.kv_scale_up, up: true });
+            }
+        } else if kv < t.kv_scale_down && target.decode > min.decode {
+            target.decode -= 1;
+            reasons.push(Reason::LoadThreshold { role: Role::Decode, signal: Signal::KvUsage, value: kv, threshold: t.kv_scale_down, up: false });
+        }
+        target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::roofline::RooflineSpec;
+
+    fn profile() -> Profile {
+        RooflineSpec::llama33_70b_fp8_h100().build().expect("preset")
+    }
+
+    fn obs(requests: f64, ready: Replicas) -> Observation {
+        Observation {
+            interval_s: 10.0,
+            requests,
+            mean_isl: Some(1000.0),
+            mean_osl: Some(245.0),
+            replicas: PerRole {
+                prefill: ReplicaState { ready: ready.prefill, pending: 0 },
+                decode: ReplicaState { ready: ready.decode, pending: 0 },
+            },
+            ..Default::default()
+        }
+    }
+
+    fn cfg(policy: PolicyKind) -> PlannerConfig {
+        PlannerConfig { policy, predictor: ForecasterKind::Last, ..Default::default() }
+    }
+
+    #[test]
+    fn first_tick_sizes_from_the_observation() {
+        let mut p = Planner::new(profile(), cfg(PolicyKind::Dopd));
+        let d = p.tick(0.0, &obs(300.0, PerRole { prefill: 1, decode: 1 }));
+        assert!(d.changed);
+        assert!(d.target.gpus(p.profile()) <= 8);
+        assert!(d.reasons.iter().any(|r| matches!(r, Reason::KvCapacity { .. })));
+        assert!(d.reasons.iter().any(|r| matches!(r, Reason::Warmup { .. })));
+    }
+
+    #[test]
+    fn holds_while_a_change_is_in_flight() {
+        let mut p = Planner::new(profile(), cfg(PolicyKind::Dopd));
+        let one = PerRole { prefill: 1, decode: 1 };
+        let d = p.tick(0.0, &obs(300.0, one));
+        assert_ne!(d.target, one);
+        // Next tick: still the old counts ready → in flight.
+        let d2 = p.tick(10.0, &obs(5.0, one));
+        assert!(!d2.changed);
+        assert_eq!(d2.target, d.target);
+        assert!(matches!(d2.reasons[0], Reason::ReconfigInFlight { .. }));
+        // Once it lands the planner plans again.
+        let d3 = p.tick(20.0, &obs(300.0, d.target));
+        assert!(!d3.reasons.iter().any(|r| matches!(r, Reason::ReconfigInFlight { .. })));
+    }
+
+    #[test]
+    fn gives_up_waiting_after_the_reconfig_timeout() {
+        let mut c = cfg(PolicyKind::Dopd);
+        c.max_reconfig_wait_s = 30.0;
+        let mut p = Planner::new(profile(), c);
+        let one = PerRole { prefill: 1, decode: 1 };
+        p.tick(0.0, &obs(300.0, one));
+        let d = p.tick(40.0, &obs(300.0, one));
+        assert!(!d.reasons.iter().any(|r| matches!(r, Reason::ReconfigInFlight { .. })));
+    }
+
+    #[test]
+    fn shrinks_to_minimum_after_idle() {
+        // A long stabilisation window keeps the forecast-driven scale-down out of the way.
+        let c = PlannerConfig { scale_down_stabilization_s: 100.0, ..cfg(PolicyKind::Dopd) };
+        let mut p = Planner::new(profile(), c);
+        let d = p.tick(0.0, &obs(300.0, PerRole { prefill: 1, decode: 1 }));
+        let t = d.target;
+        for k in 1..=4 {
+            let d = p.tick(f64::from(k) * 10.0, &obs(0.0, t));
+            assert!(!d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. })), "idle too early");
+        }
+        let last = p.tick(50.0, &obs(0.0, t));
+        assert_eq!(last.target, PerRole { prefill: 1, decode: 1 });
+        assert!(matches!(last.reasons[0], Reason::Idle { .. }));
+    }
+
+    #[test]
+    fn scale_down_waits_for_the_stabilisation_window() {
+        let mut c = cfg(PolicyKind::Dopd);
+        c.scale_down_stabilization_s = 30.0;
+        c.sizing.gpu_budget = 100;
+        let mut p = Planner::new(profile(), c);
+        let big = p.tick(0.0, &obs(2000.0, PerRole { prefill: 1, decode: 1 })).target;
+        let d = p.tick(10.0, &obs(10.0, big));
+        assert_eq!(d.target, big, "{:?}", d.reasons);
+        assert!(d.reasons.iter().any(|r| matches!(r, Reason::Cooldown { .. })));
+        let d = p.tick(45.0, &obs(10.0, big));
+        assert!(d.target.decode < big.decode, "{:?}", d);
+    }
+
+    #[test]
+    fn emergency_adds_a_decode_instance_on_kv_pressure() {
+        let mut c = cfg(PolicyKind::Dopd);
+        c.sizing.gpu_budget = 100;
+        let mut p = Planner::new(profile(), c);
+        let t = p.tick(0.0, &obs(10.0, PerRole { prefill: 1, decode: 1 })).target;
+        let mut o = obs(10.0, t);
+        o.kv_usage = 0.97;
+        let d = p.tick(10.0, &o);
+        assert_eq!(d.target.decode, t.decode + 1);
+        assert!(d.reasons.iter().any(|r| matches!(r, Reason::Emergency { role: Role::Decode, .. })));
+    }
+
+    #[test]
+    fn load_planner_follows_thresholds_with_grace() {
+        let mut p = Planner::new(profile(), PlannerConfig { sizing: SizingConfig { gpu_budget: 100, ..Default::default() }, ..cfg(PolicyKind::DynLoad) });
+        let one = PerRole { prefill: 1, decode: 1 };
+        let mut o = obs(10.0, one);
+        o.kv_usage = 0.95;
+        let d = p.tick(0.0, &o);
+        assert_eq!(d.target, PerRole { prefill: 1, decode: 2 });
+        // Grace period: high KV usage again does not add another decode instance right away.
+        let mut o = obs(10.0, d.target);
+        o.kv_usage = 0.95;
+        let d2 = p.tick(10.0, &o);
+        assert_eq!(d2.target.decode, 2);
+    }
+
+    #[test]
+    fn oracle_input_bypasses_the_forecasters() {
+        let mut p = Planner::new(profile(), PlannerConfig { sizing: SizingConfig { gpu_budget: 100, ..Default::default() }, ..cfg(PolicyKind::Dopd) });
+        let d = p.tick_with_known_next(0.0, &obs(1.0, PerRole { prefill: 1, decode: 1 }), SizingInput::new(2000.0, 1000.0, 245.0));
+        assert!(d.forecast.is_none());
+        assert!(d.target.decode >= 9, "{:?}", d.target);
+    }
+}
