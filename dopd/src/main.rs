@@ -1,1 +1,45 @@
-fn main() {}
+//! `dopd`: one binary, role subcommands.
+//!
+//! The planner-facing commands live here for now; `operator`, `router`, `worker`, `up` and `sim`
+//! arrive with their crates.
+
+mod cmd;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// DOPD: serve an LLM under TTFT/TPOT SLOs with the fewest GPUs by keeping the prefill:decode
+/// ratio optimal as the workload shifts.
+#[derive(Debug, Parser)]
+#[command(name = "dopd", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Backtest the forecasters on a request trace (request count, mean ISL, mean OSL per interval).
+    Forecast(cmd::forecast::Args),
+    /// Size prefill and decode for a workload: instance counts and the constraint that bound them.
+    Plan(cmd::plan::Args),
+    /// Build, convert or check performance profiles.
+    #[command(subcommand)]
+    Profile(cmd::profile::Command),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forecast(a) => cmd::forecast::run(a),
+        Command::Plan(a) => cmd::plan::run(a),
+        Command::Profile(c) => cmd::profile::run(c),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -28,7 +28,7 @@
 //! assert!((s.r_star - 3.46).abs() < 0.01);
 //! ```
 
-// pub mod backtest;
+pub mod backtest;
 pub mod forecast;
 mod linalg;
 pub mod planner;

@@ -10,7 +10,10 @@
 pub(crate) fn solve_in_place(a: &mut [f64], b: &mut [f64], n: usize) -> Option<()> {
     debug_assert_eq!(a.len(), n * n);
     debug_assert_eq!(b.len(), n);
-    let scale = a.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(f64::MIN_POSITIVE);
+    let scale = a
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
     for col in 0..n {
         let mut piv = col;
         let mut best = a[col * n + col].abs();

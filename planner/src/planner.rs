@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::forecast::{Forecast, ForecastConfig, Forecaster, ForecasterKind};
 use crate::profile::{PerRole, Profile, Role};
 use crate::sizing::{
-    self, BudgetRule, Reason, Replicas, Signal, SizingConfig, SizingInput, SlaTargets, Sizing,
+    self, BudgetRule, Reason, Replicas, Signal, Sizing, SizingConfig, SizingInput, SlaTargets,
 };
 
 /// Replica counts of one role as the actuator sees them.
@@ -93,7 +93,9 @@ impl std::str::FromStr for PolicyKind {
             "dyn-sla" => Ok(Self::DynSla),
             "dyn-load" => Ok(Self::DynLoad),
             "static" => Ok(Self::Static),
-            other => Err(format!("unknown policy {other:?}: expected dopd, dyn-sla, dyn-load or static")),
+            other => Err(format!(
+                "unknown policy {other:?}: expected dopd, dyn-sla, dyn-load or static"
+            )),
         }
     }
 }
@@ -139,7 +141,11 @@ pub struct EmergencyConfig {
 
 impl Default for EmergencyConfig {
     fn default() -> Self {
-        Self { enabled: true, prefill_queue_per_instance: 5.0, kv_usage: 0.9 }
+        Self {
+            enabled: true,
+            prefill_queue_per_instance: 5.0,
+            kv_usage: 0.9,
+        }
     }
 }
 
@@ -176,7 +182,10 @@ impl Default for PlannerConfig {
             sla: SlaTargets::default(),
             load: LoadThresholds::default(),
             emergency: EmergencyConfig::default(),
-            static_replicas: PerRole { prefill: 1, decode: 1 },
+            static_replicas: PerRole {
+                prefill: 1,
+                decode: 1,
+            },
             idle_after_s: 50.0,
             scale_down_stabilization_s: 30.0,
             max_reconfig_wait_s: 300.0,
@@ -238,7 +247,10 @@ impl Planner {
             isl: build(),
             osl: build(),
             profile,
-            kappa: PerRole { prefill: 1.0, decode: 1.0 },
+            kappa: PerRole {
+                prefill: 1.0,
+                decode: 1.0,
+            },
             issued: None,
             issued_at: 0.0,
             last_request_at: None,
@@ -265,7 +277,12 @@ impl Planner {
 
     /// One planning step with the next interval given instead of forecast (the simulator's
     /// oracle policy: the lower bound of what forecasting can achieve).
-    pub fn tick_with_known_next(&mut self, now: f64, obs: &Observation, next: SizingInput) -> Decision {
+    pub fn tick_with_known_next(
+        &mut self,
+        now: f64,
+        obs: &Observation,
+        next: SizingInput,
+    ) -> Decision {
         self.step(now, obs, Some(next))
     }
 
@@ -295,7 +312,11 @@ impl Planner {
         // κ_D = observed ITL / profiled TPOT(c_obs, ISL + OSL/2), c_obs by Little's law.
         if let (Some(itl), Some(isl), Some(osl)) = (finite(obs.itl_s), isl, osl) {
             let n_d = f64::from(obs.replicas.decode.ready.max(1));
-            let interval = if obs.interval_s > 0.0 { obs.interval_s } else { 10.0 };
+            let interval = if obs.interval_s > 0.0 {
+                obs.interval_s
+            } else {
+                10.0
+            };
             let duration = finite(obs.request_duration_s).unwrap_or(osl * itl);
             let c_obs = (requests / n_d * duration / interval).max(1.0);
             let k = itl / self.profile.tpot(c_obs, isl + osl / 2.0);
@@ -304,7 +325,8 @@ impl Planner {
             }
         }
         let ready_p = f64::from(obs.replicas.prefill.ready.max(1));
-        self.queue_history.push_back(finite0(obs.prefill_queue_depth) / ready_p);
+        self.queue_history
+            .push_back(finite0(obs.prefill_queue_depth) / ready_p);
         while self.queue_history.len() > self.cfg.load.queue_trend_intervals.max(2) {
             self.queue_history.pop_front();
         }
@@ -324,17 +346,30 @@ impl Planner {
             prefill: obs.replicas.prefill.ready + obs.replicas.prefill.pending,
             decode: obs.replicas.decode.ready + obs.replicas.decode.pending,
         };
-        let ready = PerRole { prefill: obs.replicas.prefill.ready, decode: obs.replicas.decode.ready };
+        let ready = PerRole {
+            prefill: obs.replicas.prefill.ready,
+            decode: obs.replicas.decode.ready,
+        };
         let current = self.issued.unwrap_or(running);
         let mut reasons = Vec::new();
-        let decision = |target: Replicas, reasons: Vec<Reason>, forecast, sizing, this: &mut Self| {
-            let changed = target != current;
-            if changed || this.issued.is_none() {
-                this.issued = Some(target);
-                this.issued_at = now;
-            }
-            Decision { at: now, policy: this.cfg.policy, target, changed, reasons, forecast, sizing, kappa: this.kappa }
-        };
+        let decision =
+            |target: Replicas, reasons: Vec<Reason>, forecast, sizing, this: &mut Self| {
+                let changed = target != current;
+                if changed || this.issued.is_none() {
+                    this.issued = Some(target);
+                    this.issued_at = now;
+                }
+                Decision {
+                    at: now,
+                    policy: this.cfg.policy,
+                    target,
+                    changed,
+                    reasons,
+                    forecast,
+                    sizing,
+                    kappa: this.kappa,
+                }
+            };
 
         // 2. A change still landing: hold.
         let pending = obs.replicas.prefill.pending + obs.replicas.decode.pending;
@@ -361,7 +396,13 @@ impl Planner {
         let mut desired = match self.cfg.policy {
             PolicyKind::Static => {
                 let mut r = Vec::new();
-                let t = sizing::constrain(&self.profile, self.cfg.static_replicas, &self.cfg.sizing, BudgetRule::Dopd, &mut r);
+                let t = sizing::constrain(
+                    &self.profile,
+                    self.cfg.static_replicas,
+                    &self.cfg.sizing,
+                    BudgetRule::Dopd,
+                    &mut r,
+                );
                 reasons.extend(r);
                 t
             }
@@ -380,13 +421,21 @@ impl Planner {
                             requests: f.requests.point,
                             isl: f.isl.point,
                             osl: f.osl.point,
-                            interval_s: if obs.interval_s > 0.0 { obs.interval_s } else { 10.0 },
+                            interval_s: if obs.interval_s > 0.0 {
+                                obs.interval_s
+                            } else {
+                                10.0
+                            },
                             kappa_d: 1.0,
                             kappa_p: 1.0,
                         }
                     }
                 };
-                let input = SizingInput { kappa_d: self.kappa.decode, kappa_p: self.kappa.prefill, ..input };
+                let input = SizingInput {
+                    kappa_d: self.kappa.decode,
+                    kappa_p: self.kappa.prefill,
+                    ..input
+                };
                 let s = if self.cfg.policy == PolicyKind::Dopd {
                     sizing::size_dopd(&self.profile, &input, &self.cfg.sizing)
                 } else {
@@ -400,12 +449,19 @@ impl Planner {
         };
 
         // 5. Emergency scale-up on pressure, within the budget.
-        if self.cfg.emergency.enabled && matches!(self.cfg.policy, PolicyKind::Dopd | PolicyKind::DynSla) {
+        if self.cfg.emergency.enabled
+            && matches!(self.cfg.policy, PolicyKind::Dopd | PolicyKind::DynSla)
+        {
             let e = &self.cfg.emergency;
             let per_p = finite0(obs.prefill_queue_depth) / f64::from(ready.prefill.max(1));
             let kv = finite0(obs.kv_usage);
             for (role, signal, value, threshold) in [
-                (Role::Prefill, Signal::PrefillQueuePerInstance, per_p, e.prefill_queue_per_instance),
+                (
+                    Role::Prefill,
+                    Signal::PrefillQueuePerInstance,
+                    per_p,
+                    e.prefill_queue_per_instance,
+                ),
                 (Role::Decode, Signal::KvUsage, kv, e.kv_usage),
             ] {
                 if value <= threshold {
@@ -418,7 +474,12 @@ impl Planner {
                 }
                 if up != desired && up.gpus(&self.profile) <= self.cfg.sizing.gpu_budget {
                     desired = up;
-                    reasons.push(Reason::Emergency { role, signal, value, threshold });
+                    reasons.push(Reason::Emergency {
+                        role,
+                        signal,
+                        value,
+                        threshold,
+                    });
                 }
             }
         }
@@ -426,14 +487,21 @@ impl Planner {
         // 6. Scale-down stabilisation.
         let window = self.cfg.scale_down_stabilization_s;
         self.desired_history.push_back((now, desired));
-        while self.desired_history.front().is_some_and(|(t, _)| now - t > window) {
+        while self
+            .desired_history
+            .front()
+            .is_some_and(|(t, _)| now - t > window)
+        {
             self.desired_history.pop_front();
         }
         if window > 0.0 {
-            let peak = self.desired_history.iter().fold(desired, |m, (_, r)| PerRole {
-                prefill: m.prefill.max(r.prefill),
-                decode: m.decode.max(r.decode),
-            });
+            let peak = self
+                .desired_history
+                .iter()
+                .fold(desired, |m, (_, r)| PerRole {
+                    prefill: m.prefill.max(r.prefill),
+                    decode: m.decode.max(r.decode),
+                });
             for role in [Role::Prefill, Role::Decode] {
                 let (d, cur, pk) = match role {
                     Role::Prefill => (&mut desired.prefill, current.prefill, peak.prefill),
@@ -442,7 +510,11 @@ impl Planner {
                 if *d < cur {
                     let held = pk.min(cur);
                     if held > *d {
-                        reasons.push(Reason::Cooldown { role, held_at: held, wanted: *d });
+                        reasons.push(Reason::Cooldown {
+                            role,
+                            held_at: held,
+                            wanted: *d,
+                        });
                         *d = held;
                     }
                 }
@@ -453,7 +525,12 @@ impl Planner {
 
     /// Dynamo's load planner: ±1 per role on thresholds, with a decode grace period and a check
     /// that the prefill queue is not already draining.
-    fn load_policy(&mut self, current: Replicas, obs: &Observation, reasons: &mut Vec<Reason>) -> Replicas {
+    fn load_policy(
+        &mut self,
+        current: Replicas,
+        obs: &Observation,
+        reasons: &mut Vec<Reason>,
+    ) -> Replicas {
         let t = self.cfg.load.clone();
         let min = self.cfg.sizing.min_replicas;
         let budget = self.cfg.sizing.gpu_budget;
@@ -483,11 +560,23 @@ impl Planner {
             up.prefill += 1;
             if gpus(&up) <= budget {
                 target = up;
-                reasons.push(Reason::LoadThreshold { role: Role::Prefill, signal: Signal::PrefillQueuePerInstance, value: per_p, threshold: t.queue_scale_up, up: true });
+                reasons.push(Reason::LoadThreshold {
+                    role: Role::Prefill,
+                    signal: Signal::PrefillQueuePerInstance,
+                    value: per_p,
+                    threshold: t.queue_scale_up,
+                    up: true,
+                });
             }
         } else if per_p < t.queue_scale_down && target.prefill > min.prefill {
             target.prefill -= 1;
-            reasons.push(Reason::LoadThreshold { role: Role::Prefill, signal: Signal::PrefillQueuePerInstance, value: per_p, threshold: t.queue_scale_down, up: false });
+            reasons.push(Reason::LoadThreshold {
+                role: Role::Prefill,
+                signal: Signal::PrefillQueuePerInstance,
+                value: per_p,
+                threshold: t.queue_scale_down,
+                up: false,
+            });
         }
         let kv = finite0(obs.kv_usage);
         if self.decode_grace_left > 0 {
@@ -498,11 +587,23 @@ impl Planner {
             if gpus(&up) <= budget {
                 target = up;
                 self.decode_grace_left = t.decode_grace_intervals;
-                reasons.push(Reason::LoadThreshold { role: Role::Decode, signal: Signal::KvUsage, value: kv, threshold: t.kv_scale_up, up: true });
+                reasons.push(Reason::LoadThreshold {
+                    role: Role::Decode,
+                    signal: Signal::KvUsage,
+                    value: kv,
+                    threshold: t.kv_scale_up,
+                    up: true,
+                });
             }
         } else if kv < t.kv_scale_down && target.decode > min.decode {
             target.decode -= 1;
-            reasons.push(Reason::LoadThreshold { role: Role::Decode, signal: Signal::KvUsage, value: kv, threshold: t.kv_scale_down, up: false });
+            reasons.push(Reason::LoadThreshold {
+                role: Role::Decode,
+                signal: Signal::KvUsage,
+                value: kv,
+                threshold: t.kv_scale_down,
+                up: false,
+            });
         }
         target
     }
@@ -514,7 +615,9 @@ mod tests {
     use crate::profile::roofline::RooflineSpec;
 
     fn profile() -> Profile {
-        RooflineSpec::llama33_70b_fp8_h100().build().expect("preset")
+        RooflineSpec::llama33_70b_fp8_h100()
+            .build()
+            .expect("preset")
     }
 
     fn obs(requests: f64, ready: Replicas) -> Observation {
@@ -524,31 +627,57 @@ mod tests {
             mean_isl: Some(1000.0),
             mean_osl: Some(245.0),
             replicas: PerRole {
-                prefill: ReplicaState { ready: ready.prefill, pending: 0 },
-                decode: ReplicaState { ready: ready.decode, pending: 0 },
+                prefill: ReplicaState {
+                    ready: ready.prefill,
+                    pending: 0,
+                },
+                decode: ReplicaState {
+                    ready: ready.decode,
+                    pending: 0,
+                },
             },
             ..Default::default()
         }
     }
 
     fn cfg(policy: PolicyKind) -> PlannerConfig {
-        PlannerConfig { policy, predictor: ForecasterKind::Last, ..Default::default() }
+        PlannerConfig {
+            policy,
+            predictor: ForecasterKind::Last,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn first_tick_sizes_from_the_observation() {
         let mut p = Planner::new(profile(), cfg(PolicyKind::Dopd));
-        let d = p.tick(0.0, &obs(300.0, PerRole { prefill: 1, decode: 1 }));
+        let d = p.tick(
+            0.0,
+            &obs(
+                300.0,
+                PerRole {
+                    prefill: 1,
+                    decode: 1,
+                },
+            ),
+        );
         assert!(d.changed);
         assert!(d.target.gpus(p.profile()) <= 8);
-        assert!(d.reasons.iter().any(|r| matches!(r, Reason::KvCapacity { .. })));
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::KvCapacity { .. }))
+        );
         assert!(d.reasons.iter().any(|r| matches!(r, Reason::Warmup { .. })));
     }
 
     #[test]
     fn holds_while_a_change_is_in_flight() {
         let mut p = Planner::new(profile(), cfg(PolicyKind::Dopd));
-        let one = PerRole { prefill: 1, decode: 1 };
+        let one = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
         let d = p.tick(0.0, &obs(300.0, one));
         assert_ne!(d.target, one);
         // Next tick: still the old counts ready → in flight.
@@ -558,7 +687,11 @@ mod tests {
         assert!(matches!(d2.reasons[0], Reason::ReconfigInFlight { .. }));
         // Once it lands the planner plans again.
         let d3 = p.tick(20.0, &obs(300.0, d.target));
-        assert!(!d3.reasons.iter().any(|r| matches!(r, Reason::ReconfigInFlight { .. })));
+        assert!(
+            !d3.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::ReconfigInFlight { .. }))
+        );
     }
 
     #[test]
@@ -566,25 +699,53 @@ mod tests {
         let mut c = cfg(PolicyKind::Dopd);
         c.max_reconfig_wait_s = 30.0;
         let mut p = Planner::new(profile(), c);
-        let one = PerRole { prefill: 1, decode: 1 };
+        let one = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
         p.tick(0.0, &obs(300.0, one));
         let d = p.tick(40.0, &obs(300.0, one));
-        assert!(!d.reasons.iter().any(|r| matches!(r, Reason::ReconfigInFlight { .. })));
+        assert!(
+            !d.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::ReconfigInFlight { .. }))
+        );
     }
 
     #[test]
     fn shrinks_to_minimum_after_idle() {
         // A long stabilisation window keeps the forecast-driven scale-down out of the way.
-        let c = PlannerConfig { scale_down_stabilization_s: 100.0, ..cfg(PolicyKind::Dopd) };
+        let c = PlannerConfig {
+            scale_down_stabilization_s: 100.0,
+            ..cfg(PolicyKind::Dopd)
+        };
         let mut p = Planner::new(profile(), c);
-        let d = p.tick(0.0, &obs(300.0, PerRole { prefill: 1, decode: 1 }));
+        let d = p.tick(
+            0.0,
+            &obs(
+                300.0,
+                PerRole {
+                    prefill: 1,
+                    decode: 1,
+                },
+            ),
+        );
         let t = d.target;
         for k in 1..=4 {
             let d = p.tick(f64::from(k) * 10.0, &obs(0.0, t));
-            assert!(!d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. })), "idle too early");
+            assert!(
+                !d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. })),
+                "idle too early"
+            );
         }
         let last = p.tick(50.0, &obs(0.0, t));
-        assert_eq!(last.target, PerRole { prefill: 1, decode: 1 });
+        assert_eq!(
+            last.target,
+            PerRole {
+                prefill: 1,
+                decode: 1
+            }
+        );
         assert!(matches!(last.reasons[0], Reason::Idle { .. }));
     }
 
@@ -594,10 +755,25 @@ mod tests {
         c.scale_down_stabilization_s = 30.0;
         c.sizing.gpu_budget = 100;
         let mut p = Planner::new(profile(), c);
-        let big = p.tick(0.0, &obs(2000.0, PerRole { prefill: 1, decode: 1 })).target;
+        let big = p
+            .tick(
+                0.0,
+                &obs(
+                    2000.0,
+                    PerRole {
+                        prefill: 1,
+                        decode: 1,
+                    },
+                ),
+            )
+            .target;
         let d = p.tick(10.0, &obs(10.0, big));
         assert_eq!(d.target, big, "{:?}", d.reasons);
-        assert!(d.reasons.iter().any(|r| matches!(r, Reason::Cooldown { .. })));
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::Cooldown { .. }))
+        );
         let d = p.tick(45.0, &obs(10.0, big));
         assert!(d.target.decode < big.decode, "{:?}", d);
     }
@@ -607,22 +783,57 @@ mod tests {
         let mut c = cfg(PolicyKind::Dopd);
         c.sizing.gpu_budget = 100;
         let mut p = Planner::new(profile(), c);
-        let t = p.tick(0.0, &obs(10.0, PerRole { prefill: 1, decode: 1 })).target;
+        let t = p
+            .tick(
+                0.0,
+                &obs(
+                    10.0,
+                    PerRole {
+                        prefill: 1,
+                        decode: 1,
+                    },
+                ),
+            )
+            .target;
         let mut o = obs(10.0, t);
         o.kv_usage = 0.97;
         let d = p.tick(10.0, &o);
         assert_eq!(d.target.decode, t.decode + 1);
-        assert!(d.reasons.iter().any(|r| matches!(r, Reason::Emergency { role: Role::Decode, .. })));
+        assert!(d.reasons.iter().any(|r| matches!(
+            r,
+            Reason::Emergency {
+                role: Role::Decode,
+                ..
+            }
+        )));
     }
 
     #[test]
     fn load_planner_follows_thresholds_with_grace() {
-        let mut p = Planner::new(profile(), PlannerConfig { sizing: SizingConfig { gpu_budget: 100, ..Default::default() }, ..cfg(PolicyKind::DynLoad) });
-        let one = PerRole { prefill: 1, decode: 1 };
+        let mut p = Planner::new(
+            profile(),
+            PlannerConfig {
+                sizing: SizingConfig {
+                    gpu_budget: 100,
+                    ..Default::default()
+                },
+                ..cfg(PolicyKind::DynLoad)
+            },
+        );
+        let one = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
         let mut o = obs(10.0, one);
         o.kv_usage = 0.95;
         let d = p.tick(0.0, &o);
-        assert_eq!(d.target, PerRole { prefill: 1, decode: 2 });
+        assert_eq!(
+            d.target,
+            PerRole {
+                prefill: 1,
+                decode: 2
+            }
+        );
         // Grace period: high KV usage again does not add another decode instance right away.
         let mut o = obs(10.0, d.target);
         o.kv_usage = 0.95;
@@ -632,8 +843,27 @@ mod tests {
 
     #[test]
     fn oracle_input_bypasses_the_forecasters() {
-        let mut p = Planner::new(profile(), PlannerConfig { sizing: SizingConfig { gpu_budget: 100, ..Default::default() }, ..cfg(PolicyKind::Dopd) });
-        let d = p.tick_with_known_next(0.0, &obs(1.0, PerRole { prefill: 1, decode: 1 }), SizingInput::new(2000.0, 1000.0, 245.0));
+        let mut p = Planner::new(
+            profile(),
+            PlannerConfig {
+                sizing: SizingConfig {
+                    gpu_budget: 100,
+                    ..Default::default()
+                },
+                ..cfg(PolicyKind::Dopd)
+            },
+        );
+        let d = p.tick_with_known_next(
+            0.0,
+            &obs(
+                1.0,
+                PerRole {
+                    prefill: 1,
+                    decode: 1,
+                },
+            ),
+            SizingInput::new(2000.0, 1000.0, 245.0),
+        );
         assert!(d.forecast.is_none());
         assert!(d.target.decode >= 9, "{:?}", d.target);
     }

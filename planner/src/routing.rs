@@ -148,7 +148,11 @@ impl<T> ShortBatcher<T> {
         }
         let items = self.pending.drain(..).map(|p| p.item).collect();
         let tokens = std::mem::take(&mut self.tokens);
-        Some(Batch { items, tokens, reason })
+        Some(Batch {
+            items,
+            tokens,
+            reason,
+        })
     }
 
     /// Adds a request that arrived at `now`; returns the batches that became ready (zero, one, or
@@ -158,7 +162,11 @@ impl<T> ShortBatcher<T> {
         if !self.pending.is_empty() && self.tokens + u64::from(tokens) > self.token_cap {
             out.extend(self.take(FlushReason::TokenCap));
         }
-        self.pending.push_back(Pending { item, tokens, arrived: now });
+        self.pending.push_back(Pending {
+            item,
+            tokens,
+            arrived: now,
+        });
         self.tokens += u64::from(tokens);
         if self.tokens >= self.token_cap {
             out.extend(self.take(FlushReason::TokenCap));
@@ -217,16 +225,25 @@ mod tests {
 
     #[test]
     fn ablations_switch_classes_off() {
-        let no_bypass = RoutingConfig { ultra_short_bypass: false, ..Default::default() };
+        let no_bypass = RoutingConfig {
+            ultra_short_bypass: false,
+            ..Default::default()
+        };
         assert_eq!(classify(10, 1000.0, &no_bypass), RequestClass::Short);
-        let no_batching = RoutingConfig { short_batching: false, ..Default::default() };
+        let no_batching = RoutingConfig {
+            short_batching: false,
+            ..Default::default()
+        };
         assert_eq!(classify(800, 1000.0, &no_batching), RequestClass::Long);
         assert_eq!(classify(10, 1000.0, &no_batching), RequestClass::UltraShort);
     }
 
     #[test]
     fn batches_close_at_the_token_cap() {
-        let cfg = RoutingConfig { batch_token_cap: 1000, ..Default::default() };
+        let cfg = RoutingConfig {
+            batch_token_cap: 1000,
+            ..Default::default()
+        };
         let mut b = ShortBatcher::new(&cfg);
         assert!(b.push(1, 600, 0.0).is_empty());
         let out = b.push(2, 600, 0.01);
@@ -243,7 +260,10 @@ mod tests {
 
     #[test]
     fn an_oversized_request_goes_alone() {
-        let cfg = RoutingConfig { batch_token_cap: 1000, ..Default::default() };
+        let cfg = RoutingConfig {
+            batch_token_cap: 1000,
+            ..Default::default()
+        };
         let mut b = ShortBatcher::new(&cfg);
         b.push("a", 100, 0.0);
         let out = b.push("b", 5000, 0.0);
@@ -254,7 +274,10 @@ mod tests {
 
     #[test]
     fn batches_close_at_the_wait_cap_on_the_injected_clock() {
-        let cfg = RoutingConfig { batch_wait_cap_s: 0.05, ..Default::default() };
+        let cfg = RoutingConfig {
+            batch_wait_cap_s: 0.05,
+            ..Default::default()
+        };
         let mut b = ShortBatcher::new(&cfg);
         b.push(1, 10, 10.0);
         b.push(2, 10, 10.03);

@@ -47,7 +47,11 @@ pub enum Reason {
     /// Prefill count set by producer/consumer balance with decode.
     ProducerConsumerBalance { r_star: f64 },
     /// Count set by a throughput requirement (Dynamo's SLA planner).
-    Throughput { role: Role, required: f64, per_instance: f64 },
+    Throughput {
+        role: Role,
+        required: f64,
+        per_instance: f64,
+    },
     /// Counts reduced to fit the GPU budget.
     Budget { wanted_gpus: u32, budget: u32 },
     /// The budget cannot hold even the minimum per role; minimums are kept.
@@ -57,11 +61,26 @@ pub enum Reason {
     /// Lowered to the configured maximum.
     MaxReplicas { role: Role, max: u32 },
     /// Scaled up at once because a pressure signal crossed its threshold.
-    Emergency { role: Role, signal: Signal, value: f64, threshold: f64 },
+    Emergency {
+        role: Role,
+        signal: Signal,
+        value: f64,
+        threshold: f64,
+    },
     /// A load-threshold rule fired (Dynamo's load planner).
-    LoadThreshold { role: Role, signal: Signal, value: f64, threshold: f64, up: bool },
+    LoadThreshold {
+        role: Role,
+        signal: Signal,
+        value: f64,
+        threshold: f64,
+        up: bool,
+    },
     /// A scale-down held back by stabilisation/cooldown.
-    Cooldown { role: Role, held_at: u32, wanted: u32 },
+    Cooldown {
+        role: Role,
+        held_at: u32,
+        wanted: u32,
+    },
     /// No requests for a while: shrink to the minimum.
     Idle { idle_s: f64 },
     /// A previous change has not landed yet; no new change this tick.
@@ -123,8 +142,14 @@ pub struct SizingConfig {
 impl Default for SizingConfig {
     fn default() -> Self {
         Self {
-            min_replicas: PerRole { prefill: 1, decode: 1 },
-            max_replicas: PerRole { prefill: None, decode: None },
+            min_replicas: PerRole {
+                prefill: 1,
+                decode: 1,
+            },
+            max_replicas: PerRole {
+                prefill: None,
+                decode: None,
+            },
             gpu_budget: 8,
             prefill_rule: PrefillRule::General,
             decode_load: DecodeLoad::RequestsPerInterval,
@@ -153,7 +178,14 @@ pub struct SizingInput {
 impl SizingInput {
     /// A workload with neutral correction factors and the DOPD configs' 10 s interval.
     pub fn new(requests: f64, isl: f64, osl: f64) -> Self {
-        Self { requests, isl, osl, interval_s: 10.0, kappa_d: 1.0, kappa_p: 1.0 }
+        Self {
+            requests,
+            isl,
+            osl,
+            interval_s: 10.0,
+            kappa_d: 1.0,
+            kappa_p: 1.0,
+        }
     }
 
     fn sanitized(&self) -> Self {
@@ -163,7 +195,11 @@ impl SizingInput {
             requests: nonneg(self.requests),
             isl: nonneg(self.isl).max(1.0),
             osl: nonneg(self.osl).max(1.0),
-            interval_s: if self.interval_s.is_finite() && self.interval_s > 0.0 { self.interval_s } else { 10.0 },
+            interval_s: if self.interval_s.is_finite() && self.interval_s > 0.0 {
+                self.interval_s
+            } else {
+                10.0
+            },
             kappa_d: factor(self.kappa_d),
             kappa_p: factor(self.kappa_p),
         }
@@ -200,7 +236,11 @@ pub fn blocks_per_request(isl: f64, osl: f64, block_size: u32) -> u64 {
 }
 
 fn ceil_u32(x: f64) -> u32 {
-    if !x.is_finite() || x <= 0.0 { 0 } else { x.ceil().min(f64::from(u32::MAX)) as u32 }
+    if !x.is_finite() || x <= 0.0 {
+        0
+    } else {
+        x.ceil().min(f64::from(u32::MAX)) as u32
+    }
 }
 
 /// DOPD's sizing (see the module docs).
@@ -218,7 +258,11 @@ pub fn size_dopd(profile: &Profile, input: &SizingInput, cfg: &SizingConfig) -> 
         }
     };
     let r_star = b_max as f64 * ttft / (inp.osl * tpot * inp.kappa_d);
-    let mut reasons = vec![Reason::Forecast { requests: inp.requests, isl: inp.isl, osl: inp.osl }];
+    let mut reasons = vec![Reason::Forecast {
+        requests: inp.requests,
+        isl: inp.isl,
+        osl: inp.osl,
+    }];
     let n_d = ceil_u32(load / b_max as f64);
     reasons.push(Reason::KvCapacity { b_max, load });
     let n_p = match cfg.prefill_rule {
@@ -228,7 +272,10 @@ pub fn size_dopd(profile: &Profile, input: &SizingInput, cfg: &SizingConfig) -> 
         PrefillRule::Proportional => ceil_u32(r_star * load / b_max as f64),
     };
     reasons.push(Reason::ProducerConsumerBalance { r_star });
-    let unconstrained = Replicas { prefill: n_p, decode: n_d };
+    let unconstrained = Replicas {
+        prefill: n_p,
+        decode: n_d,
+    };
     let replicas = constrain(profile, unconstrained, cfg, BudgetRule::Dopd, &mut reasons);
     Sizing {
         blocks_per_request: n_blk,
@@ -256,7 +303,10 @@ pub struct SlaTargets {
 
 impl Default for SlaTargets {
     fn default() -> Self {
-        Self { itl_s: 0.05, ttft_s: 1.5 }
+        Self {
+            itl_s: 0.05,
+            ttft_s: 1.5,
+        }
     }
 }
 
@@ -296,7 +346,10 @@ pub fn size_dyn_sla(
     cfg: &SizingConfig,
 ) -> Sizing {
     let inp = input.sanitized();
-    let (g_p, g_d) = (f64::from(profile.gpus.prefill), f64::from(profile.gpus.decode));
+    let (g_p, g_d) = (
+        f64::from(profile.gpus.prefill),
+        f64::from(profile.gpus.decode),
+    );
     let ctx = inp.isl + inp.osl / 2.0;
     let ttft = profile.ttft(inp.isl);
     let thpt_p_gpu = inp.isl / ttft / g_p;
@@ -307,12 +360,33 @@ pub fn size_dyn_sla(
     let need_d = inp.requests * inp.osl / inp.interval_s;
     let n_d = ceil_u32(need_d / thpt_d_gpu / g_d);
     let mut reasons = vec![
-        Reason::Forecast { requests: inp.requests, isl: inp.isl, osl: inp.osl },
-        Reason::Throughput { role: Role::Prefill, required: need_p, per_instance: thpt_p_gpu * g_p },
-        Reason::Throughput { role: Role::Decode, required: need_d, per_instance: thpt_d },
+        Reason::Forecast {
+            requests: inp.requests,
+            isl: inp.isl,
+            osl: inp.osl,
+        },
+        Reason::Throughput {
+            role: Role::Prefill,
+            required: need_p,
+            per_instance: thpt_p_gpu * g_p,
+        },
+        Reason::Throughput {
+            role: Role::Decode,
+            required: need_d,
+            per_instance: thpt_d,
+        },
     ];
-    let unconstrained = Replicas { prefill: n_p, decode: n_d };
-    let replicas = constrain(profile, unconstrained, cfg, BudgetRule::DynamoSla, &mut reasons);
+    let unconstrained = Replicas {
+        prefill: n_p,
+        decode: n_d,
+    };
+    let replicas = constrain(
+        profile,
+        unconstrained,
+        cfg,
+        BudgetRule::DynamoSla,
+        &mut reasons,
+    );
     let n_blk = blocks_per_request(inp.isl, inp.osl, profile.kv.block_size);
     Sizing {
         blocks_per_request: n_blk,
@@ -365,7 +439,10 @@ pub fn constrain(
     }
     let min_gpus = min.prefill * g_p + min.decode * g_d;
     if min_gpus > budget {
-        reasons.push(Reason::BudgetInfeasible { minimum_gpus: min_gpus, budget });
+        reasons.push(Reason::BudgetInfeasible {
+            minimum_gpus: min_gpus,
+            budget,
+        });
         return min;
     }
     let wanted = r.prefill * g_p + r.decode * g_d;
@@ -391,7 +468,9 @@ pub fn constrain(
             r.decode = (room.max(0.0).round() as u32).max(min.decode);
             // Rounding can overshoot by one instance; trim the role furthest above its minimum.
             while r.prefill * g_p + r.decode * g_d > budget {
-                if r.prefill > min.prefill && (r.prefill - min.prefill) * g_p >= (r.decode - min.decode) * g_d {
+                if r.prefill > min.prefill
+                    && (r.prefill - min.prefill) * g_p >= (r.decode - min.decode) * g_d
+                {
                     r.prefill -= 1;
                 } else if r.decode > min.decode {
                     r.decode -= 1;
@@ -401,7 +480,10 @@ pub fn constrain(
             }
         }
     }
-    reasons.push(Reason::Budget { wanted_gpus: wanted, budget });
+    reasons.push(Reason::Budget {
+        wanted_gpus: wanted,
+        budget,
+    });
     r
 }
 
@@ -417,24 +499,55 @@ mod tests {
     fn paper_worked_example() {
         // dopd-paper.md §3.2: ISL 1000, OSL 245 → n_blk 9, B_max 226, r* ≈ 3.46, N_P = 4 per D.
         let p = paper_profile();
-        let cfg = SizingConfig { gpu_budget: 100, prefill_rule: PrefillRule::PerDecodeInstance, ..Default::default() };
+        let cfg = SizingConfig {
+            gpu_budget: 100,
+            prefill_rule: PrefillRule::PerDecodeInstance,
+            ..Default::default()
+        };
         let s = size_dopd(&p, &SizingInput::new(100.0, 1000.0, 245.0), &cfg);
         assert_eq!(s.blocks_per_request, 9);
         assert_eq!(s.b_max, 226);
         assert!((s.r_star - 3.459).abs() < 0.001, "{}", s.r_star);
-        assert_eq!(s.replicas, Replicas { prefill: 4, decode: 1 });
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 4,
+                decode: 1
+            }
+        );
 
         // R̂ = 300 → N_D = 2 and, in the general form, N_P = 7.
-        let cfg = SizingConfig { gpu_budget: 100, ..Default::default() };
+        let cfg = SizingConfig {
+            gpu_budget: 100,
+            ..Default::default()
+        };
         let s = size_dopd(&p, &SizingInput::new(300.0, 1000.0, 245.0), &cfg);
-        assert_eq!(s.replicas, Replicas { prefill: 7, decode: 2 });
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 7,
+                decode: 2
+            }
+        );
         assert_eq!(s.gpus, 11);
 
         // With g_P = 1, g_D = 2 and G_max = 8 the budget loop returns 5P + 1D (7 GPUs).
-        let cfg = SizingConfig { gpu_budget: 8, ..Default::default() };
+        let cfg = SizingConfig {
+            gpu_budget: 8,
+            ..Default::default()
+        };
         let s = size_dopd(&p, &SizingInput::new(300.0, 1000.0, 245.0), &cfg);
-        assert_eq!(s.replicas, Replicas { prefill: 5, decode: 1 });
-        assert!(s.reasons.contains(&Reason::Budget { wanted_gpus: 11, budget: 8 }));
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 5,
+                decode: 1
+            }
+        );
+        assert!(s.reasons.contains(&Reason::Budget {
+            wanted_gpus: 11,
+            budget: 8
+        }));
     }
 
     #[test]
@@ -442,22 +555,50 @@ mod tests {
         let p = paper_profile();
         let cfg = SizingConfig::default();
         let base = size_dopd(&p, &SizingInput::new(100.0, 1000.0, 245.0), &cfg);
-        let slow = size_dopd(&p, &SizingInput { kappa_d: 2.0, ..SizingInput::new(100.0, 1000.0, 245.0) }, &cfg);
+        let slow = size_dopd(
+            &p,
+            &SizingInput {
+                kappa_d: 2.0,
+                ..SizingInput::new(100.0, 1000.0, 245.0)
+            },
+            &cfg,
+        );
         assert!((slow.r_star * 2.0 - base.r_star).abs() < 1e-9);
     }
 
     #[test]
     fn zero_load_gives_the_minimums() {
-        let s = size_dopd(&paper_profile(), &SizingInput::new(0.0, 0.0, 0.0), &SizingConfig::default());
-        assert_eq!(s.replicas, Replicas { prefill: 1, decode: 1 });
-        assert!(s.reasons.iter().any(|r| matches!(r, Reason::MinReplicas { .. })));
+        let s = size_dopd(
+            &paper_profile(),
+            &SizingInput::new(0.0, 0.0, 0.0),
+            &SizingConfig::default(),
+        );
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 1,
+                decode: 1
+            }
+        );
+        assert!(
+            s.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::MinReplicas { .. }))
+        );
     }
 
     #[test]
     fn non_finite_inputs_do_not_poison_the_counts() {
         let s = size_dopd(
             &paper_profile(),
-            &SizingInput { requests: f64::NAN, isl: f64::INFINITY, osl: -3.0, interval_s: 0.0, kappa_d: f64::NAN, kappa_p: 0.0 },
+            &SizingInput {
+                requests: f64::NAN,
+                isl: f64::INFINITY,
+                osl: -3.0,
+                interval_s: 0.0,
+                kappa_d: f64::NAN,
+                kappa_p: 0.0,
+            },
             &SizingConfig::default(),
         );
         assert!(s.replicas.prefill >= 1 && s.replicas.decode >= 1);
@@ -466,40 +607,78 @@ mod tests {
 
     #[test]
     fn infeasible_budget_keeps_minimums_and_says_so() {
-        let cfg = SizingConfig { gpu_budget: 2, ..Default::default() };
-        let s = size_dopd(&paper_profile(), &SizingInput::new(1000.0, 1000.0, 245.0), &cfg);
-        assert_eq!(s.replicas, Replicas { prefill: 1, decode: 1 });
-        assert!(s.reasons.contains(&Reason::BudgetInfeasible { minimum_gpus: 3, budget: 2 }));
+        let cfg = SizingConfig {
+            gpu_budget: 2,
+            ..Default::default()
+        };
+        let s = size_dopd(
+            &paper_profile(),
+            &SizingInput::new(1000.0, 1000.0, 245.0),
+            &cfg,
+        );
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 1,
+                decode: 1
+            }
+        );
+        assert!(s.reasons.contains(&Reason::BudgetInfeasible {
+            minimum_gpus: 3,
+            budget: 2
+        }));
     }
 
     #[test]
     fn maximums_cap_each_role() {
         let cfg = SizingConfig {
             gpu_budget: 100,
-            max_replicas: PerRole { prefill: Some(3), decode: None },
+            max_replicas: PerRole {
+                prefill: Some(3),
+                decode: None,
+            },
             ..Default::default()
         };
-        let s = size_dopd(&paper_profile(), &SizingInput::new(300.0, 1000.0, 245.0), &cfg);
+        let s = size_dopd(
+            &paper_profile(),
+            &SizingInput::new(300.0, 1000.0, 245.0),
+            &cfg,
+        );
         assert_eq!(s.replicas.prefill, 3);
-        assert!(s.reasons.contains(&Reason::MaxReplicas { role: Role::Prefill, max: 3 }));
+        assert!(s.reasons.contains(&Reason::MaxReplicas {
+            role: Role::Prefill,
+            max: 3
+        }));
     }
 
     #[test]
     fn dyn_sla_scales_with_token_throughput() {
-        let p = crate::profile::roofline::RooflineSpec::llama33_70b_fp8_h100().build().expect("preset");
-        let cfg = SizingConfig { gpu_budget: 1000, ..Default::default() };
+        let p = crate::profile::roofline::RooflineSpec::llama33_70b_fp8_h100()
+            .build()
+            .expect("preset");
+        let cfg = SizingConfig {
+            gpu_budget: 1000,
+            ..Default::default()
+        };
         let t = SlaTargets::default();
         let small = size_dyn_sla(&p, &SizingInput::new(100.0, 1000.0, 245.0), &t, &cfg);
         let big = size_dyn_sla(&p, &SizingInput::new(1000.0, 1000.0, 245.0), &t, &cfg);
         assert!(big.replicas.prefill > small.replicas.prefill);
         assert!(big.replicas.decode > small.replicas.decode);
-        let fit = size_dyn_sla(&p, &SizingInput::new(1000.0, 1000.0, 245.0), &t, &SizingConfig::default());
+        let fit = size_dyn_sla(
+            &p,
+            &SizingInput::new(1000.0, 1000.0, 245.0),
+            &t,
+            &SizingConfig::default(),
+        );
         assert!(fit.gpus <= 8);
     }
 
     #[test]
     fn best_decode_throughput_respects_the_itl_target() {
-        let p = crate::profile::roofline::RooflineSpec::llama33_70b_fp8_h100().build().expect("preset");
+        let p = crate::profile::roofline::RooflineSpec::llama33_70b_fp8_h100()
+            .build()
+            .expect("preset");
         let (thpt, c) = best_decode_throughput(&p, 0.05, 1122.5);
         assert!(p.tpot(c, 1122.5) <= 0.05);
         assert!(thpt > 1000.0, "{thpt}");

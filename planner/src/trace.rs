@@ -44,7 +44,10 @@ pub enum TraceError {
 }
 
 fn line_err(line: usize, message: impl Into<String>) -> TraceError {
-    TraceError::Line { line, message: message.into() }
+    TraceError::Line {
+        line,
+        message: message.into(),
+    }
 }
 
 /// A parsed trace, sorted by arrival.
@@ -69,7 +72,9 @@ fn num(s: &str, what: &str, lo: i64, hi: i64) -> Result<i64, String> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("{what} {s:?} is not a number"));
     }
-    let v: i64 = s.parse().map_err(|_| format!("{what} {s:?} is out of range"))?;
+    let v: i64 = s
+        .parse()
+        .map_err(|_| format!("{what} {s:?} is out of range"))?;
     if v < lo || v > hi {
         return Err(format!("{what} {v} is outside {lo}..={hi}"));
     }
@@ -94,13 +99,21 @@ pub fn parse_timestamp(s: &str) -> Result<i64, String> {
     if d.len() != 3 || t.len() != 3 {
         return Err(bad());
     }
-    let (year, month, day) =
-        (num(d[0], "year", 1, 9999)?, num(d[1], "month", 1, 12)?, num(d[2], "day", 1, 31)?);
-    let (hour, minute, second) =
-        (num(t[0], "hour", 0, 23)?, num(t[1], "minute", 0, 59)?, num(t[2], "second", 0, 60)?);
+    let (year, month, day) = (
+        num(d[0], "year", 1, 9999)?,
+        num(d[1], "month", 1, 12)?,
+        num(d[2], "day", 1, 31)?,
+    );
+    let (hour, minute, second) = (
+        num(t[0], "hour", 0, 23)?,
+        num(t[1], "minute", 0, 59)?,
+        num(t[2], "second", 0, 60)?,
+    );
     let mut nanos = 0i64;
     if let Some(frac) = tail.strip_prefix('.') {
-        let end = frac.find(|c: char| !c.is_ascii_digit()).unwrap_or(frac.len());
+        let end = frac
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(frac.len());
         let digits = &frac[..end];
         if digits.is_empty() || digits.len() > 9 {
             return Err(format!("fraction of {s:?} must have 1 to 9 digits"));
@@ -113,17 +126,20 @@ pub fn parse_timestamp(s: &str) -> Result<i64, String> {
         "" | "Z" => 0,
         z if (z.starts_with('+') || z.starts_with('-')) && z.len() == 6 && &z[3..4] == ":" => {
             let sign = if z.starts_with('-') { -1 } else { 1 };
-            sign * (num(&z[1..3], "zone hour", 0, 23)? * 3600 + num(&z[4..6], "zone minute", 0, 59)? * 60)
+            sign * (num(&z[1..3], "zone hour", 0, 23)? * 3600
+                + num(&z[4..6], "zone minute", 0, 59)? * 60)
         }
         _ => return Err(format!("unexpected {tail:?} after the time in {s:?}")),
     };
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
+    let secs =
+        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset_s;
     Ok(secs * 1_000_000_000 + nanos)
 }
 
 fn tokens(s: &str, what: &str, line: usize) -> Result<u32, TraceError> {
     let s = s.trim();
-    s.parse::<u32>().map_err(|_| line_err(line, format!("{what} {s:?} is not a non-negative integer")))
+    s.parse::<u32>()
+        .map_err(|_| line_err(line, format!("{what} {s:?} is not a non-negative integer")))
 }
 
 impl Trace {
@@ -131,12 +147,17 @@ impl Trace {
     pub fn parse_azure_csv(text: &str) -> Result<Self, TraceError> {
         let mut lines = text.lines().enumerate();
         let (_, header) = lines.next().ok_or(TraceError::Empty)?;
-        let cols: Vec<String> =
-            header.trim_start_matches('\u{feff}').split(',').map(|c| c.trim().to_ascii_lowercase()).collect();
+        let cols: Vec<String> = header
+            .trim_start_matches('\u{feff}')
+            .split(',')
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
         let find = |name: &str| cols.iter().position(|c| c == name);
-        let (Some(ts), Some(ctx), Some(gen_)) =
-            (find("timestamp"), find("contexttokens"), find("generatedtokens"))
-        else {
+        let (Some(ts), Some(ctx), Some(gen_)) = (
+            find("timestamp"),
+            find("contexttokens"),
+            find("generatedtokens"),
+        ) else {
             return Err(line_err(
                 1,
                 format!("header {header:?} must name TIMESTAMP, ContextTokens and GeneratedTokens"),
@@ -151,7 +172,10 @@ impl Trace {
             }
             let fields: Vec<&str> = raw.split(',').collect();
             if fields.len() != cols.len() {
-                return Err(line_err(line, format!("expected {} fields, found {}", cols.len(), fields.len())));
+                return Err(line_err(
+                    line,
+                    format!("expected {} fields, found {}", cols.len(), fields.len()),
+                ));
             }
             let arrival_ns = parse_timestamp(fields[ts]).map_err(|m| line_err(line, m))?;
             requests.push(TraceRequest {
@@ -179,7 +203,10 @@ impl Trace {
             }
             let row: Row = serde_json::from_str(raw).map_err(|e| line_err(line, e.to_string()))?;
             if !row.timestamp.is_finite() || row.timestamp < 0.0 {
-                return Err(line_err(line, format!("timestamp {} must be finite and >= 0", row.timestamp)));
+                return Err(line_err(
+                    line,
+                    format!("timestamp {} must be finite and >= 0", row.timestamp),
+                ));
             }
             requests.push(TraceRequest {
                 arrival_ns: (row.timestamp * 1e6).round() as i64,
@@ -192,7 +219,12 @@ impl Trace {
 
     /// Parses either format, telling them apart by the first non-empty character.
     pub fn parse(text: &str) -> Result<Self, TraceError> {
-        match text.trim_start_matches('\u{feff}').trim_start().chars().next() {
+        match text
+            .trim_start_matches('\u{feff}')
+            .trim_start()
+            .chars()
+            .next()
+        {
             Some('{') => Self::parse_mooncake_jsonl(text),
             Some(_) => Self::parse_azure_csv(text),
             None => Err(TraceError::Empty),
@@ -222,7 +254,10 @@ impl Trace {
         let last = self.requests.last().map_or(0, |r| r.arrival_ns);
         let n = ((last - t0) / width_ns + 1) as usize;
         let mut out: Vec<IntervalStats> = (0..n)
-            .map(|k| IntervalStats { start_s: (k as i64 * width_ns) as f64 / 1e9, ..Default::default() })
+            .map(|k| IntervalStats {
+                start_s: (k as i64 * width_ns) as f64 / 1e9,
+                ..Default::default()
+            })
             .collect();
         for r in &self.requests {
             let k = ((r.arrival_ns - t0) / width_ns) as usize;
@@ -248,12 +283,20 @@ pub struct IntervalStats {
 impl IntervalStats {
     /// Mean ISL, NaN for an empty interval (forecasters skip it).
     pub fn mean_isl(&self) -> f64 {
-        if self.count == 0 { f64::NAN } else { self.isl_sum as f64 / self.count as f64 }
+        if self.count == 0 {
+            f64::NAN
+        } else {
+            self.isl_sum as f64 / self.count as f64
+        }
     }
 
     /// Mean OSL, NaN for an empty interval.
     pub fn mean_osl(&self) -> f64 {
-        if self.count == 0 { f64::NAN } else { self.osl_sum as f64 / self.count as f64 }
+        if self.count == 0 {
+            f64::NAN
+        } else {
+            self.osl_sum as f64 / self.count as f64
+        }
     }
 }
 
@@ -348,11 +391,24 @@ mod tests {
             "line 3: ContextTokens \"abc\" is not a non-negative integer"
         );
         let text = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03,100\n";
-        assert!(Trace::parse(text).expect_err("short row").to_string().starts_with("line 2: expected 3 fields"));
+        assert!(
+            Trace::parse(text)
+                .expect_err("short row")
+                .to_string()
+                .starts_with("line 2: expected 3 fields")
+        );
         let text = "time,in,out\n";
-        assert!(Trace::parse(text).expect_err("header").to_string().starts_with("line 1:"));
+        assert!(
+            Trace::parse(text)
+                .expect_err("header")
+                .to_string()
+                .starts_with("line 1:")
+        );
         assert_eq!(Trace::parse("").expect_err("empty"), TraceError::Empty);
-        assert_eq!(Trace::parse("TIMESTAMP,ContextTokens,GeneratedTokens\n"), Err(TraceError::Empty));
+        assert_eq!(
+            Trace::parse("TIMESTAMP,ContextTokens,GeneratedTokens\n"),
+            Err(TraceError::Empty)
+        );
     }
 
     #[test]
@@ -361,9 +417,20 @@ mod tests {
                     {\"timestamp\": 1500, \"input_length\": 10, \"output_length\": 3}\n";
         let t = Trace::parse(text).expect("valid");
         assert_eq!(t.format, TraceFormat::MooncakeJsonl);
-        assert_eq!(t.requests[1], TraceRequest { arrival_ns: 1_500_000_000, isl: 10, osl: 3 });
-        let bad = "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1}\n{\"timestamp\": 1}\n";
+        assert_eq!(
+            t.requests[1],
+            TraceRequest {
+                arrival_ns: 1_500_000_000,
+                isl: 10,
+                osl: 3
+            }
+        );
+        let bad =
+            "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1}\n{\"timestamp\": 1}\n";
         let e = Trace::parse(bad).expect_err("missing field").to_string();
-        assert!(e.starts_with("line 2:") && e.contains("input_length"), "{e}");
+        assert!(
+            e.starts_with("line 2:") && e.contains("input_length"),
+            "{e}"
+        );
     }
 }

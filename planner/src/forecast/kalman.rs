@@ -28,7 +28,10 @@ pub struct LocalLinearTrend {
 
 impl LocalLinearTrend {
     pub fn new(window: usize) -> Self {
-        Self { hist: History::new(window), chosen: None }
+        Self {
+            hist: History::new(window),
+            chosen: None,
+        }
     }
 }
 
@@ -61,14 +64,21 @@ fn run(x: &[f64], ql: f64, qs: f64) -> Run {
         // Predict with T = [[1, 1], [0, 1]].
         a = [af[0] + af[1], af[1]];
         p = [
-            [pf[0][0] + pf[0][1] + pf[1][0] + pf[1][1] + ql, pf[0][1] + pf[1][1]],
+            [
+                pf[0][0] + pf[0][1] + pf[1][0] + pf[1][1] + ql,
+                pf[0][1] + pf[1][1],
+            ],
             [pf[1][0] + pf[1][1], pf[1][1] + qs],
         ];
     }
     let nf = n.max(1) as f64;
     let sigma2 = (ssr / nf).max(1e-300);
     let llf = -0.5 * nf * (sigma2.ln() + 1.0) - 0.5 * sum_log_f;
-    Run { llf, next: a[0], next_var: sigma2 * (p[0][0] + 1.0) }
+    Run {
+        llf,
+        next: a[0],
+        next_var: sigma2 * (p[0][0] + 1.0),
+    }
 }
 
 impl Forecaster for LocalLinearTrend {
@@ -79,7 +89,9 @@ impl Forecaster for LocalLinearTrend {
         self.hist.push(value);
     }
     fn predict(&mut self) -> Forecast {
-        let Some(last) = self.hist.last() else { return Forecast::ZERO };
+        let Some(last) = self.hist.last() else {
+            return Forecast::ZERO;
+        };
         if self.hist.len() < 4 {
             return Forecast::new(last, self.hist.diff_variance(), last);
         }
@@ -100,7 +112,9 @@ impl Forecaster for LocalLinearTrend {
                 }
             }
         }
-        let Some((r, ql, qs)) = best else { return Forecast::new(last, 0.0, last) };
+        let Some((r, ql, qs)) = best else {
+            return Forecast::new(last, 0.0, last);
+        };
         self.chosen = Some((ql, qs));
         Forecast::new(mean + sd * r.next, sd * sd * r.next_var, last)
     }

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use arima::{
     ArimaConfig, ArimaFit, ArimaForecaster, ArimaOrder, ArmaParams, AutoArimaResult, Candidate,
     FitError, KpssResult, auto_arima, difference, fit_arima, is_invertible, is_stationary, kpss,
-    loglike, ndiffs,
+    loglike, min_root_modulus, ndiffs,
 };
 pub use kalman::LocalLinearTrend;
 
@@ -44,8 +44,16 @@ impl Forecast {
     /// becomes `fallback`, a bad variance becomes zero width, and everything is clamped at 0.
     pub fn new(point: f64, variance: f64, fallback: f64) -> Self {
         let point = if point.is_finite() { point } else { fallback };
-        let point = if point.is_finite() { point.max(0.0) } else { 0.0 };
-        let sd = if variance.is_finite() && variance > 0.0 { variance.sqrt() } else { 0.0 };
+        let point = if point.is_finite() {
+            point.max(0.0)
+        } else {
+            0.0
+        };
+        let sd = if variance.is_finite() && variance > 0.0 {
+            variance.sqrt()
+        } else {
+            0.0
+        };
         let upper = point + Z95 * sd;
         Self {
             point,
@@ -55,7 +63,11 @@ impl Forecast {
     }
 
     /// A forecast with no information: zero.
-    pub const ZERO: Self = Self { point: 0.0, lower: 0.0, upper: 0.0 };
+    pub const ZERO: Self = Self {
+        point: 0.0,
+        lower: 0.0,
+        upper: 0.0,
+    };
 }
 
 /// The common interface of all forecasters.
@@ -124,7 +136,9 @@ impl std::str::FromStr for ForecasterKind {
             "ma" | "moving-average" => Ok(Self::MovingAverage),
             "arima" => Ok(Self::Arima),
             "kalman" => Ok(Self::Kalman),
-            other => Err(format!("unknown predictor {other:?}: expected arima, kalman, last or ma")),
+            other => Err(format!(
+                "unknown predictor {other:?}: expected arima, kalman, last or ma"
+            )),
         }
     }
 }
@@ -143,7 +157,11 @@ pub struct ForecastConfig {
 
 impl Default for ForecastConfig {
     fn default() -> Self {
-        Self { window: 50, ma_span: 5, arima: ArimaConfig::default() }
+        Self {
+            window: 50,
+            ma_span: 5,
+            arima: ArimaConfig::default(),
+        }
     }
 }
 
@@ -157,7 +175,11 @@ pub(crate) struct History {
 
 impl History {
     pub fn new(cap: usize) -> Self {
-        Self { values: VecDeque::with_capacity(cap.max(1)), cap: cap.max(1), skipped: 0 }
+        Self {
+            values: VecDeque::with_capacity(cap.max(1)),
+            cap: cap.max(1),
+            skipped: 0,
+        }
     }
 
     /// Stores a finite value (dropping the oldest beyond the window); counts a non-finite one.
@@ -199,7 +221,12 @@ impl History {
         if self.values.len() < 3 {
             return 0.0;
         }
-        let d: Vec<f64> = self.values.iter().zip(self.values.iter().skip(1)).map(|(a, b)| b - a).collect();
+        let d: Vec<f64> = self
+            .values
+            .iter()
+            .zip(self.values.iter().skip(1))
+            .map(|(a, b)| b - a)
+            .collect();
         d.iter().map(|x| x * x).sum::<f64>() / d.len() as f64
     }
 }
@@ -212,7 +239,9 @@ pub struct LastValue {
 
 impl LastValue {
     pub fn new(window: usize) -> Self {
-        Self { hist: History::new(window) }
+        Self {
+            hist: History::new(window),
+        }
     }
 }
 
@@ -246,7 +275,10 @@ pub struct MovingAverage {
 
 impl MovingAverage {
     pub fn new(window: usize, span: usize) -> Self {
-        Self { hist: History::new(window.max(span)), span: span.max(1) }
+        Self {
+            hist: History::new(window.max(span)),
+            span: span.max(1),
+        }
     }
 }
 
@@ -266,7 +298,8 @@ impl Forecaster for MovingAverage {
         let mean = tail.iter().sum::<f64>() / k as f64;
         // Variance of a new value around the mean of k: s²·(1 + 1/k).
         let var = if k > 1 {
-            tail.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (k - 1) as f64 * (1.0 + 1.0 / k as f64)
+            tail.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (k - 1) as f64
+                * (1.0 + 1.0 / k as f64)
         } else {
             0.0
         };
@@ -332,7 +365,14 @@ mod tests {
         assert_eq!(f.point, 0.0);
         assert_eq!(f.lower, 0.0);
         let g = Forecast::new(f64::NAN, f64::NAN, 2.0);
-        assert_eq!(g, Forecast { point: 2.0, lower: 2.0, upper: 2.0 });
+        assert_eq!(
+            g,
+            Forecast {
+                point: 2.0,
+                lower: 2.0,
+                upper: 2.0
+            }
+        );
     }
 
     #[test]

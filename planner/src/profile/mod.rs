@@ -119,13 +119,24 @@ pub struct Profile {
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ProfileError {
     #[error("cannot parse profile as {format}: {message}")]
-    Parse { format: &'static str, message: String },
+    Parse {
+        format: &'static str,
+        message: String,
+    },
     #[error("profile field `{field}` = {value}: {reason}")]
-    Invalid { field: String, value: String, reason: String },
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
 }
 
 fn invalid(field: impl Into<String>, value: impl std::fmt::Display, reason: &str) -> ProfileError {
-    ProfileError::Invalid { field: field.into(), value: value.to_string(), reason: reason.into() }
+    ProfileError::Invalid {
+        field: field.into(),
+        value: value.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn check_axis(field: &str, xs: &[f64], min: f64) -> Result<(), ProfileError> {
@@ -134,39 +145,59 @@ fn check_axis(field: &str, xs: &[f64], min: f64) -> Result<(), ProfileError> {
     }
     for (i, &x) in xs.iter().enumerate() {
         if !x.is_finite() || x < min {
-            return Err(invalid(format!("{field}[{i}]"), x, &format!("must be finite and >= {min}")));
+            return Err(invalid(
+                format!("{field}[{i}]"),
+                x,
+                &format!("must be finite and >= {min}"),
+            ));
         }
         if i > 0 && x <= xs[i - 1] {
-            return Err(invalid(format!("{field}[{i}]"), x, "must be strictly increasing"));
+            return Err(invalid(
+                format!("{field}[{i}]"),
+                x,
+                "must be strictly increasing",
+            ));
         }
     }
     Ok(())
 }
 
 fn check_positive(field: String, v: f64) -> Result<(), ProfileError> {
-    if v.is_finite() && v > 0.0 { Ok(()) } else { Err(invalid(field, v, "must be finite and > 0")) }
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, v, "must be finite and > 0"))
+    }
 }
 
 impl Profile {
     /// Parses and validates a YAML profile.
     pub fn from_yaml(s: &str) -> Result<Self, ProfileError> {
-        let p: Self = serde_yaml::from_str(s)
-            .map_err(|e| ProfileError::Parse { format: "YAML", message: e.to_string() })?;
+        let p: Self = serde_yaml::from_str(s).map_err(|e| ProfileError::Parse {
+            format: "YAML",
+            message: e.to_string(),
+        })?;
         p.validate()?;
         Ok(p)
     }
 
     /// Parses and validates a JSON profile.
     pub fn from_json(s: &str) -> Result<Self, ProfileError> {
-        let p: Self = serde_json::from_str(s)
-            .map_err(|e| ProfileError::Parse { format: "JSON", message: e.to_string() })?;
+        let p: Self = serde_json::from_str(s).map_err(|e| ProfileError::Parse {
+            format: "JSON",
+            message: e.to_string(),
+        })?;
         p.validate()?;
         Ok(p)
     }
 
     /// Parses JSON when the text starts with `{`, YAML otherwise.
     pub fn parse(s: &str) -> Result<Self, ProfileError> {
-        if s.trim_start().starts_with('{') { Self::from_json(s) } else { Self::from_yaml(s) }
+        if s.trim_start().starts_with('{') {
+            Self::from_json(s)
+        } else {
+            Self::from_yaml(s)
+        }
     }
 
     pub fn to_yaml(&self) -> String {
@@ -208,7 +239,10 @@ impl Profile {
             return Err(invalid(
                 "decode.tpot_s",
                 format!("{} rows", d.tpot_s.len()),
-                &format!("must have one row per concurrency value ({})", d.concurrency.len()),
+                &format!(
+                    "must have one row per concurrency value ({})",
+                    d.concurrency.len()
+                ),
             ));
         }
         for (i, row) in d.tpot_s.iter().enumerate() {
@@ -216,7 +250,10 @@ impl Profile {
                 return Err(invalid(
                     format!("decode.tpot_s[{i}]"),
                     format!("{} columns", row.len()),
-                    &format!("must have one column per context value ({})", d.context.len()),
+                    &format!(
+                        "must have one column per context value ({})",
+                        d.context.len()
+                    ),
                 ));
             }
             for (j, &t) in row.iter().enumerate() {
@@ -238,7 +275,11 @@ impl Profile {
             }
             let s = self.startup_s.get(role);
             if !s.is_finite() || s < 0.0 {
-                return Err(invalid(format!("startup_s.{role}"), s, "must be finite and >= 0"));
+                return Err(invalid(
+                    format!("startup_s.{role}"),
+                    s,
+                    "must be finite and >= 0",
+                ));
             }
         }
         Ok(())
@@ -271,11 +312,28 @@ impl Profile {
         Self {
             name: "constant".into(),
             source: "constant".into(),
-            prefill: PrefillProfile { isl: vec![1.0], ttft_s: vec![ttft_s] },
-            decode: DecodeProfile { concurrency: vec![1.0], context: vec![1.0], tpot_s: vec![vec![tpot_s]] },
-            kv: KvSpec { blocks: kv_blocks, block_size, bytes_per_token: 1 },
-            gpus: PerRole { prefill: 1, decode: 2 },
-            startup_s: PerRole { prefill: 30.0, decode: 45.0 },
+            prefill: PrefillProfile {
+                isl: vec![1.0],
+                ttft_s: vec![ttft_s],
+            },
+            decode: DecodeProfile {
+                concurrency: vec![1.0],
+                context: vec![1.0],
+                tpot_s: vec![vec![tpot_s]],
+            },
+            kv: KvSpec {
+                blocks: kv_blocks,
+                block_size,
+                bytes_per_token: 1,
+            },
+            gpus: PerRole {
+                prefill: 1,
+                decode: 2,
+            },
+            startup_s: PerRole {
+                prefill: 30.0,
+                decode: 45.0,
+            },
         }
     }
 }
@@ -355,15 +413,28 @@ mod tests {
         Profile {
             name: "test".into(),
             source: String::new(),
-            prefill: PrefillProfile { isl: vec![128.0, 1024.0, 8192.0], ttft_s: vec![0.02, 0.1, 1.2] },
+            prefill: PrefillProfile {
+                isl: vec![128.0, 1024.0, 8192.0],
+                ttft_s: vec![0.02, 0.1, 1.2],
+            },
             decode: DecodeProfile {
                 concurrency: vec![1.0, 64.0],
                 context: vec![512.0, 4096.0],
                 tpot_s: vec![vec![0.01, 0.012], vec![0.02, 0.05]],
             },
-            kv: KvSpec { blocks: 2040, block_size: 128, bytes_per_token: 327_680 },
-            gpus: PerRole { prefill: 1, decode: 2 },
-            startup_s: PerRole { prefill: 30.0, decode: 45.0 },
+            kv: KvSpec {
+                blocks: 2040,
+                block_size: 128,
+                bytes_per_token: 327_680,
+            },
+            gpus: PerRole {
+                prefill: 1,
+                decode: 2,
+            },
+            startup_s: PerRole {
+                prefill: 30.0,
+                decode: 45.0,
+            },
         }
     }
 
@@ -394,7 +465,10 @@ mod tests {
         assert_eq!(p.tpot(0.0, 0.0), 0.01);
         assert_eq!(p.tpot(1e6, 1e6), 0.05);
         let mid = p.tpot(32.5, 2304.0);
-        assert!((mid - (0.01 + 0.012 + 0.02 + 0.05) / 4.0).abs() < 1e-12, "{mid}");
+        assert!(
+            (mid - (0.01 + 0.012 + 0.02 + 0.05) / 4.0).abs() < 1e-12,
+            "{mid}"
+        );
     }
 
     #[test]
@@ -419,15 +493,28 @@ mod tests {
         let mut p = sample();
         p.decode.context = vec![4096.0, 512.0];
         let e = p.validate().expect_err("unsorted axis").to_string();
-        assert!(e.contains("decode.context[1]") && e.contains("increasing"), "{e}");
+        assert!(
+            e.contains("decode.context[1]") && e.contains("increasing"),
+            "{e}"
+        );
 
         let mut p = sample();
         p.kv.blocks = 0;
-        assert!(p.validate().expect_err("no blocks").to_string().contains("kv.blocks"));
+        assert!(
+            p.validate()
+                .expect_err("no blocks")
+                .to_string()
+                .contains("kv.blocks")
+        );
 
         let mut p = sample();
         p.startup_s.decode = f64::NAN;
-        assert!(p.validate().expect_err("nan").to_string().contains("startup_s.decode"));
+        assert!(
+            p.validate()
+                .expect_err("nan")
+                .to_string()
+                .contains("startup_s.decode")
+        );
     }
 
     #[test]

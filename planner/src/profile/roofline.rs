@@ -140,7 +140,11 @@ pub struct RooflineSpec {
 }
 
 /// Names accepted by [`RooflineSpec::preset`].
-pub const PRESETS: [&str; 3] = ["llama-3.3-70b-fp8-h100", "smollm2-135m-h100", "smollm2-135m-cpu"];
+pub const PRESETS: [&str; 3] = [
+    "llama-3.3-70b-fp8-h100",
+    "smollm2-135m-h100",
+    "smollm2-135m-cpu",
+];
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
@@ -198,7 +202,10 @@ impl RooflineSpec {
                 decode_step_overhead_s: 0.003,
                 bytes_per_activation: 2.0,
                 block_size: 128,
-                startup_s: PerRole { prefill: 30.0, decode: 45.0 },
+                startup_s: PerRole {
+                    prefill: 30.0,
+                    decode: 45.0,
+                },
             },
         }
     }
@@ -240,7 +247,10 @@ impl RooflineSpec {
                 decode_step_overhead_s: 0.004,
                 bytes_per_activation: 2.0,
                 block_size: 16,
-                startup_s: PerRole { prefill: 10.0, decode: 15.0 },
+                startup_s: PerRole {
+                    prefill: 10.0,
+                    decode: 15.0,
+                },
             },
         }
     }
@@ -269,7 +279,10 @@ impl RooflineSpec {
                 decode_step_overhead_s: 0.002,
                 bytes_per_activation: 4.0,
                 block_size: 16,
-                startup_s: PerRole { prefill: 2.0, decode: 2.0 },
+                startup_s: PerRole {
+                    prefill: 2.0,
+                    decode: 2.0,
+                },
             },
         }
     }
@@ -367,7 +380,10 @@ impl RooflineSpec {
             ("gpu.peak_flops", self.gpu.peak_flops),
             ("gpu.memory_bandwidth", self.gpu.memory_bandwidth),
             ("gpu.memory_bytes", self.gpu.memory_bytes),
-            ("gpu.interconnect_bandwidth", self.gpu.interconnect_bandwidth),
+            (
+                "gpu.interconnect_bandwidth",
+                self.gpu.interconnect_bandwidth,
+            ),
             ("deployment.bytes_per_activation", d.bytes_per_activation),
         ] {
             if !(v.is_finite() && v > 0.0) {
@@ -375,10 +391,19 @@ impl RooflineSpec {
             }
         }
         for (field, v) in [
-            ("deployment.prefill_compute_efficiency", d.prefill_compute_efficiency),
-            ("deployment.decode_compute_efficiency", d.decode_compute_efficiency),
+            (
+                "deployment.prefill_compute_efficiency",
+                d.prefill_compute_efficiency,
+            ),
+            (
+                "deployment.decode_compute_efficiency",
+                d.decode_compute_efficiency,
+            ),
             ("deployment.bandwidth_efficiency", d.bandwidth_efficiency),
-            ("deployment.decode_memory_utilization", d.decode_memory_utilization),
+            (
+                "deployment.decode_memory_utilization",
+                d.decode_memory_utilization,
+            ),
         ] {
             if !(v > 0.0 && v <= 1.0) {
                 return Err(invalid(field, v, "must be in (0, 1]"));
@@ -412,19 +437,31 @@ impl RooflineSpec {
         let concurrency = grid(1.0, max_conc);
         let tpot_s = concurrency
             .iter()
-            .map(|&c| context.iter().map(|&l| self.decode_step_time(c, l)).collect())
+            .map(|&c| {
+                context
+                    .iter()
+                    .map(|&l| self.decode_step_time(c, l))
+                    .collect()
+            })
             .collect();
         let profile = Profile {
             name: format!("{}-{}", self.model.name, self.gpu.name).to_lowercase(),
             source: "roofline".into(),
             prefill: PrefillProfile { isl, ttft_s },
-            decode: DecodeProfile { concurrency, context, tpot_s },
+            decode: DecodeProfile {
+                concurrency,
+                context,
+                tpot_s,
+            },
             kv: KvSpec {
                 blocks,
                 block_size: self.deployment.block_size,
                 bytes_per_token: self.model.kv_bytes_per_token().round() as u64,
             },
-            gpus: PerRole { prefill: self.deployment.prefill_tp, decode: self.deployment.decode_tp },
+            gpus: PerRole {
+                prefill: self.deployment.prefill_tp,
+                decode: self.deployment.decode_tp,
+            },
             startup_s: self.deployment.startup_s,
         };
         profile.validate()?;
@@ -439,12 +476,19 @@ mod tests {
     #[test]
     fn llama_70b_kv_bytes_match_the_paper() {
         // Paper §3.2 note: 80 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes = 327,680 B.
-        assert_eq!(RooflineSpec::llama33_70b_fp8_h100().model.kv_bytes_per_token(), 327_680.0);
+        assert_eq!(
+            RooflineSpec::llama33_70b_fp8_h100()
+                .model
+                .kv_bytes_per_token(),
+            327_680.0
+        );
     }
 
     #[test]
     fn llama_70b_on_tp2_h100_holds_about_2040_blocks() {
-        let blocks = RooflineSpec::llama33_70b_fp8_h100().kv_blocks().expect("fits");
+        let blocks = RooflineSpec::llama33_70b_fp8_h100()
+            .kv_blocks()
+            .expect("fits");
         assert!((1900..=2200).contains(&blocks), "{blocks}");
     }
 
@@ -461,7 +505,10 @@ mod tests {
     #[test]
     fn every_preset_builds_a_valid_monotone_profile() {
         for name in PRESETS {
-            let p = RooflineSpec::preset(name).expect("preset").build().expect(name);
+            let p = RooflineSpec::preset(name)
+                .expect("preset")
+                .build()
+                .expect(name);
             assert!(p.ttft(1000.0) < p.ttft(8000.0), "{name}");
             assert!(p.tpot(1.0, 1000.0) <= p.tpot(64.0, 1000.0), "{name}");
             assert!(p.tpot(8.0, 512.0) <= p.tpot(8.0, 4096.0), "{name}");
@@ -470,7 +517,9 @@ mod tests {
 
     #[test]
     fn paper_setting_latencies_are_in_the_published_range() {
-        let p = RooflineSpec::llama33_70b_fp8_h100().build().expect("builds");
+        let p = RooflineSpec::llama33_70b_fp8_h100()
+            .build()
+            .expect("builds");
         let ttft = p.ttft(1000.0);
         assert!((0.05..0.4).contains(&ttft), "TTFT(1000) = {ttft}");
         let tpot = p.tpot(226.0, 1122.5);

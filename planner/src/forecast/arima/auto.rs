@@ -173,7 +173,11 @@ fn max_inverse_root(fit: &ArimaFit) -> f64 {
 /// A fit of a series whose differenced values are constant: exact, zero-variance.
 fn exact_fit(y: &[f64], d: usize, constant: bool) -> ArimaFit {
     let w = model::difference(y, d);
-    let step = if constant { w.first().copied().unwrap_or(0.0) } else { 0.0 };
+    let step = if constant {
+        w.first().copied().unwrap_or(0.0)
+    } else {
+        0.0
+    };
     let mut next = step;
     // Undifference: y_{n+1} = w + Σ (−1)^{k+1} C(d,k) y_{n+1−k}.
     let n = y.len();
@@ -185,7 +189,12 @@ fn exact_fit(y: &[f64], d: usize, constant: bool) -> ArimaFit {
     }
     ArimaFit {
         order: ArimaOrder::new(0, d, 0, constant),
-        params: ArmaParams { constant: step, ar: vec![], ma: vec![], sigma2: 0.0 },
+        params: ArmaParams {
+            constant: step,
+            ar: vec![],
+            ma: vec![],
+            sigma2: 0.0,
+        },
         llf: f64::INFINITY,
         aic: f64::NEG_INFINITY,
         nobs: w.len(),
@@ -214,7 +223,7 @@ impl Search<'_> {
         if self.fits.iter().any(|(o, _)| *o == order) {
             return false;
         }
-        let fit = model::fit(self.y, order)
+        let fit = model::fit_with(self.y, order, model::Precision::Search)
             .ok()
             .filter(|f| f.aic.is_finite() && max_inverse_root(f) <= self.cfg.max_inverse_root);
         self.fits.push((order, fit));
@@ -242,14 +251,22 @@ pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitEr
         // pmdarima fits a (0,0,0) model without intercept here, which forecasts 0; a constant
         // series is far better served by its value.
         let best = exact_fit(y, 0, true);
-        return Ok(AutoArimaResult { best, ndiffs: 0, candidates: vec![] });
+        return Ok(AutoArimaResult {
+            best,
+            ndiffs: 0,
+            candidates: vec![],
+        });
     }
     let d = ndiffs(y, cfg.kpss_alpha, cfg.max_d);
     let w = model::difference(y, d);
     let constant = d <= 1;
     if is_constant(&w) {
         let best = exact_fit(y, d, constant);
-        return Ok(AutoArimaResult { best, ndiffs: d, candidates: vec![] });
+        return Ok(AutoArimaResult {
+            best,
+            ndiffs: d,
+            candidates: vec![],
+        });
     }
     let (mut start_p, mut start_q) = (cfg.start_p, cfg.start_q);
     if y.len() < 10 {
@@ -257,7 +274,13 @@ pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitEr
         start_q = start_q.min(1);
     }
     let (max_p, max_q) = (cfg.max_p, cfg.max_q);
-    let mut s = Search { y, d, cfg, fits: Vec::new(), best: None };
+    let mut s = Search {
+        y,
+        d,
+        cfg,
+        fits: Vec::new(),
+        best: None,
+    };
     let (mut p, mut q) = (start_p.min(max_p), start_q.min(max_q));
     let mut with_c = constant;
     s.try_fit(p, q, with_c);
@@ -311,14 +334,27 @@ pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitEr
     let candidates = s
         .fits
         .iter()
-        .map(|(o, f)| Candidate { order: *o, aic: f.as_ref().map(|f| f.aic) })
+        .map(|(o, f)| Candidate {
+            order: *o,
+            aic: f.as_ref().map(|f| f.aic),
+        })
         .collect();
     match s.best {
         Some(b) => {
-            let best = s.fits.swap_remove(b).1.expect("best index points at a successful fit");
-            Ok(AutoArimaResult { best, ndiffs: d, candidates })
+            let best = s
+                .fits
+                .swap_remove(b)
+                .1
+                .expect("best index points at a successful fit");
+            Ok(AutoArimaResult {
+                best,
+                ndiffs: d,
+                candidates,
+            })
         }
-        None => Err(FitError::NoFiniteStart { order: ArimaOrder::new(start_p, d, start_q, constant) }),
+        None => Err(FitError::NoFiniteStart {
+            order: ArimaOrder::new(start_p, d, start_q, constant),
+        }),
     }
 }
 
@@ -332,7 +368,9 @@ mod tests {
         let mut state = 7u64;
         let stationary: Vec<f64> = (0..60)
             .map(|_| {
-                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (state >> 11) as f64 / (1u64 << 53) as f64
             })
             .collect();
@@ -346,7 +384,9 @@ mod tests {
 
     #[test]
     fn a_trend_needs_one_difference_and_a_constant_none() {
-        let trend: Vec<f64> = (0..60).map(|i| f64::from(i) * 2.0 + if i % 3 == 0 { 1.0 } else { 0.0 }).collect();
+        let trend: Vec<f64> = (0..60)
+            .map(|i| f64::from(i) * 2.0 + if i % 3 == 0 { 1.0 } else { 0.0 })
+            .collect();
         assert_eq!(ndiffs(&trend, 0.05, 2), 1);
         assert_eq!(ndiffs(&[3.0; 10], 0.05, 2), 0);
     }
@@ -361,7 +401,9 @@ mod tests {
 
     #[test]
     fn the_search_records_every_candidate_once() {
-        let y: Vec<f64> = (0..50).map(|i| 100.0 + 10.0 * (f64::from(i) * 0.7).sin() + f64::from(i % 7)).collect();
+        let y: Vec<f64> = (0..50)
+            .map(|i| 100.0 + 10.0 * (f64::from(i) * 0.7).sin() + f64::from(i % 7))
+            .collect();
         let r = auto_arima(&y, &ArimaConfig::default()).expect("fits");
         let mut orders: Vec<_> = r.candidates.iter().map(|c| c.order).collect();
         let n = orders.len();
@@ -370,6 +412,11 @@ mod tests {
         assert_eq!(orders.len(), n);
         assert!(n >= 4);
         let best_aic = r.best.aic;
-        assert!(r.candidates.iter().filter_map(|c| c.aic).all(|a| a >= best_aic));
+        assert!(
+            r.candidates
+                .iter()
+                .filter_map(|c| c.aic)
+                .all(|a| a >= best_aic)
+        );
     }
 }

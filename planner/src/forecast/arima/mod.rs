@@ -8,7 +8,7 @@ mod optim;
 pub use auto::{ArimaConfig, AutoArimaResult, Candidate, KpssResult, auto_arima, kpss, ndiffs};
 pub use model::{
     ArimaFit, ArimaOrder, ArmaParams, FitError, difference, fit as fit_arima, is_invertible,
-    is_stationary, loglike,
+    is_stationary, loglike, min_root_modulus,
 };
 
 use super::{Forecast, Forecaster, History};
@@ -27,7 +27,12 @@ pub struct ArimaForecaster {
 
 impl ArimaForecaster {
     pub fn new(window: usize, cfg: ArimaConfig) -> Self {
-        Self { hist: History::new(window), cfg, last_fit: None, fallbacks: 0 }
+        Self {
+            hist: History::new(window),
+            cfg,
+            last_fit: None,
+            fallbacks: 0,
+        }
     }
 
     /// The model behind the last prediction, if it came from a fit.
@@ -49,7 +54,9 @@ impl Forecaster for ArimaForecaster {
         self.hist.push(value);
     }
     fn predict(&mut self) -> Forecast {
-        let Some(last) = self.hist.last() else { return Forecast::ZERO };
+        let Some(last) = self.hist.last() else {
+            return Forecast::ZERO;
+        };
         self.last_fit = None;
         if self.hist.len() < self.cfg.min_history.max(1) {
             return Forecast::new(last, self.hist.diff_variance(), last);
