@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::forecast::{Forecast, ForecastConfig, Forecaster, ForecasterKind};
 use crate::profile::{PerRole, Profile, Role};
 use crate::sizing::{
-    self, BudgetRule, Reason, Replicas, Signal, Sizing, SizingConfig, SizingInput, SlaTargets,
+    self, Reason, Replicas, Signal, Sizing, SizingConfig, SizingInput, SlaTargets,
 };
 
 /// Replica counts of one role as the actuator sees them.
@@ -400,7 +400,8 @@ impl Planner {
                     &self.profile,
                     self.cfg.static_replicas,
                     &self.cfg.sizing,
-                    BudgetRule::Dopd,
+                    self.cfg.sizing.budget_rule,
+                    None,
                     &mut r,
                 );
                 reasons.extend(r);
@@ -502,22 +503,32 @@ impl Planner {
                     prefill: m.prefill.max(r.prefill),
                     decode: m.decode.max(r.decode),
                 });
+            let mut held = desired;
+            let mut held_reasons = Vec::new();
             for role in [Role::Prefill, Role::Decode] {
                 let (d, cur, pk) = match role {
-                    Role::Prefill => (&mut desired.prefill, current.prefill, peak.prefill),
-                    Role::Decode => (&mut desired.decode, current.decode, peak.decode),
+                    Role::Prefill => (&mut held.prefill, current.prefill, peak.prefill),
+                    Role::Decode => (&mut held.decode, current.decode, peak.decode),
                 };
                 if *d < cur {
-                    let held = pk.min(cur);
-                    if held > *d {
-                        reasons.push(Reason::Cooldown {
+                    let keep = pk.min(cur);
+                    if keep > *d {
+                        held_reasons.push(Reason::Cooldown {
                             role,
-                            held_at: held,
+                            held_at: keep,
                             wanted: *d,
                         });
-                        *d = held;
+                        *d = keep;
                     }
                 }
+            }
+            // Holding one role back must not push the total over the budget while the other
+            // role scales up: then the scale-up wins and the hold is dropped.
+            if held.gpus(&self.profile) <= self.cfg.sizing.gpu_budget
+                || desired.gpus(&self.profile) > self.cfg.sizing.gpu_budget
+            {
+                desired = held;
+                reasons.extend(held_reasons);
             }
         }
         decision(desired, reasons, forecast, sizing_out, self)

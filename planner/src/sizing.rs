@@ -29,9 +29,11 @@ use crate::profile::{PerRole, Profile, Role};
 pub type Replicas = PerRole<u32>;
 
 impl Replicas {
-    /// GPUs used by these counts.
+    /// GPUs used by these counts (saturating).
     pub fn gpus(&self, profile: &Profile) -> u32 {
-        self.prefill * profile.gpus.prefill + self.decode * profile.gpus.decode
+        let g = u64::from(self.prefill) * u64::from(profile.gpus.prefill)
+            + u64::from(self.decode) * u64::from(profile.gpus.decode);
+        u32::try_from(g).unwrap_or(u32::MAX)
     }
 }
 
@@ -137,6 +139,8 @@ pub struct SizingConfig {
     pub gpu_budget: u32,
     pub prefill_rule: PrefillRule,
     pub decode_load: DecodeLoad,
+    /// How DOPD fits its counts into the budget.
+    pub budget_rule: BudgetRule,
 }
 
 impl Default for SizingConfig {
@@ -153,6 +157,7 @@ impl Default for SizingConfig {
             gpu_budget: 8,
             prefill_rule: PrefillRule::General,
             decode_load: DecodeLoad::RequestsPerInterval,
+            budget_rule: BudgetRule::Balanced,
         }
     }
 }
@@ -276,7 +281,19 @@ pub fn size_dopd(profile: &Profile, input: &SizingInput, cfg: &SizingConfig) -> 
         prefill: n_p,
         decode: n_d,
     };
-    let replicas = constrain(profile, unconstrained, cfg, BudgetRule::Dopd, &mut reasons);
+    let balance = Balance {
+        r_star,
+        rule: cfg.prefill_rule,
+        demand: load / b_max as f64,
+    };
+    let replicas = constrain(
+        profile,
+        unconstrained,
+        cfg,
+        cfg.budget_rule,
+        Some(balance),
+        &mut reasons,
+    );
     Sizing {
         blocks_per_request: n_blk,
         b_max,
@@ -385,6 +402,7 @@ pub fn size_dyn_sla(
         unconstrained,
         cfg,
         BudgetRule::DynamoSla,
+        None,
         &mut reasons,
     );
     let n_blk = blocks_per_request(inp.isl, inp.osl, profile.kv.block_size);
@@ -402,13 +420,46 @@ pub fn size_dyn_sla(
     }
 }
 
-/// Which budget-enforcement procedure to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How counts that exceed the GPU budget are cut down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BudgetRule {
-    /// DOPD's `while` loop with `floor` (paper §3.2), never raising decode above its demand.
-    Dopd,
-    /// Dynamo's single pass with `round`, followed by a safety trim.
+    /// Serve the largest share of the decode demand whose counts — decode and its balanced
+    /// prefill under the configured prefill rule — fit the budget. Which shares fit does not
+    /// depend on the load, so more forecast requests never yield fewer decode instances.
+    #[default]
+    Balanced,
+    /// The authors' loop (paper §3.2): scale both by `s = G/total`, `floor` prefill, give decode
+    /// the rest; repeat. Faithful, but not monotone: a bigger forecast can floor prefill up by
+    /// one and so leave decode an instance fewer (see the `paper_loop_is_not_monotone` test).
+    /// We also never raise decode above its demand (the raw loop can hand it spare GPUs).
+    PaperLoop,
+    /// Dynamo's SLA planner: one scaling pass with `round`, then trim to the budget.
     DynamoSla,
+}
+
+/// What a balanced cut needs to know: `r*`, how prefill follows decode, and the decode demand
+/// in instances (`load / B_max`, fractional).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Balance {
+    pub r_star: f64,
+    pub rule: PrefillRule,
+    pub demand: f64,
+}
+
+impl Balance {
+    /// Raw (prefill, decode) counts when serving `x <= demand` decode instances' worth of load.
+    /// At `x = demand` this is exactly what [`size_dopd`] asks for before the budget.
+    fn counts(&self, x: f64) -> (u32, u32) {
+        let decode = ceil_u32(x);
+        let prefill = match self.rule {
+            PrefillRule::General => ceil_u32(self.r_star * f64::from(decode)),
+            PrefillRule::PerDecodeInstance if x > 0.0 => ceil_u32(self.r_star),
+            PrefillRule::PerDecodeInstance => 0,
+            PrefillRule::Proportional => ceil_u32(self.r_star * x),
+        };
+        (prefill, decode)
+    }
 }
 
 /// Applies minimums, maximums and the GPU budget to raw counts, recording what bound them.
@@ -417,12 +468,102 @@ pub fn constrain(
     raw: Replicas,
     cfg: &SizingConfig,
     rule: BudgetRule,
+    balance: Option<Balance>,
     reasons: &mut Vec<Reason>,
 ) -> Replicas {
     let (g_p, g_d) = (profile.gpus.prefill, profile.gpus.decode);
+    let gpus = |p: u32, d: u32| u64::from(p) * u64::from(g_p) + u64::from(d) * u64::from(g_d);
     let min = cfg.min_replicas;
     let budget = cfg.gpu_budget;
     let mut r = raw;
+    for role in [Role::Prefill, Role::Decode] {
+        let (v, lo) = match role {
+            Role::Prefill => (&mut r.prefill, min.prefill),
+            Role::Decode => (&mut r.decode, min.decode),
+        };
+        if *v < lo {
+            *v = lo;
+            reasons.push(Reason::MinReplicas { role, min: lo });
+        }
+    }
+    let min_gpus = gpus(min.prefill, min.decode);
+    let budget64 = u64::from(budget);
+    if min_gpus > budget64 {
+        reasons.push(Reason::BudgetInfeasible {
+            minimum_gpus: u32::try_from(min_gpus).unwrap_or(u32::MAX),
+            budget,
+        });
+        return min;
+    }
+    let wanted = gpus(r.prefill, r.decode);
+    if wanted > budget64 {
+        let demand_d = r.decode;
+        let rule = if rule == BudgetRule::Balanced && balance.is_none() {
+            BudgetRule::PaperLoop
+        } else {
+            rule
+        };
+        match rule {
+            BudgetRule::Balanced => {
+                let b = balance.expect("checked above");
+                // Serve the largest share x of the decode demand whose balanced counts fit.
+                // Whether x fits does not depend on the load and only gets harder as x grows,
+                // so the result grows with the load (never fewer decode instances for more).
+                let counts = |x: f64| {
+                    let (p, d) = b.counts(x);
+                    (p.max(min.prefill), d.max(min.decode))
+                };
+                let fits = |x: f64| {
+                    let (p, d) = counts(x);
+                    gpus(p, d) <= budget64
+                };
+                let (mut lo, mut hi) = (0.0, b.demand.max(0.0));
+                for _ in 0..64 {
+                    let mid = 0.5 * (lo + hi);
+                    if fits(mid) {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                (r.prefill, r.decode) = counts(lo);
+            }
+            BudgetRule::PaperLoop => {
+                // Terminates: while over budget, s < 1 so floor(N_P·s) < N_P until N_P hits its
+                // minimum, and the minimums alone fit (checked above).
+                while gpus(r.prefill, r.decode) > budget64 {
+                    let s = budget64 as f64 / gpus(r.prefill, r.decode) as f64;
+                    r.prefill = ((f64::from(r.prefill) * s).floor() as u32).max(min.prefill);
+                    let room = budget.saturating_sub(r.prefill * g_p) / g_d;
+                    r.decode = room.max(min.decode).min(demand_d);
+                }
+            }
+            BudgetRule::DynamoSla => {
+                let s = budget64 as f64 / wanted as f64;
+                r.prefill = ((f64::from(r.prefill) * s).round() as u32).max(min.prefill);
+                let room = (f64::from(budget) - f64::from(r.prefill * g_p)) / f64::from(g_d);
+                r.decode = (room.max(0.0).round() as u32).max(min.decode);
+                // Rounding can overshoot by one instance; trim the role furthest above its minimum.
+                while gpus(r.prefill, r.decode) > budget64 {
+                    if r.prefill > min.prefill
+                        && (r.prefill - min.prefill) * g_p >= (r.decode - min.decode) * g_d
+                    {
+                        r.prefill -= 1;
+                    } else if r.decode > min.decode {
+                        r.decode -= 1;
+                    } else {
+                        r.prefill -= 1;
+                    }
+                }
+            }
+        }
+        reasons.push(Reason::Budget {
+            wanted_gpus: u32::try_from(wanted).unwrap_or(u32::MAX),
+            budget,
+        });
+    }
+    // Per-role maximums last: they only lower counts, so the budget still holds, and the
+    // budget split above sees the true demand of both roles.
     for role in [Role::Prefill, Role::Decode] {
         let (v, lo, hi) = match role {
             Role::Prefill => (&mut r.prefill, min.prefill, cfg.max_replicas.prefill),
@@ -432,58 +573,7 @@ pub fn constrain(
             *v = hi.max(lo);
             reasons.push(Reason::MaxReplicas { role, max: hi });
         }
-        if *v < lo {
-            *v = lo;
-            reasons.push(Reason::MinReplicas { role, min: lo });
-        }
     }
-    let min_gpus = min.prefill * g_p + min.decode * g_d;
-    if min_gpus > budget {
-        reasons.push(Reason::BudgetInfeasible {
-            minimum_gpus: min_gpus,
-            budget,
-        });
-        return min;
-    }
-    let wanted = r.prefill * g_p + r.decode * g_d;
-    if wanted <= budget {
-        return r;
-    }
-    let demand_d = r.decode;
-    match rule {
-        BudgetRule::Dopd => {
-            // Terminates: while over budget, s < 1 so floor(N_P·s) < N_P until N_P hits its
-            // minimum, and the minimums alone fit (checked above).
-            while r.prefill * g_p + r.decode * g_d > budget {
-                let s = f64::from(budget) / f64::from(r.prefill * g_p + r.decode * g_d);
-                r.prefill = ((f64::from(r.prefill) * s).floor() as u32).max(min.prefill);
-                let room = budget.saturating_sub(r.prefill * g_p) / g_d;
-                r.decode = room.max(min.decode).min(demand_d.max(min.decode));
-            }
-        }
-        BudgetRule::DynamoSla => {
-            let s = f64::from(budget) / f64::from(wanted);
-            r.prefill = ((f64::from(r.prefill) * s).round() as u32).max(min.prefill);
-            let room = (f64::from(budget) - f64::from(r.prefill * g_p)) / f64::from(g_d);
-            r.decode = (room.max(0.0).round() as u32).max(min.decode);
-            // Rounding can overshoot by one instance; trim the role furthest above its minimum.
-            while r.prefill * g_p + r.decode * g_d > budget {
-                if r.prefill > min.prefill
-                    && (r.prefill - min.prefill) * g_p >= (r.decode - min.decode) * g_d
-                {
-                    r.prefill -= 1;
-                } else if r.decode > min.decode {
-                    r.decode -= 1;
-                } else {
-                    r.prefill -= 1;
-                }
-            }
-        }
-    }
-    reasons.push(Reason::Budget {
-        wanted_gpus: wanted,
-        budget,
-    });
     r
 }
 
@@ -531,9 +621,25 @@ mod tests {
         );
         assert_eq!(s.gpus, 11);
 
-        // With g_P = 1, g_D = 2 and G_max = 8 the budget loop returns 5P + 1D (7 GPUs).
+        // With g_P = 1, g_D = 2 and G_max = 8 the balanced rule keeps the one decode instance that
+        // fits with its balanced prefill (ceil(3.46) = 4): 4P + 1D, 6 GPUs.
         let cfg = SizingConfig {
             gpu_budget: 8,
+            ..Default::default()
+        };
+        let s = size_dopd(&p, &SizingInput::new(300.0, 1000.0, 245.0), &cfg);
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 4,
+                decode: 1
+            }
+        );
+
+        // ... and the paper's budget loop returns 5P + 1D (7 GPUs).
+        let cfg = SizingConfig {
+            gpu_budget: 8,
+            budget_rule: BudgetRule::PaperLoop,
             ..Default::default()
         };
         let s = size_dopd(&p, &SizingInput::new(300.0, 1000.0, 245.0), &cfg);
@@ -548,6 +654,38 @@ mod tests {
             wanted_gpus: 11,
             budget: 8
         }));
+    }
+
+    #[test]
+    fn paper_loop_is_not_monotone() {
+        // Found by the monotonicity property: a bigger forecast floors prefill up by one and
+        // leaves decode an instance fewer under the paper's loop; the balanced rule does not.
+        let mut p = Profile::constant_latency(1.0654032421311956, 0.048397668321405914, 2700, 128);
+        p.gpus = PerRole {
+            prefill: 3,
+            decode: 3,
+        };
+        let cfg = SizingConfig {
+            gpu_budget: 59,
+            prefill_rule: PrefillRule::Proportional,
+            budget_rule: BudgetRule::PaperLoop,
+            ..Default::default()
+        };
+        let small = SizingInput::new(3743.471691739645, 3050.743069669135, 677.3275856594847);
+        let big = SizingInput {
+            requests: 3743.471691739645 + 4610.054179188846,
+            ..small
+        };
+        let a = size_dopd(&p, &small, &cfg).replicas;
+        let b = size_dopd(&p, &big, &cfg).replicas;
+        assert!(b.decode < a.decode, "{a:?} -> {b:?}");
+        let cfg = SizingConfig {
+            budget_rule: BudgetRule::Balanced,
+            ..cfg
+        };
+        let a = size_dopd(&p, &small, &cfg).replicas;
+        let b = size_dopd(&p, &big, &cfg).replicas;
+        assert!(b.decode >= a.decode, "{a:?} -> {b:?}");
     }
 
     #[test]

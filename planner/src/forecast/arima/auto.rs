@@ -14,7 +14,8 @@
 //! 4. A fit whose largest inverse root is above 0.99 is rejected (AIC = ∞). pmdarima checks the
 //!    AR roots and then, for models with an MA part, *replaces* that check by the MA roots; we keep
 //!    that quirk so that the same models are rejected.
-//! 5. With fewer than 10 points the start order is (1,1) instead of (2,2).
+//! 5. p and q are capped at a third of the sample; with fewer than 10 points the start order is
+//!    at most (1,1).
 //!
 //! Deliberate differences: pmdarima stops L-BFGS after 50 iterations; we run BFGS to convergence,
 //! so near-tied AICs can order differently. Fits that statsmodels cannot start also differ.
@@ -268,12 +269,13 @@ pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitEr
             candidates: vec![],
         });
     }
-    let (mut start_p, mut start_q) = (cfg.start_p, cfg.start_q);
+    // pmdarima caps the orders at a third of the sample and starts lower on short series.
+    let (max_p, max_q) = (cfg.max_p.min(y.len() / 3), cfg.max_q.min(y.len() / 3));
+    let (mut start_p, mut start_q) = (cfg.start_p.min(max_p), cfg.start_q.min(max_q));
     if y.len() < 10 {
         start_p = start_p.min(1);
         start_q = start_q.min(1);
     }
-    let (max_p, max_q) = (cfg.max_p, cfg.max_q);
     let mut s = Search {
         y,
         d,

@@ -31,6 +31,9 @@
 //! Data are standardised first (likelihoods are equivariant under affine maps), starting values
 //! come from a Hannan–Rissanen regression, and BFGS does the rest.
 
+// Numeric kernels index several arrays in lockstep; iterator chains would hide that.
+#![allow(clippy::needless_range_loop)]
+
 use serde::{Deserialize, Serialize};
 
 use super::optim;
@@ -594,7 +597,8 @@ pub(crate) fn diffuse_filter(
         let mut delta = 0.0f64;
         let mut size = 0.0f64;
         for i in 0..m {
-            let row: [f64; MAX_STATE] = std::array::from_fn(|k| if k < m { tmp[i * m + k] } else { 0.0 });
+            let row: [f64; MAX_STATE] =
+                std::array::from_fn(|k| if k < m { tmp[i * m + k] } else { 0.0 });
             for j in 0..m {
                 let v = t_row(j, &row) + sigma2 * rvec[i] * rvec[j];
                 delta = delta.max((v - prev[i * m + j]).abs());
@@ -614,9 +618,16 @@ pub(crate) fn diffuse_filter(
     let next: f64 = a[..zlen].iter().sum();
     let next_var: f64 = match steady {
         Some((f, _)) => f,
-        None => (0..zlen).map(|i| p[i * m..i * m + zlen].iter().sum::<f64>()).sum(),
+        None => (0..zlen)
+            .map(|i| p[i * m..i * m + zlen].iter().sum::<f64>())
+            .sum(),
     };
-    Some(DiffuseOutput { llf, n_eff: y.len().saturating_sub(d), next, next_var })
+    Some(DiffuseOutput {
+        llf,
+        n_eff: y.len().saturating_sub(d),
+        next,
+        next_var,
+    })
 }
 
 /// Log-likelihood of `y` under `order` at the given parameters (σ² as given), the way statsmodels'
@@ -624,8 +635,16 @@ pub(crate) fn diffuse_filter(
 pub fn loglike(y: &[f64], order: ArimaOrder, params: &ArmaParams) -> Option<f64> {
     if order.d > 0 {
         let c = if order.constant { params.constant } else { 0.0 };
-        return diffuse_filter(y, order.d, c, &params.ar, &params.ma, params.sigma2, APPROX_DIFFUSE_VARIANCE)
-            .map(|o| o.llf);
+        return diffuse_filter(
+            y,
+            order.d,
+            c,
+            &params.ar,
+            &params.ma,
+            params.sigma2,
+            APPROX_DIFFUSE_VARIANCE,
+        )
+        .map(|o| o.llf);
     }
     let w = difference(y, order.d);
     let mu = if order.constant { params.mean() } else { 0.0 };
@@ -649,7 +668,11 @@ impl Layout {
     }
 
     fn ln_sigma2(&self, x: &[f64]) -> f64 {
-        if self.order.d > 0 { x[x.len() - 1] } else { 0.0 }
+        if self.order.d > 0 {
+            x[x.len() - 1]
+        } else {
+            0.0
+        }
     }
 
     /// (μ, φ, θ) in the standardised scale.
@@ -676,7 +699,11 @@ fn objective(x: &[f64], layout: &Layout, data: &[f64], scratch: &mut Vec<f64>) -
 }
 
 /// Hannan–Rissanen starting values on standardised data: (μ, φ, θ).
-fn hannan_rissanen(x: &[f64], order: ArimaOrder, long_ar: Option<usize>) -> (f64, Vec<f64>, Vec<f64>) {
+fn hannan_rissanen(
+    x: &[f64],
+    order: ArimaOrder,
+    long_ar: Option<usize>,
+) -> (f64, Vec<f64>, Vec<f64>) {
     let n = x.len();
     let (p, q) = (order.p, order.q);
     let mean = if order.constant {
@@ -748,7 +775,11 @@ fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ari
     let n = w.len();
     let needed = order.n_params();
     if n <= needed {
-        return Err(FitError::TooShort { order, needed, got: n });
+        return Err(FitError::TooShort {
+            order,
+            needed,
+            got: n,
+        });
     }
     let mean = w.iter().sum::<f64>() / n as f64;
     let sd = (w.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
@@ -765,13 +796,20 @@ fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ari
         .into_iter()
         .map(|(mu, ar, ma)| {
             // σ² start: the one-step variance of the start model on the differenced data.
-            let z: Vec<f64> = ws.iter().map(|v| v - if order.constant { mu } else { 0.0 }).collect();
+            let z: Vec<f64> = ws
+                .iter()
+                .map(|v| v - if order.constant { mu } else { 0.0 })
+                .collect();
             let s2 = arma_filter(&z, &ar, &ma).map_or(1.0, |o| (o.ssr / n as f64).max(1e-8));
             let c = mu * (1.0 - ar.iter().sum::<f64>());
             unconstrained(order.constant.then_some(c), &ar, &ma, Some(s2.ln()))
         })
         .collect();
-    let best = multistart(|p| diffuse_objective(p, &layout, &ys, prior_var), &starts, precision);
+    let best = multistart(
+        |p| diffuse_objective(p, &layout, &ys, prior_var),
+        &starts,
+        precision,
+    );
     let best = best.ok_or(FitError::NoFiniteStart { order })?;
     let (c_s, ar, ma) = layout.constrain(&best.x);
     let sigma2_s = layout.ln_sigma2(&best.x).exp();
@@ -781,7 +819,12 @@ fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ari
     let constant = if order.constant { c_s * scale } else { 0.0 };
     Ok(ArimaFit {
         order,
-        params: ArmaParams { constant, ar, ma, sigma2: sigma2_s * scale * scale },
+        params: ArmaParams {
+            constant,
+            ar,
+            ma,
+            sigma2: sigma2_s * scale * scale,
+        },
         llf,
         aic: -2.0 * llf + 2.0 * order.n_params() as f64,
         nobs: out.n_eff,
@@ -814,9 +857,13 @@ fn start_points(x: &[f64], order: ArimaOrder) -> Vec<(f64, Vec<f64>, Vec<f64>)> 
 fn unconstrained(lead: Option<f64>, ar: &[f64], ma: &[f64], tail: Option<f64>) -> Vec<f64> {
     let mut x = Vec::with_capacity(ar.len() + ma.len() + 2);
     x.extend(lead);
-    x.extend(to_unconstrained(&ar_to_pacf(ar).unwrap_or_else(|| vec![0.0; ar.len()])));
+    x.extend(to_unconstrained(
+        &ar_to_pacf(ar).unwrap_or_else(|| vec![0.0; ar.len()]),
+    ));
     let neg_ma: Vec<f64> = ma.iter().map(|t| -t).collect();
-    x.extend(to_unconstrained(&ar_to_pacf(&neg_ma).unwrap_or_else(|| vec![0.0; ma.len()])));
+    x.extend(to_unconstrained(
+        &ar_to_pacf(&neg_ma).unwrap_or_else(|| vec![0.0; ma.len()]),
+    ));
     x.extend(tail);
     x
 }
@@ -842,9 +889,17 @@ fn multistart(
 ) -> Option<optim::Minimum> {
     let finish = match precision {
         Precision::Full => optim::Settings::default(),
-        Precision::Search => optim::Settings { gtol: 1e-4, ftol: 1e-9, ..optim::Settings::default() },
+        Precision::Search => optim::Settings {
+            gtol: 1e-4,
+            ftol: 1e-9,
+            ..optim::Settings::default()
+        },
     };
-    let scout = optim::Settings { max_iter: 12, central: false, ..finish };
+    let scout = optim::Settings {
+        max_iter: 12,
+        central: false,
+        ..finish
+    };
     if starts.len() == 1 {
         return Some(optim::minimize(&mut f, &starts[0], finish)).filter(|m| m.f.is_finite());
     }
@@ -911,7 +966,11 @@ pub fn fit_with(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ar
         .map(|(mu, ar, ma)| unconstrained(order.constant.then_some(mu), &ar, &ma, None))
         .collect();
     let mut scratch = Vec::with_capacity(n);
-    let best = multistart(|p| objective(p, &layout, &x, &mut scratch), &starts, precision);
+    let best = multistart(
+        |p| objective(p, &layout, &x, &mut scratch),
+        &starts,
+        precision,
+    );
     let best = best.ok_or(FitError::NoFiniteStart { order })?;
     let (mu_x, ar, ma) = layout.constrain(&best.x);
     let z: Vec<f64> = x.iter().map(|v| v - mu_x).collect();
