@@ -163,6 +163,22 @@ const MAX_STATE: usize = 16;
 /// Runs the Kalman filter for the zero-mean ARMA series `z`. Returns `None` when the model is not
 /// stationary (no stationary initial covariance) or the filter breaks down.
 pub(crate) fn arma_filter(z: &[f64], ar: &[f64], ma: &[f64]) -> Option<FilterOutput> {
+    arma_filter_with_prefix(z, ar, ma, 0.0)
+}
+
+/// [`arma_filter`] where the first value is observed with extra noise of variance `first_noise`
+/// (in units of σ²) and left out of the likelihood; `first_noise = 0` is the plain filter.
+///
+/// This is how ARIMA(p,1,q) under statsmodels' approximately diffuse start reduces to an ARMA
+/// filter on the differences: the first observation `y_1 = s_0 + w_1` measures `w_1` through the
+/// unknown initial level `s_0 ~ N(0, κ)`, after which the level is known exactly and
+/// `w_t = y_t − y_{t−1}` is observed without noise.
+pub(crate) fn arma_filter_with_prefix(
+    z: &[f64],
+    ar: &[f64],
+    ma: &[f64],
+    first_noise: f64,
+) -> Option<FilterOutput> {
     let r = ar.len().max(ma.len() + 1);
     if r > MAX_STATE {
         return None;
@@ -182,11 +198,14 @@ pub(crate) fn arma_filter(z: &[f64], ar: &[f64], ma: &[f64]) -> Option<FilterOut
     let mut converged = false;
     let mut gain = [0.0; MAX_STATE];
     let mut f_conv = 0.0;
-    for &zt in z {
+    let mut ln_f_conv = 0.0;
+    let mut included = 0usize;
+    for (step, &zt) in z.iter().enumerate() {
         if converged {
             let v = zt - a[0];
             ssr += v * v / f_conv;
-            sum_log_f += f_conv.ln();
+            sum_log_f += ln_f_conv;
+            included += 1;
             // a ← T·(a + g·v)
             let mut af = [0.0; MAX_STATE];
             for i in 0..r {
@@ -197,13 +216,17 @@ pub(crate) fn arma_filter(z: &[f64], ar: &[f64], ma: &[f64]) -> Option<FilterOut
             }
             continue;
         }
-        let f = p[0];
+        let prefix = step == 0 && first_noise > 0.0;
+        let f = p[0] + if prefix { first_noise } else { 0.0 };
         if !(f > 0.0) || !f.is_finite() {
             return None;
         }
         let v = zt - a[0];
-        ssr += v * v / f;
-        sum_log_f += f.ln();
+        if !prefix {
+            ssr += v * v / f;
+            sum_log_f += f.ln();
+            included += 1;
+        }
         // Filtered state and covariance.
         let mut af = [0.0; MAX_STATE];
         for i in 0..r {
@@ -234,9 +257,10 @@ pub(crate) fn arma_filter(z: &[f64], ar: &[f64], ma: &[f64]) -> Option<FilterOut
                 p[i * r + j] = v;
             }
         }
-        if delta < 1e-9 {
+        if delta < 1e-9 && step > 0 {
             converged = true;
             f_conv = p[0];
+            ln_f_conv = f_conv.ln();
             for i in 0..r {
                 gain[i] = p[i * r] / f_conv;
             }
@@ -246,7 +270,7 @@ pub(crate) fn arma_filter(z: &[f64], ar: &[f64], ma: &[f64]) -> Option<FilterOut
     Some(FilterOutput {
         ssr,
         sum_log_f,
-        n: z.len(),
+        n: included,
         next: a[0],
         next_f,
     })
@@ -472,6 +496,42 @@ pub(crate) fn diffuse_filter(
     if !(sigma2 > 0.0) || !sigma2.is_finite() {
         return None;
     }
+    if d == 1 && !y.is_empty() {
+        // Same likelihood through the reduced filter (see `arma_filter_with_prefix`).
+        let mu = c / (1.0 - ar.iter().sum::<f64>());
+        if !mu.is_finite() {
+            return None;
+        }
+        let z: Vec<f64> = std::iter::once(y[0] - mu)
+            .chain(y.windows(2).map(|w| w[1] - w[0] - mu))
+            .collect();
+        let out = arma_filter_with_prefix(&z, ar, ma, prior_var / sigma2)?;
+        let n = out.n as f64;
+        let llf = -0.5
+            * (n * (2.0 * std::f64::consts::PI).ln()
+                + n * sigma2.ln()
+                + out.sum_log_f
+                + out.ssr / sigma2);
+        return Some(DiffuseOutput {
+            llf,
+            n_eff: out.n,
+            next: y[y.len() - 1] + mu + out.next,
+            next_var: sigma2 * out.next_f,
+        });
+    }
+    diffuse_filter_dense(y, d, c, ar, ma, sigma2, prior_var)
+}
+
+/// The full `(d + r)`-state filter behind [`diffuse_filter`].
+fn diffuse_filter_dense(
+    y: &[f64],
+    d: usize,
+    c: f64,
+    ar: &[f64],
+    ma: &[f64],
+    sigma2: f64,
+    prior_var: f64,
+) -> Option<DiffuseOutput> {
     let r = ar.len().max(ma.len() + 1);
     let m = d + r;
     if m > MAX_STATE {
@@ -892,6 +952,7 @@ fn multistart(
         Precision::Search => optim::Settings {
             gtol: 1e-4,
             ftol: 1e-9,
+            max_iter: 50,
             ..optim::Settings::default()
         },
     };
@@ -1019,6 +1080,34 @@ fn undifference_next(y: &[f64], d: usize, w_next: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reduced_d1_filter_equals_the_full_state_filter() {
+        let y: Vec<f64> = (0..40)
+            .map(|t| 50.0 + (f64::from(t) * 0.7).sin() * 9.0 + f64::from(t % 5))
+            .collect();
+        for (c, ar, ma) in [
+            (0.0, vec![0.5], vec![0.3]),
+            (1.5, vec![], vec![-0.6]),
+            (0.2, vec![0.4, -0.2], vec![]),
+        ] {
+            let fast = diffuse_filter(&y, 1, c, &ar, &ma, 3.0, 1e6).expect("valid");
+            let full = diffuse_filter_dense(&y, 1, c, &ar, &ma, 3.0, 1e6).expect("valid");
+            assert!(
+                (fast.llf - full.llf).abs() < 1e-8,
+                "{ar:?} {ma:?}: {} vs {}",
+                fast.llf,
+                full.llf
+            );
+            assert!(
+                (fast.next - full.next).abs() < 1e-8,
+                "{} vs {}",
+                fast.next,
+                full.next
+            );
+            assert!((fast.next_var - full.next_var).abs() < 1e-8);
+        }
+    }
 
     #[test]
     fn pacf_round_trip() {
