@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use dopd_planner::sizing::{
-    DecodeLoad, PrefillRule, SizingConfig, SizingInput, SlaTargets, size_dopd, size_dyn_sla,
+    BudgetRule, DecodeLoad, PrefillRule, SizingConfig, SizingInput, SlaTargets, size_dopd,
+    size_dyn_sla,
 };
 
 #[derive(Debug, clap::Args)]
@@ -35,6 +36,9 @@ pub struct Args {
     /// Prefill rule: general (ceil(r*·N_D)), per-decode-instance (authors' code), proportional.
     #[arg(long, default_value = "general")]
     prefill_rule: String,
+    /// Budget rule: balanced (monotone in load) or paper-loop (the authors' loop).
+    #[arg(long, default_value = "balanced")]
+    budget_rule: String,
     /// Read --requests as a concurrency via Little's law instead of requests per interval.
     #[arg(long)]
     littles_law: bool,
@@ -69,8 +73,14 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             "unknown --prefill-rule {other:?}: expected general, per-decode-instance or proportional"
         ),
     };
+    let budget_rule = match a.budget_rule.as_str() {
+        "balanced" => BudgetRule::Balanced,
+        "paper-loop" => BudgetRule::PaperLoop,
+        other => anyhow::bail!("unknown --budget-rule {other:?}: expected balanced or paper-loop"),
+    };
     let cfg = SizingConfig {
         gpu_budget: a.budget,
+        budget_rule,
         prefill_rule,
         decode_load: if a.littles_law {
             DecodeLoad::LittlesLaw
