@@ -22,9 +22,9 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 pub use arima::{
-    ArimaConfig, ArimaFit, ArimaForecaster, ArimaOrder, ArmaParams, AutoArimaResult, Candidate,
-    FitError, KpssResult, auto_arima, difference, fit_arima, is_invertible, is_stationary, kpss,
-    loglike, min_root_modulus, ndiffs,
+    ArimaConfig, ArimaFit, ArimaForecaster, ArimaOrder, ArimaWarmState, ArmaParams,
+    AutoArimaResult, Candidate, FitError, KpssResult, auto_arima, auto_arima_warm, difference,
+    fit_arima, is_invertible, is_stationary, kpss, loglike, min_root_modulus, ndiffs,
 };
 pub use kalman::LocalLinearTrend;
 

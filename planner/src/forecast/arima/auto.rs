@@ -20,9 +20,11 @@
 //! Deliberate differences: pmdarima stops L-BFGS after 50 iterations; we run BFGS to convergence,
 //! so near-tied AICs can order differently. Fits that statsmodels cannot start also differ.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 
-use super::model::{self, ArimaFit, ArimaOrder, ArmaParams, FitError};
+use super::model::{self, ArimaFit, ArimaOrder, ArmaParams, FitError, WarmPoint};
 
 /// Settings of the automatic search (pmdarima's defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -43,6 +45,10 @@ pub struct ArimaConfig {
     pub max_models: usize,
     /// Skip the search and always fit this order.
     pub order: Option<ArimaOrder>,
+    /// With warm starts (the forecaster's default), every this many searches is run cold —
+    /// every candidate from its multi-start — so the choice cannot drift from what a fresh
+    /// search would pick. 1 makes every search cold.
+    pub cold_search_every: u64,
 }
 
 impl Default for ArimaConfig {
@@ -58,6 +64,7 @@ impl Default for ArimaConfig {
             max_inverse_root: 0.99,
             max_models: 100,
             order: None,
+            cold_search_every: 10,
         }
     }
 }
@@ -211,6 +218,10 @@ struct Search<'a> {
     cfg: &'a ArimaConfig,
     fits: Vec<(ArimaOrder, Option<ArimaFit>)>,
     best: Option<usize>,
+    /// Optima of the previous search, used as starting points (warm mode).
+    warm: Option<&'a HashMap<ArimaOrder, WarmPoint>>,
+    /// Optima of this search, for the next one.
+    optima: HashMap<ArimaOrder, WarmPoint>,
 }
 
 impl Search<'_> {
@@ -224,9 +235,15 @@ impl Search<'_> {
         if self.fits.iter().any(|(o, _)| *o == order) {
             return false;
         }
-        let fit = model::fit_with(self.y, order, model::Precision::Search)
-            .ok()
-            .filter(|f| f.aic.is_finite() && max_inverse_root(f) <= self.cfg.max_inverse_root);
+        let start = self.warm.and_then(|w| w.get(&order));
+        let fit = match model::fit_warm(self.y, order, model::Precision::Search, start) {
+            Ok((f, x)) => {
+                self.optima.insert(order, x);
+                Some(f)
+            }
+            Err(_) => None,
+        }
+        .filter(|f| f.aic.is_finite() && max_inverse_root(f) <= self.cfg.max_inverse_root);
         self.fits.push((order, fit));
         let i = self.fits.len() - 1;
         if self.fits[i].1.is_none() {
@@ -246,28 +263,76 @@ impl Search<'_> {
     }
 }
 
-/// Chooses and fits an ARIMA model for `y` (see the module docs).
+/// Optimiser state carried between the searches of a sliding window: each candidate order's last
+/// optimum. Consecutive windows share all but one point, so starting there converges in a few
+/// iterations instead of a multi-start search.
+#[derive(Clone, Debug, Default)]
+pub struct ArimaWarmState {
+    optima: HashMap<ArimaOrder, WarmPoint>,
+    searches: u64,
+}
+
+impl ArimaWarmState {
+    /// Searches run so far.
+    pub fn searches(&self) -> u64 {
+        self.searches
+    }
+}
+
+/// Chooses and fits an ARIMA model for `y` (see the module docs), every candidate from a cold
+/// multi-start. This is the reference the golden tests compare with pmdarima.
 pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitError> {
+    search(y, cfg, None).map(|(r, _)| r)
+}
+
+/// [`auto_arima`] warm-started from `state` (and updating it); every
+/// `cfg.cold_search_every`-th search is cold.
+pub fn auto_arima_warm(
+    y: &[f64],
+    cfg: &ArimaConfig,
+    state: &mut ArimaWarmState,
+) -> Result<AutoArimaResult, FitError> {
+    let cold = cfg.cold_search_every <= 1 || state.searches.is_multiple_of(cfg.cold_search_every);
+    state.searches += 1;
+    let result = if cold {
+        search(y, cfg, None)
+    } else {
+        search(y, cfg, Some(&state.optima))
+    };
+    let (r, optima) = result?;
+    // Keep every order seen: the stepwise path wanders, and an order fitted a few windows ago is
+    // still a far better start than a cold multi-start.
+    state.optima.extend(optima);
+    Ok(r)
+}
+
+fn search(
+    y: &[f64],
+    cfg: &ArimaConfig,
+    warm: Option<&HashMap<ArimaOrder, WarmPoint>>,
+) -> Result<(AutoArimaResult, HashMap<ArimaOrder, WarmPoint>), FitError> {
     if y.is_empty() || is_constant(y) {
         // pmdarima fits a (0,0,0) model without intercept here, which forecasts 0; a constant
         // series is far better served by its value.
         let best = exact_fit(y, 0, true);
-        return Ok(AutoArimaResult {
+        let r = AutoArimaResult {
             best,
             ndiffs: 0,
             candidates: vec![],
-        });
+        };
+        return Ok((r, HashMap::new()));
     }
     let d = ndiffs(y, cfg.kpss_alpha, cfg.max_d);
     let w = model::difference(y, d);
     let constant = d <= 1;
     if is_constant(&w) {
         let best = exact_fit(y, d, constant);
-        return Ok(AutoArimaResult {
+        let r = AutoArimaResult {
             best,
             ndiffs: d,
             candidates: vec![],
-        });
+        };
+        return Ok((r, HashMap::new()));
     }
     // pmdarima caps the orders at a third of the sample and starts lower on short series.
     let (max_p, max_q) = (cfg.max_p.min(y.len() / 3), cfg.max_q.min(y.len() / 3));
@@ -282,6 +347,8 @@ pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitEr
         cfg,
         fits: Vec::new(),
         best: None,
+        warm,
+        optima: HashMap::new(),
     };
     let (mut p, mut q) = (start_p.min(max_p), start_q.min(max_q));
     let mut with_c = constant;
@@ -343,16 +410,38 @@ pub fn auto_arima(y: &[f64], cfg: &ArimaConfig) -> Result<AutoArimaResult, FitEr
         .collect();
     match s.best {
         Some(b) => {
-            let best = s
+            let order = s.fits[b].0;
+            let rough = s
                 .fits
                 .swap_remove(b)
                 .1
                 .expect("best index points at a successful fit");
-            Ok(AutoArimaResult {
-                best,
-                ndiffs: d,
-                candidates,
-            })
+            // Polish the winner: cold, from a multi-start; warm, from its search optimum.
+            let polished = match warm {
+                None => model::fit(y, order).ok(),
+                Some(_) => {
+                    let start = s.optima.get(&order).cloned();
+                    model::fit_warm(y, order, model::Precision::Full, start.as_ref())
+                        .ok()
+                        .map(|(f, x)| {
+                            s.optima.insert(order, x);
+                            f
+                        })
+                }
+            };
+            // Keep the search fit if polishing somehow does worse.
+            let best = match polished {
+                Some(f) if f.llf >= rough.llf => f,
+                _ => rough,
+            };
+            Ok((
+                AutoArimaResult {
+                    best,
+                    ndiffs: d,
+                    candidates,
+                },
+                s.optima,
+            ))
         }
         None => Err(FitError::NoFiniteStart {
             order: ArimaOrder::new(start_p, d, start_q, constant),
@@ -399,6 +488,41 @@ mod tests {
         let r = auto_arima(&line, &ArimaConfig::default()).expect("fits");
         assert_eq!(r.ndiffs, 1);
         assert!((r.best.forecast - 65.0).abs() < 1e-9, "{:?}", r.best);
+    }
+
+    #[test]
+    fn warm_searches_track_cold_ones_on_a_clean_ar1() {
+        let mut state = 99u64;
+        let mut y = vec![50.0];
+        for _ in 0..120 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let e = ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 10.0;
+            let prev = *y.last().expect("non-empty");
+            y.push(20.0 + 0.6 * prev + e);
+        }
+        let cfg = ArimaConfig {
+            cold_search_every: 1000,
+            ..ArimaConfig::default()
+        };
+        let mut warm = ArimaWarmState::default();
+        let (mut same, mut total) = (0, 0);
+        for end in 50..y.len() {
+            let w = &y[end - 50..end];
+            let a = auto_arima(w, &cfg).expect("cold");
+            let b = auto_arima_warm(w, &cfg, &mut warm).expect("warm");
+            total += 1;
+            if a.best.order == b.best.order {
+                same += 1;
+                assert!(
+                    (a.best.forecast - b.best.forecast).abs() < 1e-3 * a.best.forecast.abs(),
+                    "{end}"
+                );
+            }
+        }
+        assert_eq!(warm.searches(), total);
+        assert!(same * 10 >= total * 9, "{same}/{total}");
     }
 
     #[test]

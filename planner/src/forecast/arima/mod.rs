@@ -5,7 +5,10 @@ mod auto;
 mod model;
 mod optim;
 
-pub use auto::{ArimaConfig, AutoArimaResult, Candidate, KpssResult, auto_arima, kpss, ndiffs};
+pub use auto::{
+    ArimaConfig, ArimaWarmState, AutoArimaResult, Candidate, KpssResult, auto_arima,
+    auto_arima_warm, kpss, ndiffs,
+};
 pub use model::{
     ArimaFit, ArimaOrder, ArmaParams, FitError, difference, fit as fit_arima, is_invertible,
     is_stationary, loglike, min_root_modulus,
@@ -23,6 +26,7 @@ pub struct ArimaForecaster {
     cfg: ArimaConfig,
     last_fit: Option<ArimaFit>,
     fallbacks: u64,
+    warm: ArimaWarmState,
 }
 
 impl ArimaForecaster {
@@ -32,6 +36,7 @@ impl ArimaForecaster {
             cfg,
             last_fit: None,
             fallbacks: 0,
+            warm: ArimaWarmState::default(),
         }
     }
 
@@ -64,7 +69,7 @@ impl Forecaster for ArimaForecaster {
         let y = self.hist.to_vec();
         let fit = match self.cfg.order {
             Some(order) => fit_arima(&y, order),
-            None => auto_arima(&y, &self.cfg).map(|r| r.best),
+            None => auto_arima_warm(&y, &self.cfg, &mut self.warm).map(|r| r.best),
         };
         match fit {
             Ok(fit) if fit.forecast.is_finite() => {

@@ -830,7 +830,12 @@ fn diffuse_objective(x: &[f64], layout: &Layout, y: &[f64], prior_var: f64) -> f
 }
 
 /// Maximum likelihood for `d > 0` on the undifferenced series (see the module docs).
-fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<ArimaFit, FitError> {
+fn fit_diffuse(
+    y: &[f64],
+    order: ArimaOrder,
+    precision: Precision,
+    warm: Option<&WarmPoint>,
+) -> Result<(ArimaFit, WarmPoint), FitError> {
     let w = difference(y, order.d);
     let n = w.len();
     let needed = order.n_params();
@@ -869,6 +874,7 @@ fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ari
         |p| diffuse_objective(p, &layout, &ys, prior_var),
         &starts,
         precision,
+        warm,
     );
     let best = best.ok_or(FitError::NoFiniteStart { order })?;
     let (c_s, ar, ma) = layout.constrain(&best.x);
@@ -877,7 +883,7 @@ fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ari
         .ok_or(FitError::NoFiniteStart { order })?;
     let llf = out.llf - out.n_eff as f64 * scale.ln();
     let constant = if order.constant { c_s * scale } else { 0.0 };
-    Ok(ArimaFit {
+    let fit = ArimaFit {
         order,
         params: ArmaParams {
             constant,
@@ -891,7 +897,14 @@ fn fit_diffuse(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ari
         forecast: out.next * scale,
         forecast_var: out.next_var * scale * scale,
         converged: best.converged,
-    })
+    };
+    Ok((
+        fit,
+        WarmPoint {
+            x: best.x,
+            h: best.h,
+        },
+    ))
 }
 
 /// Starting points `(mean, φ, θ)` on (standardised) data: Hannan–Rissanen with two long-AR
@@ -928,6 +941,14 @@ fn unconstrained(lead: Option<f64>, ar: &[f64], ma: &[f64], tail: Option<f64>) -
     x
 }
 
+/// Where a fit ended, in the optimiser's coordinates, with its inverse-Hessian approximation: the
+/// starting point for the same order on the next, overlapping window.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct WarmPoint {
+    pub x: Vec<f64>,
+    pub h: Vec<f64>,
+}
+
 /// How hard to optimise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precision {
@@ -946,6 +967,7 @@ fn multistart(
     mut f: impl FnMut(&[f64]) -> f64,
     starts: &[Vec<f64>],
     precision: Precision,
+    warm: Option<&WarmPoint>,
 ) -> Option<optim::Minimum> {
     let finish = match precision {
         Precision::Full => optim::Settings::default(),
@@ -956,6 +978,13 @@ fn multistart(
             ..optim::Settings::default()
         },
     };
+    // A warm start (the optimum of the previous, overlapping window) needs no scouting.
+    if let Some(w) = warm.filter(|w| w.x.len() == starts.first().map_or(0, Vec::len)) {
+        let m = optim::minimize_from(&mut f, &w.x, Some(&w.h), finish);
+        if m.f.is_finite() {
+            return Some(m);
+        }
+    }
     let scout = optim::Settings {
         max_iter: 12,
         central: false,
@@ -999,8 +1028,19 @@ pub fn fit(y: &[f64], order: ArimaOrder) -> Result<ArimaFit, FitError> {
 
 /// [`fit`] at a chosen optimiser precision.
 pub fn fit_with(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<ArimaFit, FitError> {
+    fit_warm(y, order, precision, None).map(|(f, _)| f)
+}
+
+/// [`fit_with`] optionally started from a previous optimum (`warm`, in the optimiser's own
+/// coordinates); also returns the optimum in those coordinates for the next call.
+pub(crate) fn fit_warm(
+    y: &[f64],
+    order: ArimaOrder,
+    precision: Precision,
+    warm: Option<&WarmPoint>,
+) -> Result<(ArimaFit, WarmPoint), FitError> {
     if order.d > 0 {
-        return fit_diffuse(y, order, precision);
+        return fit_diffuse(y, order, precision, warm);
     }
     let w = difference(y, order.d);
     let n = w.len();
@@ -1031,6 +1071,7 @@ pub fn fit_with(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ar
         |p| objective(p, &layout, &x, &mut scratch),
         &starts,
         precision,
+        warm,
     );
     let best = best.ok_or(FitError::NoFiniteStart { order })?;
     let (mu_x, ar, ma) = layout.constrain(&best.x);
@@ -1046,7 +1087,7 @@ pub fn fit_with(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ar
     };
     let w_next = mu + scale * out.next;
     let forecast = undifference_next(y, order.d, w_next);
-    Ok(ArimaFit {
+    let fit = ArimaFit {
         order,
         params: ArmaParams {
             constant,
@@ -1060,7 +1101,14 @@ pub fn fit_with(y: &[f64], order: ArimaOrder, precision: Precision) -> Result<Ar
         forecast,
         forecast_var: sigma2 * out.next_f,
         converged: best.converged,
-    })
+    };
+    Ok((
+        fit,
+        WarmPoint {
+            x: best.x,
+            h: best.h,
+        },
+    ))
 }
 
 /// Turns a forecast of `Δ^d y_{n+1}` into a forecast of `y_{n+1}`.

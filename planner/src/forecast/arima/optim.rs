@@ -40,6 +40,8 @@ pub(crate) struct Minimum {
     #[allow(dead_code)]
     pub evaluations: usize,
     pub converged: bool,
+    /// Inverse-Hessian approximation at `x` (row-major `k x k`), for warm restarts.
+    pub h: Vec<f64>,
 }
 
 fn gradient(
@@ -95,7 +97,18 @@ fn gradient(
 }
 
 /// Minimises `f` from `x0`. `f` must be finite at `x0`, otherwise the start is returned as is.
-pub(crate) fn minimize(mut f: impl FnMut(&[f64]) -> f64, x0: &[f64], s: Settings) -> Minimum {
+pub(crate) fn minimize(f: impl FnMut(&[f64]) -> f64, x0: &[f64], s: Settings) -> Minimum {
+    minimize_from(f, x0, None, s)
+}
+
+/// [`minimize`] with an initial inverse-Hessian approximation (e.g. from the optimum of a
+/// neighbouring problem), which lets a warm start converge in a few iterations.
+pub(crate) fn minimize_from(
+    mut f: impl FnMut(&[f64]) -> f64,
+    x0: &[f64],
+    h0: Option<&[f64]>,
+    s: Settings,
+) -> Minimum {
     let k = x0.len();
     let mut x = x0.to_vec();
     let mut fx = f(&x);
@@ -107,11 +120,13 @@ pub(crate) fn minimize(mut f: impl FnMut(&[f64]) -> f64, x0: &[f64], s: Settings
             iterations: 0,
             evaluations: evals,
             converged: k == 0,
+            h: identity(k),
         };
     }
     let mut g = gradient(&mut f, &x, fx, s.central, &mut evals);
-    let mut h = identity(k);
-    let mut first = true;
+    let warm_h = h0.filter(|h| h.len() == k * k && h.iter().all(|v| v.is_finite()));
+    let mut h = warm_h.map_or_else(|| identity(k), <[f64]>::to_vec);
+    let mut first = warm_h.is_none();
     let mut stalls = 0;
     let mut converged = false;
     let mut iter = 0;
@@ -180,6 +195,7 @@ pub(crate) fn minimize(mut f: impl FnMut(&[f64]) -> f64, x0: &[f64], s: Settings
         iterations: iter,
         evaluations: evals,
         converged,
+        h,
     }
 }
 
