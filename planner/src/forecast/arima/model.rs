@@ -819,6 +819,20 @@ fn hannan_rissanen(
     (mean, ar, ma)
 }
 
+/// `Δ^d y`, or an error when it is too short to estimate `order`.
+fn differenced_for(y: &[f64], order: ArimaOrder) -> Result<Vec<f64>, FitError> {
+    let w = difference(y, order.d);
+    let needed = order.n_params();
+    if w.len() <= needed {
+        return Err(FitError::TooShort {
+            order,
+            needed,
+            got: w.len(),
+        });
+    }
+    Ok(w)
+}
+
 /// Negative log-likelihood per observation of the scaled undifferenced series (`d > 0`).
 fn diffuse_objective(x: &[f64], layout: &Layout, y: &[f64], prior_var: f64) -> f64 {
     let (c, ar, ma) = layout.constrain(x);
@@ -836,16 +850,8 @@ fn fit_diffuse(
     precision: Precision,
     warm: Option<&WarmPoint>,
 ) -> Result<(ArimaFit, WarmPoint), FitError> {
-    let w = difference(y, order.d);
+    let w = differenced_for(y, order)?;
     let n = w.len();
-    let needed = order.n_params();
-    if n <= needed {
-        return Err(FitError::TooShort {
-            order,
-            needed,
-            got: n,
-        });
-    }
     let mean = w.iter().sum::<f64>() / n as f64;
     let sd = (w.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
     if !(sd > 1e-12 * mean.abs().max(1.0)) {
@@ -1042,16 +1048,8 @@ pub(crate) fn fit_warm(
     if order.d > 0 {
         return fit_diffuse(y, order, precision, warm);
     }
-    let w = difference(y, order.d);
+    let w = differenced_for(y, order)?;
     let n = w.len();
-    let needed = order.n_params();
-    if n <= needed {
-        return Err(FitError::TooShort {
-            order,
-            needed,
-            got: n,
-        });
-    }
     // Standardise: centre only when the model has a constant to absorb the shift.
     let mean = w.iter().sum::<f64>() / n as f64;
     let center = if order.constant { mean } else { 0.0 };
