@@ -4,6 +4,7 @@
 //! arrive with their crates.
 
 mod cmd;
+mod plot;
 mod progress;
 
 use clap::{Parser, Subcommand};

@@ -188,6 +188,31 @@ fn forecast_backtests_every_predictor_on_all_three_series() {
 }
 
 #[test]
+fn forecast_writes_a_plot_on_request() {
+    let trace = TempFile::new("trace.csv", &small_trace());
+    let svg = trace.0.with_file_name("forecast.svg");
+    let out = dopd(&[
+        "forecast",
+        "--trace",
+        trace.path(),
+        "--predictor",
+        "last",
+        "--plot",
+        svg.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&svg).expect("plot written");
+    assert!(
+        text.starts_with("<svg") && text.contains(">last<") && text.contains("mean input length")
+    );
+    assert_eq!(
+        text.matches("<path").count(),
+        6,
+        "3 panels x (actual + last)"
+    );
+}
+
+#[test]
 fn forecast_names_the_bad_line_of_a_trace() {
     let trace = TempFile::new(
         "bad.csv",

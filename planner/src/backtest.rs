@@ -20,6 +20,10 @@ pub struct BacktestScore {
     pub mae: f64,
     /// Fraction of actuals inside the 95% prediction interval.
     pub coverage: f64,
+    /// The forecast made for each index (`None` before the warm-up or where the actual was not
+    /// finite), for plots.
+    #[serde(skip)]
+    pub predictions: Vec<Option<f64>>,
 }
 
 /// Walks `values` forward: at each index `t >= warmup` with a finite actual, predicts from
@@ -35,9 +39,11 @@ pub fn backtest(
     let mut f = predictor.build(cfg);
     let (mut n, mut n_pct, mut zeros, mut covered) = (0usize, 0usize, 0usize, 0usize);
     let (mut ape, mut se, mut ae) = (0.0, 0.0, 0.0);
+    let mut predictions = vec![None; values.len()];
     for (t, &actual) in values.iter().enumerate() {
         if t >= warmup.max(1) && actual.is_finite() && !f.is_empty() {
             let p = f.predict();
+            predictions[t] = Some(p.point);
             let err = actual - p.point;
             n += 1;
             se += err * err;
@@ -64,6 +70,7 @@ pub fn backtest(
         rmse: div(se, n).sqrt(),
         mae: div(ae, n),
         coverage: div(covered as f64, n),
+        predictions,
     }
 }
 

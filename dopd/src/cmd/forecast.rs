@@ -30,6 +30,9 @@ pub struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write an SVG plot of actual vs forecast values per series.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -76,6 +79,51 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let score = backtest(&values, p, &cfg, a.warmup, |d, t| bar.update(d, t));
             results.push(SeriesScore { series, score });
         }
+    }
+    if let Some(path) = &a.plot {
+        let panels: Vec<crate::plot::Panel> = Series::ALL
+            .iter()
+            .map(|&series| {
+                let actual = series
+                    .extract(&intervals)
+                    .into_iter()
+                    .map(|v| v.is_finite().then_some(v))
+                    .collect();
+                let mut lines = vec![crate::plot::Line {
+                    name: "actual".into(),
+                    points: actual,
+                }];
+                lines.extend(results.iter().filter(|r| r.series == series).map(|r| {
+                    crate::plot::Line {
+                        name: r.score.predictor.as_str().into(),
+                        points: r.score.predictions.clone(),
+                    }
+                }));
+                let (title, unit) = match series {
+                    Series::Count => ("requests per interval", "requests"),
+                    Series::Isl => ("mean input length (ISL)", "tokens"),
+                    Series::Osl => ("mean output length (OSL)", "tokens"),
+                };
+                crate::plot::Panel {
+                    title: title.into(),
+                    y_label: unit.into(),
+                    lines,
+                }
+            })
+            .collect();
+        let name = a.trace.file_name().map_or_else(
+            || a.trace.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let svg = crate::plot::render(
+            &format!("{name}: one-step forecasts, {interval_s} s intervals"),
+            "seconds since the first request",
+            interval_s,
+            &panels,
+        );
+        std::fs::write(path, svg)
+            .with_context(|| format!("cannot write plot {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
     }
     let report = Report {
         trace: a.trace.display().to_string(),
