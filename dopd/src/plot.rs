@@ -1,6 +1,9 @@
 //! Minimal SVG line charts (no dependencies): stacked panels sharing an x axis, each with several
 //! named lines, axes with round tick values, and a legend.
 
+// Each SVG element is written as one line ending in a newline.
+#![allow(clippy::write_with_newline)]
+
 use std::fmt::Write;
 
 /// One line: a name and its points (`None` breaks the line).
