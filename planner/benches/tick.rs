@@ -19,6 +19,7 @@ fn intervals() -> Vec<IntervalStats> {
     Trace::parse(&text)
         .expect("valid trace")
         .intervals(10_000_000_000)
+        .expect("10 s intervals")
 }
 
 fn observation(s: &IntervalStats, ready: PerRole<u32>) -> Observation {
@@ -57,7 +58,7 @@ fn bench(c: &mut Criterion) {
             },
             ..Default::default()
         };
-        let mut planner = Planner::new(profile.clone(), cfg);
+        let mut planner = Planner::new(profile.clone(), cfg).expect("valid config");
         let mut ready = PerRole {
             prefill: 1,
             decode: 1,

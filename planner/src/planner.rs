@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::forecast::{Forecast, ForecastConfig, Forecaster, ForecasterKind};
 use crate::profile::{PerRole, Profile, Role};
 use crate::sizing::{
-    self, Reason, Replicas, Signal, Sizing, SizingConfig, SizingInput, SlaTargets,
+    self, BudgetRule, Reason, Replicas, Signal, Sizing, SizingConfig, SizingInput, SlaTargets,
 };
 
 /// Replica counts of one role as the actuator sees them.
@@ -108,7 +108,7 @@ pub struct LoadThresholds {
     pub kv_scale_down: f64,
     pub queue_scale_up: f64,
     pub queue_scale_down: f64,
-    /// Intervals without decode changes after a decode scale-up.
+    /// Planning ticks (held ticks do not count) without decode changes after a decode scale-up.
     pub decode_grace_intervals: u32,
     /// Intervals of queue history for the "queue is draining" check.
     pub queue_trend_intervals: usize,
@@ -170,6 +170,10 @@ pub struct PlannerConfig {
     pub max_reconfig_wait_s: f64,
     /// Correction factors are clamped to `[1/k, k]`.
     pub kappa_limit: f64,
+    /// Mean ISL assumed until the first request has been seen.
+    pub default_isl: f64,
+    /// Mean OSL assumed until the first request has been seen.
+    pub default_osl: f64,
 }
 
 impl Default for PlannerConfig {
@@ -190,7 +194,105 @@ impl Default for PlannerConfig {
             scale_down_stabilization_s: 30.0,
             max_reconfig_wait_s: 300.0,
             kappa_limit: 10.0,
+            default_isl: 1024.0,
+            default_osl: 256.0,
         }
+    }
+}
+
+/// A configuration value the planner cannot work with.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("planner config `{field}` = {value}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error(transparent)]
+    Profile(#[from] crate::profile::ProfileError),
+}
+
+impl PlannerConfig {
+    /// Checks every number the tick relies on; errors name the field and value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field, value: String, reason| {
+            Err(ConfigError::Invalid {
+                field,
+                value,
+                reason,
+            })
+        };
+        for (field, v) in [
+            ("idle_after_s", self.idle_after_s),
+            (
+                "scale_down_stabilization_s",
+                self.scale_down_stabilization_s,
+            ),
+            ("max_reconfig_wait_s", self.max_reconfig_wait_s),
+            (
+                "emergency.prefill_queue_per_instance",
+                self.emergency.prefill_queue_per_instance,
+            ),
+            ("emergency.kv_usage", self.emergency.kv_usage),
+            ("load.kv_scale_up", self.load.kv_scale_up),
+            ("load.kv_scale_down", self.load.kv_scale_down),
+            ("load.queue_scale_up", self.load.queue_scale_up),
+            ("load.queue_scale_down", self.load.queue_scale_down),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, v.to_string(), "must be finite and >= 0");
+            }
+        }
+        for (field, v) in [
+            ("default_isl", self.default_isl),
+            ("default_osl", self.default_osl),
+            ("sla.itl_s", self.sla.itl_s),
+            ("sla.ttft_s", self.sla.ttft_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(field, v.to_string(), "must be finite and > 0");
+            }
+        }
+        if !(self.kappa_limit.is_finite() && self.kappa_limit >= 1.0) {
+            return bad(
+                "kappa_limit",
+                self.kappa_limit.to_string(),
+                "must be finite and >= 1",
+            );
+        }
+        if self.forecast.window == 0 {
+            return bad("forecast.window", "0".into(), "must be >= 1");
+        }
+        let s = &self.sizing;
+        for (field, min, max) in [
+            (
+                "sizing.min_replicas.prefill",
+                s.min_replicas.prefill,
+                s.max_replicas.prefill,
+            ),
+            (
+                "sizing.min_replicas.decode",
+                s.min_replicas.decode,
+                s.max_replicas.decode,
+            ),
+        ] {
+            if min == 0 {
+                return bad(
+                    field,
+                    "0".into(),
+                    "must be >= 1 (a role with no instance serves nothing)",
+                );
+            }
+            if max.is_some_and(|m| m < min) {
+                return bad(
+                    field,
+                    min.to_string(),
+                    "must not exceed the role's max_replicas",
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -237,12 +339,16 @@ pub struct Planner {
     desired_history: VecDeque<(f64, Replicas)>,
     decode_grace_left: u32,
     queue_history: VecDeque<f64>,
+    last_now: Option<f64>,
 }
 
 impl Planner {
-    pub fn new(profile: Profile, cfg: PlannerConfig) -> Self {
+    /// A planner for `profile`, after validating both.
+    pub fn new(profile: Profile, cfg: PlannerConfig) -> Result<Self, ConfigError> {
+        profile.validate()?;
+        cfg.validate()?;
         let build = || cfg.predictor.build(&cfg.forecast);
-        Self {
+        Ok(Self {
             requests: build(),
             isl: build(),
             osl: build(),
@@ -258,8 +364,9 @@ impl Planner {
             desired_history: VecDeque::new(),
             decode_grace_left: 0,
             queue_history: VecDeque::new(),
+            last_now: None,
             cfg,
-        }
+        })
     }
 
     pub fn config(&self) -> &PlannerConfig {
@@ -341,14 +448,22 @@ impl Planner {
     }
 
     fn step(&mut self, now: f64, obs: &Observation, known: Option<SizingInput>) -> Decision {
+        // A non-finite clock reading is treated as "no time passed".
+        let now = if now.is_finite() {
+            now
+        } else {
+            self.last_now.unwrap_or(0.0)
+        };
+        self.last_now = Some(now);
         self.observe(now, obs);
+        let r = &obs.replicas;
         let running = PerRole {
-            prefill: obs.replicas.prefill.ready + obs.replicas.prefill.pending,
-            decode: obs.replicas.decode.ready + obs.replicas.decode.pending,
+            prefill: r.prefill.ready.saturating_add(r.prefill.pending),
+            decode: r.decode.ready.saturating_add(r.decode.pending),
         };
         let ready = PerRole {
-            prefill: obs.replicas.prefill.ready,
-            decode: obs.replicas.decode.ready,
+            prefill: r.prefill.ready,
+            decode: r.decode.ready,
         };
         let current = self.issued.unwrap_or(running);
         let mut reasons = Vec::new();
@@ -371,19 +486,33 @@ impl Planner {
                 }
             };
 
-        // 2. A change still landing: hold.
-        let pending = obs.replicas.prefill.pending + obs.replicas.decode.pending;
+        // 2. A change still landing: hold — except for an emergency on a role whose own change
+        // has landed (pressure must not wait out someone else's slow start).
+        let pending = r.prefill.pending.saturating_add(r.decode.pending);
         if let Some(issued) = self.issued {
             let waited = now - self.issued_at;
             if (pending > 0 || ready != issued) && waited < self.cfg.max_reconfig_wait_s {
                 reasons.push(Reason::ReconfigInFlight { waited_s: waited });
-                return decision(issued, reasons, None, None, self);
+                // The held target counts as desired for the scale-down stabilisation, so the
+                // window starts when the change lands, not when it was asked for.
+                self.remember_desired(now, issued);
+                let landed = PerRole {
+                    prefill: r.prefill.pending == 0 && ready.prefill == issued.prefill,
+                    decode: r.decode.pending == 0 && ready.decode == issued.decode,
+                };
+                let target = self.emergency(issued, issued, ready, landed, obs, &mut reasons);
+                return decision(target, reasons, None, None, self);
             }
         }
 
-        // 3. Idle.
+        // 3. Idle: no arrivals for a while and nothing left in flight (decoding requests hold KV).
         let idle_s = now - self.last_request_at.or(self.started_at).unwrap_or(now);
-        if idle_s >= self.cfg.idle_after_s && self.cfg.policy != PolicyKind::Static {
+        let drained = finite0(obs.prefill_queue_depth) == 0.0 && finite0(obs.kv_usage) < 0.01;
+        if self.cfg.idle_after_s > 0.0
+            && idle_s >= self.cfg.idle_after_s
+            && drained
+            && self.cfg.policy != PolicyKind::Static
+        {
             reasons.push(Reason::Idle { idle_s });
             let target = self.cfg.sizing.min_replicas;
             self.desired_history.clear();
@@ -394,34 +523,37 @@ impl Planner {
         let mut forecast = None;
         let mut sizing_out = None;
         let mut desired = match self.cfg.policy {
-            PolicyKind::Static => {
-                let mut r = Vec::new();
-                let t = sizing::constrain(
-                    &self.profile,
-                    self.cfg.static_replicas,
-                    &self.cfg.sizing,
-                    self.cfg.sizing.budget_rule,
-                    None,
-                    &mut r,
-                );
-                reasons.extend(r);
-                t
+            PolicyKind::Static => self.constrained(self.cfg.static_replicas, &mut reasons),
+            PolicyKind::DynLoad => {
+                let t = self.load_policy(current, obs, &mut reasons);
+                self.constrained(t, &mut reasons)
             }
-            PolicyKind::DynLoad => self.load_policy(current, obs, &mut reasons),
             PolicyKind::Dopd | PolicyKind::DynSla => {
                 let input = match known {
                     Some(k) => k,
                     None => {
                         let f = self.forecast();
                         let held = self.requests.len();
-                        if held < self.cfg.forecast.arima.min_history {
+                        if held < self.warmup_len() {
                             reasons.push(Reason::Warmup { observations: held });
                         }
                         forecast = Some(f);
+                        // Before any request has been seen there is no length to forecast: use
+                        // the configured defaults rather than sizing for 1-token requests.
+                        let isl = if self.isl.is_empty() {
+                            self.cfg.default_isl
+                        } else {
+                            f.isl.point
+                        };
+                        let osl = if self.osl.is_empty() {
+                            self.cfg.default_osl
+                        } else {
+                            f.osl.point
+                        };
                         SizingInput {
                             requests: f.requests.point,
-                            isl: f.isl.point,
-                            osl: f.osl.point,
+                            isl,
+                            osl,
                             interval_s: if obs.interval_s > 0.0 {
                                 obs.interval_s
                             } else {
@@ -432,6 +564,7 @@ impl Planner {
                         }
                     }
                 };
+                // The planner's own correction factors always apply (also to known inputs).
                 let input = SizingInput {
                     kappa_d: self.kappa.decode,
                     kappa_p: self.kappa.prefill,
@@ -449,53 +582,18 @@ impl Planner {
             }
         };
 
-        // 5. Emergency scale-up on pressure, within the budget.
-        if self.cfg.emergency.enabled
-            && matches!(self.cfg.policy, PolicyKind::Dopd | PolicyKind::DynSla)
-        {
-            let e = &self.cfg.emergency;
-            let per_p = finite0(obs.prefill_queue_depth) / f64::from(ready.prefill.max(1));
-            let kv = finite0(obs.kv_usage);
-            for (role, signal, value, threshold) in [
-                (
-                    Role::Prefill,
-                    Signal::PrefillQueuePerInstance,
-                    per_p,
-                    e.prefill_queue_per_instance,
-                ),
-                (Role::Decode, Signal::KvUsage, kv, e.kv_usage),
-            ] {
-                if value <= threshold {
-                    continue;
-                }
-                let mut up = desired;
-                match role {
-                    Role::Prefill => up.prefill = up.prefill.max(current.prefill + 1),
-                    Role::Decode => up.decode = up.decode.max(current.decode + 1),
-                }
-                if up != desired && up.gpus(&self.profile) <= self.cfg.sizing.gpu_budget {
-                    desired = up;
-                    reasons.push(Reason::Emergency {
-                        role,
-                        signal,
-                        value,
-                        threshold,
-                    });
-                }
-            }
+        // 5. Emergency scale-up on pressure, within the budget and the maximums.
+        if matches!(self.cfg.policy, PolicyKind::Dopd | PolicyKind::DynSla) {
+            let all = PerRole {
+                prefill: true,
+                decode: true,
+            };
+            desired = self.emergency(desired, current, ready, all, obs, &mut reasons);
         }
 
         // 6. Scale-down stabilisation.
-        let window = self.cfg.scale_down_stabilization_s;
-        self.desired_history.push_back((now, desired));
-        while self
-            .desired_history
-            .front()
-            .is_some_and(|(t, _)| now - t > window)
-        {
-            self.desired_history.pop_front();
-        }
-        if window > 0.0 {
+        self.remember_desired(now, desired);
+        if self.cfg.scale_down_stabilization_s > 0.0 {
             let peak = self
                 .desired_history
                 .iter()
@@ -532,6 +630,91 @@ impl Planner {
             }
         }
         decision(desired, reasons, forecast, sizing_out, self)
+    }
+
+    /// Observations after which a forecast is model-based rather than a repeat of the last value.
+    fn warmup_len(&self) -> usize {
+        match self.cfg.predictor {
+            ForecasterKind::Arima => self.cfg.forecast.arima.min_history,
+            ForecasterKind::Kalman => 4,
+            ForecasterKind::Last | ForecasterKind::MovingAverage => 1,
+        }
+    }
+
+    fn remember_desired(&mut self, now: f64, desired: Replicas) {
+        let window = self.cfg.scale_down_stabilization_s;
+        self.desired_history.push_back((now, desired));
+        while self
+            .desired_history
+            .front()
+            .is_some_and(|(t, _)| !(now - t <= window))
+        {
+            self.desired_history.pop_front();
+        }
+    }
+
+    /// Minimums, maximums and the budget applied to counts a policy produced.
+    fn constrained(&self, raw: Replicas, reasons: &mut Vec<Reason>) -> Replicas {
+        sizing::constrain(
+            &self.profile,
+            raw,
+            &self.cfg.sizing,
+            BudgetRule::PaperLoop,
+            None,
+            reasons,
+        )
+    }
+
+    /// Emergency rule: a role under pressure gets one instance more than it has (`current`), when
+    /// `eligible`, within the budget and its maximum.
+    fn emergency(
+        &self,
+        mut desired: Replicas,
+        current: Replicas,
+        ready: Replicas,
+        eligible: PerRole<bool>,
+        obs: &Observation,
+        reasons: &mut Vec<Reason>,
+    ) -> Replicas {
+        let e = &self.cfg.emergency;
+        if !e.enabled {
+            return desired;
+        }
+        let per_p = finite0(obs.prefill_queue_depth) / f64::from(ready.prefill.max(1));
+        let kv = finite0(obs.kv_usage);
+        let max = self.cfg.sizing.max_replicas;
+        for (role, signal, value, threshold) in [
+            (
+                Role::Prefill,
+                Signal::PrefillQueuePerInstance,
+                per_p,
+                e.prefill_queue_per_instance,
+            ),
+            (Role::Decode, Signal::KvUsage, kv, e.kv_usage),
+        ] {
+            if !eligible.get(role) || !(value > threshold) {
+                continue;
+            }
+            let mut up = desired;
+            let (slot, cur, cap) = match role {
+                Role::Prefill => (&mut up.prefill, current.prefill, max.prefill),
+                Role::Decode => (&mut up.decode, current.decode, max.decode),
+            };
+            *slot = (*slot).max(cur.saturating_add(1));
+            if cap.is_some_and(|c| *slot > c) {
+                continue;
+            }
+            if up != desired && up.gpus(&self.profile) <= self.cfg.sizing.gpu_budget {
+                desired = up;
+                reasons.push(Reason::Emergency {
+                    role,
+                    signal,
+                    value,
+                    threshold,
+                });
+            }
+        }
+        desired
     }
 
     /// Dynamo's load planner: ±1 per role on thresholds, with a decode grace period and a check
@@ -625,6 +808,169 @@ mod tests {
     use super::*;
     use crate::profile::roofline::RooflineSpec;
 
+    impl Planner {
+        fn new_ok(profile: Profile, cfg: PlannerConfig) -> Self {
+            Self::new(profile, cfg).expect("valid config")
+        }
+    }
+
+    #[test]
+    fn bad_config_is_rejected_with_the_field_named() {
+        let c = PlannerConfig {
+            idle_after_s: f64::NAN,
+            ..Default::default()
+        };
+        let e = Planner::new(profile(), c).expect_err("NaN").to_string();
+        assert!(e.contains("idle_after_s"), "{e}");
+        let mut c = PlannerConfig::default();
+        c.sizing.min_replicas.decode = 0;
+        let e = Planner::new(profile(), c)
+            .expect_err("no decode")
+            .to_string();
+        assert!(e.contains("sizing.min_replicas.decode"), "{e}");
+    }
+
+    #[test]
+    fn an_emergency_is_not_blocked_by_another_roles_slow_start() {
+        let c = PlannerConfig {
+            sizing: SizingConfig {
+                gpu_budget: 100,
+                ..Default::default()
+            },
+            ..cfg(PolicyKind::Dopd)
+        };
+        let mut p = Planner::new_ok(profile(), c);
+        let one = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
+        let t = p.tick(0.0, &obs(300.0, one)).target;
+        // Decode has landed, prefill is still starting; KV pressure on decode.
+        let mut o = obs(
+            300.0,
+            PerRole {
+                prefill: 1,
+                decode: t.decode,
+            },
+        );
+        o.replicas.prefill.pending = t.prefill - 1;
+        o.kv_usage = 0.97;
+        let d = p.tick(10.0, &o);
+        assert!(
+            d.reasons
+                .iter()
+                .any(|r| matches!(r, Reason::ReconfigInFlight { .. }))
+        );
+        assert_eq!(d.target.decode, t.decode + 1, "{d:?}");
+        assert_eq!(d.target.prefill, t.prefill);
+    }
+
+    #[test]
+    fn no_idle_shrink_while_requests_still_decode() {
+        let c = PlannerConfig {
+            scale_down_stabilization_s: 100.0,
+            ..cfg(PolicyKind::Dopd)
+        };
+        let mut p = Planner::new_ok(profile(), c);
+        let t = p
+            .tick(
+                0.0,
+                &obs(
+                    300.0,
+                    PerRole {
+                        prefill: 1,
+                        decode: 1,
+                    },
+                ),
+            )
+            .target;
+        for k in 1..=8 {
+            let mut o = obs(0.0, t);
+            o.kv_usage = 0.5;
+            let d = p.tick(f64::from(k) * 10.0, &o);
+            assert!(
+                !d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. })),
+                "{k}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_planner_respects_minimums_and_budget_from_any_start() {
+        let c = PlannerConfig {
+            sizing: SizingConfig {
+                gpu_budget: 8,
+                ..Default::default()
+            },
+            ..cfg(PolicyKind::DynLoad)
+        };
+        let mut p = Planner::new_ok(profile(), c);
+        let d = p.tick(
+            0.0,
+            &obs(
+                10.0,
+                PerRole {
+                    prefill: 0,
+                    decode: 0,
+                },
+            ),
+        );
+        assert_eq!(
+            d.target,
+            PerRole {
+                prefill: 1,
+                decode: 1
+            }
+        );
+        let mut p = Planner::new_ok(
+            profile(),
+            PlannerConfig {
+                sizing: SizingConfig {
+                    gpu_budget: 8,
+                    ..Default::default()
+                },
+                ..cfg(PolicyKind::DynLoad)
+            },
+        );
+        let d = p.tick(
+            0.0,
+            &obs(
+                10.0,
+                PerRole {
+                    prefill: 10,
+                    decode: 10,
+                },
+            ),
+        );
+        assert!(d.target.gpus(p.profile()) <= 8, "{d:?}");
+    }
+
+    #[test]
+    fn a_landed_scale_up_is_not_undone_at_once() {
+        let c = PlannerConfig {
+            sizing: SizingConfig {
+                gpu_budget: 100,
+                ..Default::default()
+            },
+            ..cfg(PolicyKind::Dopd)
+        };
+        let mut p = Planner::new_ok(profile(), c);
+        let one = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
+        let big = p.tick(0.0, &obs(2000.0, one)).target;
+        // Slow start: still landing at 10..40 s.
+        for k in 1..=4 {
+            let mut o = obs(10.0, one);
+            o.replicas.decode.pending = big.decode - 1;
+            p.tick(f64::from(k) * 10.0, &o);
+        }
+        // Lands at 50 s while the forecast has collapsed: held for the stabilisation window.
+        let d = p.tick(50.0, &obs(10.0, big));
+        assert_eq!(d.target, big, "{d:?}");
+    }
+
     fn profile() -> Profile {
         RooflineSpec::llama33_70b_fp8_h100()
             .build()
@@ -661,7 +1007,11 @@ mod tests {
 
     #[test]
     fn first_tick_sizes_from_the_observation() {
-        let mut p = Planner::new(profile(), cfg(PolicyKind::Dopd));
+        let c = PlannerConfig {
+            predictor: ForecasterKind::Arima,
+            ..cfg(PolicyKind::Dopd)
+        };
+        let mut p = Planner::new_ok(profile(), c);
         let d = p.tick(
             0.0,
             &obs(
@@ -684,7 +1034,7 @@ mod tests {
 
     #[test]
     fn holds_while_a_change_is_in_flight() {
-        let mut p = Planner::new(profile(), cfg(PolicyKind::Dopd));
+        let mut p = Planner::new_ok(profile(), cfg(PolicyKind::Dopd));
         let one = PerRole {
             prefill: 1,
             decode: 1,
@@ -709,7 +1059,7 @@ mod tests {
     fn gives_up_waiting_after_the_reconfig_timeout() {
         let mut c = cfg(PolicyKind::Dopd);
         c.max_reconfig_wait_s = 30.0;
-        let mut p = Planner::new(profile(), c);
+        let mut p = Planner::new_ok(profile(), c);
         let one = PerRole {
             prefill: 1,
             decode: 1,
@@ -730,7 +1080,7 @@ mod tests {
             scale_down_stabilization_s: 100.0,
             ..cfg(PolicyKind::Dopd)
         };
-        let mut p = Planner::new(profile(), c);
+        let mut p = Planner::new_ok(profile(), c);
         let d = p.tick(
             0.0,
             &obs(
@@ -765,7 +1115,7 @@ mod tests {
         let mut c = cfg(PolicyKind::Dopd);
         c.scale_down_stabilization_s = 30.0;
         c.sizing.gpu_budget = 100;
-        let mut p = Planner::new(profile(), c);
+        let mut p = Planner::new_ok(profile(), c);
         let big = p
             .tick(
                 0.0,
@@ -793,7 +1143,7 @@ mod tests {
     fn emergency_adds_a_decode_instance_on_kv_pressure() {
         let mut c = cfg(PolicyKind::Dopd);
         c.sizing.gpu_budget = 100;
-        let mut p = Planner::new(profile(), c);
+        let mut p = Planner::new_ok(profile(), c);
         let t = p
             .tick(
                 0.0,
@@ -821,7 +1171,7 @@ mod tests {
 
     #[test]
     fn load_planner_follows_thresholds_with_grace() {
-        let mut p = Planner::new(
+        let mut p = Planner::new_ok(
             profile(),
             PlannerConfig {
                 sizing: SizingConfig {
@@ -854,7 +1204,7 @@ mod tests {
 
     #[test]
     fn oracle_input_bypasses_the_forecasters() {
-        let mut p = Planner::new(
+        let mut p = Planner::new_ok(
             profile(),
             PlannerConfig {
                 sizing: SizingConfig {

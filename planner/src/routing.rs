@@ -72,7 +72,7 @@ pub fn classify(isl: u32, forecast_mean_isl: f64, cfg: &RoutingConfig) -> Reques
     if cfg.ultra_short_bypass && isl <= cfg.ultra_short_max_isl {
         return RequestClass::UltraShort;
     }
-    // A non-finite or missing forecast means "no threshold": everything is long.
+    // A NaN forecast means "no threshold": everything (above ultra-short) is long.
     if !cfg.short_batching || !(f64::from(isl) <= forecast_mean_isl) {
         RequestClass::Long
     } else {

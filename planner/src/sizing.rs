@@ -240,11 +240,15 @@ pub fn blocks_per_request(isl: f64, osl: f64, block_size: u32) -> u64 {
     ((ctx / f64::from(block_size.max(1))).ceil() as u64).max(1)
 }
 
+/// Instance counts are capped here: far above any cluster, far below integer overflow.
+pub const MAX_INSTANCES: u32 = 1_000_000;
+
 fn ceil_u32(x: f64) -> u32 {
-    if !x.is_finite() || x <= 0.0 {
+    // NaN and non-positive values need nothing; +inf saturates like any huge demand.
+    if !(x > 0.0) {
         0
     } else {
-        x.ceil().min(f64::from(u32::MAX)) as u32
+        x.ceil().min(f64::from(MAX_INSTANCES)) as u32
     }
 }
 
@@ -343,7 +347,10 @@ pub fn best_decode_throughput(profile: &Profile, itl_target: f64, ctx: f64) -> (
                 best = (thpt, c as f64);
             }
         }
-        c = if c < 64 { c + 1 } else { c + (c / 50).max(1) };
+        c = match c.checked_add(if c < 64 { 1 } else { (c / 50).max(1) }) {
+            Some(next) => next,
+            None => break,
+        };
     }
     best
 }
@@ -486,6 +493,20 @@ pub fn constrain(
             reasons.push(Reason::MinReplicas { role, min: lo });
         }
     }
+    // With a balanced rule, a decode maximum also caps the prefill that balances it: serve at most
+    // `max_d` decode instances' worth of load (the paper loop and Dynamo's rule cap afterwards).
+    let mut balance = balance;
+    if let (BudgetRule::Balanced, Some(b), Some(max_d)) =
+        (rule, balance.as_mut(), cfg.max_replicas.decode)
+        && b.demand > f64::from(max_d)
+    {
+        b.demand = f64::from(max_d.max(min.decode));
+        let (p, d) = b.counts(b.demand);
+        r = Replicas {
+            prefill: p.max(min.prefill),
+            decode: d.max(min.decode),
+        };
+    }
     let min_gpus = gpus(min.prefill, min.decode);
     let budget64 = u64::from(budget);
     if min_gpus > budget64 {
@@ -517,7 +538,15 @@ pub fn constrain(
                     let (p, d) = counts(x);
                     gpus(p, d) <= budget64
                 };
-                let (mut lo, mut hi) = (0.0, b.demand.max(0.0));
+                let cap = f64::from(MAX_INSTANCES);
+                let (mut lo, mut hi) = (
+                    0.0,
+                    if b.demand > 0.0 {
+                        b.demand.min(cap)
+                    } else {
+                        0.0
+                    },
+                );
                 for _ in 0..64 {
                     let mid = 0.5 * (lo + hi);
                     if fits(mid) {
@@ -686,6 +715,47 @@ mod tests {
         let a = size_dopd(&p, &small, &cfg).replicas;
         let b = size_dopd(&p, &big, &cfg).replicas;
         assert!(b.decode >= a.decode, "{a:?} -> {b:?}");
+    }
+
+    #[test]
+    fn a_decode_maximum_also_caps_the_balancing_prefill() {
+        // 300 requests want 2 decode + 7 prefill; with at most 1 decode instance, the balanced
+        // rule keeps prefill at what one decode instance can consume (ceil(3.46) = 4).
+        let cfg = SizingConfig {
+            gpu_budget: 100,
+            max_replicas: PerRole {
+                prefill: None,
+                decode: Some(1),
+            },
+            ..Default::default()
+        };
+        let s = size_dopd(
+            &paper_profile(),
+            &SizingInput::new(300.0, 1000.0, 245.0),
+            &cfg,
+        );
+        assert_eq!(
+            s.replicas,
+            Replicas {
+                prefill: 4,
+                decode: 1
+            }
+        );
+    }
+
+    #[test]
+    fn infinite_demand_saturates_instead_of_collapsing() {
+        let cfg = SizingConfig {
+            gpu_budget: 1000,
+            decode_load: DecodeLoad::LittlesLaw,
+            ..Default::default()
+        };
+        let s = size_dopd(
+            &paper_profile(),
+            &SizingInput::new(1e308, 1000.0, 1e308),
+            &cfg,
+        );
+        assert!(s.replicas.decode > 1, "{:?}", s.replicas);
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub enum TraceError {
     Empty,
     #[error("cannot tell the trace format: {0}")]
     UnknownFormat(String),
+    #[error("cannot split the trace into intervals: {0}")]
+    Interval(String),
 }
 
 fn line_err(line: usize, message: impl Into<String>) -> TraceError {
@@ -100,7 +102,8 @@ pub fn parse_timestamp(s: &str) -> Result<i64, String> {
         return Err(bad());
     }
     let (year, month, day) = (
-        num(d[0], "year", 1, 9999)?,
+        // Nanoseconds since 1970 in an i64 cover 1678..2261.
+        num(d[0], "year", 1678, 2261)?,
         num(d[1], "month", 1, 12)?,
         num(d[2], "day", 1, 31)?,
     );
@@ -124,7 +127,11 @@ pub fn parse_timestamp(s: &str) -> Result<i64, String> {
     }
     let offset_s = match tail {
         "" | "Z" => 0,
-        z if (z.starts_with('+') || z.starts_with('-')) && z.len() == 6 && &z[3..4] == ":" => {
+        z if z.is_ascii()
+            && (z.starts_with('+') || z.starts_with('-'))
+            && z.len() == 6
+            && &z[3..4] == ":" =>
+        {
             let sign = if z.starts_with('-') { -1 } else { 1 };
             sign * (num(&z[1..3], "zone hour", 0, 23)? * 3600
                 + num(&z[4..6], "zone minute", 0, 59)? * 60)
@@ -202,10 +209,14 @@ impl Trace {
                 continue;
             }
             let row: Row = serde_json::from_str(raw).map_err(|e| line_err(line, e.to_string()))?;
-            if !row.timestamp.is_finite() || row.timestamp < 0.0 {
+            // Up to ~100 years of milliseconds.
+            if !(row.timestamp >= 0.0 && row.timestamp < 3.2e12) {
                 return Err(line_err(
                     line,
-                    format!("timestamp {} must be finite and >= 0", row.timestamp),
+                    format!(
+                        "timestamp {} must be milliseconds in 0..3.2e12",
+                        row.timestamp
+                    ),
                 ));
             }
             requests.push(TraceRequest {
@@ -248,11 +259,25 @@ impl Trace {
 
     /// Aggregates requests into consecutive intervals of `width_ns` starting at the first
     /// arrival (interval `k` holds arrivals in `[t0 + k·w, t0 + (k+1)·w)`).
-    pub fn intervals(&self, width_ns: i64) -> Vec<IntervalStats> {
-        let width_ns = width_ns.max(1);
+    ///
+    /// Refuses a width below 1 ms or more than [`MAX_INTERVALS`] intervals.
+    pub fn intervals(&self, width_ns: i64) -> Result<Vec<IntervalStats>, TraceError> {
+        if width_ns < 1_000_000 {
+            return Err(TraceError::Interval(format!(
+                "width {width_ns} ns is below 1 ms"
+            )));
+        }
         let t0 = self.requests.first().map_or(0, |r| r.arrival_ns);
         let last = self.requests.last().map_or(0, |r| r.arrival_ns);
-        let n = ((last - t0) / width_ns + 1) as usize;
+        let n = (last.saturating_sub(t0) / width_ns).saturating_add(1);
+        if n > MAX_INTERVALS {
+            return Err(TraceError::Interval(format!(
+                "{:.0} s of trace in {} s intervals makes {n} intervals (at most {MAX_INTERVALS})",
+                last.saturating_sub(t0) as f64 / 1e9,
+                width_ns as f64 / 1e9
+            )));
+        }
+        let n = n as usize;
         let mut out: Vec<IntervalStats> = (0..n)
             .map(|k| IntervalStats {
                 start_s: (k as i64 * width_ns) as f64 / 1e9,
@@ -266,9 +291,12 @@ impl Trace {
             s.isl_sum += u64::from(r.isl);
             s.osl_sum += u64::from(r.osl);
         }
-        out
+        Ok(out)
     }
 }
+
+/// Most intervals [`Trace::intervals`] will produce (a week at 1 s is 604,800).
+pub const MAX_INTERVALS: i64 = 10_000_000;
 
 /// Aggregates of one interval.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -374,7 +402,7 @@ mod tests {
                     2023-11-16 18:17:25.5000000,50,5";
         let t = Trace::parse(text).expect("valid");
         assert_eq!(t.requests.len(), 3);
-        let iv = t.intervals(10_000_000_000);
+        let iv = t.intervals(10_000_000_000).expect("10 s intervals");
         assert_eq!(iv.len(), 3);
         assert_eq!(iv[0].count, 2);
         assert_eq!(iv[0].mean_isl(), 200.0);
@@ -409,6 +437,30 @@ mod tests {
             Trace::parse("TIMESTAMP,ContextTokens,GeneratedTokens\n"),
             Err(TraceError::Empty)
         );
+    }
+
+    #[test]
+    fn hostile_timestamps_are_errors_not_panics() {
+        assert!(parse_timestamp("2023-11-16 18:17:03+0é00").is_err());
+        assert!(
+            parse_timestamp("2300-01-01 00:00:00")
+                .expect_err("overflow")
+                .contains("year")
+        );
+        let text = "{\"timestamp\": 1e13, \"input_length\": 1, \"output_length\": 1}\n";
+        assert!(Trace::parse(text).is_err());
+    }
+
+    #[test]
+    fn interval_counts_are_bounded() {
+        let text = "{\"timestamp\": 0, \"input_length\": 1, \"output_length\": 1}\n\
+                    {\"timestamp\": 3.1e12, \"input_length\": 1, \"output_length\": 1}\n";
+        let t = Trace::parse(text).expect("valid");
+        assert!(matches!(
+            t.intervals(10_000_000),
+            Err(TraceError::Interval(_))
+        ));
+        assert!(matches!(t.intervals(0), Err(TraceError::Interval(_))));
     }
 
     #[test]

@@ -118,7 +118,7 @@ fn series_are_rebuilt_exactly_from_the_traces() {
             other => panic!("unknown field {other:?}"),
         };
         let ours: Vec<f64> = series
-            .extract(&trace.intervals(width))
+            .extract(&trace.intervals(width).expect("intervals"))
             .into_iter()
             .filter(|v| v.is_finite())
             .collect();

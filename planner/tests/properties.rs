@@ -185,6 +185,7 @@ proptest! {
     fn planner_decisions_respect_the_budget(
         policy in prop::sample::select(vec![PolicyKind::Dopd, PolicyKind::DynSla, PolicyKind::DynLoad, PolicyKind::Static]),
         budget in 3u32..40,
+        start in (0u32..12, 0u32..12),
         ticks in prop::collection::vec((value(), value(), 0.0f64..1.2, 0.0f64..50.0, any::<bool>()), 1..25),
     ) {
         let profile = RooflineSpec::llama33_70b_fp8_h100().build().expect("preset");
@@ -194,8 +195,9 @@ proptest! {
             sizing: SizingConfig { gpu_budget: budget, ..SizingConfig::default() },
             ..PlannerConfig::default()
         };
-        let mut planner = Planner::new(profile.clone(), cfg);
-        let mut running = PerRole { prefill: 1, decode: 1 };
+        let mut planner = Planner::new(profile.clone(), cfg).expect("valid config");
+        // Any starting point: a cold start, or a deployment bigger than the budget allows.
+        let mut running = PerRole { prefill: start.0, decode: start.1 };
         for (k, (requests, isl, kv, queue, lands)) in ticks.into_iter().enumerate() {
             let obs = Observation {
                 interval_s: 10.0,
@@ -240,7 +242,14 @@ fn committed_preset_profiles_are_current() {
     for name in dopd_planner::profile::roofline::PRESETS {
         let path = format!("{}/../profiles/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
         let committed = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        let built = RooflineSpec::preset(name).expect("preset").build().expect("builds");
-        assert_eq!(Profile::from_yaml(&committed).expect("valid"), built, "{path} is stale");
+        let built = RooflineSpec::preset(name)
+            .expect("preset")
+            .build()
+            .expect("builds");
+        assert_eq!(
+            Profile::from_yaml(&committed).expect("valid"),
+            built,
+            "{path} is stale"
+        );
     }
 }

@@ -66,7 +66,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot read trace {}", a.trace.display()))?;
     let trace =
         Trace::parse(&text).with_context(|| format!("invalid trace {}", a.trace.display()))?;
-    let intervals = trace.intervals((interval_s * 1e9).round() as i64);
+    let intervals = trace.intervals((interval_s * 1e9).round() as i64)?;
     let cfg = ForecastConfig {
         window: a.window,
         ..ForecastConfig::default()

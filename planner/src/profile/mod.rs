@@ -260,8 +260,8 @@ impl Profile {
                 check_positive(format!("decode.tpot_s[{i}][{j}]"), t)?;
             }
         }
-        if self.kv.blocks == 0 {
-            return Err(invalid("kv.blocks", 0, "must be >= 1"));
+        if self.kv.blocks == 0 || self.kv.blocks > 1 << 40 {
+            return Err(invalid("kv.blocks", self.kv.blocks, "must be in 1..=2^40"));
         }
         if self.kv.block_size == 0 {
             return Err(invalid("kv.block_size", 0, "must be >= 1"));
