@@ -832,18 +832,9 @@ mod tests {
 
     #[test]
     fn an_emergency_is_not_blocked_by_another_roles_slow_start() {
-        let c = PlannerConfig {
-            sizing: SizingConfig {
-                gpu_budget: 100,
-                ..Default::default()
-            },
-            ..cfg(PolicyKind::Dopd)
-        };
+        let c = with_budget(cfg(PolicyKind::Dopd), 100);
         let mut p = Planner::new_ok(profile(), c);
-        let one = PerRole {
-            prefill: 1,
-            decode: 1,
-        };
+        let one = ONE;
         let t = p.tick(0.0, &obs(300.0, one)).target;
         // Decode has landed, prefill is still starting; KV pressure on decode.
         let mut o = obs(
@@ -872,18 +863,7 @@ mod tests {
             ..cfg(PolicyKind::Dopd)
         };
         let mut p = Planner::new_ok(profile(), c);
-        let t = p
-            .tick(
-                0.0,
-                &obs(
-                    300.0,
-                    PerRole {
-                        prefill: 1,
-                        decode: 1,
-                    },
-                ),
-            )
-            .target;
+        let t = p.tick(0.0, &obs(300.0, ONE)).target;
         for k in 1..=8 {
             let mut o = obs(0.0, t);
             o.kv_usage = 0.5;
@@ -897,13 +877,7 @@ mod tests {
 
     #[test]
     fn load_planner_respects_minimums_and_budget_from_any_start() {
-        let c = PlannerConfig {
-            sizing: SizingConfig {
-                gpu_budget: 8,
-                ..Default::default()
-            },
-            ..cfg(PolicyKind::DynLoad)
-        };
+        let c = with_budget(cfg(PolicyKind::DynLoad), 8);
         let mut p = Planner::new_ok(profile(), c);
         let d = p.tick(
             0.0,
@@ -922,16 +896,7 @@ mod tests {
                 decode: 1
             }
         );
-        let mut p = Planner::new_ok(
-            profile(),
-            PlannerConfig {
-                sizing: SizingConfig {
-                    gpu_budget: 8,
-                    ..Default::default()
-                },
-                ..cfg(PolicyKind::DynLoad)
-            },
-        );
+        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::DynLoad), 8));
         let d = p.tick(
             0.0,
             &obs(
@@ -947,18 +912,9 @@ mod tests {
 
     #[test]
     fn a_landed_scale_up_is_not_undone_at_once() {
-        let c = PlannerConfig {
-            sizing: SizingConfig {
-                gpu_budget: 100,
-                ..Default::default()
-            },
-            ..cfg(PolicyKind::Dopd)
-        };
+        let c = with_budget(cfg(PolicyKind::Dopd), 100);
         let mut p = Planner::new_ok(profile(), c);
-        let one = PerRole {
-            prefill: 1,
-            decode: 1,
-        };
+        let one = ONE;
         let big = p.tick(0.0, &obs(2000.0, one)).target;
         // Slow start: still landing at 10..40 s.
         for k in 1..=4 {
@@ -997,6 +953,13 @@ mod tests {
         }
     }
 
+    fn with_budget(mut c: PlannerConfig, gpus: u32) -> PlannerConfig {
+        c.sizing.gpu_budget = gpus;
+        c
+    }
+
+    const ONE: Replicas = ONE;
+
     fn cfg(policy: PolicyKind) -> PlannerConfig {
         PlannerConfig {
             policy,
@@ -1012,16 +975,7 @@ mod tests {
             ..cfg(PolicyKind::Dopd)
         };
         let mut p = Planner::new_ok(profile(), c);
-        let d = p.tick(
-            0.0,
-            &obs(
-                300.0,
-                PerRole {
-                    prefill: 1,
-                    decode: 1,
-                },
-            ),
-        );
+        let d = p.tick(0.0, &obs(300.0, ONE));
         assert!(d.changed);
         assert!(d.target.gpus(p.profile()) <= 8);
         assert!(
@@ -1035,10 +989,7 @@ mod tests {
     #[test]
     fn holds_while_a_change_is_in_flight() {
         let mut p = Planner::new_ok(profile(), cfg(PolicyKind::Dopd));
-        let one = PerRole {
-            prefill: 1,
-            decode: 1,
-        };
+        let one = ONE;
         let d = p.tick(0.0, &obs(300.0, one));
         assert_ne!(d.target, one);
         // Next tick: still the old counts ready → in flight.
@@ -1060,10 +1011,7 @@ mod tests {
         let mut c = cfg(PolicyKind::Dopd);
         c.max_reconfig_wait_s = 30.0;
         let mut p = Planner::new_ok(profile(), c);
-        let one = PerRole {
-            prefill: 1,
-            decode: 1,
-        };
+        let one = ONE;
         p.tick(0.0, &obs(300.0, one));
         let d = p.tick(40.0, &obs(300.0, one));
         assert!(
@@ -1081,16 +1029,7 @@ mod tests {
             ..cfg(PolicyKind::Dopd)
         };
         let mut p = Planner::new_ok(profile(), c);
-        let d = p.tick(
-            0.0,
-            &obs(
-                300.0,
-                PerRole {
-                    prefill: 1,
-                    decode: 1,
-                },
-            ),
-        );
+        let d = p.tick(0.0, &obs(300.0, ONE));
         let t = d.target;
         for k in 1..=4 {
             let d = p.tick(f64::from(k) * 10.0, &obs(0.0, t));
@@ -1116,18 +1055,7 @@ mod tests {
         c.scale_down_stabilization_s = 30.0;
         c.sizing.gpu_budget = 100;
         let mut p = Planner::new_ok(profile(), c);
-        let big = p
-            .tick(
-                0.0,
-                &obs(
-                    2000.0,
-                    PerRole {
-                        prefill: 1,
-                        decode: 1,
-                    },
-                ),
-            )
-            .target;
+        let big = p.tick(0.0, &obs(2000.0, ONE)).target;
         let d = p.tick(10.0, &obs(10.0, big));
         assert_eq!(d.target, big, "{:?}", d.reasons);
         assert!(
@@ -1144,18 +1072,7 @@ mod tests {
         let mut c = cfg(PolicyKind::Dopd);
         c.sizing.gpu_budget = 100;
         let mut p = Planner::new_ok(profile(), c);
-        let t = p
-            .tick(
-                0.0,
-                &obs(
-                    10.0,
-                    PerRole {
-                        prefill: 1,
-                        decode: 1,
-                    },
-                ),
-            )
-            .target;
+        let t = p.tick(0.0, &obs(10.0, ONE)).target;
         let mut o = obs(10.0, t);
         o.kv_usage = 0.97;
         let d = p.tick(10.0, &o);
@@ -1171,20 +1088,8 @@ mod tests {
 
     #[test]
     fn load_planner_follows_thresholds_with_grace() {
-        let mut p = Planner::new_ok(
-            profile(),
-            PlannerConfig {
-                sizing: SizingConfig {
-                    gpu_budget: 100,
-                    ..Default::default()
-                },
-                ..cfg(PolicyKind::DynLoad)
-            },
-        );
-        let one = PerRole {
-            prefill: 1,
-            decode: 1,
-        };
+        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::DynLoad), 100));
+        let one = ONE;
         let mut o = obs(10.0, one);
         o.kv_usage = 0.95;
         let d = p.tick(0.0, &o);
@@ -1204,27 +1109,9 @@ mod tests {
 
     #[test]
     fn oracle_input_bypasses_the_forecasters() {
-        let mut p = Planner::new_ok(
-            profile(),
-            PlannerConfig {
-                sizing: SizingConfig {
-                    gpu_budget: 100,
-                    ..Default::default()
-                },
-                ..cfg(PolicyKind::Dopd)
-            },
-        );
-        let d = p.tick_with_known_next(
-            0.0,
-            &obs(
-                1.0,
-                PerRole {
-                    prefill: 1,
-                    decode: 1,
-                },
-            ),
-            SizingInput::new(2000.0, 1000.0, 245.0),
-        );
+        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+        let d =
+            p.tick_with_known_next(0.0, &obs(1.0, ONE), SizingInput::new(2000.0, 1000.0, 245.0));
         assert!(d.forecast.is_none());
         assert!(d.target.decode >= 9, "{:?}", d.target);
     }
