@@ -958,7 +958,10 @@ mod tests {
         c
     }
 
-    const ONE: Replicas = ONE;
+    const ONE: Replicas = PerRole {
+        prefill: 1,
+        decode: 1,
+    };
 
     fn cfg(policy: PolicyKind) -> PlannerConfig {
         PlannerConfig {
