@@ -25,6 +25,11 @@ if ! command -v rustup >/dev/null 2>&1; then
   curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
-# rust-toolchain.toml pins the version and components; this installs them if missing.
-rustup show active-toolchain >/dev/null
+# rust-toolchain.toml pins the version and components; install them only when missing (an
+# installed toolchain needs no network).
+channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
+if ! rustup toolchain list | grep -q "^${channel}-"; then
+  echo "setup: installing Rust ${channel}"
+  rustup toolchain install "${channel}" --profile minimal --component rustfmt --component clippy
+fi
 echo "setup: $(rustc --version)"
