@@ -27,6 +27,9 @@ enum Command {
     /// Build, convert or check performance profiles.
     #[command(subcommand)]
     Profile(cmd::profile::Command),
+    /// Replay a trace through a simulated prefill/decode cluster.
+    #[command(subcommand)]
+    Sim(cmd::sim::Command),
 }
 
 fn main() -> std::process::ExitCode {
@@ -35,6 +38,7 @@ fn main() -> std::process::ExitCode {
         Command::Forecast(a) => cmd::forecast::run(a),
         Command::Plan(a) => cmd::plan::run(a),
         Command::Profile(c) => cmd::profile::run(c),
+        Command::Sim(c) => cmd::sim::run(c),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -263,3 +263,67 @@ fn profile_check_names_the_bad_field() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("kv.blocks"), "{}", stderr(&out));
 }
+
+#[test]
+fn sim_compare_runs_every_policy_on_the_same_workload() {
+    let trace = TempFile::new("trace.csv", &small_trace());
+    let out = dopd(&[
+        "sim",
+        "compare",
+        "--trace",
+        trace.path(),
+        "--policies",
+        "dopd,static:1x1,aggregated:2,dopd-no-bypass",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let rows = v.as_array().expect("one summary per policy");
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        assert_eq!(r["requests"], 600, "{r}");
+        let att = r["slo_attainment"].as_f64().expect("attainment");
+        assert!((0.0..=1.0).contains(&att), "{r}");
+        assert!(r["gpu_seconds"].as_f64().expect("gpu-s") > 0.0, "{r}");
+    }
+    assert_eq!(rows[1]["policy"], "static:1x1");
+}
+
+#[test]
+fn sim_run_writes_per_request_records() {
+    let trace = TempFile::new("trace.csv", &small_trace());
+    let csv = trace.0.with_file_name("records.csv");
+    let out = dopd(&[
+        "sim",
+        "run",
+        "--trace",
+        trace.path(),
+        "--policy",
+        "dyn-load",
+        "--records",
+        csv.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&csv).expect("records written");
+    assert_eq!(text.lines().count(), 601, "header + one line per request");
+    assert!(stdout(&out).contains("dyn-load"));
+}
+
+#[test]
+fn sim_rejects_unknown_policies_before_running() {
+    let trace = TempFile::new("trace.csv", &small_trace());
+    let out = dopd(&[
+        "sim",
+        "compare",
+        "--trace",
+        trace.path(),
+        "--policies",
+        "dopd,magic",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown policy \"magic\""),
+        "{}",
+        stderr(&out)
+    );
+}

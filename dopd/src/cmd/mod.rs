@@ -1,6 +1,7 @@
 pub mod forecast;
 pub mod plan;
 pub mod profile;
+pub mod sim;
 
 use anyhow::{Context, bail};
 

@@ -1,0 +1,293 @@
+//! `dopd sim`: replay a trace through the simulated cluster under one or more policies.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use dopd_planner::forecast::ForecasterKind;
+use dopd_planner::profile::{PerRole, Profile};
+use dopd_planner::trace::Trace;
+use dopd_sim::{PolicySpec, SimConfig, SimRequest, SimResult, Window, from_trace, simulate};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run one policy and print its summary.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// Policy (see `dopd sim compare --help` for the names).
+        #[arg(long, default_value = "dopd")]
+        policy: String,
+        /// Write one CSV row per request here.
+        #[arg(long, value_name = "FILE.csv")]
+        records: Option<PathBuf>,
+    },
+    /// Run several policies on the same workload and print one row each.
+    Compare {
+        #[command(flatten)]
+        common: Common,
+        /// Comma-separated policies: dopd, oracle, dyn-sla, dyn-load, static:NPxND (e.g.
+        /// static:3x1), aggregated[:N] (N defaults to budget / decode GPUs), and the DOPD
+        /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman.
+        #[arg(
+            long,
+            default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
+        )]
+        policies: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Common {
+    /// Trace file: Azure LLM inference CSV or Mooncake JSONL.
+    #[arg(long)]
+    trace: PathBuf,
+    /// Profile file (YAML or JSON); without it, --preset builds a roofline profile.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    #[arg(long, default_value = "llama-3.3-70b-fp8-h100")]
+    preset: String,
+    /// GPU budget.
+    #[arg(long, default_value_t = 8)]
+    budget: u32,
+    /// Planner interval.
+    #[arg(long, default_value = "10s")]
+    interval: String,
+    /// Replay faster (2 = twice the request rate).
+    #[arg(long, default_value_t = 1.0)]
+    rate_scale: f64,
+    /// Start of the replayed window, seconds after the first request.
+    #[arg(long, default_value_t = 0.0)]
+    window_start: f64,
+    /// End of the replayed window, seconds after the first request.
+    #[arg(long)]
+    window_end: Option<f64>,
+    /// TTFT SLO, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    slo_ttft: f64,
+    /// TPOT SLO, seconds.
+    #[arg(long, default_value_t = 0.08)]
+    slo_tpot: f64,
+    /// KV-transfer bandwidth between prefill and decode, GB/s (0: instantaneous).
+    #[arg(long, default_value_t = 50.0)]
+    kv_link_gbps: f64,
+    #[arg(long)]
+    json: bool,
+}
+
+struct Setup {
+    requests: Vec<SimRequest>,
+    profile: Profile,
+    base: SimConfig,
+}
+
+fn setup(c: &Common) -> anyhow::Result<Setup> {
+    if !(c.rate_scale.is_finite() && c.rate_scale > 0.0) {
+        bail!(
+            "--rate-scale must be a positive number, got {}",
+            c.rate_scale
+        );
+    }
+    let text = std::fs::read_to_string(&c.trace)
+        .with_context(|| format!("cannot read trace {}", c.trace.display()))?;
+    let trace =
+        Trace::parse(&text).with_context(|| format!("invalid trace {}", c.trace.display()))?;
+    let requests = from_trace(
+        &trace,
+        c.rate_scale,
+        Window {
+            start_s: c.window_start,
+            end_s: c.window_end,
+        },
+    );
+    if requests.is_empty() {
+        bail!(
+            "no requests in the selected window of {}",
+            c.trace.display()
+        );
+    }
+    let profile = super::load_profile(c.profile.as_deref(), &c.preset)?;
+    let mut base = SimConfig {
+        interval_s: super::parse_duration_s(&c.interval)?,
+        slo_ttft_s: c.slo_ttft,
+        slo_tpot_s: c.slo_tpot,
+        kv_link_bytes_per_s: c.kv_link_gbps * 1e9,
+        ..SimConfig::default()
+    };
+    base.planner.sizing.gpu_budget = c.budget;
+    Ok(Setup {
+        requests,
+        profile,
+        base,
+    })
+}
+
+/// Parses a policy name into a run configuration.
+fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
+    let mut cfg = s.base.clone();
+    cfg.policy = match name {
+        "dopd" => PolicySpec::Dopd,
+        "oracle" => PolicySpec::Oracle,
+        "dyn-sla" => PolicySpec::DynSla,
+        "dyn-load" => PolicySpec::DynLoad,
+        "dopd-no-bypass" => {
+            cfg.routing.ultra_short_bypass = false;
+            PolicySpec::Dopd
+        }
+        "dopd-no-batching" => {
+            cfg.routing.short_batching = false;
+            PolicySpec::Dopd
+        }
+        "dopd-last" => {
+            cfg.planner.predictor = ForecasterKind::Last;
+            PolicySpec::Dopd
+        }
+        "dopd-kalman" => {
+            cfg.planner.predictor = ForecasterKind::Kalman;
+            PolicySpec::Dopd
+        }
+        "aggregated" => PolicySpec::Aggregated {
+            instances: (budget / s.profile.gpus.decode).max(1),
+        },
+        other => {
+            if let Some(n) = other.strip_prefix("aggregated:") {
+                let instances = n
+                    .parse()
+                    .with_context(|| format!("bad instance count in {other:?}"))?;
+                PolicySpec::Aggregated { instances }
+            } else if let Some(split) = other.strip_prefix("static:") {
+                let (p, d) = split
+                    .split_once('x')
+                    .with_context(|| format!("{other:?}: write static:NPxND, e.g. static:3x1"))?;
+                let replicas = PerRole {
+                    prefill: p
+                        .parse()
+                        .with_context(|| format!("bad prefill count in {other:?}"))?,
+                    decode: d
+                        .parse()
+                        .with_context(|| format!("bad decode count in {other:?}"))?,
+                };
+                cfg.initial = replicas;
+                PolicySpec::Static { replicas }
+            } else {
+                bail!("unknown policy {other:?}; see `dopd sim compare --help`");
+            }
+        }
+    };
+    Ok(cfg)
+}
+
+fn run_one(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimResult> {
+    let cfg = config_for(name, s, budget)?;
+    let mut r =
+        simulate(&s.requests, &s.profile, &cfg).with_context(|| format!("policy {name}"))?;
+    r.summary.policy = name.to_string();
+    Ok(r)
+}
+
+fn print_header() {
+    println!(
+        "{:<18} {:>7} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6} {:>6}",
+        "policy",
+        "SLO %",
+        "good tok/s",
+        "good req/s",
+        "TTFT p50",
+        "TTFT p90",
+        "TPOT p50",
+        "TPOT p90",
+        "GPU-s",
+        "mean",
+        "peak"
+    );
+}
+
+fn print_row(r: &SimResult) {
+    let s = &r.summary;
+    println!(
+        "{:<18} {:>7.2} {:>9.1} {:>10.3} {:>9.3} {:>9.3} {:>9.4} {:>9.4} {:>10.0} {:>6.2} {:>6}",
+        s.policy,
+        100.0 * s.slo_attainment,
+        s.goodput_tokens_per_s,
+        s.goodput_requests_per_s,
+        s.ttft_p50_s,
+        s.ttft_p90_s,
+        s.tpot_p50_s,
+        s.tpot_p90_s,
+        s.gpu_seconds,
+        s.mean_gpus,
+        s.peak_gpus
+    );
+}
+
+pub fn run(c: Command) -> anyhow::Result<()> {
+    match c {
+        Command::Run {
+            common,
+            policy,
+            records,
+        } => {
+            let s = setup(&common)?;
+            let r = run_one(&policy, &s, common.budget)?;
+            if let Some(path) = records {
+                let mut csv =
+                    String::from("id,arrival_s,isl,osl,route,ttft_s,tpot_s,finish_s,met_slo\n");
+                for x in &r.records {
+                    csv += &format!(
+                        "{},{},{},{},{},{},{},{},{}\n",
+                        x.id,
+                        x.arrival_s,
+                        x.isl,
+                        x.osl,
+                        x.route.as_str(),
+                        x.ttft_s,
+                        x.tpot_s,
+                        x.finish_s,
+                        x.met_slo
+                    );
+                }
+                std::fs::write(&path, csv)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if common.json {
+                let out = serde_json::json!({ "summary": r.summary, "intervals": r.intervals });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print_header();
+                print_row(&r);
+            }
+        }
+        Command::Compare { common, policies } => {
+            let s = setup(&common)?;
+            let names: Vec<&str> = policies
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect();
+            // Parse every name before running anything.
+            for n in &names {
+                config_for(n, &s, common.budget)?;
+            }
+            let mut results = Vec::new();
+            for (k, n) in names.iter().enumerate() {
+                eprintln!("[{}/{}] {n}", k + 1, names.len());
+                results.push(run_one(n, &s, common.budget)?);
+            }
+            if common.json {
+                let out: Vec<_> = results.iter().map(|r| &r.summary).collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!(
+                    "{}: {} requests, budget {} GPUs, SLO TTFT < {} s, TPOT < {} s",
+                    common.trace.display(),
+                    s.requests.len(),
+                    common.budget,
+                    common.slo_ttft,
+                    common.slo_tpot
+                );
+                print_header();
+                results.iter().for_each(print_row);
+            }
+        }
+    }
+    Ok(())
+}

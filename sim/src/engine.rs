@@ -1,0 +1,982 @@
+//! The event loop. See the crate docs for the model.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
+
+use dopd_planner::planner::{
+    ConfigError, Observation, Planner, PlannerConfig, PolicyKind, ReplicaState,
+};
+use dopd_planner::profile::{PerRole, Profile, Role};
+use dopd_planner::routing::{self, Batch, RequestClass, RoutingConfig, ShortBatcher};
+use dopd_planner::sizing::{Replicas, SizingInput};
+use serde::{Deserialize, Serialize};
+
+use crate::report::{self, IntervalPoint, RequestRecord, Route, SimResult};
+use crate::workload::SimRequest;
+
+/// The scaling policy of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum PolicySpec {
+    /// DOPD: forecasting planner plus length-aware routing.
+    Dopd,
+    /// DOPD sizing fed the true next interval (the lower bound on GPUs for this planner).
+    Oracle,
+    /// Dynamo's SLA planner; every request prefilled remotely, one at a time.
+    DynSla,
+    /// Dynamo's load planner; every request prefilled remotely, one at a time.
+    DynLoad,
+    /// Fixed prefill/decode counts; every request prefilled remotely, one at a time.
+    Static { replicas: Replicas },
+    /// `instances` identical instances that prefill and decode (vLLM-like), each with the
+    /// decode role's GPUs.
+    Aggregated { instances: u32 },
+}
+
+impl PolicySpec {
+    pub fn name(&self) -> String {
+        match self {
+            Self::Dopd => "dopd".into(),
+            Self::Oracle => "oracle".into(),
+            Self::DynSla => "dyn-sla".into(),
+            Self::DynLoad => "dyn-load".into(),
+            Self::Static { replicas } => {
+                format!("static-{}p{}d", replicas.prefill, replicas.decode)
+            }
+            Self::Aggregated { instances } => format!("aggregated-{instances}"),
+        }
+    }
+
+    fn planner_kind(&self) -> PolicyKind {
+        match self {
+            Self::Dopd | Self::Oracle => PolicyKind::Dopd,
+            Self::DynSla => PolicyKind::DynSla,
+            Self::DynLoad => PolicyKind::DynLoad,
+            Self::Static { .. } | Self::Aggregated { .. } => PolicyKind::Static,
+        }
+    }
+
+    /// DOPD's length-aware routing is part of DOPD; the baselines send every prompt to a
+    /// prefill instance as it arrives.
+    fn length_aware(&self) -> bool {
+        matches!(self, Self::Dopd | Self::Oracle)
+    }
+}
+
+/// Settings of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    pub policy: PolicySpec,
+    /// Planner settings (the policy kind is taken from `policy`).
+    pub planner: PlannerConfig,
+    /// Routing settings for length-aware policies (ablations switch parts off here).
+    pub routing: RoutingConfig,
+    /// Planner tick, seconds (the DOPD configs use 10).
+    pub interval_s: f64,
+    /// KV-transfer bandwidth between prefill and decode, bytes/s (0: instantaneous).
+    pub kv_link_bytes_per_s: f64,
+    /// Fixed KV-transfer latency, seconds.
+    pub kv_link_latency_s: f64,
+    /// Most prompt tokens a decode/aggregated step prefills (chunked prefill).
+    pub prefill_chunk_tokens: u32,
+    pub slo_ttft_s: f64,
+    pub slo_tpot_s: f64,
+    /// Instances running (and ready) when the replay starts.
+    pub initial: Replicas,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            policy: PolicySpec::Dopd,
+            planner: PlannerConfig::default(),
+            routing: RoutingConfig::default(),
+            interval_s: 10.0,
+            kv_link_bytes_per_s: 50e9,
+            kv_link_latency_s: 0.0005,
+            prefill_chunk_tokens: 2048,
+            slo_ttft_s: 2.0,
+            slo_tpot_s: 0.08,
+            initial: PerRole {
+                prefill: 1,
+                decode: 1,
+            },
+        }
+    }
+}
+
+/// A run that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("simulator config `{field}` = {value}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+// === events ===
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ev {
+    Arrival(usize),
+    BatchDeadline,
+    PrefillDone(usize),
+    KvArrived(usize),
+    StepDone(usize),
+    Ready(usize),
+    Tick,
+}
+
+/// Heap entry: earliest time first, then insertion order (determinism).
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    t: f64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.t.total_cmp(&self.t).then(o.seq.cmp(&self.seq))
+    }
+}
+
+// === state ===
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Prefill,
+    Decode,
+    Aggregated,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Starting,
+    Ready,
+    Draining,
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Inst {
+    kind: Kind,
+    state: State,
+    gpus: u32,
+    launched: f64,
+    stopped: Option<f64>,
+    // Prefill: queued batches and the one in service.
+    queue: VecDeque<Vec<usize>>,
+    current: Vec<usize>,
+    // Decode/aggregated: waiting and running sequences.
+    waiting: VecDeque<usize>,
+    running: Vec<usize>,
+    blocks_used: u64,
+    stepping: bool,
+    /// Prompt tokens each running request prefills in the step under way.
+    step_prefill: Vec<(usize, u32)>,
+    /// Cancelled while starting but already holding work: drains once it is up.
+    retiring: bool,
+}
+
+impl Inst {
+    fn new(kind: Kind, state: State, gpus: u32, now: f64) -> Self {
+        Self {
+            kind,
+            state,
+            gpus,
+            launched: now,
+            stopped: None,
+            queue: VecDeque::new(),
+            current: Vec::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            blocks_used: 0,
+            stepping: false,
+            step_prefill: Vec::new(),
+            retiring: false,
+        }
+    }
+
+    fn active(&self) -> bool {
+        matches!(self.state, State::Starting | State::Ready) && !self.retiring
+    }
+
+    fn role(&self) -> Role {
+        match self.kind {
+            Kind::Prefill => Role::Prefill,
+            Kind::Decode | Kind::Aggregated => Role::Decode,
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.queue.is_empty()
+            && self.current.is_empty()
+            && self.waiting.is_empty()
+            && self.running.is_empty()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Req {
+    r: SimRequest,
+    route: Route,
+    first_token: Option<f64>,
+    finish: Option<f64>,
+    generated: u32,
+    prefill_left: u32,
+    blocks: u64,
+}
+
+/// Per-interval accumulators for the planner's observation.
+#[derive(Debug, Default)]
+struct IntervalAcc {
+    arrivals: u64,
+    isl_sum: f64,
+    osl_sum: f64,
+    ttft_sum: f64,
+    ttft_n: u64,
+    tpot_sum: f64,
+    tpot_n: u64,
+    dur_sum: f64,
+    dur_n: u64,
+}
+
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    profile: &'a Profile,
+    planner: Option<Planner>,
+    routing: RoutingConfig,
+    batcher: ShortBatcher<usize>,
+    reqs: Vec<Req>,
+    insts: Vec<Inst>,
+    heap: BinaryHeap<Entry>,
+    seq: u64,
+    now: f64,
+    /// Forecast mean ISL: the long/short threshold.
+    isl_threshold: f64,
+    acc: IntervalAcc,
+    records: Vec<RequestRecord>,
+    intervals: Vec<IntervalPoint>,
+    gpus_now: u32,
+    peak_gpus: u32,
+    gpu_integral: f64,
+    last_gpu_change: f64,
+    finished: usize,
+    /// True next-interval workloads for the oracle, by tick index.
+    oracle: Vec<SizingInput>,
+    ticks: usize,
+}
+
+/// Runs `requests` (sorted by arrival) through a cluster described by `profile` and `cfg`.
+pub fn simulate(
+    requests: &[SimRequest],
+    profile: &Profile,
+    cfg: &SimConfig,
+) -> Result<SimResult, SimError> {
+    validate(cfg)?;
+    let mut planner_cfg = cfg.planner.clone();
+    planner_cfg.policy = cfg.policy.planner_kind();
+    if let PolicySpec::Static { replicas } = cfg.policy {
+        planner_cfg.static_replicas = replicas;
+    }
+    let planner = match cfg.policy {
+        PolicySpec::Aggregated { .. } => None,
+        _ => Some(Planner::new(profile.clone(), planner_cfg)?),
+    };
+    let routing = if cfg.policy.length_aware() {
+        cfg.routing.clone()
+    } else {
+        RoutingConfig {
+            ultra_short_bypass: false,
+            short_batching: false,
+            ..cfg.routing.clone()
+        }
+    };
+    let mut sim = Sim {
+        cfg,
+        profile,
+        planner,
+        batcher: ShortBatcher::new(&routing),
+        routing,
+        reqs: requests
+            .iter()
+            .map(|r| Req {
+                r: *r,
+                route: Route::Long,
+                first_token: None,
+                finish: None,
+                generated: 0,
+                prefill_left: 0,
+                blocks: 0,
+            })
+            .collect(),
+        insts: Vec::new(),
+        heap: BinaryHeap::new(),
+        seq: 0,
+        now: 0.0,
+        isl_threshold: f64::INFINITY,
+        acc: IntervalAcc::default(),
+        records: Vec::with_capacity(requests.len()),
+        intervals: Vec::new(),
+        gpus_now: 0,
+        peak_gpus: 0,
+        gpu_integral: 0.0,
+        last_gpu_change: 0.0,
+        finished: 0,
+        oracle: oracle_inputs(requests, cfg.interval_s),
+        ticks: 0,
+    };
+    sim.run();
+    let gpu_seconds: f64 = sim
+        .insts
+        .iter()
+        .map(|i| f64::from(i.gpus) * (i.stopped.unwrap_or(sim.now) - i.launched))
+        .sum();
+    sim.records.sort_by_key(|r| r.id);
+    let summary = report::summarize(
+        cfg.policy.name(),
+        &sim.records,
+        (cfg.slo_ttft_s, cfg.slo_tpot_s),
+        gpu_seconds,
+        sim.peak_gpus,
+    );
+    Ok(SimResult {
+        summary,
+        records: sim.records,
+        intervals: sim.intervals,
+        gpu_seconds_integral: sim.gpu_integral,
+    })
+}
+
+fn validate(cfg: &SimConfig) -> Result<(), SimError> {
+    let bad = |field, value: f64, reason| {
+        Err(SimError::Invalid {
+            field,
+            value: value.to_string(),
+            reason,
+        })
+    };
+    if !(cfg.interval_s.is_finite() && cfg.interval_s > 0.0) {
+        return bad("interval_s", cfg.interval_s, "must be finite and > 0");
+    }
+    for (field, v) in [
+        ("kv_link_bytes_per_s", cfg.kv_link_bytes_per_s),
+        ("kv_link_latency_s", cfg.kv_link_latency_s),
+        ("slo_ttft_s", cfg.slo_ttft_s),
+        ("slo_tpot_s", cfg.slo_tpot_s),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return bad(field, v, "must be finite and >= 0");
+        }
+    }
+    if cfg.prefill_chunk_tokens == 0 {
+        return bad("prefill_chunk_tokens", 0.0, "must be >= 1");
+    }
+    if let PolicySpec::Aggregated { instances: 0 } = cfg.policy {
+        return bad("policy.instances", 0.0, "must be >= 1");
+    }
+    Ok(())
+}
+
+/// The true workload of each planner interval, for the oracle: tick `k` at `k·Δ` sizes for
+/// arrivals in `[k·Δ, (k+1)·Δ)`.
+fn oracle_inputs(requests: &[SimRequest], interval_s: f64) -> Vec<SizingInput> {
+    let n = requests
+        .last()
+        .map_or(0, |r| (r.arrival_s / interval_s) as usize + 1);
+    let mut acc = vec![(0.0f64, 0.0f64, 0.0f64); n + 1];
+    for r in requests {
+        let k = (r.arrival_s / interval_s) as usize;
+        acc[k].0 += 1.0;
+        acc[k].1 += f64::from(r.isl);
+        acc[k].2 += f64::from(r.osl);
+    }
+    acc.into_iter()
+        .map(|(c, i, o)| SizingInput {
+            interval_s,
+            ..SizingInput::new(
+                c,
+                if c > 0.0 { i / c } else { 0.0 },
+                if c > 0.0 { o / c } else { 0.0 },
+            )
+        })
+        .collect()
+}
+
+impl Sim<'_> {
+    fn push(&mut self, t: f64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Entry {
+            t,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn run(&mut self) {
+        for i in 0..self.reqs.len() {
+            self.push(self.reqs[i].r.arrival_s, Ev::Arrival(i));
+        }
+        let initial = match self.cfg.policy {
+            PolicySpec::Aggregated { instances } => PerRole {
+                prefill: 0,
+                decode: instances,
+            },
+            _ => self.cfg.initial,
+        };
+        for _ in 0..initial.prefill {
+            self.launch(Kind::Prefill, true);
+        }
+        let decode_kind = self.decode_kind();
+        for _ in 0..initial.decode {
+            self.launch(decode_kind, true);
+        }
+        if self.planner.is_some() {
+            self.push(self.cfg.interval_s, Ev::Tick);
+        }
+        while let Some(Entry { t, ev, .. }) = self.heap.pop() {
+            // Everything served: the run ends at the last finish, whatever is still scheduled.
+            if self.finished == self.reqs.len() {
+                break;
+            }
+            self.now = t;
+            match ev {
+                Ev::Arrival(i) => self.arrive(i),
+                Ev::BatchDeadline => {
+                    if let Some(b) = self.batcher.poll(self.now) {
+                        self.dispatch_prefill(b);
+                    }
+                    self.schedule_batch_deadline();
+                }
+                Ev::PrefillDone(k) => self.prefill_done(k),
+                Ev::KvArrived(i) => self.kv_arrived(i),
+                Ev::StepDone(k) => self.step_done(k),
+                Ev::Ready(k) => {
+                    let inst = &mut self.insts[k];
+                    if inst.state == State::Starting {
+                        inst.state = if inst.retiring {
+                            State::Draining
+                        } else {
+                            State::Ready
+                        };
+                        self.kick(k);
+                    }
+                }
+                Ev::Tick => {
+                    self.tick();
+                    if self.finished < self.reqs.len() {
+                        self.push(self.now + self.cfg.interval_s, Ev::Tick);
+                    }
+                }
+            }
+        }
+        // Everything served: release every instance.
+        let end = self.now;
+        for k in 0..self.insts.len() {
+            if self.insts[k].state != State::Stopped {
+                self.stop(k, end);
+            }
+        }
+    }
+
+    fn decode_kind(&self) -> Kind {
+        if matches!(self.cfg.policy, PolicySpec::Aggregated { .. }) {
+            Kind::Aggregated
+        } else {
+            Kind::Decode
+        }
+    }
+
+    fn gpus_changed(&mut self, delta: i64) {
+        self.gpu_integral += f64::from(self.gpus_now) * (self.now - self.last_gpu_change);
+        self.last_gpu_change = self.now;
+        self.gpus_now = u32::try_from(i64::from(self.gpus_now) + delta).unwrap_or(0);
+        self.peak_gpus = self.peak_gpus.max(self.gpus_now);
+    }
+
+    fn launch(&mut self, kind: Kind, ready: bool) {
+        let gpus = match kind {
+            Kind::Prefill => self.profile.gpus.prefill,
+            Kind::Decode | Kind::Aggregated => self.profile.gpus.decode,
+        };
+        let state = if ready { State::Ready } else { State::Starting };
+        self.insts.push(Inst::new(kind, state, gpus, self.now));
+        self.gpus_changed(i64::from(gpus));
+        if !ready {
+            let role = if kind == Kind::Prefill {
+                Role::Prefill
+            } else {
+                Role::Decode
+            };
+            let k = self.insts.len() - 1;
+            self.push(self.now + self.profile.startup_s.get(role), Ev::Ready(k));
+        }
+    }
+
+    fn stop(&mut self, k: usize, at: f64) {
+        let inst = &mut self.insts[k];
+        inst.state = State::Stopped;
+        inst.stopped = Some(at);
+        let gpus = inst.gpus;
+        self.gpus_changed(-i64::from(gpus));
+    }
+
+    /// Least-loaded instance of `kind` among the ready ones, else among the starting ones.
+    fn pick(&self, kind: Kind) -> Option<usize> {
+        for want in [State::Ready, State::Starting] {
+            let cands: Vec<(usize, f64)> = self
+                .insts
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| i.kind == kind && i.state == want && !i.retiring)
+                .map(|(k, i)| (k, self.load(i)))
+                .collect();
+            let loads: Vec<f64> = cands.iter().map(|c| c.1).collect();
+            if let Some(j) = routing::least_loaded(&loads) {
+                return Some(cands[j].0);
+            }
+        }
+        None
+    }
+
+    /// Outstanding work of an instance, in tokens.
+    fn load(&self, i: &Inst) -> f64 {
+        let toks = |ids: &mut dyn Iterator<Item = &usize>| -> f64 {
+            ids.map(|&r| {
+                let q = &self.reqs[r];
+                f64::from(q.prefill_left) + f64::from(q.r.osl.saturating_sub(q.generated))
+            })
+            .sum()
+        };
+        let prefill: f64 = i
+            .queue
+            .iter()
+            .flatten()
+            .chain(&i.current)
+            .map(|&r| f64::from(self.reqs[r].r.isl))
+            .sum();
+        prefill + toks(&mut i.waiting.iter()) + toks(&mut i.running.iter())
+    }
+
+    fn arrive(&mut self, i: usize) {
+        let r = self.reqs[i].r;
+        self.acc.arrivals += 1;
+        self.acc.isl_sum += f64::from(r.isl);
+        self.acc.osl_sum += f64::from(r.osl);
+        if self.decode_kind() == Kind::Aggregated {
+            self.reqs[i].route = Route::Aggregated;
+            self.send_to_decode(i, true);
+            return;
+        }
+        match routing::classify(r.isl, self.isl_threshold, &self.routing) {
+            RequestClass::UltraShort => {
+                self.reqs[i].route = Route::UltraShort;
+                self.send_to_decode(i, true);
+            }
+            RequestClass::Long => {
+                self.reqs[i].route = Route::Long;
+                self.dispatch_prefill(Batch {
+                    items: vec![i],
+                    tokens: u64::from(r.isl),
+                    reason: routing::FlushReason::Drain,
+                });
+            }
+            RequestClass::Short => {
+                self.reqs[i].route = Route::Short;
+                for b in self.batcher.push(i, r.isl, self.now) {
+                    self.dispatch_prefill(b);
+                }
+                self.schedule_batch_deadline();
+            }
+        }
+    }
+
+    fn schedule_batch_deadline(&mut self) {
+        if let Some(d) = self.batcher.deadline() {
+            self.push(d.max(self.now), Ev::BatchDeadline);
+        }
+    }
+
+    fn dispatch_prefill(&mut self, b: Batch<usize>) {
+        match self.pick(Kind::Prefill) {
+            Some(k) => {
+                self.insts[k].queue.push_back(b.items);
+                self.kick(k);
+            }
+            // No prefill instance at all: prefill on a decode instance instead (never drop).
+            None => b
+                .items
+                .into_iter()
+                .for_each(|i| self.send_to_decode(i, true)),
+        }
+    }
+
+    /// Prefill time of `tokens` prompt tokens: the profile's TTFT curve, extended linearly past
+    /// the profiled range (a one-sample profile is constant).
+    fn prefill_time(&self, tokens: u64) -> f64 {
+        let t = tokens as f64;
+        let max = self.profile.max_isl();
+        if t <= max || self.profile.prefill.isl.len() < 2 {
+            self.profile.ttft(t)
+        } else {
+            self.profile.ttft(max) * t / max
+        }
+    }
+
+    /// Starts work on an idle, ready instance.
+    fn kick(&mut self, k: usize) {
+        let inst = &self.insts[k];
+        if !matches!(inst.state, State::Ready | State::Draining) {
+            return;
+        }
+        match inst.kind {
+            Kind::Prefill => {
+                if !inst.current.is_empty() {
+                    return;
+                }
+                let Some(batch) = self.insts[k].queue.pop_front() else {
+                    self.maybe_retire(k);
+                    return;
+                };
+                let tokens: u64 = batch.iter().map(|&r| u64::from(self.reqs[r].r.isl)).sum();
+                let dt = self.prefill_time(tokens);
+                self.insts[k].current = batch;
+                self.push(self.now + dt, Ev::PrefillDone(k));
+            }
+            Kind::Decode | Kind::Aggregated => {
+                if !inst.stepping {
+                    self.start_step(k);
+                }
+            }
+        }
+    }
+
+    fn maybe_retire(&mut self, k: usize) {
+        if self.insts[k].state == State::Draining && self.insts[k].idle() {
+            self.stop(k, self.now);
+        }
+    }
+
+    fn prefill_done(&mut self, k: usize) {
+        let batch = std::mem::take(&mut self.insts[k].current);
+        for i in batch {
+            let bytes = f64::from(self.reqs[i].r.isl) * self.profile.kv.bytes_per_token as f64;
+            let transfer = if self.cfg.kv_link_bytes_per_s > 0.0 {
+                bytes / self.cfg.kv_link_bytes_per_s + self.cfg.kv_link_latency_s
+            } else {
+                self.cfg.kv_link_latency_s
+            };
+            self.push(self.now + transfer, Ev::KvArrived(i));
+        }
+        self.kick(k);
+    }
+
+    fn first_token(&mut self, i: usize) {
+        let q = &mut self.reqs[i];
+        q.first_token = Some(self.now);
+        q.generated = 1;
+        self.acc.ttft_sum += self.now - q.r.arrival_s;
+        self.acc.ttft_n += 1;
+    }
+
+    fn kv_arrived(&mut self, i: usize) {
+        self.first_token(i);
+        if self.reqs[i].r.osl <= 1 {
+            self.finish(i);
+        } else {
+            self.send_to_decode(i, false);
+        }
+    }
+
+    /// Queues request `i` on a decode (or aggregated) instance; `local` prefills it there.
+    fn send_to_decode(&mut self, i: usize, local: bool) {
+        let kind = self.decode_kind();
+        let Some(k) = self.pick(kind) else {
+            // Unreachable with at least one decode instance (minimums are >= 1).
+            debug_assert!(false, "no decode instance");
+            return;
+        };
+        let q = &mut self.reqs[i];
+        q.prefill_left = if local { q.r.isl } else { 0 };
+        self.insts[k].waiting.push_back(i);
+        self.kick(k);
+    }
+
+    fn start_step(&mut self, k: usize) {
+        let block = u64::from(self.profile.kv.block_size.max(1));
+        let cap = self.profile.kv.blocks;
+        // Admit FIFO while the reserved blocks fit (a lone oversized request is admitted alone).
+        while let Some(&i) = self.insts[k].waiting.front() {
+            let q = &self.reqs[i];
+            let need = (u64::from(q.r.isl) + u64::from(q.r.osl)).div_ceil(block);
+            let inst = &self.insts[k];
+            if inst.blocks_used + need > cap && !inst.running.is_empty() {
+                break;
+            }
+            self.insts[k].waiting.pop_front();
+            self.insts[k].running.push(i);
+            self.insts[k].blocks_used += need;
+            self.reqs[i].blocks = need;
+        }
+        if self.insts[k].running.is_empty() {
+            self.insts[k].stepping = false;
+            self.maybe_retire(k);
+            return;
+        }
+        let mut n = 0u32;
+        let mut ctx = 0.0;
+        let mut budget = self.cfg.prefill_chunk_tokens;
+        let mut plan = Vec::new();
+        for &i in &self.insts[k].running {
+            let q = &self.reqs[i];
+            if q.prefill_left == 0 {
+                n += 1;
+                ctx += f64::from(q.r.isl) + f64::from(q.generated);
+            } else if budget > 0 {
+                let take = q.prefill_left.min(budget);
+                budget -= take;
+                plan.push((i, take));
+            }
+        }
+        let prefill_tokens: u64 = plan.iter().map(|p| u64::from(p.1)).sum();
+        let mut dt = 0.0;
+        if n > 0 {
+            dt += self.profile.tpot(f64::from(n), ctx / f64::from(n));
+        }
+        if prefill_tokens > 0 {
+            dt += self.prefill_time(prefill_tokens);
+        }
+        self.insts[k].step_prefill = plan;
+        self.insts[k].stepping = true;
+        self.push(self.now + dt, Ev::StepDone(k));
+    }
+
+    fn step_done(&mut self, k: usize) {
+        let plan = std::mem::take(&mut self.insts[k].step_prefill);
+        let prefilling: Vec<usize> = plan.iter().map(|p| p.0).collect();
+        let running = std::mem::take(&mut self.insts[k].running);
+        let mut keep = Vec::with_capacity(running.len());
+        for i in running {
+            if prefilling.contains(&i) {
+                keep.push(i);
+                continue;
+            }
+            if self.reqs[i].prefill_left == 0 {
+                self.reqs[i].generated += 1;
+                if self.reqs[i].generated >= self.reqs[i].r.osl {
+                    self.insts[k].blocks_used -= self.reqs[i].blocks;
+                    self.finish(i);
+                    continue;
+                }
+            }
+            keep.push(i);
+        }
+        for (i, take) in plan {
+            self.reqs[i].prefill_left -= take;
+            if self.reqs[i].prefill_left == 0 {
+                self.first_token(i);
+                if self.reqs[i].r.osl <= 1 {
+                    keep.retain(|&j| j != i);
+                    self.insts[k].blocks_used -= self.reqs[i].blocks;
+                    self.finish(i);
+                }
+            }
+        }
+        self.insts[k].running = keep;
+        self.insts[k].stepping = false;
+        self.kick(k);
+    }
+
+    fn finish(&mut self, i: usize) {
+        let q = &mut self.reqs[i];
+        debug_assert!(q.finish.is_none(), "request {i} finished twice");
+        q.finish = Some(self.now);
+        self.finished += 1;
+        let ft = q.first_token.unwrap_or(self.now);
+        let ttft = ft - q.r.arrival_s;
+        let tpot = if q.r.osl > 1 {
+            (self.now - ft) / f64::from(q.r.osl - 1)
+        } else {
+            0.0
+        };
+        self.acc.dur_sum += self.now - q.r.arrival_s;
+        self.acc.dur_n += 1;
+        if q.r.osl > 1 {
+            self.acc.tpot_sum += tpot;
+            self.acc.tpot_n += 1;
+        }
+        self.records.push(RequestRecord {
+            id: i,
+            arrival_s: q.r.arrival_s,
+            isl: q.r.isl,
+            osl: q.r.osl,
+            route: q.route,
+            ttft_s: ttft,
+            tpot_s: tpot,
+            finish_s: self.now,
+            met_slo: ttft <= self.cfg.slo_ttft_s && (q.r.osl <= 1 || tpot <= self.cfg.slo_tpot_s),
+        });
+    }
+
+    fn counts(&self) -> PerRole<ReplicaState> {
+        let mut c = PerRole::<ReplicaState>::default();
+        for i in &self.insts {
+            let s = match i.role() {
+                Role::Prefill => &mut c.prefill,
+                Role::Decode => &mut c.decode,
+            };
+            match i.state {
+                State::Ready => s.ready += 1,
+                State::Starting if !i.retiring => s.pending += 1,
+                State::Starting | State::Draining | State::Stopped => {}
+            }
+        }
+        c
+    }
+
+    fn observation(&self) -> Observation {
+        let a = &self.acc;
+        let mean = |s: f64, n: u64| (n > 0).then(|| s / n as f64);
+        let ready_decode: Vec<&Inst> = self
+            .insts
+            .iter()
+            .filter(|i| i.role() == Role::Decode && i.state == State::Ready)
+            .collect();
+        let kv = if ready_decode.is_empty() {
+            0.0
+        } else {
+            ready_decode
+                .iter()
+                .map(|i| i.blocks_used as f64 / self.profile.kv.blocks as f64)
+                .sum::<f64>()
+                / ready_decode.len() as f64
+        };
+        let queued: usize = self
+            .insts
+            .iter()
+            .filter(|i| i.kind == Kind::Prefill)
+            .map(|i| i.queue.iter().map(Vec::len).sum::<usize>() + i.current.len())
+            .sum::<usize>()
+            + self.batcher.len();
+        Observation {
+            interval_s: self.cfg.interval_s,
+            requests: a.arrivals as f64,
+            mean_isl: mean(a.isl_sum, a.arrivals),
+            mean_osl: mean(a.osl_sum, a.arrivals),
+            ttft_s: mean(a.ttft_sum, a.ttft_n),
+            itl_s: mean(a.tpot_sum, a.tpot_n),
+            request_duration_s: mean(a.dur_sum, a.dur_n),
+            prefill_queue_depth: queued as f64,
+            kv_usage: kv,
+            replicas: self.counts(),
+        }
+    }
+
+    fn tick(&mut self) {
+        let obs = self.observation();
+        let oracle_next = self.oracle.get(self.ticks + 1).copied();
+        self.ticks += 1;
+        let now = self.now;
+        let Some(planner) = self.planner.as_mut() else {
+            return;
+        };
+        let d = match (&self.cfg.policy, oracle_next) {
+            (PolicySpec::Oracle, Some(next)) => planner.tick_with_known_next(now, &obs, next),
+            (PolicySpec::Oracle, None) => {
+                planner.tick_with_known_next(now, &obs, SizingInput::new(0.0, 0.0, 0.0))
+            }
+            _ => planner.tick(now, &obs),
+        };
+        if let Some(f) = d.forecast.filter(|f| f.isl.point > 0.0) {
+            self.isl_threshold = f.isl.point;
+        } else if let Some(isl) = obs.mean_isl {
+            self.isl_threshold = isl;
+        }
+        if matches!(self.cfg.policy, PolicySpec::Oracle)
+            && let Some(next) = oracle_next.filter(|n| n.isl > 0.0)
+        {
+            self.isl_threshold = next.isl;
+        }
+        self.apply(Role::Prefill, d.target.prefill);
+        self.apply(Role::Decode, d.target.decode);
+        let c = self.counts();
+        self.intervals.push(IntervalPoint {
+            t_s: now,
+            requests: obs.requests,
+            forecast_requests: d.forecast.map(|f| f.requests.point),
+            target_prefill: d.target.prefill,
+            target_decode: d.target.decode,
+            ready_prefill: c.prefill.ready,
+            ready_decode: c.decode.ready,
+            gpus: self.gpus_now,
+        });
+        self.acc = IntervalAcc::default();
+    }
+
+    /// Brings the active instances of `role` to `target`: launch, cancel starting ones, or drain.
+    fn apply(&mut self, role: Role, target: u32) {
+        let kind = if role == Role::Prefill {
+            Kind::Prefill
+        } else {
+            self.decode_kind()
+        };
+        let active: Vec<usize> = (0..self.insts.len())
+            .filter(|&k| self.insts[k].kind == kind && self.insts[k].active())
+            .collect();
+        let n = active.len() as u32;
+        if target > n {
+            for _ in n..target {
+                self.launch(kind, false);
+            }
+            return;
+        }
+        let mut excess = (n - target) as usize;
+        // Cancel starting instances first (newest first), then drain the least loaded ready ones.
+        let mut starting: Vec<usize> = active
+            .iter()
+            .copied()
+            .filter(|&k| self.insts[k].state == State::Starting)
+            .collect();
+        starting.reverse();
+        for k in starting.into_iter().take(excess) {
+            // A starting instance may already hold queued work: it finishes starting, serves
+            // that work and leaves.
+            if self.insts[k].idle() {
+                self.stop(k, self.now);
+            } else {
+                self.insts[k].retiring = true;
+            }
+            excess -= 1;
+        }
+        let mut ready: Vec<(usize, f64)> = active
+            .iter()
+            .copied()
+            .filter(|&k| self.insts[k].state == State::Ready)
+            .map(|k| (k, self.load(&self.insts[k])))
+            .collect();
+        ready.sort_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
+        for (k, _) in ready.into_iter().take(excess) {
+            self.insts[k].state = State::Draining;
+            if self.insts[k].idle() {
+                self.stop(k, self.now);
+            }
+        }
+    }
+}
