@@ -26,7 +26,7 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
         /// Comma-separated policies: dopd, oracle, dyn-sla, dyn-load, static:NPxND (e.g.
-        /// static:3x1), aggregated[:N] (N defaults to budget / decode GPUs), and the DOPD
+        /// static:3x1), aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
         /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman.
         #[arg(
             long,
