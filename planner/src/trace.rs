@@ -10,6 +10,9 @@
 //!   and an offset). CRLF or LF line ends.
 //! - **Mooncake JSONL**: one object per line with `timestamp` (ms), `input_length`,
 //!   `output_length` (other fields such as `hash_ids` are ignored).
+//! - **BurstGPT CSV**: header `Timestamp,Model,Request tokens,Response tokens,Total tokens,Log
+//!   Type`, timestamps in seconds from the trace start (failed requests, with 0 response tokens,
+//!   are kept).
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +33,7 @@ pub struct TraceRequest {
 pub enum TraceFormat {
     AzureCsv,
     MooncakeJsonl,
+    BurstGptCsv,
 }
 
 /// A trace that could not be parsed.
@@ -228,15 +232,74 @@ impl Trace {
         Self::finish(TraceFormat::MooncakeJsonl, requests)
     }
 
-    /// Parses either format, telling them apart by the first non-empty character.
-    pub fn parse(text: &str) -> Result<Self, TraceError> {
-        match text
+    /// Parses a BurstGPT trace (CSV).
+    pub fn parse_burstgpt_csv(text: &str) -> Result<Self, TraceError> {
+        let mut lines = text.lines().enumerate();
+        let (_, header) = lines.next().ok_or(TraceError::Empty)?;
+        let cols: Vec<String> = header
             .trim_start_matches('\u{feff}')
-            .trim_start()
-            .chars()
-            .next()
-        {
+            .split(',')
+            .map(|c| c.trim().to_ascii_lowercase())
+            .collect();
+        let find = |name: &str| cols.iter().position(|c| c == name);
+        let (Some(ts), Some(req), Some(resp)) = (
+            find("timestamp"),
+            find("request tokens"),
+            find("response tokens"),
+        ) else {
+            return Err(line_err(
+                1,
+                format!(
+                    "header {header:?} must name Timestamp, Request tokens and Response tokens"
+                ),
+            ));
+        };
+        let mut requests = Vec::new();
+        for (i, raw) in lines {
+            let line = i + 1;
+            let raw = raw.trim_end_matches('\r');
+            if raw.trim().is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = raw.split(',').collect();
+            if fields.len() != cols.len() {
+                return Err(line_err(
+                    line,
+                    format!("expected {} fields, found {}", cols.len(), fields.len()),
+                ));
+            }
+            let t: f64 = fields[ts].trim().parse().map_err(|_| {
+                line_err(
+                    line,
+                    format!(
+                        "Timestamp {:?} is not a number of seconds",
+                        fields[ts].trim()
+                    ),
+                )
+            })?;
+            if !(t >= 0.0 && t < 3.2e9) {
+                return Err(line_err(
+                    line,
+                    format!("Timestamp {t} must be seconds in 0..3.2e9"),
+                ));
+            }
+            requests.push(TraceRequest {
+                arrival_ns: (t * 1e9).round() as i64,
+                isl: tokens(fields[req], "Request tokens", line)?,
+                osl: tokens(fields[resp], "Response tokens", line)?,
+            });
+        }
+        Self::finish(TraceFormat::BurstGptCsv, requests)
+    }
+
+    /// Parses any supported format: JSONL when the first character is `{`, BurstGPT when the
+    /// header names `Request tokens`, Azure otherwise.
+    pub fn parse(text: &str) -> Result<Self, TraceError> {
+        let body = text.trim_start_matches('\u{feff}').trim_start();
+        let header = body.lines().next().unwrap_or("").to_ascii_lowercase();
+        match body.chars().next() {
             Some('{') => Self::parse_mooncake_jsonl(text),
+            Some(_) if header.contains("request tokens") => Self::parse_burstgpt_csv(text),
             Some(_) => Self::parse_azure_csv(text),
             None => Err(TraceError::Empty),
         }
@@ -461,6 +524,26 @@ mod tests {
             Err(TraceError::Interval(_))
         ));
         assert!(matches!(t.intervals(0), Err(TraceError::Interval(_))));
+    }
+
+    #[test]
+    fn burstgpt_csv_parses() {
+        let text = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n\
+                    5,ChatGPT,472,18,490,Conversation log\n\
+                    45.5,GPT-4,1087,0,1087,API log\n";
+        let t = Trace::parse(text).expect("valid");
+        assert_eq!(t.format, TraceFormat::BurstGptCsv);
+        assert_eq!(
+            t.requests[1],
+            TraceRequest {
+                arrival_ns: 45_500_000_000,
+                isl: 1087,
+                osl: 0
+            }
+        );
+        let bad = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\nsoon,GPT-4,1,1,2,API log\n";
+        let e = Trace::parse(bad).expect_err("bad time").to_string();
+        assert!(e.starts_with("line 2:") && e.contains("Timestamp"), "{e}");
     }
 
     #[test]

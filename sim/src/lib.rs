@@ -31,4 +31,4 @@ mod workload;
 
 pub use engine::{PolicySpec, SimConfig, SimError, simulate};
 pub use report::{IntervalPoint, RequestRecord, Route, SimResult, Summary};
-pub use workload::{SimRequest, Window, from_trace};
+pub use workload::{Arrivals, Lengths, SimRequest, SyntheticSpec, Window, from_trace, synthetic};

@@ -44,3 +44,207 @@ pub fn from_trace(trace: &Trace, rate_scale: f64, window: Window) -> Vec<SimRequ
     out.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
     out
 }
+
+/// Inter-arrival process of a synthetic workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Arrivals {
+    /// Exponential gaps: `rate` requests per second.
+    Poisson { rate: f64 },
+    /// Gamma gaps with mean `1/rate` and coefficient of variation `cv` (shape `1/cv²`): `cv > 1`
+    /// is bursty (BurstGPT fits shape ≈ 0.25, i.e. cv = 2).
+    Gamma { rate: f64, cv: f64 },
+}
+
+/// Length distribution (tokens, at least 1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Lengths {
+    Constant {
+        value: u32,
+    },
+    /// Log-normal with the given mean and log-space standard deviation `sigma`, capped at `max`.
+    LogNormal {
+        mean: f64,
+        sigma: f64,
+        max: u32,
+    },
+    /// Zipf over `1..=max` with exponent `exponent` (BurstGPT's fits use about 1.1).
+    Zipf {
+        max: u32,
+        exponent: f64,
+    },
+}
+
+/// A seeded synthetic workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyntheticSpec {
+    pub seed: u64,
+    pub requests: usize,
+    pub arrivals: Arrivals,
+    pub isl: Lengths,
+    pub osl: Lengths,
+}
+
+enum LenSampler {
+    Constant(u32),
+    LogNormal(rand_distr::LogNormal<f64>, u32),
+    Zipf(rand_distr::Zipf<f64>),
+}
+
+impl LenSampler {
+    fn new(l: &Lengths, what: &str) -> Result<Self, String> {
+        let bad = |m: String| format!("{what}: {m}");
+        Ok(match *l {
+            Lengths::Constant { value } => Self::Constant(value.max(1)),
+            Lengths::LogNormal { mean, sigma, max } => {
+                if !(mean > 0.0 && mean.is_finite() && sigma >= 0.0 && sigma.is_finite()) {
+                    return Err(bad(format!(
+                        "log-normal needs mean > 0 and sigma >= 0, got {mean}, {sigma}"
+                    )));
+                }
+                let mu = mean.ln() - sigma * sigma / 2.0;
+                let d = rand_distr::LogNormal::new(mu, sigma).map_err(|e| bad(e.to_string()))?;
+                Self::LogNormal(d, max.max(1))
+            }
+            Lengths::Zipf { max, exponent } => {
+                let d = rand_distr::Zipf::new(f64::from(max.max(1)), exponent)
+                    .map_err(|e| bad(e.to_string()))?;
+                Self::Zipf(d)
+            }
+        })
+    }
+
+    fn sample(&self, rng: &mut impl rand::Rng) -> u32 {
+        use rand_distr::Distribution;
+        match self {
+            Self::Constant(v) => *v,
+            Self::LogNormal(d, max) => (d.sample(rng).round() as u32).clamp(1, *max),
+            Self::Zipf(d) => (d.sample(rng) as u32).max(1),
+        }
+    }
+}
+
+/// Generates a synthetic workload; the same spec always gives the same requests.
+pub fn synthetic(spec: &SyntheticSpec) -> Result<Vec<SimRequest>, String> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
+    let gap: Box<dyn Fn(&mut rand_chacha::ChaCha8Rng) -> f64> = match spec.arrivals {
+        Arrivals::Poisson { rate } => {
+            let d =
+                rand_distr::Exp::new(rate).map_err(|e| format!("arrivals: rate {rate}: {e}"))?;
+            Box::new(move |r| d.sample(r))
+        }
+        Arrivals::Gamma { rate, cv } => {
+            if !(rate > 0.0 && rate.is_finite() && cv > 0.0 && cv.is_finite()) {
+                return Err(format!(
+                    "arrivals: gamma needs rate > 0 and cv > 0, got {rate}, {cv}"
+                ));
+            }
+            let shape = 1.0 / (cv * cv);
+            let d = rand_distr::Gamma::new(shape, 1.0 / (rate * shape))
+                .map_err(|e| format!("arrivals: {e}"))?;
+            Box::new(move |r| d.sample(r))
+        }
+    };
+    let isl = LenSampler::new(&spec.isl, "isl")?;
+    let osl = LenSampler::new(&spec.osl, "osl")?;
+    let mut t = 0.0;
+    let mut out = Vec::with_capacity(spec.requests);
+    for _ in 0..spec.requests {
+        out.push(SimRequest {
+            arrival_s: t,
+            isl: isl.sample(&mut rng),
+            osl: osl.sample(&mut rng),
+        });
+        t += gap(&mut rng);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(arrivals: Arrivals) -> SyntheticSpec {
+        SyntheticSpec {
+            seed: 42,
+            requests: 20_000,
+            arrivals,
+            isl: Lengths::LogNormal {
+                mean: 1000.0,
+                sigma: 0.8,
+                max: 16384,
+            },
+            osl: Lengths::Zipf {
+                max: 1000,
+                exponent: 1.1,
+            },
+        }
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_workload() {
+        let s = spec(Arrivals::Poisson { rate: 5.0 });
+        assert_eq!(synthetic(&s), synthetic(&s));
+        let other = SyntheticSpec {
+            seed: 43,
+            ..s.clone()
+        };
+        assert_ne!(synthetic(&s), synthetic(&other));
+    }
+
+    #[test]
+    fn rates_and_means_come_out_as_asked() {
+        for arrivals in [
+            Arrivals::Poisson { rate: 5.0 },
+            Arrivals::Gamma { rate: 5.0, cv: 2.0 },
+        ] {
+            let w = synthetic(&spec(arrivals.clone())).expect("valid");
+            let span = w.last().expect("non-empty").arrival_s;
+            let rate = w.len() as f64 / span;
+            assert!((rate - 5.0).abs() < 0.4, "{arrivals:?}: {rate}");
+            let mean_isl = w.iter().map(|r| f64::from(r.isl)).sum::<f64>() / w.len() as f64;
+            assert!((mean_isl - 1000.0).abs() < 40.0, "{mean_isl}");
+            assert!(w.iter().all(|r| r.osl >= 1 && r.osl <= 1000));
+        }
+    }
+
+    #[test]
+    fn gamma_with_a_high_cv_is_burstier_than_poisson() {
+        let cv_of_gaps = |w: &[SimRequest]| {
+            let g: Vec<f64> = w
+                .windows(2)
+                .map(|p| p[1].arrival_s - p[0].arrival_s)
+                .collect();
+            let m = g.iter().sum::<f64>() / g.len() as f64;
+            (g.iter().map(|x| (x - m).powi(2)).sum::<f64>() / g.len() as f64).sqrt() / m
+        };
+        let p = synthetic(&spec(Arrivals::Poisson { rate: 5.0 })).expect("valid");
+        let b = synthetic(&spec(Arrivals::Gamma { rate: 5.0, cv: 2.0 })).expect("valid");
+        assert!((cv_of_gaps(&p) - 1.0).abs() < 0.1);
+        assert!((cv_of_gaps(&b) - 2.0).abs() < 0.3, "{}", cv_of_gaps(&b));
+    }
+
+    #[test]
+    fn bad_specs_are_explained() {
+        let mut s = spec(Arrivals::Gamma {
+            rate: -1.0,
+            cv: 2.0,
+        });
+        assert!(
+            synthetic(&s)
+                .expect_err("negative rate")
+                .contains("arrivals")
+        );
+        s.arrivals = Arrivals::Poisson { rate: 1.0 };
+        s.isl = Lengths::LogNormal {
+            mean: 0.0,
+            sigma: 1.0,
+            max: 10,
+        };
+        assert!(synthetic(&s).expect_err("zero mean").starts_with("isl"));
+    }
+}

@@ -6,7 +6,10 @@ use anyhow::{Context, bail};
 use dopd_planner::forecast::ForecasterKind;
 use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::trace::Trace;
-use dopd_sim::{PolicySpec, SimConfig, SimRequest, SimResult, Window, from_trace, simulate};
+use dopd_sim::{
+    PolicySpec, SimConfig, SimRequest, SimResult, SyntheticSpec, Window, from_trace, simulate,
+    synthetic,
+};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -38,9 +41,17 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct Common {
-    /// Trace file: Azure LLM inference CSV or Mooncake JSONL.
-    #[arg(long)]
-    trace: PathBuf,
+    /// Trace file: Azure LLM inference CSV (2023 or 2024), Mooncake JSONL or BurstGPT CSV.
+    #[arg(
+        long,
+        required_unless_present = "synthetic",
+        conflicts_with = "synthetic"
+    )]
+    trace: Option<PathBuf>,
+    /// A seeded synthetic workload (YAML: seed, requests, arrivals, isl, osl; see
+    /// examples/workloads/).
+    #[arg(long, value_name = "FILE.yaml")]
+    synthetic: Option<PathBuf>,
     /// Profile file (YAML or JSON); without it, --preset builds a roofline profile.
     #[arg(long)]
     profile: Option<PathBuf>,
@@ -87,23 +98,40 @@ fn setup(c: &Common) -> anyhow::Result<Setup> {
             c.rate_scale
         );
     }
-    let text = std::fs::read_to_string(&c.trace)
-        .with_context(|| format!("cannot read trace {}", c.trace.display()))?;
-    let trace =
-        Trace::parse(&text).with_context(|| format!("invalid trace {}", c.trace.display()))?;
-    let requests = from_trace(
-        &trace,
-        c.rate_scale,
-        Window {
-            start_s: c.window_start,
-            end_s: c.window_end,
-        },
-    );
+    let window = Window {
+        start_s: c.window_start,
+        end_s: c.window_end,
+    };
+    let requests = match (&c.trace, &c.synthetic) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read trace {}", path.display()))?;
+            let trace =
+                Trace::parse(&text).with_context(|| format!("invalid trace {}", path.display()))?;
+            from_trace(&trace, c.rate_scale, window)
+        }
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read workload {}", path.display()))?;
+            let spec: SyntheticSpec = serde_yaml::from_str(&text)
+                .with_context(|| format!("invalid workload {}", path.display()))?;
+            let reqs = synthetic(&spec)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("invalid workload {}", path.display()))?;
+            reqs.into_iter()
+                .filter(|r| {
+                    r.arrival_s >= window.start_s && window.end_s.is_none_or(|e| r.arrival_s < e)
+                })
+                .map(|r| SimRequest {
+                    arrival_s: (r.arrival_s - window.start_s) / c.rate_scale,
+                    ..r
+                })
+                .collect()
+        }
+        (None, None) => bail!("give --trace FILE or --synthetic FILE.yaml"),
+    };
     if requests.is_empty() {
-        bail!(
-            "no requests in the selected window of {}",
-            c.trace.display()
-        );
+        bail!("no requests in the selected window");
     }
     let profile = super::load_profile(c.profile.as_deref(), &c.preset)?;
     let mut base = SimConfig {
@@ -278,7 +306,11 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             } else {
                 println!(
                     "{}: {} requests, budget {} GPUs, SLO TTFT < {} s, TPOT < {} s",
-                    common.trace.display(),
+                    common
+                        .trace
+                        .as_ref()
+                        .or(common.synthetic.as_ref())
+                        .map_or_else(String::new, |p| p.display().to_string()),
                     s.requests.len(),
                     common.budget,
                     common.slo_ttft,
