@@ -214,7 +214,7 @@ impl Trace {
             }
             let row: Row = serde_json::from_str(raw).map_err(|e| line_err(line, e.to_string()))?;
             // Up to ~100 years of milliseconds.
-            if !(row.timestamp >= 0.0 && row.timestamp < 3.2e12) {
+            if !(0.0..3.2e12).contains(&row.timestamp) {
                 return Err(line_err(
                     line,
                     format!(
@@ -277,7 +277,7 @@ impl Trace {
                     ),
                 )
             })?;
-            if !(t >= 0.0 && t < 3.2e9) {
+            if !(0.0..3.2e9).contains(&t) {
                 return Err(line_err(
                     line,
                     format!("Timestamp {t} must be seconds in 0..3.2e9"),
