@@ -287,6 +287,23 @@ fn sim_compare_runs_every_policy_on_the_same_workload() {
         assert!(r["gpu_seconds"].as_f64().expect("gpu-s") > 0.0, "{r}");
     }
     assert_eq!(rows[1]["policy"], "static:1x1");
+
+    let dir = trace.0.with_file_name("plots");
+    let out = dopd(&[
+        "sim",
+        "compare",
+        "--trace",
+        trace.path(),
+        "--policies",
+        "dopd,dyn-load",
+        "--plot-dir",
+        dir.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in ["load.svg", "instances.svg", "ttft.svg"] {
+        let svg = std::fs::read_to_string(dir.join(f)).expect(f);
+        assert!(svg.starts_with("<svg") && svg.contains(">dyn-load<"), "{f}");
+    }
 }
 
 #[test]

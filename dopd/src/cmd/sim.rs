@@ -36,6 +36,10 @@ pub enum Command {
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
         )]
         policies: String,
+        /// Write load.svg (requests and forecasts per interval), instances.svg (GPUs and
+        /// instance targets over time) and ttft.svg (TTFT by percentile) into this folder.
+        #[arg(long, value_name = "DIR")]
+        plot_dir: Option<PathBuf>,
     },
 }
 
@@ -284,7 +288,11 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 print_row(&r);
             }
         }
-        Command::Compare { common, policies } => {
+        Command::Compare {
+            common,
+            policies,
+            plot_dir,
+        } => {
             let s = setup(&common)?;
             let names: Vec<&str> = policies
                 .split(',')
@@ -299,6 +307,9 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             for (k, n) in names.iter().enumerate() {
                 eprintln!("[{}/{}] {n}", k + 1, names.len());
                 results.push(run_one(n, &s, common.budget)?);
+            }
+            if let Some(dir) = &plot_dir {
+                write_plots(dir, &results, &s)?;
             }
             if common.json {
                 let out: Vec<_> = results.iter().map(|r| &r.summary).collect();
@@ -321,5 +332,113 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// The comparison plots (see `--plot-dir`).
+fn write_plots(dir: &std::path::Path, results: &[SimResult], s: &Setup) -> anyhow::Result<()> {
+    use crate::plot::{Line, Panel, render};
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let interval = s.base.interval_s;
+    let with_ticks: Vec<&SimResult> = results.iter().filter(|r| !r.intervals.is_empty()).collect();
+    let series = |r: &SimResult,
+                  f: &dyn Fn(&dopd_sim::IntervalPoint) -> Option<f64>|
+     -> Vec<Option<f64>> { r.intervals.iter().map(f).collect() };
+    let mut load = Vec::new();
+    if let Some(first) = with_ticks.first() {
+        load.push(Line {
+            name: "actual".into(),
+            points: series(first, &|p| Some(p.requests)),
+        });
+    }
+    for r in &with_ticks {
+        if r.intervals.iter().any(|p| p.forecast_requests.is_some()) {
+            // The forecast made at tick k is for interval k+1: shift it one step right.
+            let mut pts = vec![None];
+            pts.extend(series(r, &|p| p.forecast_requests));
+            load.push(Line {
+                name: format!("{} forecast", r.summary.policy),
+                points: pts,
+            });
+        }
+    }
+    let svg = render(
+        "requests per interval and their forecasts",
+        "seconds",
+        interval,
+        &[Panel {
+            title: "requests per interval".into(),
+            y_label: "requests".into(),
+            lines: load,
+        }],
+    );
+    std::fs::write(dir.join("load.svg"), svg)?;
+    let lines = |f: &dyn Fn(&dopd_sim::IntervalPoint) -> Option<f64>| -> Vec<Line> {
+        with_ticks
+            .iter()
+            .map(|r| Line {
+                name: r.summary.policy.clone(),
+                points: series(r, f),
+            })
+            .collect()
+    };
+    let svg = render(
+        "instances over time",
+        "seconds",
+        interval,
+        &[
+            Panel {
+                title: "GPUs held".into(),
+                y_label: "GPUs".into(),
+                lines: lines(&|p| Some(f64::from(p.gpus))),
+            },
+            Panel {
+                title: "prefill instances (target)".into(),
+                y_label: "instances".into(),
+                lines: lines(&|p| Some(f64::from(p.target_prefill))),
+            },
+            Panel {
+                title: "decode instances (target)".into(),
+                y_label: "instances".into(),
+                lines: lines(&|p| Some(f64::from(p.target_decode))),
+            },
+        ],
+    );
+    std::fs::write(dir.join("instances.svg"), svg)?;
+    let ttft: Vec<Line> = results
+        .iter()
+        .map(|r| {
+            let mut t: Vec<f64> = r.records.iter().map(|x| x.ttft_s).collect();
+            t.sort_by(f64::total_cmp);
+            let points = (0..=100)
+                .map(|q| {
+                    t.get(
+                        ((t.len().saturating_sub(1)) as f64 * f64::from(q) / 100.0).round()
+                            as usize,
+                    )
+                    .copied()
+                })
+                .collect();
+            Line {
+                name: r.summary.policy.clone(),
+                points,
+            }
+        })
+        .collect();
+    let svg = render(
+        "TTFT by percentile of requests",
+        "percentile of requests",
+        1.0,
+        &[Panel {
+            title: format!("TTFT (SLO {} s)", s.base.slo_ttft_s),
+            y_label: "seconds".into(),
+            lines: ttft,
+        }],
+    );
+    std::fs::write(dir.join("ttft.svg"), svg)?;
+    eprintln!(
+        "wrote load.svg, instances.svg and ttft.svg in {}",
+        dir.display()
+    );
     Ok(())
 }
