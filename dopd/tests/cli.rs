@@ -300,9 +300,13 @@ fn sim_compare_runs_every_policy_on_the_same_workload() {
         dir.to_str().expect("utf-8"),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    for f in ["load.svg", "instances.svg", "ttft.svg"] {
+    for (f, line) in [
+        ("load.svg", ">dopd forecast<"),
+        ("instances.svg", ">dyn-load<"),
+        ("ttft.svg", ">dyn-load<"),
+    ] {
         let svg = std::fs::read_to_string(dir.join(f)).expect(f);
-        assert!(svg.starts_with("<svg") && svg.contains(">dyn-load<"), "{f}");
+        assert!(svg.starts_with("<svg") && svg.contains(line), "{f}");
     }
 }
 
