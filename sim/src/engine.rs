@@ -980,3 +980,46 @@ impl Sim<'_> {
         }
     }
 }
+
+/// DistServe-style search for the best static split: every `N_P:N_D` (each at least 1) that fits
+/// `cfg.planner.sizing.gpu_budget`, ranked by SLO-meeting requests per second, then by fewer GPUs.
+/// Returns the winner and its run.
+pub fn search_static(
+    requests: &[SimRequest],
+    profile: &Profile,
+    cfg: &SimConfig,
+) -> Result<(Replicas, SimResult), SimError> {
+    let budget = cfg.planner.sizing.gpu_budget;
+    let (g_p, g_d) = (profile.gpus.prefill.max(1), profile.gpus.decode.max(1));
+    let mut best: Option<(Replicas, SimResult)> = None;
+    for n_d in 1..=budget.saturating_sub(g_p) / g_d {
+        for n_p in 1..=(budget - n_d * g_d) / g_p {
+            let replicas = PerRole {
+                prefill: n_p,
+                decode: n_d,
+            };
+            let run_cfg = SimConfig {
+                policy: PolicySpec::Static { replicas },
+                initial: replicas,
+                ..cfg.clone()
+            };
+            let r = simulate(requests, profile, &run_cfg)?;
+            let better = best.as_ref().is_none_or(|(b, br)| {
+                let (g, bg) = (
+                    r.summary.goodput_requests_per_s,
+                    br.summary.goodput_requests_per_s,
+                );
+                g > bg + 1e-12
+                    || ((g - bg).abs() <= 1e-12 && replicas.gpus(profile) < b.gpus(profile))
+            });
+            if better {
+                best = Some((replicas, r));
+            }
+        }
+    }
+    best.ok_or(SimError::Invalid {
+        field: "planner.sizing.gpu_budget",
+        value: budget.to_string(),
+        reason: "leaves no room for one prefill and one decode instance",
+    })
+}

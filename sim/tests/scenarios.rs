@@ -4,7 +4,7 @@ use dopd_planner::forecast::ForecasterKind;
 use dopd_planner::planner::PlannerConfig;
 use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::sizing::SizingConfig;
-use dopd_sim::{PolicySpec, Route, SimConfig, SimRequest, simulate};
+use dopd_sim::{PolicySpec, Route, SimConfig, SimRequest, search_static, simulate};
 
 /// TTFT 0.1 s for any prompt, TPOT 0.01 s, 2040 blocks of 128; g_P 1, g_D 2.
 fn flat() -> Profile {
@@ -236,4 +236,27 @@ fn bad_settings_are_rejected_with_the_field_named() {
         .expect_err("no instances")
         .to_string();
     assert!(e.contains("instances"), "{e}");
+}
+
+#[test]
+fn static_search_finds_the_split_the_workload_needs() {
+    // Long prompts and one-token outputs: all the work is prefill, so the best split within 5
+    // GPUs (g_P 1, g_D 2) is 3 prefill + 1 decode, and it beats 1P + 1D.
+    let reqs: Vec<SimRequest> = (0..400)
+        .map(|k| req(f64::from(k) * 0.04, 3000, 2))
+        .collect();
+    let mut c = cfg(one_p_one_d());
+    c.planner.sizing.gpu_budget = 5;
+    let (best, run) = search_static(&reqs, &flat(), &c).expect("runs");
+    assert_eq!(
+        best,
+        PerRole {
+            prefill: 3,
+            decode: 1
+        }
+    );
+    let base = simulate(&reqs, &flat(), &c).expect("runs");
+    assert!(run.summary.goodput_requests_per_s > base.summary.goodput_requests_per_s);
+    c.planner.sizing.gpu_budget = 2;
+    assert!(search_static(&reqs, &flat(), &c).is_err());
 }

@@ -7,8 +7,8 @@ use dopd_planner::forecast::ForecasterKind;
 use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::trace::Trace;
 use dopd_sim::{
-    PolicySpec, SimConfig, SimRequest, SimResult, SyntheticSpec, Window, from_trace, simulate,
-    synthetic,
+    PolicySpec, SimConfig, SimRequest, SimResult, SyntheticSpec, Window, from_trace, search_static,
+    simulate, synthetic,
 };
 
 #[derive(Debug, clap::Subcommand)]
@@ -29,7 +29,8 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
         /// Comma-separated policies: dopd, oracle, dyn-sla, dyn-load, static:NPxND (e.g.
-        /// static:3x1), aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
+        /// static:3x1), static:search (the best static split for the budget, as DistServe would),
+        /// aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
         /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman.
         #[arg(
             long,
@@ -161,6 +162,13 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         "oracle" => PolicySpec::Oracle,
         "dyn-sla" => PolicySpec::DynSla,
         "dyn-load" => PolicySpec::DynLoad,
+        // Resolved in `run_one`; validated here.
+        "static:search" => PolicySpec::Static {
+            replicas: PerRole {
+                prefill: 1,
+                decode: 1,
+            },
+        },
         "dopd-no-bypass" => {
             cfg.routing.ultra_short_bypass = false;
             PolicySpec::Dopd
@@ -209,6 +217,11 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
 }
 
 fn run_one(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimResult> {
+    if name == "static:search" {
+        let (best, mut r) = search_static(&s.requests, &s.profile, &s.base)?;
+        r.summary.policy = format!("static:{}x{} (search)", best.prefill, best.decode);
+        return Ok(r);
+    }
     let cfg = config_for(name, s, budget)?;
     let mut r =
         simulate(&s.requests, &s.profile, &cfg).with_context(|| format!("policy {name}"))?;
