@@ -84,6 +84,9 @@ pub struct SimConfig {
     pub slo_tpot_s: f64,
     /// Instances running (and ready) when the replay starts.
     pub initial: Replicas,
+    /// Force DOPD's length-aware routing on (or off) whatever the policy (`None`: on for DOPD and
+    /// the oracle only). With a static policy this isolates the routing's effect.
+    pub length_aware_routing: Option<bool>,
 }
 
 impl Default for SimConfig {
@@ -102,6 +105,7 @@ impl Default for SimConfig {
                 prefill: 1,
                 decode: 1,
             },
+            length_aware_routing: None,
         }
     }
 }
@@ -300,7 +304,10 @@ pub fn simulate(
         PolicySpec::Aggregated { .. } => None,
         _ => Some(Planner::new(profile.clone(), planner_cfg)?),
     };
-    let routing = if cfg.policy.length_aware() {
+    let routing = if cfg
+        .length_aware_routing
+        .unwrap_or(cfg.policy.length_aware())
+    {
         cfg.routing.clone()
     } else {
         RoutingConfig {

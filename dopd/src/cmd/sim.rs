@@ -29,7 +29,8 @@ pub enum Command {
         #[command(flatten)]
         common: Common,
         /// Comma-separated policies: dopd, oracle, dyn-sla, dyn-load, static:NPxND (e.g.
-        /// static:3x1), static:search (the best static split for the budget, as DistServe would),
+        /// static:3x1), dopd-static:NPxND (fixed counts with DOPD's length-aware routing),
+        /// static:search (the best static split for the budget, as DistServe would),
         /// aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
         /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman.
         #[arg(
@@ -194,7 +195,11 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
                     .parse()
                     .with_context(|| format!("bad instance count in {other:?}"))?;
                 PolicySpec::Aggregated { instances }
-            } else if let Some(split) = other.strip_prefix("static:") {
+            } else if let Some(split) = other
+                .strip_prefix("static:")
+                .or_else(|| other.strip_prefix("dopd-static:"))
+            {
+                cfg.length_aware_routing = Some(other.starts_with("dopd-static:"));
                 let (p, d) = split
                     .split_once('x')
                     .with_context(|| format!("{other:?}: write static:NPxND, e.g. static:3x1"))?;
