@@ -25,7 +25,7 @@ const COLORS: [&str; 6] = [
 const W: f64 = 960.0;
 const PANEL_H: f64 = 220.0;
 const LEFT: f64 = 70.0;
-const RIGHT: f64 = 150.0;
+const RIGHT: f64 = 200.0;
 const TOP: f64 = 40.0;
 const GAP: f64 = 50.0;
 

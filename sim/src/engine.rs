@@ -172,6 +172,8 @@ enum Kind {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
+    /// Asked for, but the GPU budget is held by instances still draining: no GPU yet.
+    Pending,
     Starting,
     Ready,
     Draining,
@@ -219,7 +221,7 @@ impl Inst {
     }
 
     fn active(&self) -> bool {
-        matches!(self.state, State::Starting | State::Ready) && !self.retiring
+        matches!(self.state, State::Pending | State::Starting | State::Ready) && !self.retiring
     }
 
     fn role(&self) -> Role {
@@ -280,6 +282,8 @@ struct Sim<'a> {
     intervals: Vec<IntervalPoint>,
     gpus_now: u32,
     peak_gpus: u32,
+    /// GPUs the cluster may hold at once (new instances wait while draining ones hold GPUs).
+    budget: u32,
     gpu_integral: f64,
     last_gpu_change: f64,
     finished: usize,
@@ -344,6 +348,13 @@ pub fn simulate(
         intervals: Vec::new(),
         gpus_now: 0,
         peak_gpus: 0,
+        budget: match cfg.policy {
+            PolicySpec::Aggregated { instances } => instances.saturating_mul(profile.gpus.decode),
+            PolicySpec::Static { replicas } => {
+                replicas.gpus(profile).max(cfg.planner.sizing.gpu_budget)
+            }
+            _ => cfg.planner.sizing.gpu_budget,
+        },
         gpu_integral: 0.0,
         last_gpu_change: 0.0,
         finished: 0,
@@ -518,31 +529,56 @@ impl Sim<'_> {
         self.peak_gpus = self.peak_gpus.max(self.gpus_now);
     }
 
+    /// Adds an instance: ready at once (the initial fleet), starting, or pending when its GPUs
+    /// would exceed the budget while other instances drain.
     fn launch(&mut self, kind: Kind, ready: bool) {
         let gpus = match kind {
             Kind::Prefill => self.profile.gpus.prefill,
             Kind::Decode | Kind::Aggregated => self.profile.gpus.decode,
         };
-        let state = if ready { State::Ready } else { State::Starting };
-        self.insts.push(Inst::new(kind, state, gpus, self.now));
-        self.gpus_changed(i64::from(gpus));
-        if !ready {
-            let role = if kind == Kind::Prefill {
-                Role::Prefill
-            } else {
-                Role::Decode
-            };
-            let k = self.insts.len() - 1;
-            self.push(self.now + self.profile.startup_s.get(role), Ev::Ready(k));
+        if ready {
+            self.insts
+                .push(Inst::new(kind, State::Ready, gpus, self.now));
+            self.gpus_changed(i64::from(gpus));
+            return;
         }
+        self.insts
+            .push(Inst::new(kind, State::Pending, gpus, self.now));
+        let k = self.insts.len() - 1;
+        self.start_pending(k);
+    }
+
+    /// Gives a pending instance its GPUs if the budget allows, starting its start-up clock.
+    fn start_pending(&mut self, k: usize) {
+        let inst = &self.insts[k];
+        if inst.state != State::Pending || self.gpus_now + inst.gpus > self.budget {
+            return;
+        }
+        let (gpus, role) = (inst.gpus, inst.role());
+        let inst = &mut self.insts[k];
+        inst.state = State::Starting;
+        inst.launched = self.now;
+        self.gpus_changed(i64::from(gpus));
+        self.push(self.now + self.profile.startup_s.get(role), Ev::Ready(k));
     }
 
     fn stop(&mut self, k: usize, at: f64) {
         let inst = &mut self.insts[k];
+        let held = inst.state != State::Pending;
         inst.state = State::Stopped;
         inst.stopped = Some(at);
+        if !held {
+            inst.launched = at;
+            return;
+        }
         let gpus = inst.gpus;
         self.gpus_changed(-i64::from(gpus));
+        // Freed GPUs go to instances waiting for them, oldest first.
+        for j in 0..self.insts.len() {
+            if self.insts[j].state == State::Pending {
+                self.start_pending(j);
+            }
+        }
     }
 
     /// Least-loaded instance of `kind` among the ready ones, else among the starting ones.
@@ -851,8 +887,8 @@ impl Sim<'_> {
             };
             match i.state {
                 State::Ready => s.ready += 1,
-                State::Starting if !i.retiring => s.pending += 1,
-                State::Starting | State::Draining | State::Stopped => {}
+                State::Pending | State::Starting if !i.retiring => s.pending += 1,
+                State::Pending | State::Starting | State::Draining | State::Stopped => {}
             }
         }
         c
@@ -955,13 +991,18 @@ impl Sim<'_> {
             return;
         }
         let mut excess = (n - target) as usize;
-        // Cancel starting instances first (newest first), then drain the least loaded ready ones.
-        let mut starting: Vec<usize> = active
-            .iter()
-            .copied()
-            .filter(|&k| self.insts[k].state == State::Starting)
-            .collect();
-        starting.reverse();
+        // Cancel pending instances first, then starting ones (newest first), then drain the least
+        // loaded ready ones.
+        let newest_in = |state: State| -> Vec<usize> {
+            active
+                .iter()
+                .rev()
+                .copied()
+                .filter(|&k| self.insts[k].state == state)
+                .collect()
+        };
+        let mut starting = newest_in(State::Pending);
+        starting.extend(newest_in(State::Starting));
         for k in starting.into_iter().take(excess) {
             // A starting instance may already hold queued work: it finishes starting, serves
             // that work and leaves.

@@ -260,3 +260,34 @@ fn static_search_finds_the_split_the_workload_needs() {
     c.planner.sizing.gpu_budget = 2;
     assert!(search_static(&reqs, &flat(), &c).is_err());
 }
+
+#[test]
+fn the_gpu_budget_holds_while_instances_drain_and_start() {
+    // A tight budget and a bursty load make the planners swap prefill for decode and back; new
+    // instances must wait for draining ones to free their GPUs.
+    let reqs = workload(1500, 5);
+    let profile = dopd_planner::profile::roofline::RooflineSpec::llama33_70b_fp8_h100()
+        .build()
+        .expect("preset");
+    for policy in [
+        PolicySpec::Dopd,
+        PolicySpec::Oracle,
+        PolicySpec::DynSla,
+        PolicySpec::DynLoad,
+    ] {
+        let mut c = cfg(policy.clone());
+        c.planner.sizing = SizingConfig {
+            gpu_budget: 5,
+            ..SizingConfig::default()
+        };
+        let r = simulate(&reqs, &profile, &c).expect("runs");
+        assert!(
+            r.summary.peak_gpus <= 5,
+            "{}: peak {}",
+            policy.name(),
+            r.summary.peak_gpus
+        );
+        assert!(r.intervals.iter().all(|p| p.gpus <= 5), "{}", policy.name());
+        assert_eq!(r.records.len(), reqs.len());
+    }
+}

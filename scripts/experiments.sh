@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Reproduces docs/experiments.md: every table under docs/experiments/ and every plot under
+# docs/img/e*/ (a few minutes on 2 cores). Run from the repository root after scripts/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p dopd
+dopd=./target/release/dopd
+out=docs/experiments
+mkdir -p "$out" docs/img/e2 docs/img/e4
+
+echo "== E1: prefill sweep at one decode instance"
+"$dopd" plan --isl 1000 --osl 245 --requests 300 --budget 100 --prefill-rule per-decode-instance > "$out/e1-plan.txt"
+"$dopd" sim compare --synthetic examples/workloads/e1-fixed-lengths.yaml --budget 100 \
+  --policies static:1x1,static:2x1,static:3x1,static:4x1,static:5x1,static:6x1 > "$out/e1-sweep.txt"
+
+echo "== E2: DOPD vs aggregated at 8 GPUs, rising rate (conversation trace)"
+: > "$out/e2-conv.txt"
+for s in 1 2 3 4; do
+  echo "-- rate scale $s" >> "$out/e2-conv.txt"
+  "$dopd" sim compare --trace traces/AzureLLMInferenceTrace_conv.csv --budget 8 --rate-scale "$s" \
+    --policies dopd,aggregated,static:search >> "$out/e2-conv.txt"
+done
+"$dopd" sim compare --trace traces/AzureLLMInferenceTrace_conv.csv --budget 8 --rate-scale 2 \
+  --policies dopd,aggregated --plot-dir docs/img/e2 > /dev/null
+
+echo "== E3: fixed 1P+1D, with and without DOPD's length-aware routing"
+: > "$out/e3.txt"
+for t in conv code; do
+  for s in 0.5 1; do
+    echo "-- $t, rate scale $s" >> "$out/e3.txt"
+    "$dopd" sim compare --trace "traces/AzureLLMInferenceTrace_$t.csv" --rate-scale "$s" \
+      --policies static:1x1,dopd-static:1x1 >> "$out/e3.txt"
+  done
+done
+
+echo "== E4: bursty workload from 1P+1D"
+"$dopd" sim compare --synthetic examples/workloads/bursty.yaml --budget 8 \
+  --policies dopd,oracle,dyn-sla,dyn-load,dopd-last,dopd-no-bypass,dopd-no-batching \
+  --plot-dir docs/img/e4 > "$out/e4.txt"
+echo "done: $out/*.txt and docs/img/e*/"
