@@ -23,6 +23,13 @@ done
 "$dopd" sim compare --trace traces/AzureLLMInferenceTrace_conv.csv --budget 8 --rate-scale 2 \
   --policies dopd,aggregated --plot-dir docs/img/e2 > /dev/null
 
+: > "$out/e2-code.txt"
+for s in 0.25 0.5 1; do
+  echo "-- rate scale $s" >> "$out/e2-code.txt"
+  "$dopd" sim compare --trace traces/AzureLLMInferenceTrace_code.csv --budget 8 --rate-scale "$s" \
+    --policies dopd,aggregated,static:search >> "$out/e2-code.txt"
+done
+
 echo "== E3: fixed 1P+1D, with and without DOPD's length-aware routing"
 : > "$out/e3.txt"
 for t in conv code; do

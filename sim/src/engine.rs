@@ -298,6 +298,16 @@ pub fn simulate(
     profile: &Profile,
     cfg: &SimConfig,
 ) -> Result<SimResult, SimError> {
+    simulate_with_progress(requests, profile, cfg, &mut |_, _| {})
+}
+
+/// [`simulate`], calling `progress(finished, total)` as requests finish (every 1%).
+pub fn simulate_with_progress(
+    requests: &[SimRequest],
+    profile: &Profile,
+    cfg: &SimConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<SimResult, SimError> {
     validate(cfg)?;
     let mut planner_cfg = cfg.planner.clone();
     planner_cfg.policy = cfg.policy.planner_kind();
@@ -361,7 +371,7 @@ pub fn simulate(
         oracle: oracle_inputs(requests, cfg.interval_s),
         ticks: 0,
     };
-    sim.run();
+    sim.run(progress);
     let gpu_seconds: f64 = sim
         .insts
         .iter()
@@ -448,7 +458,10 @@ impl Sim<'_> {
         });
     }
 
-    fn run(&mut self) {
+    fn run(&mut self, progress: &mut dyn FnMut(usize, usize)) {
+        let total = self.reqs.len();
+        let step = (total / 100).max(1);
+        let mut reported = 0;
         for i in 0..self.reqs.len() {
             self.push(self.reqs[i].r.arrival_s, Ev::Arrival(i));
         }
@@ -475,6 +488,10 @@ impl Sim<'_> {
                 break;
             }
             self.now = t;
+            if self.finished >= reported + step {
+                reported = self.finished;
+                progress(reported, total);
+            }
             match ev {
                 Ev::Arrival(i) => self.arrive(i),
                 Ev::BatchDeadline => {

@@ -29,6 +29,8 @@ mod engine;
 mod report;
 mod workload;
 
-pub use engine::{PolicySpec, SimConfig, SimError, search_static, simulate};
+pub use engine::{
+    PolicySpec, SimConfig, SimError, search_static, simulate, simulate_with_progress,
+};
 pub use report::{IntervalPoint, RequestRecord, Route, SimResult, Summary};
 pub use workload::{Arrivals, Lengths, SimRequest, SyntheticSpec, Window, from_trace, synthetic};

@@ -8,7 +8,7 @@ use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::trace::Trace;
 use dopd_sim::{
     PolicySpec, SimConfig, SimRequest, SimResult, SyntheticSpec, Window, from_trace, search_static,
-    simulate, synthetic,
+    simulate_with_progress, synthetic,
 };
 
 #[derive(Debug, clap::Subcommand)]
@@ -228,8 +228,10 @@ fn run_one(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimResult> {
         return Ok(r);
     }
     let cfg = config_for(name, s, budget)?;
-    let mut r =
-        simulate(&s.requests, &s.profile, &cfg).with_context(|| format!("policy {name}"))?;
+    let mut bar = crate::progress::Progress::new(name);
+    let mut r = simulate_with_progress(&s.requests, &s.profile, &cfg, &mut |d, t| bar.update(d, t))
+        .with_context(|| format!("policy {name}"))?;
+    bar.update(s.requests.len(), s.requests.len());
     r.summary.policy = name.to_string();
     Ok(r)
 }
@@ -322,8 +324,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 config_for(n, &s, common.budget)?;
             }
             let mut results = Vec::new();
-            for (k, n) in names.iter().enumerate() {
-                eprintln!("[{}/{}] {n}", k + 1, names.len());
+            for n in &names {
                 results.push(run_one(n, &s, common.budget)?);
             }
             if let Some(dir) = &plot_dir {
