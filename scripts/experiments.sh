@@ -6,12 +6,13 @@ cd "$(dirname "$0")/.."
 cargo build --release -q -p dopd
 dopd=./target/release/dopd
 out=docs/experiments
-mkdir -p "$out" docs/img/e2 docs/img/e4
+mkdir -p "$out" docs/img/e1 docs/img/e2 docs/img/e3 docs/img/e4
 
 echo "== E1: prefill sweep at one decode instance"
 "$dopd" plan --isl 1000 --osl 245 --requests 300 --budget 100 --prefill-rule per-decode-instance > "$out/e1-plan.txt"
 "$dopd" sim compare --synthetic examples/workloads/e1-fixed-lengths.yaml --budget 100 \
-  --policies static:1x1,static:2x1,static:3x1,static:4x1,static:5x1,static:6x1 > "$out/e1-sweep.txt"
+  --policies static:1x1,static:2x1,static:3x1,static:4x1,static:5x1,static:6x1 \
+  --plot-dir docs/img/e1 > "$out/e1-sweep.txt"
 
 echo "== E2: DOPD vs aggregated at 8 GPUs, rising rate (conversation trace)"
 : > "$out/e2-conv.txt"
@@ -39,6 +40,9 @@ for t in conv code; do
       --policies static:1x1,dopd-static:1x1 >> "$out/e3.txt"
   done
 done
+
+"$dopd" sim compare --trace traces/AzureLLMInferenceTrace_conv.csv --rate-scale 1 \
+  --policies static:1x1,dopd-static:1x1 --plot-dir docs/img/e3 > /dev/null
 
 echo "== E4: bursty workload from 1P+1D"
 "$dopd" sim compare --synthetic examples/workloads/bursty.yaml --budget 8 \
