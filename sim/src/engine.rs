@@ -115,6 +115,10 @@ impl Default for SimConfig {
 pub enum SimError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(
+        "the run stalled with {finished} of {total} requests finished (no instance could serve the rest)"
+    )]
+    Incomplete { finished: usize, total: usize },
     #[error("simulator config `{field}` = {value}: {reason}")]
     Invalid {
         field: &'static str,
@@ -275,6 +279,10 @@ struct Sim<'a> {
     heap: BinaryHeap<Entry>,
     seq: u64,
     now: f64,
+    /// Instances up at time 0.
+    initial: Replicas,
+    /// When the one live batch-deadline event fires.
+    batch_deadline_at: Option<f64>,
     /// Forecast mean ISL: the long/short threshold.
     isl_threshold: f64,
     acc: IntervalAcc,
@@ -309,10 +317,39 @@ pub fn simulate_with_progress(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<SimResult, SimError> {
     validate(cfg)?;
+    profile.validate().map_err(ConfigError::from)?;
+    for (k, r) in requests.iter().enumerate() {
+        if !(r.arrival_s.is_finite() && r.arrival_s >= 0.0) || r.isl == 0 {
+            return Err(SimError::Invalid {
+                field: "requests",
+                value: format!("#{k}: arrival {} s, ISL {}", r.arrival_s, r.isl),
+                reason: "arrivals must be finite and >= 0, prompts at least 1 token",
+            });
+        }
+        if k > 0 && r.arrival_s < requests[k - 1].arrival_s {
+            return Err(SimError::Invalid {
+                field: "requests",
+                value: format!("#{k} at {} s", r.arrival_s),
+                reason: "must be sorted by arrival",
+            });
+        }
+    }
     let mut planner_cfg = cfg.planner.clone();
     planner_cfg.policy = cfg.policy.planner_kind();
+    let mut initial = cfg.initial;
     if let PolicySpec::Static { replicas } = cfg.policy {
+        // Static means static: start with the counts, and let no budget or bound change them.
         planner_cfg.static_replicas = replicas;
+        planner_cfg.sizing.gpu_budget = replicas.gpus(profile).max(planner_cfg.sizing.gpu_budget);
+        planner_cfg.sizing.min_replicas = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
+        planner_cfg.sizing.max_replicas = PerRole {
+            prefill: None,
+            decode: None,
+        };
+        initial = replicas;
     }
     let planner = match cfg.policy {
         PolicySpec::Aggregated { .. } => None,
@@ -352,6 +389,8 @@ pub fn simulate_with_progress(
         heap: BinaryHeap::new(),
         seq: 0,
         now: 0.0,
+        initial,
+        batch_deadline_at: None,
         isl_threshold: f64::INFINITY,
         acc: IntervalAcc::default(),
         records: Vec::with_capacity(requests.len()),
@@ -368,10 +407,20 @@ pub fn simulate_with_progress(
         gpu_integral: 0.0,
         last_gpu_change: 0.0,
         finished: 0,
-        oracle: oracle_inputs(requests, cfg.interval_s),
+        oracle: if matches!(cfg.policy, PolicySpec::Oracle) {
+            oracle_inputs(requests, cfg.interval_s)
+        } else {
+            Vec::new()
+        },
         ticks: 0,
     };
     sim.run(progress);
+    if sim.finished != sim.reqs.len() {
+        return Err(SimError::Incomplete {
+            finished: sim.finished,
+            total: sim.reqs.len(),
+        });
+    }
     let gpu_seconds: f64 = sim
         .insts
         .iter()
@@ -416,6 +465,23 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
     }
     if cfg.prefill_chunk_tokens == 0 {
         return bad("prefill_chunk_tokens", 0.0, "must be >= 1");
+    }
+    if cfg.initial.decode == 0
+        && !matches!(
+            cfg.policy,
+            PolicySpec::Aggregated { .. } | PolicySpec::Static { .. }
+        )
+    {
+        return bad(
+            "initial.decode",
+            0.0,
+            "must be >= 1: requests need a decode instance from the start",
+        );
+    }
+    if let PolicySpec::Static { replicas } = cfg.policy
+        && replicas.decode == 0
+    {
+        return bad("policy.replicas.decode", 0.0, "must be >= 1");
     }
     if let PolicySpec::Aggregated { instances: 0 } = cfg.policy {
         return bad("policy.instances", 0.0, "must be >= 1");
@@ -470,7 +536,7 @@ impl Sim<'_> {
                 prefill: 0,
                 decode: instances,
             },
-            _ => self.cfg.initial,
+            _ => self.initial,
         };
         for _ in 0..initial.prefill {
             self.launch(Kind::Prefill, true);
@@ -495,10 +561,14 @@ impl Sim<'_> {
             match ev {
                 Ev::Arrival(i) => self.arrive(i),
                 Ev::BatchDeadline => {
-                    if let Some(b) = self.batcher.poll(self.now) {
-                        self.dispatch_prefill(b);
+                    // Only the latest scheduled deadline counts; earlier ones are stale.
+                    if self.batch_deadline_at == Some(t) {
+                        self.batch_deadline_at = None;
+                        if let Some(b) = self.batcher.poll(self.now) {
+                            self.dispatch_prefill(b);
+                        }
+                        self.schedule_batch_deadline();
                     }
-                    self.schedule_batch_deadline();
                 }
                 Ev::PrefillDone(k) => self.prefill_done(k),
                 Ev::KvArrived(i) => self.kv_arrived(i),
@@ -516,17 +586,26 @@ impl Sim<'_> {
                 }
                 Ev::Tick => {
                     self.tick();
-                    if self.finished < self.reqs.len() {
+                    // Keep ticking while work remains and something else can still happen.
+                    if self.finished < self.reqs.len() && !self.heap.is_empty() {
                         self.push(self.now + self.cfg.interval_s, Ev::Tick);
                     }
                 }
             }
         }
-        // Everything served: release every instance.
+        // Everything served: release every instance (pending ones first, so that stopping the
+        // others does not hand them GPUs).
         let end = self.now;
-        for k in 0..self.insts.len() {
-            if self.insts[k].state != State::Stopped {
-                self.stop(k, end);
+        for pass in [
+            State::Pending,
+            State::Starting,
+            State::Ready,
+            State::Draining,
+        ] {
+            for k in 0..self.insts.len() {
+                if self.insts[k].state == pass {
+                    self.stop(k, end);
+                }
             }
         }
     }
@@ -669,8 +748,10 @@ impl Sim<'_> {
     }
 
     fn schedule_batch_deadline(&mut self) {
-        if let Some(d) = self.batcher.deadline() {
-            self.push(d.max(self.now), Ev::BatchDeadline);
+        let next = self.batcher.deadline().map(|d| d.max(self.now));
+        if next.is_some() && next != self.batch_deadline_at {
+            self.batch_deadline_at = next;
+            self.push(next.unwrap_or(self.now), Ev::BatchDeadline);
         }
     }
 
@@ -932,7 +1013,7 @@ impl Sim<'_> {
             .insts
             .iter()
             .filter(|i| i.kind == Kind::Prefill)
-            .map(|i| i.queue.iter().map(Vec::len).sum::<usize>() + i.current.len())
+            .map(|i| i.queue.iter().map(Vec::len).sum::<usize>())
             .sum::<usize>()
             + self.batcher.len();
         Observation {

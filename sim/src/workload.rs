@@ -133,6 +133,9 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Vec<SimRequest>, String> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
     let gap: Box<dyn Fn(&mut rand_chacha::ChaCha8Rng) -> f64> = match spec.arrivals {
         Arrivals::Poisson { rate } => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(format!("arrivals: poisson needs a rate > 0, got {rate}"));
+            }
             let d =
                 rand_distr::Exp::new(rate).map_err(|e| format!("arrivals: rate {rate}: {e}"))?;
             Box::new(move |r| d.sample(r))

@@ -291,3 +291,60 @@ fn the_gpu_budget_holds_while_instances_drain_and_start() {
         assert_eq!(r.records.len(), reqs.len());
     }
 }
+
+#[test]
+fn a_static_split_keeps_its_counts_whatever_the_budget() {
+    let reqs = workload(300, 3);
+    let mut c = cfg(PolicySpec::Static {
+        replicas: PerRole {
+            prefill: 6,
+            decode: 2,
+        },
+    });
+    c.planner.sizing.gpu_budget = 4;
+    let r = simulate(&reqs, &flat(), &c).expect("runs");
+    assert_eq!(r.summary.peak_gpus, 10);
+    assert!(
+        r.intervals
+            .iter()
+            .all(|p| p.target_prefill == 6 && p.target_decode == 2),
+        "{:?}",
+        r.intervals
+    );
+}
+
+#[test]
+fn inputs_that_cannot_run_are_errors() {
+    let mut c = cfg(PolicySpec::Dopd);
+    c.initial = PerRole {
+        prefill: 1,
+        decode: 0,
+    };
+    let e = simulate(&[req(0.0, 10, 2)], &flat(), &c)
+        .expect_err("no decode")
+        .to_string();
+    assert!(e.contains("initial.decode"), "{e}");
+    let e = simulate(
+        &[req(5.0, 10, 2), req(1.0, 10, 2)],
+        &flat(),
+        &cfg(PolicySpec::Dopd),
+    )
+    .expect_err("unsorted")
+    .to_string();
+    assert!(e.contains("sorted"), "{e}");
+    let e = simulate(
+        &[req(f64::INFINITY, 10, 2)],
+        &flat(),
+        &cfg(PolicySpec::Dopd),
+    )
+    .expect_err("inf")
+    .to_string();
+    assert!(e.contains("finite"), "{e}");
+}
+
+#[test]
+fn an_empty_workload_is_an_empty_run() {
+    let r = simulate(&[], &flat(), &cfg(PolicySpec::Dopd)).expect("runs");
+    assert!(r.records.is_empty());
+    assert_eq!(r.summary.gpu_seconds, 0.0);
+}
