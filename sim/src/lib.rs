@@ -24,6 +24,25 @@
 //!   simulator applies its target: new instances serve after the profile's start-up time; removed
 //!   ones are cancelled if still starting, otherwise drained (no new work, finish what they
 //!   hold). No request is dropped. GPU-seconds run from launch to stop.
+//!
+//! ```
+//! use dopd_planner::profile::{PerRole, Profile};
+//! use dopd_sim::{PolicySpec, SimConfig, SimRequest, simulate};
+//!
+//! // TTFT 0.1 s, TPOT 0.01 s; one prefill and one decode instance; instant KV transfer.
+//! let profile = Profile::constant_latency(0.1, 0.01, 2040, 128);
+//! let cfg = SimConfig {
+//!     policy: PolicySpec::Static { replicas: PerRole { prefill: 1, decode: 1 } },
+//!     kv_link_bytes_per_s: 0.0,
+//!     kv_link_latency_s: 0.0,
+//!     ..SimConfig::default()
+//! };
+//! let run = simulate(&[SimRequest { arrival_s: 0.0, isl: 1000, osl: 11 }], &profile, &cfg)
+//!     .expect("a valid run");
+//! let r = run.records[0];
+//! assert!((r.ttft_s - 0.1).abs() < 1e-9); // one prefill
+//! assert!((r.finish_s - 0.2).abs() < 1e-9); // then ten decode steps
+//! ```
 
 mod engine;
 mod report;
