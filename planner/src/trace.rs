@@ -56,6 +56,52 @@ fn line_err(line: usize, message: impl Into<String>) -> TraceError {
     }
 }
 
+/// Header-driven CSV reading shared by the CSV formats: finds the `names` columns in the header
+/// (case-insensitively, in any order) and hands their fields, with the 1-based line number, to
+/// `row` for every non-empty line. Errors name the line.
+fn read_csv<const N: usize>(
+    text: &str,
+    names: [&str; N],
+    mut row: impl FnMut([&str; N], usize) -> Result<TraceRequest, TraceError>,
+) -> Result<Vec<TraceRequest>, TraceError> {
+    let mut lines = text.lines().enumerate();
+    let (_, header) = lines.next().ok_or(TraceError::Empty)?;
+    let cols: Vec<String> = header
+        .trim_start_matches('\u{feff}')
+        .split(',')
+        .map(|c| c.trim().to_ascii_lowercase())
+        .collect();
+    let mut idx = [0usize; N];
+    for (k, name) in names.iter().enumerate() {
+        idx[k] = cols
+            .iter()
+            .position(|c| *c == name.to_ascii_lowercase())
+            .ok_or_else(|| {
+                line_err(
+                    1,
+                    format!("header {header:?} must name {}", names.join(", ")),
+                )
+            })?;
+    }
+    let mut out = Vec::new();
+    for (i, raw) in lines {
+        let line = i + 1;
+        let raw = raw.trim_end_matches('\r');
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = raw.split(',').collect();
+        if fields.len() != cols.len() {
+            return Err(line_err(
+                line,
+                format!("expected {} fields, found {}", cols.len(), fields.len()),
+            ));
+        }
+        out.push(row(idx.map(|k| fields[k]), line)?);
+    }
+    Ok(out)
+}
+
 /// A parsed trace, sorted by arrival.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Trace {
@@ -156,45 +202,14 @@ fn tokens(s: &str, what: &str, line: usize) -> Result<u32, TraceError> {
 impl Trace {
     /// Parses an Azure LLM inference trace (CSV).
     pub fn parse_azure_csv(text: &str) -> Result<Self, TraceError> {
-        let mut lines = text.lines().enumerate();
-        let (_, header) = lines.next().ok_or(TraceError::Empty)?;
-        let cols: Vec<String> = header
-            .trim_start_matches('\u{feff}')
-            .split(',')
-            .map(|c| c.trim().to_ascii_lowercase())
-            .collect();
-        let find = |name: &str| cols.iter().position(|c| c == name);
-        let (Some(ts), Some(ctx), Some(gen_)) = (
-            find("timestamp"),
-            find("contexttokens"),
-            find("generatedtokens"),
-        ) else {
-            return Err(line_err(
-                1,
-                format!("header {header:?} must name TIMESTAMP, ContextTokens and GeneratedTokens"),
-            ));
-        };
-        let mut requests = Vec::new();
-        for (i, raw) in lines {
-            let line = i + 1;
-            let raw = raw.trim_end_matches('\r');
-            if raw.trim().is_empty() {
-                continue;
-            }
-            let fields: Vec<&str> = raw.split(',').collect();
-            if fields.len() != cols.len() {
-                return Err(line_err(
-                    line,
-                    format!("expected {} fields, found {}", cols.len(), fields.len()),
-                ));
-            }
-            let arrival_ns = parse_timestamp(fields[ts]).map_err(|m| line_err(line, m))?;
-            requests.push(TraceRequest {
-                arrival_ns,
-                isl: tokens(fields[ctx], "ContextTokens", line)?,
-                osl: tokens(fields[gen_], "GeneratedTokens", line)?,
-            });
-        }
+        let names = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"];
+        let requests = read_csv(text, names, |[ts, ctx, gen_], line| {
+            Ok(TraceRequest {
+                arrival_ns: parse_timestamp(ts).map_err(|m| line_err(line, m))?,
+                isl: tokens(ctx, "ContextTokens", line)?,
+                osl: tokens(gen_, "GeneratedTokens", line)?,
+            })
+        })?;
         Self::finish(TraceFormat::AzureCsv, requests)
     }
 
@@ -234,47 +249,12 @@ impl Trace {
 
     /// Parses a BurstGPT trace (CSV).
     pub fn parse_burstgpt_csv(text: &str) -> Result<Self, TraceError> {
-        let mut lines = text.lines().enumerate();
-        let (_, header) = lines.next().ok_or(TraceError::Empty)?;
-        let cols: Vec<String> = header
-            .trim_start_matches('\u{feff}')
-            .split(',')
-            .map(|c| c.trim().to_ascii_lowercase())
-            .collect();
-        let find = |name: &str| cols.iter().position(|c| c == name);
-        let (Some(ts), Some(req), Some(resp)) = (
-            find("timestamp"),
-            find("request tokens"),
-            find("response tokens"),
-        ) else {
-            return Err(line_err(
-                1,
-                format!(
-                    "header {header:?} must name Timestamp, Request tokens and Response tokens"
-                ),
-            ));
-        };
-        let mut requests = Vec::new();
-        for (i, raw) in lines {
-            let line = i + 1;
-            let raw = raw.trim_end_matches('\r');
-            if raw.trim().is_empty() {
-                continue;
-            }
-            let fields: Vec<&str> = raw.split(',').collect();
-            if fields.len() != cols.len() {
-                return Err(line_err(
-                    line,
-                    format!("expected {} fields, found {}", cols.len(), fields.len()),
-                ));
-            }
-            let t: f64 = fields[ts].trim().parse().map_err(|_| {
+        let names = ["Timestamp", "Request tokens", "Response tokens"];
+        let requests = read_csv(text, names, |[ts, req, resp], line| {
+            let t: f64 = ts.trim().parse().map_err(|_| {
                 line_err(
                     line,
-                    format!(
-                        "Timestamp {:?} is not a number of seconds",
-                        fields[ts].trim()
-                    ),
+                    format!("Timestamp {:?} is not a number of seconds", ts.trim()),
                 )
             })?;
             if !(0.0..3.2e9).contains(&t) {
@@ -283,12 +263,12 @@ impl Trace {
                     format!("Timestamp {t} must be seconds in 0..3.2e9"),
                 ));
             }
-            requests.push(TraceRequest {
+            Ok(TraceRequest {
                 arrival_ns: (t * 1e9).round() as i64,
-                isl: tokens(fields[req], "Request tokens", line)?,
-                osl: tokens(fields[resp], "Response tokens", line)?,
-            });
-        }
+                isl: tokens(req, "Request tokens", line)?,
+                osl: tokens(resp, "Response tokens", line)?,
+            })
+        })?;
         Self::finish(TraceFormat::BurstGptCsv, requests)
     }
 
