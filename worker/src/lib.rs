@@ -6,4 +6,5 @@
 //! arrive with the rest of the worker issue.
 
 pub mod gguf;
+pub mod model;
 pub mod tokenizer;

@@ -1,0 +1,125 @@
+//! SmolLM2-135M through the burn model, against the independent numpy reference in
+//! `fixtures/smollm2_reference.json` (produced by `tools/reference/smollm2_reference.py` from the
+//! same GGUF file with the PyPI `gguf` package; float64).
+//!
+//! Tolerance: every last-position logit within `LOGIT_TOL` of the reference (our path is f32; the
+//! reference's own f32 run differs from its f64 one by at most 5e-5), and every per-position
+//! argmax equal wherever the reference's top-2 gap exceeds `LOGIT_TOL`.
+
+use std::path::Path;
+
+use base64::Engine;
+use burn::backend::NdArray;
+use burn::prelude::*;
+use dopd_worker::gguf::Gguf;
+use dopd_worker::model::Llama;
+use dopd_worker::tokenizer::{Message, ModelTokenizer};
+use serde_json::Value;
+
+const LOGIT_TOL: f64 = 2e-3;
+
+type B = NdArray<f32>;
+
+fn load() -> (Gguf, Llama<B>) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let g = Gguf::open(Path::new(path)).unwrap_or_else(|e| panic!("{e} — run scripts/setup.sh"));
+    let model = Llama::<B>::from_gguf(&g, &Default::default()).expect("loads");
+    (g, model)
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_reference.json"
+    ))
+    .expect("fixture");
+    serde_json::from_str(&text).expect("JSON")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn rows(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
+    let [seq, vocab] = logits.dims();
+    let flat: Vec<f32> = logits.into_data().to_vec().expect("f32");
+    (0..seq)
+        .map(|i| flat[i * vocab..(i + 1) * vocab].to_vec())
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+}
+
+#[test]
+fn logits_match_the_numpy_reference_and_greedy_chat_answers_paris() {
+    let (g, model) = load();
+    let r = reference();
+    for (name, seq) in r["sequences"].as_object().expect("sequences") {
+        let input = ids(&seq["ids"]);
+        let out = rows(model.forward(&input));
+        assert_eq!(out.len(), input.len());
+        // Full last-position logits.
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(seq["last"]["logits_f32le_b64"].as_str().expect("b64"))
+            .expect("base64");
+        let want: Vec<f32> = blob
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let last = out.last().expect("non-empty");
+        assert_eq!(want.len(), last.len(), "{name}");
+        let worst = want
+            .iter()
+            .zip(last)
+            .map(|(a, b)| f64::from((a - b).abs()))
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= LOGIT_TOL,
+            "{name}: last-position logits differ by up to {worst}"
+        );
+        // Per-position argmax where the reference is not a near tie.
+        let am = ids(&seq["positions"]["argmax"]);
+        let gaps = seq["positions"]["top2_gap"].as_array().expect("gaps");
+        for (p, row) in out.iter().enumerate() {
+            if gaps[p].as_f64().unwrap_or(0.0) > LOGIT_TOL {
+                assert_eq!(argmax(row) as u32, am[p], "{name} position {p}");
+            }
+        }
+    }
+    // Greedy decoding of the chat prompt (full recompute per token).
+    let tok = ModelTokenizer::from_gguf(&g).expect("tokenizer");
+    let prompt = tok.chat_prompt(&[Message::new("user", "What is the capital of France?")]);
+    let mut seq = tok.encode(&prompt).expect("encodes");
+    assert_eq!(
+        seq,
+        ids(&r["sequences"]["chat_france"]["ids"]),
+        "our tokenizer gives the reference's ids"
+    );
+    let mut generated = Vec::new();
+    for _ in 0..24 {
+        let out = rows(model.forward(&seq));
+        let next = argmax(out.last().expect("row")) as u32;
+        generated.push(next);
+        if next == tok.eos_id {
+            break;
+        }
+        seq.push(next);
+    }
+    assert_eq!(
+        generated,
+        ids(&r["sequences"]["chat_france"]["greedy"]["ids"])
+    );
+    let answer = tok.decode(&generated, false).expect("decodes");
+    assert!(answer.contains("Paris"), "{answer}");
+}
