@@ -6,5 +6,6 @@
 //! arrive with the rest of the worker issue.
 
 pub mod gguf;
+pub mod kv;
 pub mod model;
 pub mod tokenizer;

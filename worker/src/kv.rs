@@ -1,0 +1,352 @@
+//! Paged KV cache: a block allocator, per-sequence block tables, and block export/import for
+//! moving a prefilled sequence from one worker to another.
+//!
+//! Storage is one pool of `capacity` blocks per layer for K and one for V; a block holds
+//! `block_size` token slots of `kv_heads · head_dim` floats. A sequence owns a list of blocks (its
+//! block table) and a length; appending a token takes a new block only when the last one is full.
+//!
+//! Invariants (property-tested): every block is either free or owned by exactly one sequence;
+//! freeing a sequence returns exactly its blocks; an exported sequence imported elsewhere reads
+//! back the same K/V values.
+
+use std::collections::HashMap;
+
+/// Geometry of a cache; two caches exchange blocks only when their layouts are equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KvLayout {
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    /// Identifies the weights (e.g. a hash of the model file): K/V from another model are garbage.
+    pub model_hash: u64,
+}
+
+impl KvLayout {
+    /// Floats per token per layer, for K (or V).
+    pub fn token_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Floats per block per layer, for K (or V).
+    pub fn block_width(&self) -> usize {
+        self.block_size * self.token_width()
+    }
+
+    /// A stable fingerprint of the layout (FNV-1a over its fields, dtype f32).
+    pub fn fingerprint(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for v in [
+            self.layers,
+            self.kv_heads,
+            self.head_dim,
+            self.block_size,
+            4,
+        ] {
+            for b in (v as u64).to_le_bytes() {
+                h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        for b in self.model_hash.to_le_bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+}
+
+/// A sequence's handle in one cache.
+pub type SeqId = u64;
+
+/// Cache operations that cannot be done.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    #[error("out of KV blocks: {needed} needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+    #[error("unknown sequence {0}")]
+    UnknownSequence(SeqId),
+    #[error("layer {layer} out of range (the cache has {layers})")]
+    BadLayer { layer: usize, layers: usize },
+    #[error("K/V slice of {got} floats, expected {want} (kv_heads · head_dim)")]
+    BadWidth { got: usize, want: usize },
+    #[error("layer {layer} written out of order for token {token} of sequence {seq}")]
+    OutOfOrder {
+        seq: SeqId,
+        layer: usize,
+        token: usize,
+    },
+    #[error("KV layout mismatch: export fingerprint {got:#x}, this cache {want:#x}")]
+    LayoutMismatch { got: u64, want: u64 },
+    #[error("export of {tokens} tokens carries {blocks} blocks, expected {want}")]
+    BadExport {
+        tokens: usize,
+        blocks: usize,
+        want: usize,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+struct Seq {
+    blocks: Vec<u32>,
+    /// Tokens with all layers written.
+    len: usize,
+    /// Per layer: tokens written so far (a token is complete when every layer has it).
+    written: Vec<usize>,
+}
+
+/// The blocks of one sequence, serialised for another worker.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvExport {
+    pub fingerprint: u64,
+    pub tokens: usize,
+    /// Per block: all layers' K then V, `layers · 2 · block_width` floats.
+    pub blocks: Vec<Vec<f32>>,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct PagedKvCache {
+    layout: KvLayout,
+    capacity: usize,
+    /// `k[layer][block · block_width ..]`.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    free: Vec<u32>,
+    seqs: HashMap<SeqId, Seq>,
+    next_id: SeqId,
+}
+
+impl PagedKvCache {
+    pub fn new(layout: KvLayout, capacity: usize) -> Self {
+        let size = capacity * layout.block_width();
+        Self {
+            layout,
+            capacity,
+            k: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
+            v: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
+            // Pop from the end: lowest ids first.
+            free: (0..capacity as u32).rev().collect(),
+            seqs: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn used_blocks(&self) -> usize {
+        self.capacity - self.free.len()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Blocks a sequence of `tokens` tokens occupies.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.layout.block_size)
+    }
+
+    /// Starts an empty sequence.
+    pub fn create(&mut self) -> SeqId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seqs.insert(
+            id,
+            Seq {
+                written: vec![0; self.layout.layers],
+                ..Seq::default()
+            },
+        );
+        id
+    }
+
+    /// Complete tokens of a sequence.
+    pub fn len(&self, seq: SeqId) -> Result<usize, KvError> {
+        self.seqs
+            .get(&seq)
+            .map(|s| s.len)
+            .ok_or(KvError::UnknownSequence(seq))
+    }
+
+    /// Block table of a sequence.
+    pub fn blocks(&self, seq: SeqId) -> Result<&[u32], KvError> {
+        self.seqs
+            .get(&seq)
+            .map(|s| s.blocks.as_slice())
+            .ok_or(KvError::UnknownSequence(seq))
+    }
+
+    /// Releases a sequence's blocks.
+    pub fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let s = self
+            .seqs
+            .remove(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        self.free.extend(s.blocks.iter().rev());
+        Ok(())
+    }
+
+    /// Appends one token's K and V for `layer`. Layers are written in order for each token; the
+    /// first layer of a new token takes a new block when the last one is full.
+    pub fn append(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<(), KvError> {
+        let l = self.layout;
+        if layer >= l.layers {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: l.layers,
+            });
+        }
+        for got in [k.len(), v.len()] {
+            if got != l.token_width() {
+                return Err(KvError::BadWidth {
+                    got,
+                    want: l.token_width(),
+                });
+            }
+        }
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        let token = s.written[layer];
+        if token != s.len || (layer > 0 && s.written[layer - 1] != token + 1) {
+            return Err(KvError::OutOfOrder { seq, layer, token });
+        }
+        if token == s.blocks.len() * l.block_size {
+            let Some(b) = self.free.pop() else {
+                return Err(KvError::OutOfBlocks { needed: 1, free: 0 });
+            };
+            s.blocks.push(b);
+        }
+        let block = s.blocks[token / l.block_size] as usize;
+        let at = block * l.block_width() + (token % l.block_size) * l.token_width();
+        self.k[layer][at..at + l.token_width()].copy_from_slice(k);
+        self.v[layer][at..at + l.token_width()].copy_from_slice(v);
+        s.written[layer] += 1;
+        if layer + 1 == l.layers {
+            s.len += 1;
+        }
+        Ok(())
+    }
+
+    /// K and V of a sequence's first `tokens` tokens at `layer`, contiguous
+    /// (`[tokens, kv_heads · head_dim]` row-major each). Includes a token being written when
+    /// `layer` already has it.
+    pub fn gather(&self, seq: SeqId, layer: usize) -> Result<(Vec<f32>, Vec<f32>), KvError> {
+        let l = self.layout;
+        if layer >= l.layers {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: l.layers,
+            });
+        }
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let tokens = s.written[layer];
+        let mut k = Vec::with_capacity(tokens * l.token_width());
+        let mut v = Vec::with_capacity(tokens * l.token_width());
+        for t in 0..tokens {
+            let at = s.blocks[t / l.block_size] as usize * l.block_width()
+                + (t % l.block_size) * l.token_width();
+            k.extend_from_slice(&self.k[layer][at..at + l.token_width()]);
+            v.extend_from_slice(&self.v[layer][at..at + l.token_width()]);
+        }
+        Ok((k, v))
+    }
+
+    /// Serialises a sequence's blocks (complete tokens only).
+    pub fn export(&self, seq: SeqId) -> Result<KvExport, KvError> {
+        let l = self.layout;
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let n = self.blocks_for(s.len);
+        let blocks = s.blocks[..n]
+            .iter()
+            .map(|&b| {
+                let at = b as usize * l.block_width();
+                let mut out = Vec::with_capacity(2 * l.layers * l.block_width());
+                for layer in 0..l.layers {
+                    out.extend_from_slice(&self.k[layer][at..at + l.block_width()]);
+                    out.extend_from_slice(&self.v[layer][at..at + l.block_width()]);
+                }
+                out
+            })
+            .collect();
+        Ok(KvExport {
+            fingerprint: l.fingerprint(),
+            tokens: s.len,
+            blocks,
+        })
+    }
+
+    /// Creates a sequence from an export of a cache with the same layout. Fails without taking any
+    /// block when the layout differs or there is no room.
+    pub fn import(&mut self, e: &KvExport) -> Result<SeqId, KvError> {
+        let l = self.layout;
+        if e.fingerprint != l.fingerprint() {
+            return Err(KvError::LayoutMismatch {
+                got: e.fingerprint,
+                want: l.fingerprint(),
+            });
+        }
+        let want = self.blocks_for(e.tokens);
+        if e.blocks.len() != want
+            || e.blocks
+                .iter()
+                .any(|b| b.len() != 2 * l.layers * l.block_width())
+        {
+            return Err(KvError::BadExport {
+                tokens: e.tokens,
+                blocks: e.blocks.len(),
+                want,
+            });
+        }
+        if self.free.len() < want {
+            return Err(KvError::OutOfBlocks {
+                needed: want,
+                free: self.free.len(),
+            });
+        }
+        let id = self.create();
+        let mut owned = Vec::with_capacity(want);
+        for data in &e.blocks {
+            let b = self.free.pop().expect("checked above");
+            let at = b as usize * l.block_width();
+            for layer in 0..l.layers {
+                let base = layer * 2 * l.block_width();
+                self.k[layer][at..at + l.block_width()]
+                    .copy_from_slice(&data[base..base + l.block_width()]);
+                self.v[layer][at..at + l.block_width()]
+                    .copy_from_slice(&data[base + l.block_width()..base + 2 * l.block_width()]);
+            }
+            owned.push(b);
+        }
+        let s = self.seqs.get_mut(&id).expect("just created");
+        s.blocks = owned;
+        s.len = e.tokens;
+        s.written = vec![e.tokens; l.layers];
+        Ok(id)
+    }
+
+    /// Every block is free or owned by exactly one sequence (for tests and debug checks).
+    pub fn check_invariants(&self) -> bool {
+        let mut seen = vec![0u8; self.capacity];
+        for b in self
+            .free
+            .iter()
+            .chain(self.seqs.values().flat_map(|s| s.blocks.iter()))
+        {
+            seen[*b as usize] += 1;
+        }
+        seen.iter().all(|c| *c == 1)
+    }
+}

@@ -1,0 +1,183 @@
+//! Paged KV cache: allocator invariants, data integrity, export/import.
+
+use dopd_worker::kv::{KvError, KvLayout, PagedKvCache, SeqId};
+use proptest::prelude::*;
+
+fn layout() -> KvLayout {
+    KvLayout {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 3,
+        block_size: 4,
+        model_hash: 42,
+    }
+}
+
+/// A recognisable K (V is its negation) for (sequence tag, token, layer).
+fn kv(tag: u64, token: usize, layer: usize) -> (Vec<f32>, Vec<f32>) {
+    let k: Vec<f32> = (0..6)
+        .map(|i| (tag * 10_000 + token as u64 * 100 + layer as u64 * 10 + i) as f32)
+        .collect();
+    let v = k.iter().map(|x| -x).collect();
+    (k, v)
+}
+
+fn push_token(c: &mut PagedKvCache, seq: SeqId, tag: u64, token: usize) -> Result<(), KvError> {
+    for layer in 0..c.layout().layers {
+        let (k, v) = kv(tag, token, layer);
+        c.append(seq, layer, &k, &v)?;
+    }
+    Ok(())
+}
+
+fn check_contents(c: &PagedKvCache, seq: SeqId, tag: u64) {
+    let n = c.len(seq).expect("known");
+    for layer in 0..c.layout().layers {
+        let (k, v) = c.gather(seq, layer).expect("gathers");
+        assert_eq!(k.len(), n * 6);
+        for t in 0..n {
+            let (wk, wv) = kv(tag, t, layer);
+            assert_eq!(&k[t * 6..(t + 1) * 6], &wk[..]);
+            assert_eq!(&v[t * 6..(t + 1) * 6], &wv[..]);
+        }
+    }
+}
+
+#[test]
+fn blocks_are_taken_only_when_the_last_one_is_full() {
+    let mut c = PagedKvCache::new(layout(), 4);
+    let s = c.create();
+    for t in 0..5 {
+        push_token(&mut c, s, 1, t).expect("room");
+    }
+    assert_eq!(c.blocks(s).expect("known").len(), 2);
+    assert_eq!(c.used_blocks(), 2);
+    check_contents(&c, s, 1);
+    c.free(s).expect("known");
+    assert_eq!(c.free_blocks(), 4);
+    assert!(c.check_invariants());
+}
+
+#[test]
+fn misuse_is_an_error_not_a_panic() {
+    let mut c = PagedKvCache::new(layout(), 1);
+    let s = c.create();
+    let (k, v) = kv(0, 0, 0);
+    assert!(matches!(
+        c.append(s, 1, &k, &v),
+        Err(KvError::OutOfOrder { .. })
+    ));
+    assert!(matches!(
+        c.append(s, 5, &k, &v),
+        Err(KvError::BadLayer { .. })
+    ));
+    assert!(matches!(
+        c.append(s, 0, &k[..3], &v),
+        Err(KvError::BadWidth { .. })
+    ));
+    assert!(matches!(
+        c.append(99, 0, &k, &v),
+        Err(KvError::UnknownSequence(99))
+    ));
+    for t in 0..4 {
+        push_token(&mut c, s, 0, t).expect("one block holds 4 tokens");
+    }
+    assert!(matches!(
+        push_token(&mut c, s, 0, 4),
+        Err(KvError::OutOfBlocks { .. })
+    ));
+    assert!(c.check_invariants());
+    assert!(matches!(c.free(s + 1), Err(KvError::UnknownSequence(_))));
+}
+
+#[test]
+fn export_import_rejects_other_layouts() {
+    let mut a = PagedKvCache::new(layout(), 4);
+    let s = a.create();
+    push_token(&mut a, s, 3, 0).expect("room");
+    let e = a.export(s).expect("exports");
+    let mut other = PagedKvCache::new(
+        KvLayout {
+            model_hash: 7,
+            ..layout()
+        },
+        4,
+    );
+    assert!(matches!(
+        other.import(&e),
+        Err(KvError::LayoutMismatch { .. })
+    ));
+    let mut small = PagedKvCache::new(layout(), 0);
+    assert!(matches!(small.import(&e), Err(KvError::OutOfBlocks { .. })));
+    assert!(small.check_invariants() && other.check_invariants());
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Create,
+    Push(usize),
+    Free(usize),
+    Move(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::Create),
+        6 => (0usize..8).prop_map(Op::Push),
+        1 => (0usize..8).prop_map(Op::Free),
+        1 => (0usize..8).prop_map(Op::Move),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn no_block_is_leaked_or_shared_and_data_survives_moves(ops in prop::collection::vec(op(), 1..120)) {
+        let mut a = PagedKvCache::new(layout(), 12);
+        let mut b = PagedKvCache::new(layout(), 12);
+        // (cache, seq id, tag) of live sequences.
+        let mut live: Vec<(bool, SeqId, u64)> = Vec::new();
+        let mut tag = 0u64;
+        for o in ops {
+            match o {
+                Op::Create => {
+                    tag += 1;
+                    live.push((false, a.create(), tag));
+                }
+                Op::Push(i) if !live.is_empty() => {
+                    let (in_b, s, t) = live[i % live.len()];
+                    let c = if in_b { &mut b } else { &mut a };
+                    let n = c.len(s).expect("live");
+                    match push_token(c, s, t, n) {
+                        Ok(()) | Err(KvError::OutOfBlocks { .. }) => {}
+                        Err(e) => prop_assert!(false, "{e}"),
+                    }
+                }
+                Op::Free(i) if !live.is_empty() => {
+                    let (in_b, s, _) = live.swap_remove(i % live.len());
+                    if in_b { b.free(s).expect("live") } else { a.free(s).expect("live") }
+                }
+                Op::Move(i) if !live.is_empty() => {
+                    // Export from A, import into B, free in A (the P→D hand-off).
+                    let k = i % live.len();
+                    let (in_b, s, t) = live[k];
+                    if !in_b {
+                        let e = a.export(s).expect("live");
+                        if let Ok(new) = b.import(&e) {
+                            a.free(s).expect("live");
+                            live[k] = (true, new, t);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            prop_assert!(a.check_invariants() && b.check_invariants());
+        }
+        let owned_a: usize = live.iter().filter(|l| !l.0).map(|l| a.blocks(l.1).expect("live").len()).sum();
+        let owned_b: usize = live.iter().filter(|l| l.0).map(|l| b.blocks(l.1).expect("live").len()).sum();
+        prop_assert_eq!(owned_a + a.free_blocks(), 12);
+        prop_assert_eq!(owned_b + b.free_blocks(), 12);
+        for (in_b, s, t) in live {
+            check_contents(if in_b { &b } else { &a }, s, t);
+        }
+    }
+}
