@@ -68,12 +68,6 @@ pub enum KvError {
     BadLayer { layer: usize, layers: usize },
     #[error("K/V slice of {got} floats, expected {want} (kv_heads · head_dim)")]
     BadWidth { got: usize, want: usize },
-    #[error("layer {layer} written out of order for token {token} of sequence {seq}")]
-    OutOfOrder {
-        seq: SeqId,
-        layer: usize,
-        token: usize,
-    },
     #[error("KV layout mismatch: export fingerprint {got:#x}, this cache {want:#x}")]
     LayoutMismatch { got: u64, want: u64 },
     #[error("export of {tokens} tokens carries {blocks} blocks, expected {want}")]
@@ -191,8 +185,9 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// Appends one token's K and V for `layer`. Layers are written in order for each token; the
-    /// first layer of a new token takes a new block when the last one is full.
+    /// Appends the next token's K and V for `layer`. Each layer is written in token order, layers
+    /// independently (a prefill writes layer by layer, a decode step token by token); a token is
+    /// complete once every layer has it. A new block is taken when a write needs one.
     pub fn append(
         &mut self,
         seq: SeqId,
@@ -220,9 +215,6 @@ impl PagedKvCache {
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence(seq))?;
         let token = s.written[layer];
-        if token != s.len || (layer > 0 && s.written[layer - 1] != token + 1) {
-            return Err(KvError::OutOfOrder { seq, layer, token });
-        }
         if token == s.blocks.len() * l.block_size {
             let Some(b) = self.free.pop() else {
                 return Err(KvError::OutOfBlocks { needed: 1, free: 0 });
@@ -234,9 +226,7 @@ impl PagedKvCache {
         self.k[layer][at..at + l.token_width()].copy_from_slice(k);
         self.v[layer][at..at + l.token_width()].copy_from_slice(v);
         s.written[layer] += 1;
-        if layer + 1 == l.layers {
-            s.len += 1;
-        }
+        s.len = s.written.iter().copied().min().unwrap_or(0);
         Ok(())
     }
 

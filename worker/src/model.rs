@@ -18,6 +18,7 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 
 use crate::gguf::{Gguf, GgufError};
+use crate::kv::{KvError, KvLayout, PagedKvCache, SeqId};
 
 /// Architecture of a Llama-family model.
 #[derive(Clone, Debug, PartialEq)]
@@ -209,25 +210,24 @@ impl<B: Backend> Llama<B> {
         x * w.clone().unsqueeze_dim(0)
     }
 
-    /// Adjacent-pair RoPE on `[heads, seq, head_dim]` for positions `0..seq`.
-    fn rope(&self, x: Tensor<B, 3>, seq: usize) -> Tensor<B, 3> {
+    /// Adjacent-pair RoPE on `[heads, seq, head_dim]` for positions `start..start + seq`.
+    fn rope(&self, x: Tensor<B, 3>, start: usize, seq: usize) -> Tensor<B, 3> {
         let [heads, _, hd] = x.dims();
         let half = hd / 2;
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
-        for p in 0..seq {
+        for p in start..start + seq {
             for i in 0..half {
                 let angle = p as f64 * self.config.rope_theta.powf(-2.0 * i as f64 / hd as f64);
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
         }
-        let cos: Tensor<B, 4> =
-            Tensor::<B, 2>::from_data(TensorData::new(cos, [seq, half]), &self.device)
-                .reshape([1, seq, half, 1]);
-        let sin: Tensor<B, 4> =
-            Tensor::<B, 2>::from_data(TensorData::new(sin, [seq, half]), &self.device)
-                .reshape([1, seq, half, 1]);
+        let table = |v: Vec<f32>| -> Tensor<B, 4> {
+            Tensor::<B, 2>::from_data(TensorData::new(v, [seq, half]), &self.device)
+                .reshape([1, seq, half, 1])
+        };
+        let (cos, sin) = (table(cos), table(sin));
         let pairs: Tensor<B, 4> = x.reshape([heads, seq, half, 2]);
         let x0 = pairs.clone().narrow(3, 0, 1);
         let x1 = pairs.narrow(3, 1, 1);
@@ -263,8 +263,8 @@ impl<B: Backend> Llama<B> {
                 .matmul(l.wv.clone())
                 .reshape([seq, c.kv_heads, c.head_dim])
                 .swap_dims(0, 1);
-            let q = self.rope(q, seq);
-            let k = self.rope(k, seq);
+            let q = self.rope(q, 0, seq);
+            let k = self.rope(k, 0, seq);
             // Grouped-query attention: query head j reads KV head j / group.
             let expand = |t: Tensor<B, 3>| -> Tensor<B, 3> {
                 t.unsqueeze_dim::<4>(1)
@@ -287,5 +287,92 @@ impl<B: Backend> Llama<B> {
             x = x + (gate * up).matmul(l.w_down.clone());
         }
         self.rms_norm(x, &self.norm).matmul(self.lm_head.clone())
+    }
+
+    /// The cache layout this model's K/V need (`model_hash` identifies the weights).
+    pub fn kv_layout(&self, block_size: usize, model_hash: u64) -> KvLayout {
+        let c = &self.config;
+        KvLayout {
+            layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            block_size,
+            model_hash,
+        }
+    }
+
+    /// Runs `tokens` as the continuation of sequence `seq` in `cache` (a prefill when the
+    /// sequence is empty, a decode step with one token), appending their K/V; returns the logits
+    /// of the new positions (`[tokens, vocab]`).
+    pub fn forward_cached(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        let c = &self.config;
+        let n = tokens.len();
+        let start = cache.len(seq)?;
+        let total = start + n;
+        let width = c.kv_heads * c.head_dim;
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+        let mut x = self.embed.clone().select(0, ids);
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        // New position i (absolute start + i) sees cached positions j <= start + i.
+        let mask = Tensor::<B, 2, Bool>::tril_mask([n, total], start as i64, &self.device)
+            .unsqueeze_dim::<3>(0)
+            .expand([c.heads, n, total]);
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(x.clone(), &l.attn_norm);
+            let q = h
+                .clone()
+                .matmul(l.wq.clone())
+                .reshape([n, c.heads, c.head_dim])
+                .swap_dims(0, 1);
+            let k = h
+                .clone()
+                .matmul(l.wk.clone())
+                .reshape([n, c.kv_heads, c.head_dim])
+                .swap_dims(0, 1);
+            let v = h.matmul(l.wv.clone()).reshape([n, c.kv_heads, c.head_dim]);
+            let q = self.rope(q, start, n);
+            let k = self.rope(k, start, n).swap_dims(0, 1); // [n, kv_heads, head_dim]
+            let kd: Vec<f32> = k.into_data().to_vec().unwrap_or_default();
+            let vd: Vec<f32> = v.into_data().to_vec().unwrap_or_default();
+            for t in 0..n {
+                cache.append(
+                    seq,
+                    li,
+                    &kd[t * width..(t + 1) * width],
+                    &vd[t * width..(t + 1) * width],
+                )?;
+            }
+            let (ka, va) = cache.gather(seq, li)?;
+            let as_heads = |d: Vec<f32>| -> Tensor<B, 3> {
+                Tensor::<B, 2>::from_data(TensorData::new(d, [total, width]), &self.device)
+                    .reshape([total, c.kv_heads, c.head_dim])
+                    .swap_dims(0, 1)
+                    .unsqueeze_dim::<4>(1)
+                    .expand([c.kv_heads, group, total, c.head_dim])
+                    .reshape([c.heads, total, c.head_dim])
+            };
+            let (ka, va) = (as_heads(ka), as_heads(va));
+            let scores = q
+                .matmul(ka.swap_dims(1, 2))
+                .mul_scalar(scale)
+                .mask_fill(mask.clone(), f32::NEG_INFINITY);
+            let attn = softmax(scores, 2)
+                .matmul(va)
+                .swap_dims(0, 1)
+                .reshape([n, c.heads * c.head_dim]);
+            x = x + attn.matmul(l.wo.clone());
+            let h = self.rms_norm(x.clone(), &l.ffn_norm);
+            let gate = silu(h.clone().matmul(l.w_gate.clone()));
+            let up = h.matmul(l.w_up.clone());
+            x = x + (gate * up).matmul(l.w_down.clone());
+        }
+        Ok(self.rms_norm(x, &self.norm).matmul(self.lm_head.clone()))
     }
 }
