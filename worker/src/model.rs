@@ -236,55 +236,86 @@ impl<B: Backend> Llama<B> {
         Tensor::cat(vec![r0, r1], 3).reshape([heads, seq, hd])
     }
 
+    fn embed_tokens(&self, tokens: &[u32]) -> Tensor<B, 2> {
+        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+        let ids =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
+        self.embed.clone().select(0, ids)
+    }
+
+    /// Q (`[heads, n, head_dim]`), K and V (`[kv_heads, n, head_dim]`) of `n` new tokens at
+    /// positions `start..start + n`, RoPE applied to Q and K.
+    fn qkv(
+        &self,
+        l: &Layer<B>,
+        h: Tensor<B, 2>,
+        start: usize,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
+        let c = &self.config;
+        let n = h.dims()[0];
+        let split = |w: &Tensor<B, 2>, heads: usize| {
+            h.clone()
+                .matmul(w.clone())
+                .reshape([n, heads, c.head_dim])
+                .swap_dims(0, 1)
+        };
+        let q = self.rope(split(&l.wq, c.heads), start, n);
+        let k = self.rope(split(&l.wk, c.kv_heads), start, n);
+        (q, k, split(&l.wv, c.kv_heads))
+    }
+
+    /// Causal grouped-query attention of `q` (`[heads, n, head_dim]`) over `k`, `v`
+    /// (`[kv_heads, total, head_dim]`); `mask` is true where attention is forbidden
+    /// (`[heads, n, total]`). Returns `[n, heads · head_dim]`.
+    fn attend(
+        &self,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        mask: Tensor<B, 3, Bool>,
+    ) -> Tensor<B, 2> {
+        let c = &self.config;
+        let [_, n, _] = q.dims();
+        let total = k.dims()[1];
+        let group = c.heads / c.kv_heads;
+        // Query head j reads KV head j / group.
+        let expand = |t: Tensor<B, 3>| -> Tensor<B, 3> {
+            t.unsqueeze_dim::<4>(1)
+                .expand([c.kv_heads, group, total, c.head_dim])
+                .reshape([c.heads, total, c.head_dim])
+        };
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let scores = q
+            .matmul(expand(k).swap_dims(1, 2))
+            .mul_scalar(scale)
+            .mask_fill(mask, f32::NEG_INFINITY);
+        softmax(scores, 2)
+            .matmul(expand(v))
+            .swap_dims(0, 1)
+            .reshape([n, c.heads * c.head_dim])
+    }
+
+    /// The feed-forward half of a layer, residual included.
+    fn mlp(&self, l: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let h = self.rms_norm(x.clone(), &l.ffn_norm);
+        let gate = silu(h.clone().matmul(l.w_gate.clone()));
+        let up = h.matmul(l.w_up.clone());
+        x + (gate * up).matmul(l.w_down.clone())
+    }
+
     /// Logits for every position of `tokens` (`[seq, vocab]`).
     pub fn forward(&self, tokens: &[u32]) -> Tensor<B, 2> {
         let c = &self.config;
         let seq = tokens.len();
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [seq]), &self.device);
-        let mut x = self.embed.clone().select(0, ids);
-        let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let mask =
-            Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device).unsqueeze_dim::<3>(0);
+        let mut x = self.embed_tokens(tokens);
+        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device)
+            .unsqueeze_dim::<3>(0)
+            .expand([c.heads, seq, seq]);
         for l in &self.layers {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let q = h
-                .clone()
-                .matmul(l.wq.clone())
-                .reshape([seq, c.heads, c.head_dim])
-                .swap_dims(0, 1);
-            let k = h
-                .clone()
-                .matmul(l.wk.clone())
-                .reshape([seq, c.kv_heads, c.head_dim])
-                .swap_dims(0, 1);
-            let v = h
-                .matmul(l.wv.clone())
-                .reshape([seq, c.kv_heads, c.head_dim])
-                .swap_dims(0, 1);
-            let q = self.rope(q, 0, seq);
-            let k = self.rope(k, 0, seq);
-            // Grouped-query attention: query head j reads KV head j / group.
-            let expand = |t: Tensor<B, 3>| -> Tensor<B, 3> {
-                t.unsqueeze_dim::<4>(1)
-                    .expand([c.kv_heads, group, seq, c.head_dim])
-                    .reshape([c.heads, seq, c.head_dim])
-            };
-            let (k, v) = (expand(k), expand(v));
-            let scores = q
-                .matmul(k.swap_dims(1, 2))
-                .mul_scalar(scale)
-                .mask_fill(mask.clone().expand([c.heads, seq, seq]), f32::NEG_INFINITY);
-            let attn = softmax(scores, 2)
-                .matmul(v)
-                .swap_dims(0, 1)
-                .reshape([seq, c.heads * c.head_dim]);
-            x = x + attn.matmul(l.wo.clone());
-            let h = self.rms_norm(x.clone(), &l.ffn_norm);
-            let gate = silu(h.clone().matmul(l.w_gate.clone()));
-            let up = h.matmul(l.w_up.clone());
-            x = x + (gate * up).matmul(l.w_down.clone());
+            let (q, k, v) = self.qkv(l, h, 0);
+            x = x + self.attend(q, k, v, mask.clone()).matmul(l.wo.clone());
+            x = self.mlp(l, x);
         }
         self.rms_norm(x, &self.norm).matmul(self.lm_head.clone())
     }
@@ -315,32 +346,22 @@ impl<B: Backend> Llama<B> {
         let start = cache.len(seq)?;
         let total = start + n;
         let width = c.kv_heads * c.head_dim;
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
-        let mut x = self.embed.clone().select(0, ids);
-        let group = c.heads / c.kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut x = self.embed_tokens(tokens);
         // New position i (absolute start + i) sees cached positions j <= start + i.
         let mask = Tensor::<B, 2, Bool>::tril_mask([n, total], start as i64, &self.device)
             .unsqueeze_dim::<3>(0)
             .expand([c.heads, n, total]);
+        let from_cache = |d: Vec<f32>| -> Tensor<B, 3> {
+            Tensor::<B, 2>::from_data(TensorData::new(d, [total, width]), &self.device)
+                .reshape([total, c.kv_heads, c.head_dim])
+                .swap_dims(0, 1)
+        };
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let q = h
-                .clone()
-                .matmul(l.wq.clone())
-                .reshape([n, c.heads, c.head_dim])
-                .swap_dims(0, 1);
-            let k = h
-                .clone()
-                .matmul(l.wk.clone())
-                .reshape([n, c.kv_heads, c.head_dim])
-                .swap_dims(0, 1);
-            let v = h.matmul(l.wv.clone()).reshape([n, c.kv_heads, c.head_dim]);
-            let q = self.rope(q, start, n);
-            let k = self.rope(k, start, n).swap_dims(0, 1); // [n, kv_heads, head_dim]
-            let kd: Vec<f32> = k.into_data().to_vec().unwrap_or_default();
-            let vd: Vec<f32> = v.into_data().to_vec().unwrap_or_default();
+            let (q, k, v) = self.qkv(l, h, start);
+            // Cache rows are tokens: [n, kv_heads, head_dim].
+            let kd: Vec<f32> = k.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
+            let vd: Vec<f32> = v.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
             for t in 0..n {
                 cache.append(
                     seq,
@@ -350,28 +371,10 @@ impl<B: Backend> Llama<B> {
                 )?;
             }
             let (ka, va) = cache.gather(seq, li)?;
-            let as_heads = |d: Vec<f32>| -> Tensor<B, 3> {
-                Tensor::<B, 2>::from_data(TensorData::new(d, [total, width]), &self.device)
-                    .reshape([total, c.kv_heads, c.head_dim])
-                    .swap_dims(0, 1)
-                    .unsqueeze_dim::<4>(1)
-                    .expand([c.kv_heads, group, total, c.head_dim])
-                    .reshape([c.heads, total, c.head_dim])
-            };
-            let (ka, va) = (as_heads(ka), as_heads(va));
-            let scores = q
-                .matmul(ka.swap_dims(1, 2))
-                .mul_scalar(scale)
-                .mask_fill(mask.clone(), f32::NEG_INFINITY);
-            let attn = softmax(scores, 2)
-                .matmul(va)
-                .swap_dims(0, 1)
-                .reshape([n, c.heads * c.head_dim]);
-            x = x + attn.matmul(l.wo.clone());
-            let h = self.rms_norm(x.clone(), &l.ffn_norm);
-            let gate = silu(h.clone().matmul(l.w_gate.clone()));
-            let up = h.matmul(l.w_up.clone());
-            x = x + (gate * up).matmul(l.w_down.clone());
+            x = x + self
+                .attend(q, from_cache(ka), from_cache(va), mask.clone())
+                .matmul(l.wo.clone());
+            x = self.mlp(l, x);
         }
         Ok(self.rms_norm(x, &self.norm).matmul(self.lm_head.clone()))
     }
