@@ -340,6 +340,7 @@ pub struct Planner {
     decode_grace_left: u32,
     queue_history: VecDeque<f64>,
     last_now: Option<f64>,
+    isl_threshold: Option<f64>,
 }
 
 impl Planner {
@@ -365,8 +366,15 @@ impl Planner {
             decode_grace_left: 0,
             queue_history: VecDeque::new(),
             last_now: None,
+            isl_threshold: None,
             cfg,
         })
+    }
+
+    /// The long/short routing threshold for the next interval (paper §5): the forecast mean ISL
+    /// of the last tick that forecast, else the last observed mean ISL; `None` before any request.
+    pub fn isl_threshold(&self) -> Option<f64> {
+        self.isl_threshold
     }
 
     pub fn config(&self) -> &PlannerConfig {
@@ -403,6 +411,9 @@ impl Planner {
         };
         self.isl.observe(isl.unwrap_or(f64::NAN));
         self.osl.observe(osl.unwrap_or(f64::NAN));
+        if isl.is_some() {
+            self.isl_threshold = isl;
+        }
         if requests > 0.0 {
             self.last_request_at = Some(now);
         }
@@ -538,6 +549,9 @@ impl Planner {
                             reasons.push(Reason::Warmup { observations: held });
                         }
                         forecast = Some(f);
+                        if f.isl.point > 0.0 {
+                            self.isl_threshold = Some(f.isl.point);
+                        }
                         // Before any request has been seen there is no length to forecast: use
                         // the configured defaults rather than sizing for 1-token requests.
                         let isl = if self.isl.is_empty() {
@@ -1108,6 +1122,20 @@ mod tests {
         o.kv_usage = 0.95;
         let d2 = p.tick(10.0, &o);
         assert_eq!(d2.target.decode, 2);
+    }
+
+    #[test]
+    fn the_routing_threshold_follows_the_isl_forecast() {
+        let mut p = Planner::new_ok(profile(), cfg(PolicyKind::Dopd));
+        assert_eq!(p.isl_threshold(), None);
+        let mut o = obs(100.0, ONE);
+        o.mean_isl = Some(1500.0);
+        p.tick(0.0, &o);
+        // The last-value forecaster forecasts the observed mean.
+        assert_eq!(p.isl_threshold(), Some(1500.0));
+        // An empty interval keeps the threshold.
+        p.tick(10.0, &obs(0.0, ONE));
+        assert_eq!(p.isl_threshold(), Some(1500.0));
     }
 
     #[test]

@@ -1045,10 +1045,8 @@ impl Sim<'_> {
             }
             _ => planner.tick(now, &obs),
         };
-        if let Some(f) = d.forecast.filter(|f| f.isl.point > 0.0) {
-            self.isl_threshold = f.isl.point;
-        } else if let Some(isl) = obs.mean_isl {
-            self.isl_threshold = isl;
+        if let Some(t) = planner.isl_threshold() {
+            self.isl_threshold = t;
         }
         if matches!(self.cfg.policy, PolicySpec::Oracle)
             && let Some(next) = oracle_next.filter(|n| n.isl > 0.0)
