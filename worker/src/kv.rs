@@ -70,6 +70,10 @@ pub enum KvError {
     BadWidth { got: usize, want: usize },
     #[error("KV layout mismatch: export fingerprint {got:#x}, this cache {want:#x}")]
     LayoutMismatch { got: u64, want: u64 },
+    #[error("no tokens to run")]
+    NoTokens,
+    #[error("sequence {0} appears twice in one step")]
+    DuplicateSequence(SeqId),
     #[error("export of {tokens} tokens carries {blocks} blocks, expected {want}")]
     BadExport {
         tokens: usize,
@@ -143,6 +147,33 @@ impl PagedKvCache {
     /// Blocks a sequence of `tokens` tokens occupies.
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.layout.block_size)
+    }
+
+    /// Blocks that appending `n` tokens to `seq` would take from the free list.
+    pub fn blocks_to_grow(&self, seq: SeqId, n: usize) -> Result<usize, KvError> {
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let written = s.written.iter().copied().max().unwrap_or(0);
+        Ok(self
+            .blocks_for(written.max(s.len) + n)
+            .saturating_sub(s.blocks.len()))
+    }
+
+    /// Checks that appending `n` tokens to each listed sequence fits, before anything is written.
+    pub fn check_room(&self, grow: &[(SeqId, usize)]) -> Result<(), KvError> {
+        let mut needed = 0;
+        for (i, &(seq, n)) in grow.iter().enumerate() {
+            if grow[..i].iter().any(|g| g.0 == seq) {
+                return Err(KvError::DuplicateSequence(seq));
+            }
+            needed += self.blocks_to_grow(seq, n)?;
+        }
+        if needed > self.free.len() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        Ok(())
     }
 
     /// Starts an empty sequence.

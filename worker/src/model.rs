@@ -1,8 +1,10 @@
-//! Llama-family transformer in burn: config from GGUF metadata, weights dequantized on load,
-//! a full-sequence forward pass returning logits.
+//! Llama-family transformer in burn (Llama 1-3, SmolLM, Qwen2): config -> load -> forward.
 //!
-//! This first version recomputes the whole sequence (no KV cache yet); the paged cache and the
-//! batched decode step build on the same layers.
+//! [`LlamaConfig`] comes from GGUF metadata or a Hugging Face `config.json`; [`Llama::load`] reads
+//! weights (GGUF naming) from any [`WeightSource`]; three forward passes share one set of layer
+//! helpers: [`Llama::forward`] (dense, no cache), [`Llama::forward_cached`] (a prefill or
+//! continuation of one sequence over the paged KV cache) and [`Llama::forward_decode`] (one
+//! token for each of a batch of sequences).
 //!
 //! # Shapes
 //! - input: `seq` token ids
@@ -20,6 +22,43 @@ use burn::tensor::activation::{silu, softmax};
 use crate::gguf::{Gguf, GgufError};
 use crate::kv::{KvError, KvLayout, PagedKvCache, SeqId};
 
+/// How RoPE pairs up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// `(x[2i], x[2i+1])`: GGUF Llama weights (llama.cpp permutes Q/K rows on conversion).
+    Adjacent,
+    /// `(x[i], x[i + d/2])`: Hugging Face's `rotate_half` (HF checkpoints, GGUF Qwen2).
+    Halves,
+}
+
+/// Llama 3.1's frequency-dependent RoPE scaling (`rope_scaling.rope_type = "llama3"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+impl Llama3RopeScaling {
+    /// The scaled inverse frequency for one unscaled `inv_freq` (Meta's reference formula: long
+    /// wavelengths are divided by `factor`, short ones kept, the band between interpolated).
+    pub fn scale(&self, inv_freq: f64) -> f64 {
+        let low_wavelen = self.original_max_position_embeddings / self.low_freq_factor;
+        let high_wavelen = self.original_max_position_embeddings / self.high_freq_factor;
+        let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+        if wavelen < high_wavelen {
+            inv_freq
+        } else if wavelen > low_wavelen {
+            inv_freq / self.factor
+        } else {
+            let smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor)
+                / (self.high_freq_factor - self.low_freq_factor);
+            (1.0 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        }
+    }
+}
+
 /// Architecture of a Llama-family model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
@@ -33,6 +72,12 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     pub rms_eps: f64,
     pub context: usize,
+    pub rope_style: RopeStyle,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Q, K and V projections carry a bias (Qwen2).
+    pub qkv_bias: bool,
+    /// The output matrix is the token embedding (no separate `lm_head`).
+    pub tied_embeddings: bool,
 }
 
 /// A model that cannot be loaded.
@@ -40,7 +85,7 @@ pub struct LlamaConfig {
 pub enum ModelError {
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    #[error("architecture {0:?} is not supported (llama is)")]
+    #[error("architecture {0:?} is not supported (llama and qwen2 are)")]
     UnsupportedArchitecture(String),
     #[error("model config: {0}")]
     Config(String),
@@ -50,25 +95,64 @@ pub enum ModelError {
         got: Vec<u64>,
         want: Vec<u64>,
     },
+    #[error("{file}: {msg}")]
+    File { file: String, msg: String },
+    #[error("tensor `{0}` is missing")]
+    MissingTensor(String),
 }
 
 impl LlamaConfig {
-    /// Reads the architecture from GGUF metadata (`llama.*` keys).
+    /// Checks the head geometry.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let c = self;
+        if c.heads == 0 || c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) {
+            return Err(ModelError::Config(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                c.heads, c.kv_heads
+            )));
+        }
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
+            return Err(ModelError::Config(format!(
+                "head dimension {} must be even and positive (RoPE rotates pairs)",
+                c.head_dim
+            )));
+        }
+        for (what, v) in [
+            ("vocab", c.vocab),
+            ("hidden", c.hidden),
+            ("layers", c.layers),
+            ("ffn", c.ffn),
+        ] {
+            if v == 0 {
+                return Err(ModelError::Config(format!("{what} size is 0")));
+            }
+        }
+        if !(c.rope_theta > 0.0) || !(c.rms_eps > 0.0) {
+            return Err(ModelError::Config(
+                "rope theta and RMS epsilon must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the architecture from GGUF metadata (`llama.*` or `qwen2.*` keys).
     pub fn from_gguf(g: &Gguf) -> Result<Self, ModelError> {
         let arch = g.get_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedArchitecture(arch.into()));
-        }
+        let (rope_style, qkv_bias) = match arch {
+            "llama" => (RopeStyle::Adjacent, false),
+            "qwen2" => (RopeStyle::Halves, true),
+            _ => return Err(ModelError::UnsupportedArchitecture(arch.into())),
+        };
         let u = |k: &str| -> Result<usize, ModelError> {
-            usize::try_from(g.get_u64(&format!("llama.{k}"))?)
-                .map_err(|_| ModelError::Config(format!("llama.{k} too large")))
+            usize::try_from(g.get_u64(&format!("{arch}.{k}"))?)
+                .map_err(|_| ModelError::Config(format!("{arch}.{k} too large")))
         };
         let hidden = u("embedding_length")?;
         let heads = u("attention.head_count")?;
         let kv_heads = u("attention.head_count_kv").unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hidden % heads != 0 {
+        if heads == 0 || !hidden.is_multiple_of(heads) {
             return Err(ModelError::Config(format!(
-                "{heads} heads and {kv_heads} KV heads do not divide hidden size {hidden}"
+                "{heads} heads do not divide hidden size {hidden}"
             )));
         }
         let vocab = match u("vocab_size") {
@@ -80,7 +164,7 @@ impl LlamaConfig {
                 .copied()
                 .unwrap_or(0) as usize,
         };
-        Ok(Self {
+        let c = Self {
             vocab,
             hidden,
             layers: u("block_count")?,
@@ -88,21 +172,44 @@ impl LlamaConfig {
             kv_heads,
             head_dim: hidden / heads,
             ffn: u("feed_forward_length")?,
-            rope_theta: g.get_f64("llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_theta: g
+                .get_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10_000.0),
             rms_eps: g
-                .get_f64("llama.attention.layer_norm_rms_epsilon")
+                .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             context: u("context_length").unwrap_or(4096),
-        })
+            rope_style,
+            // llama.cpp stores Llama-3 scaling as per-frequency divisors (`rope_freqs.weight`),
+            // applied in `Llama::from_gguf`.
+            rope_scaling: None,
+            qkv_bias,
+            tied_embeddings: g.tensor("output.weight").is_err(),
+        };
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Unscaled-then-scaled inverse frequencies `θ^(-2i/d)`, one per rotated pair.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        (0..self.head_dim / 2)
+            .map(|i| {
+                let f = self.rope_theta.powf(-2.0 * i as f64 / self.head_dim as f64);
+                self.rope_scaling.map_or(f, |s| s.scale(f))
+            })
+            .collect()
     }
 }
 
 #[derive(Debug)]
 struct Layer<B: Backend> {
     attn_norm: Tensor<B, 1>,
+    /// Projections are stored `[in, out]` so that `x[n, in] · w` gives `[n, out]`.
     wq: Tensor<B, 2>,
     wk: Tensor<B, 2>,
     wv: Tensor<B, 2>,
+    /// `[out]` each, when the architecture has QKV bias.
+    bias: Option<[Tensor<B, 1>; 3]>,
     wo: Tensor<B, 2>,
     ffn_norm: Tensor<B, 1>,
     w_gate: Tensor<B, 2>,
@@ -119,82 +226,118 @@ pub struct Llama<B: Backend> {
     norm: Tensor<B, 1>,
     /// `[hidden, vocab]`: the output matrix, or the embedding transposed when tied.
     lm_head: Tensor<B, 2>,
+    /// One inverse frequency per rotated pair (scaling applied).
+    inv_freq: Vec<f64>,
     device: B::Device,
 }
 
-/// Loads a weight of GGUF dims `dims` (innermost first) as a `[rows, cols]` tensor with
-/// `rows = dims[1]`, `cols = dims[0]`.
-fn matrix<B: Backend>(
-    g: &Gguf,
-    name: &str,
-    cols: usize,
-    rows: usize,
-    dev: &B::Device,
-) -> Result<Tensor<B, 2>, ModelError> {
-    let t = g.tensor(name)?;
-    let want = vec![cols as u64, rows as u64];
-    if t.dims != want {
-        return Err(ModelError::Shape {
-            name: name.into(),
-            got: t.dims.clone(),
-            want,
-        });
-    }
-    let data = g.dequantize(name)?;
-    Ok(Tensor::from_data(TensorData::new(data, [rows, cols]), dev))
+/// Where weights come from: a name and a row-major `[rows, cols]` shape (PyTorch's
+/// `[out, in]` for projections) to f32 values.
+pub trait WeightSource {
+    /// The tensor `name` (in GGUF naming, e.g. `blk.0.attn_q.weight`) with exactly `shape`.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
+    /// Whether the source holds `name`.
+    fn has(&self, name: &str) -> bool;
 }
 
-fn vector<B: Backend>(
-    g: &Gguf,
-    name: &str,
-    len: usize,
-    dev: &B::Device,
-) -> Result<Tensor<B, 1>, ModelError> {
-    let t = g.tensor(name)?;
-    if t.dims != [len as u64] {
-        return Err(ModelError::Shape {
-            name: name.into(),
-            got: t.dims.clone(),
-            want: vec![len as u64],
-        });
+impl WeightSource for Gguf {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        let t = self
+            .tensor(name)
+            .map_err(|_| ModelError::MissingTensor(name.into()))?;
+        // GGUF lists dims innermost first.
+        let want: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        if t.dims != want {
+            return Err(ModelError::Shape {
+                name: name.into(),
+                got: t.dims.clone(),
+                want,
+            });
+        }
+        Ok(self.dequantize(name)?)
     }
-    Ok(Tensor::from_data(
-        TensorData::new(g.dequantize(name)?, [len]),
-        dev,
-    ))
+
+    fn has(&self, name: &str) -> bool {
+        self.tensor(name).is_ok()
+    }
 }
 
 impl<B: Backend> Llama<B> {
     /// Loads the model from a parsed GGUF file, dequantizing every weight to f32.
     pub fn from_gguf(g: &Gguf, device: &B::Device) -> Result<Self, ModelError> {
         let c = LlamaConfig::from_gguf(g)?;
+        let mut m = Self::load(c, g, device)?;
+        // Llama 3 GGUFs carry the RoPE scaling as per-frequency divisors.
+        if g.has("rope_freqs.weight") {
+            let f = g.load("rope_freqs.weight", &[m.inv_freq.len()])?;
+            for (inv, d) in m.inv_freq.iter_mut().zip(f) {
+                if !(d > 0.0) {
+                    return Err(ModelError::Config(
+                        "rope_freqs.weight holds a non-positive factor".into(),
+                    ));
+                }
+                *inv /= f64::from(d);
+            }
+        }
+        Ok(m)
+    }
+
+    /// Loads the weights named in GGUF style from any source.
+    pub fn load<S: WeightSource>(
+        c: LlamaConfig,
+        src: &S,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        c.validate()?;
         let (h, hd) = (c.hidden, c.head_dim);
-        let embed = matrix::<B>(g, "token_embd.weight", h, c.vocab, device)?;
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>, ModelError> {
+            let d = src.load(name, &[rows, cols])?;
+            Ok(Tensor::from_data(TensorData::new(d, [rows, cols]), device))
+        };
+        let vec = |name: &str, len: usize| -> Result<Tensor<B, 1>, ModelError> {
+            Ok(Tensor::from_data(
+                TensorData::new(src.load(name, &[len])?, [len]),
+                device,
+            ))
+        };
+        let embed = mat("token_embd.weight", c.vocab, h)?;
         let mut layers = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
-            // Projections are stored [out, in]; forward multiplies x[seq, in] by [in, out].
-            let m = |s: &str, inp: usize, out: usize| {
-                matrix::<B>(g, &n(s), inp, out, device).map(Tensor::transpose)
+            // Stored [out, in]; kept transposed.
+            let proj =
+                |s: &str, inp: usize, out: usize| mat(&n(s), out, inp).map(Tensor::transpose);
+            let bias = if c.qkv_bias {
+                let b = |s: &str, len| vec(&format!("blk.{l}.{s}.bias"), len);
+                Some([
+                    b("attn_q", c.heads * hd)?,
+                    b("attn_k", c.kv_heads * hd)?,
+                    b("attn_v", c.kv_heads * hd)?,
+                ])
+            } else {
+                None
             };
             layers.push(Layer {
-                attn_norm: vector(g, &n("attn_norm"), h, device)?,
-                wq: m("attn_q", h, c.heads * hd)?,
-                wk: m("attn_k", h, c.kv_heads * hd)?,
-                wv: m("attn_v", h, c.kv_heads * hd)?,
-                wo: m("attn_output", c.heads * hd, h)?,
-                ffn_norm: vector(g, &n("ffn_norm"), h, device)?,
-                w_gate: m("ffn_gate", h, c.ffn)?,
-                w_up: m("ffn_up", h, c.ffn)?,
-                w_down: m("ffn_down", c.ffn, h)?,
+                attn_norm: vec(&n("attn_norm"), h)?,
+                wq: proj("attn_q", h, c.heads * hd)?,
+                wk: proj("attn_k", h, c.kv_heads * hd)?,
+                wv: proj("attn_v", h, c.kv_heads * hd)?,
+                bias,
+                wo: proj("attn_output", c.heads * hd, h)?,
+                ffn_norm: vec(&n("ffn_norm"), h)?,
+                w_gate: proj("ffn_gate", h, c.ffn)?,
+                w_up: proj("ffn_up", h, c.ffn)?,
+                w_down: proj("ffn_down", c.ffn, h)?,
             });
         }
-        let norm = vector(g, "output_norm.weight", h, device)?;
-        let lm_head = match g.tensor("output.weight") {
-            Ok(_) => matrix::<B>(g, "output.weight", h, c.vocab, device)?.transpose(),
-            Err(_) => embed.clone().transpose(),
+        let norm = vec("output_norm.weight", h)?;
+        let lm_head = if c.tied_embeddings {
+            embed.clone().transpose()
+        } else {
+            mat("output.weight", c.vocab, h)?.transpose()
         };
         Ok(Self {
+            inv_freq: c.inv_freq(),
             config: c,
             embed,
             layers,
@@ -204,36 +347,52 @@ impl<B: Backend> Llama<B> {
         })
     }
 
+    /// A model with seeded random weights (roughly normal, std 0.2; norms near 1), for tests and
+    /// benchmarks of shapes no file provides.
+    pub fn random(c: LlamaConfig, seed: u64, device: &B::Device) -> Result<Self, ModelError> {
+        Self::load(c, &RandomWeights { seed }, device)
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
     fn rms_norm(&self, x: Tensor<B, 2>, w: &Tensor<B, 1>) -> Tensor<B, 2> {
         let var = x.clone().powf_scalar(2.0).mean_dim(1);
         let x = x * (var + self.config.rms_eps).sqrt().recip();
         x * w.clone().unsqueeze_dim(0)
     }
 
-    /// Adjacent-pair RoPE on `[heads, seq, head_dim]` for positions `start..start + seq`.
-    fn rope(&self, x: Tensor<B, 3>, start: usize, seq: usize) -> Tensor<B, 3> {
-        let [heads, _, hd] = x.dims();
+    /// RoPE on `[heads, n, head_dim]`, row `i` at absolute position `positions[i]`.
+    fn rope(&self, x: Tensor<B, 3>, positions: &[usize]) -> Tensor<B, 3> {
+        let [heads, n, hd] = x.dims();
         let half = hd / 2;
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in start..start + seq {
-            for i in 0..half {
-                let angle = p as f64 * self.config.rope_theta.powf(-2.0 * i as f64 / hd as f64);
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for &p in positions {
+            for f in &self.inv_freq {
+                let angle = p as f64 * f;
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
         }
+        // Pairs live on axis 3 (adjacent: [.., half, 2]) or axis 2 (halves: [.., 2, half]).
+        let (shape, table_shape, axis) = match self.config.rope_style {
+            RopeStyle::Adjacent => ([heads, n, half, 2], [1, n, half, 1], 3),
+            RopeStyle::Halves => ([heads, n, 2, half], [1, n, 1, half], 2),
+        };
         let table = |v: Vec<f32>| -> Tensor<B, 4> {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [seq, half]), &self.device)
-                .reshape([1, seq, half, 1])
+            Tensor::<B, 2>::from_data(TensorData::new(v, [n, half]), &self.device)
+                .reshape(table_shape)
         };
         let (cos, sin) = (table(cos), table(sin));
-        let pairs: Tensor<B, 4> = x.reshape([heads, seq, half, 2]);
-        let x0 = pairs.clone().narrow(3, 0, 1);
-        let x1 = pairs.narrow(3, 1, 1);
+        let pairs: Tensor<B, 4> = x.reshape(shape);
+        let x0 = pairs.clone().narrow(axis, 0, 1);
+        let x1 = pairs.narrow(axis, 1, 1);
         let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
         let r1 = x0 * sin + x1 * cos;
-        Tensor::cat(vec![r0, r1], 3).reshape([heads, seq, hd])
+        Tensor::cat(vec![r0, r1], axis).reshape([heads, n, hd])
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Tensor<B, 2> {
@@ -244,35 +403,37 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Q (`[heads, n, head_dim]`), K and V (`[kv_heads, n, head_dim]`) of `n` new tokens at
-    /// positions `start..start + n`, RoPE applied to Q and K.
+    /// `positions`, RoPE applied to Q and K.
     fn qkv(
         &self,
         l: &Layer<B>,
         h: Tensor<B, 2>,
-        start: usize,
+        positions: &[usize],
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let c = &self.config;
         let n = h.dims()[0];
-        let split = |w: &Tensor<B, 2>, heads: usize| {
-            h.clone()
-                .matmul(w.clone())
-                .reshape([n, heads, c.head_dim])
-                .swap_dims(0, 1)
+        let split = |w: &Tensor<B, 2>, b: Option<&Tensor<B, 1>>, heads: usize| {
+            let mut y = h.clone().matmul(w.clone());
+            if let Some(b) = b {
+                y = y + b.clone().unsqueeze_dim(0);
+            }
+            y.reshape([n, heads, c.head_dim]).swap_dims(0, 1)
         };
-        let q = self.rope(split(&l.wq, c.heads), start, n);
-        let k = self.rope(split(&l.wk, c.kv_heads), start, n);
-        (q, k, split(&l.wv, c.kv_heads))
+        let b = |i: usize| l.bias.as_ref().map(|b| &b[i]);
+        let q = self.rope(split(&l.wq, b(0), c.heads), positions);
+        let k = self.rope(split(&l.wk, b(1), c.kv_heads), positions);
+        (q, k, split(&l.wv, b(2), c.kv_heads))
     }
 
-    /// Causal grouped-query attention of `q` (`[heads, n, head_dim]`) over `k`, `v`
+    /// Grouped-query attention of `q` (`[heads, n, head_dim]`) over `k`, `v`
     /// (`[kv_heads, total, head_dim]`); `mask` is true where attention is forbidden
-    /// (`[heads, n, total]`). Returns `[n, heads · head_dim]`.
+    /// (`[heads, n, total]`; none: all allowed). Returns `[n, heads · head_dim]`.
     fn attend(
         &self,
         q: Tensor<B, 3>,
         k: Tensor<B, 3>,
         v: Tensor<B, 3>,
-        mask: Tensor<B, 3, Bool>,
+        mask: Option<Tensor<B, 3, Bool>>,
     ) -> Tensor<B, 2> {
         let c = &self.config;
         let [_, n, _] = q.dims();
@@ -285,10 +446,10 @@ impl<B: Backend> Llama<B> {
                 .reshape([c.heads, total, c.head_dim])
         };
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let scores = q
-            .matmul(expand(k).swap_dims(1, 2))
-            .mul_scalar(scale)
-            .mask_fill(mask, f32::NEG_INFINITY);
+        let mut scores = q.matmul(expand(k).swap_dims(1, 2)).mul_scalar(scale);
+        if let Some(mask) = mask {
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+        }
         softmax(scores, 2)
             .matmul(expand(v))
             .swap_dims(0, 1)
@@ -303,18 +464,21 @@ impl<B: Backend> Llama<B> {
         x + (gate * up).matmul(l.w_down.clone())
     }
 
-    /// Logits for every position of `tokens` (`[seq, vocab]`).
+    /// Logits for every position of `tokens` (`[seq, vocab]`), no cache (dense attention).
     pub fn forward(&self, tokens: &[u32]) -> Tensor<B, 2> {
         let c = &self.config;
         let seq = tokens.len();
+        let positions: Vec<usize> = (0..seq).collect();
         let mut x = self.embed_tokens(tokens);
         let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device)
             .unsqueeze_dim::<3>(0)
             .expand([c.heads, seq, seq]);
         for l in &self.layers {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, 0);
-            x = x + self.attend(q, k, v, mask.clone()).matmul(l.wo.clone());
+            let (q, k, v) = self.qkv(l, h, &positions);
+            x = x + self
+                .attend(q, k, v, Some(mask.clone()))
+                .matmul(l.wo.clone());
             x = self.mlp(l, x);
         }
         self.rms_norm(x, &self.norm).matmul(self.lm_head.clone())
@@ -332,10 +496,71 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// `[total, kv_heads · head_dim]` rows from the cache as `[kv_heads, total, head_dim]`.
+    fn cached(&self, d: Vec<f32>) -> Tensor<B, 3> {
+        let c = &self.config;
+        let total = d.len() / (c.kv_heads * c.head_dim);
+        Tensor::<B, 2>::from_data(
+            TensorData::new(d, [total, c.kv_heads * c.head_dim]),
+            &self.device,
+        )
+        .reshape([total, c.kv_heads, c.head_dim])
+        .swap_dims(0, 1)
+    }
+
+    /// Appends the K/V rows (`[kv_heads, n, head_dim]`) of `n` tokens to the sequences `seqs`
+    /// (one token each when `seqs.len() == n`, all to one sequence when it is 1).
+    fn append_kv(
+        &self,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqId],
+        layer: usize,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+    ) -> Result<(), KvError> {
+        let width = self.config.kv_heads * self.config.head_dim;
+        let kd: Vec<f32> = k.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
+        let vd: Vec<f32> = v.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
+        for t in 0..kd.len() / width {
+            let seq = seqs[if seqs.len() == 1 { 0 } else { t }];
+            let r = t * width..(t + 1) * width;
+            cache.append(seq, layer, &kd[r.clone()], &vd[r])?;
+        }
+        Ok(())
+    }
+
     /// Runs `tokens` as the continuation of sequence `seq` in `cache` (a prefill when the
-    /// sequence is empty, a decode step with one token), appending their K/V; returns the logits
-    /// of the new positions (`[tokens, vocab]`).
+    /// sequence is empty), appending their K/V; returns the logits of the new positions
+    /// (`[tokens, vocab]`). Fails before any write when the cache lacks the blocks.
     pub fn forward_cached(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        Ok(self
+            .hidden_cached(cache, seq, tokens)?
+            .matmul(self.lm_head.clone()))
+    }
+
+    /// Like [`Llama::forward_cached`], but only the last position's logits (`[1, vocab]`): a
+    /// prefill needs no more, and the output matrix is the largest matmul of a long prompt.
+    pub fn prefill(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        if tokens.is_empty() {
+            return Err(KvError::NoTokens);
+        }
+        let h = self.hidden_cached(cache, seq, tokens)?;
+        Ok(h.narrow(0, tokens.len() - 1, 1)
+            .matmul(self.lm_head.clone()))
+    }
+
+    /// The final-norm hidden states (`[tokens, hidden]`) of a cached continuation.
+    fn hidden_cached(
         &self,
         cache: &mut PagedKvCache,
         seq: SeqId,
@@ -344,38 +569,157 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let n = tokens.len();
         let start = cache.len(seq)?;
+        cache.check_room(&[(seq, n)])?;
         let total = start + n;
-        let width = c.kv_heads * c.head_dim;
+        let positions: Vec<usize> = (start..total).collect();
         let mut x = self.embed_tokens(tokens);
         // New position i (absolute start + i) sees cached positions j <= start + i.
         let mask = Tensor::<B, 2, Bool>::tril_mask([n, total], start as i64, &self.device)
             .unsqueeze_dim::<3>(0)
             .expand([c.heads, n, total]);
-        let from_cache = |d: Vec<f32>| -> Tensor<B, 3> {
-            Tensor::<B, 2>::from_data(TensorData::new(d, [total, width]), &self.device)
-                .reshape([total, c.kv_heads, c.head_dim])
-                .swap_dims(0, 1)
-        };
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, start);
-            // Cache rows are tokens: [n, kv_heads, head_dim].
-            let kd: Vec<f32> = k.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
-            let vd: Vec<f32> = v.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
-            for t in 0..n {
-                cache.append(
-                    seq,
-                    li,
-                    &kd[t * width..(t + 1) * width],
-                    &vd[t * width..(t + 1) * width],
-                )?;
-            }
+            let (q, k, v) = self.qkv(l, h, &positions);
+            self.append_kv(cache, &[seq], li, k, v)?;
             let (ka, va) = cache.gather(seq, li)?;
             x = x + self
-                .attend(q, from_cache(ka), from_cache(va), mask.clone())
+                .attend(q, self.cached(ka), self.cached(va), Some(mask.clone()))
                 .matmul(l.wo.clone());
             x = self.mlp(l, x);
         }
+        Ok(self.rms_norm(x, &self.norm))
+    }
+
+    /// One decode step for a batch: `batch[i] = (seq, token)` appends `token` to `seq`. The
+    /// projections and MLP run as one `[batch, hidden]` matmul; attention runs per sequence over
+    /// its own cached length. Returns `[batch, vocab]` logits. Fails before any write when a
+    /// sequence is unknown, listed twice, or the cache lacks the blocks.
+    pub fn forward_decode(
+        &self,
+        cache: &mut PagedKvCache,
+        batch: &[(SeqId, u32)],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        let seqs: Vec<SeqId> = batch.iter().map(|b| b.0).collect();
+        let tokens: Vec<u32> = batch.iter().map(|b| b.1).collect();
+        let positions = seqs
+            .iter()
+            .map(|&s| cache.len(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let need: Vec<(SeqId, usize)> = seqs.iter().map(|&s| (s, 1)).collect();
+        cache.check_room(&need)?;
+        let mut x = self.embed_tokens(&tokens);
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(x.clone(), &l.attn_norm);
+            let (q, k, v) = self.qkv(l, h, &positions);
+            self.append_kv(cache, &seqs, li, k, v)?;
+            let mut outs = Vec::with_capacity(batch.len());
+            for (i, &s) in seqs.iter().enumerate() {
+                let (ka, va) = cache.gather(s, li)?;
+                let qi = q.clone().narrow(1, i, 1);
+                outs.push(self.attend(qi, self.cached(ka), self.cached(va), None));
+            }
+            x = x + Tensor::cat(outs, 0).matmul(l.wo.clone());
+            x = self.mlp(l, x);
+        }
         Ok(self.rms_norm(x, &self.norm).matmul(self.lm_head.clone()))
+    }
+}
+
+/// Seeded random weights in GGUF naming (see [`Llama::random`]).
+struct RandomWeights {
+    seed: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+        use rand::{Rng, SeedableRng};
+        // One stream per tensor name, so the weights do not depend on loading order.
+        let mut h = self.seed ^ 0x9e37_79b9_7f4a_7c15;
+        for b in name.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(h);
+        let n: usize = shape.iter().product();
+        let norm = name.contains("norm");
+        Ok((0..n)
+            .map(|_| {
+                // Sum of uniforms: cheap, roughly normal, bounded.
+                let z = (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 1.73;
+                if norm { 1.0 + 0.1 * z } else { 0.2 * z }
+            })
+            .collect())
+    }
+
+    fn has(&self, _: &str) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones() {
+        // Llama 3.1's published settings.
+        let s = Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        let pi2 = 2.0 * std::f64::consts::PI;
+        // Wavelength 100 tokens (< 8192/4): unchanged.
+        assert_eq!(s.scale(pi2 / 100.0), pi2 / 100.0);
+        // Wavelength 20000 tokens (> 8192): divided by the factor.
+        assert!((s.scale(pi2 / 20_000.0) - pi2 / 20_000.0 / 8.0).abs() < 1e-15);
+        // In the band the result lies between the two and moves monotonically.
+        let mid = s.scale(pi2 / 4096.0);
+        assert!(mid < pi2 / 4096.0 && mid > pi2 / 4096.0 / 8.0);
+        let c = LlamaConfig {
+            vocab: 8,
+            hidden: 8,
+            layers: 1,
+            heads: 1,
+            kv_heads: 1,
+            head_dim: 8,
+            ffn: 8,
+            rope_theta: 500_000.0,
+            rms_eps: 1e-5,
+            context: 64,
+            rope_style: RopeStyle::Halves,
+            rope_scaling: Some(s),
+            qkv_bias: false,
+            tied_embeddings: true,
+        };
+        let f = c.inv_freq();
+        assert_eq!(f[0], 1.0);
+        assert!(f.windows(2).all(|w| w[1] < w[0]));
+    }
+
+    #[test]
+    fn bad_geometry_is_a_config_error() {
+        let mut c = LlamaConfig {
+            vocab: 8,
+            hidden: 8,
+            layers: 1,
+            heads: 3,
+            kv_heads: 2,
+            head_dim: 8,
+            ffn: 8,
+            rope_theta: 1e4,
+            rms_eps: 1e-5,
+            context: 64,
+            rope_style: RopeStyle::Adjacent,
+            rope_scaling: None,
+            qkv_bias: false,
+            tied_embeddings: true,
+        };
+        assert!(matches!(c.validate(), Err(ModelError::Config(_))));
+        c.heads = 2;
+        c.head_dim = 7;
+        assert!(matches!(c.validate(), Err(ModelError::Config(_))));
+        c.head_dim = 8;
+        assert!(c.validate().is_ok());
     }
 }

@@ -27,18 +27,24 @@ impl Default for SamplingParams {
     }
 }
 
-/// A per-request sampler: its generator advances with every token, so a seeded request is
-/// reproducible token for token.
+/// A per-request sampler. The random draw for the `n`-th token depends only on the seed and `n`,
+/// so a seeded request is reproducible token for token, and a decode worker that continues a
+/// remote prefill ([`Sampler::at`]) draws exactly what one worker doing both would.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    /// Tokens sampled so far.
+    n: u64,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Self { params, rng }
+        Self::at(params, 0)
+    }
+
+    /// A sampler that has already sampled `n` tokens.
+    pub fn at(params: SamplingParams, n: u64) -> Self {
+        Self { params, n }
     }
 
     /// Picks the next token from `logits`. Non-finite logits are never picked.
@@ -54,6 +60,8 @@ impl Sampler {
                 .0 as u32
         };
         let p = &self.params;
+        let n = self.n;
+        self.n += 1;
         if !(p.temperature > 0.0) {
             return greedy();
         }
@@ -87,7 +95,8 @@ impl Sampler {
             let total: f32 = probs.iter().sum();
             probs.iter_mut().for_each(|q| *q /= total);
         }
-        let mut u: f32 = self.rng.random();
+        let mut rng = ChaCha8Rng::seed_from_u64(p.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut u: f32 = rng.random();
         for (i, q) in probs.iter().enumerate() {
             if u < *q {
                 return cand[i].0;
