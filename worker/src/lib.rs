@@ -1,10 +1,15 @@
-//! # dopd-worker: DOPD's inference worker (in progress)
+//! # dopd-worker: DOPD's inference worker
 //!
-//! Today: [`gguf`], the model-file reader (metadata, tensor directory, dequantization of F32, F16,
-//! Q8_0, Q4_0 and Q4_1), and [`tokenizer`], the GGUF tokenizer as a `tokenizers` BPE with the
-//! ChatML prompt format. The model, paged KV cache, batching engine, P/D roles and gRPC service
-//! arrive with the rest of the worker issue.
+//! - [`gguf`]: the model-file reader (metadata, tensor directory, dequantization of F32, F16,
+//!   Q8_0, Q4_0 and Q4_1).
+//! - [`tokenizer`]: the GGUF tokenizer as a `tokenizers` BPE, with the ChatML prompt format.
+//! - [`model`]: the Llama-family transformer in burn (grouped-query attention, RoPE with
+//!   Llama-3 scaling, RMSNorm, SwiGLU, optional QKV bias).
+//! - [`kv`]: the paged KV cache with block export/import.
+//! - [`sampling`]: seeded sampling and stop conditions.
+//! - [`engine`]: continuous batching with preemption, in `prefill`, `decode` and `mixed` roles.
 
+pub mod engine;
 pub mod gguf;
 pub mod kv;
 pub mod model;

@@ -1,0 +1,681 @@
+//! Continuous batching: requests join and leave the running batch at every step.
+//!
+//! One [`Engine::step`]:
+//! 1. **Admission.** Waiting requests are admitted first-come first-served while the running
+//!    batch has a free slot, the KV cache has the blocks for the request's tokens plus the next
+//!    one, and the step's prefill-token budget lasts (the first admission always fits the budget,
+//!    so a long prompt is never starved). Admitting runs the prompt's prefill (or imports KV blocks
+//!    a prefill worker produced, or recomputes a preempted sequence).
+//! 2. **Decode.** Every running sequence gets one token from a single batched forward pass. When
+//!    the cache cannot hold one more token for everyone, the most recently admitted sequences are
+//!    preempted: their blocks are freed and they go back to the head of the queue, to be
+//!    recomputed from their tokens (prompt plus what they generated) when room returns.
+//!
+//! Requests run in one of two modes: [`Mode::Generate`] (prefill and decode here: the `mixed` role,
+//! or `decode` after an import) and [`Mode::Prefill`] (run the prompt, sample the first token,
+//! hand back the KV blocks: the `prefill` role). Events stream out of `step` in order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::prelude::*;
+
+use crate::kv::{KvError, KvExport, KvLayout, PagedKvCache, SeqId};
+use crate::model::Llama;
+use crate::sampling::{FinishReason, Sampler, SamplingParams, StopConditions};
+
+/// A request's id, chosen by the caller (unique among live requests).
+pub type RequestId = u64;
+
+/// Turns token ids into text (for streaming and stop strings).
+pub trait Detokenizer: Send + Sync {
+    /// Text of `ids`, special tokens skipped.
+    fn detokenize(&self, ids: &[u32]) -> String;
+}
+
+impl Detokenizer for crate::tokenizer::ModelTokenizer {
+    fn detokenize(&self, ids: &[u32]) -> String {
+        self.decode(ids, false).unwrap_or_default()
+    }
+}
+
+/// Engine limits.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// KV blocks in the cache.
+    pub kv_blocks: usize,
+    /// Most sequences in the running batch.
+    pub max_running: usize,
+    /// Prompt tokens prefilled per step (beyond the first admission).
+    pub max_prefill_tokens: usize,
+    /// Identifies the weights in the KV layout fingerprint.
+    pub model_hash: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            kv_blocks: 1024,
+            max_running: 64,
+            max_prefill_tokens: 4096,
+            model_hash: 0,
+        }
+    }
+}
+
+/// What a request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Generate until a stop condition.
+    Generate,
+    /// Prefill only: sample the first token and export the prompt's KV blocks.
+    Prefill,
+}
+
+/// How a request's sequence starts.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Start {
+    /// Run the prompt here.
+    Prompt,
+    /// Continue a remote prefill: the prompt's KV blocks and the token it sampled.
+    Imported { kv: KvExport, first_token: u32 },
+}
+
+/// One request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub id: RequestId,
+    /// Prompt token ids (also kept for imported sequences, to recompute after a preemption).
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    pub mode: Mode,
+    pub start: Start,
+}
+
+/// Token counts of a finished request (OpenAI's `usage`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What the engine reports, in order, per request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it made final (empty while a character or a possible stop
+    /// string is still incomplete).
+    Token {
+        id: RequestId,
+        token: u32,
+        text: String,
+    },
+    /// A [`Mode::Prefill`] request is done: the first token and the prompt's KV blocks. When the
+    /// first token already ends the request, `finish` says why and there is nothing to decode.
+    Prefilled {
+        id: RequestId,
+        first_token: u32,
+        text: String,
+        kv: KvExport,
+        finish: Option<FinishReason>,
+    },
+    /// The request ended; `text` is the last piece of output held back until now.
+    Finished {
+        id: RequestId,
+        reason: FinishReason,
+        text: String,
+        usage: Usage,
+    },
+    /// The request cannot run.
+    Failed { id: RequestId, error: EngineError },
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("request {0} is already running")]
+    DuplicateId(RequestId),
+    #[error("empty prompt")]
+    EmptyPrompt,
+    #[error("prompt of {tokens} tokens exceeds the model context of {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("needs {needed} KV blocks but the whole cache has {capacity}")]
+    TooLargeForCache { needed: usize, capacity: usize },
+    #[error("token id {token} outside the vocabulary of {vocab}")]
+    BadToken { token: u32, vocab: usize },
+    #[error("KV import: {0}")]
+    Import(KvError),
+    #[error("KV cache: {0}")]
+    Kv(KvError),
+}
+
+/// Counters and gauges of the engine.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_free: usize,
+    pub steps: u64,
+    pub preemptions: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub finished: u64,
+    pub failed: u64,
+    /// The most recent steps: (batch size, prefill tokens, seconds), oldest first.
+    pub recent_steps: Vec<(usize, usize, f64)>,
+}
+
+const RECENT: usize = 64;
+
+#[derive(Debug)]
+struct Seq {
+    id: RequestId,
+    prompt: Vec<u32>,
+    stop: StopConditions,
+    mode: Mode,
+    sampler: Sampler,
+    generated: Vec<u32>,
+    /// Imported KV not yet placed in the cache.
+    import: Option<KvExport>,
+    cache: Option<SeqId>,
+    /// Admission order, for choosing preemption victims.
+    admitted: u64,
+    text: String,
+    /// Bytes of `text` already streamed.
+    sent: usize,
+}
+
+/// See the module docs.
+pub struct Engine<B: Backend> {
+    model: Arc<Llama<B>>,
+    cache: PagedKvCache,
+    detok: Option<Arc<dyn Detokenizer>>,
+    cfg: EngineConfig,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    admissions: u64,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(
+        model: Arc<Llama<B>>,
+        detok: Option<Arc<dyn Detokenizer>>,
+        cfg: EngineConfig,
+    ) -> Self {
+        let layout = model.kv_layout(cfg.block_size.max(1), cfg.model_hash);
+        Self {
+            cache: PagedKvCache::new(layout, cfg.kv_blocks),
+            model,
+            detok,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            admissions: 0,
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// The KV layout (for peers that import this engine's exports).
+    pub fn kv_layout(&self) -> KvLayout {
+        *self.cache.layout()
+    }
+
+    pub fn model(&self) -> &Arc<Llama<B>> {
+        &self.model
+    }
+
+    /// Whether any request is waiting or running.
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            running: self.running.len(),
+            waiting: self.waiting.len(),
+            kv_blocks_used: self.cache.used_blocks(),
+            kv_blocks_free: self.cache.free_blocks(),
+            ..self.stats.clone()
+        }
+    }
+
+    /// Queues a request; a request that can never run fails at once (returned as an event).
+    pub fn submit(&mut self, r: Request) -> Result<(), EngineError> {
+        let c = &self.model.config;
+        if self.live(r.id) {
+            return Err(EngineError::DuplicateId(r.id));
+        }
+        if r.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        if r.prompt.len() >= c.context {
+            return Err(EngineError::PromptTooLong {
+                tokens: r.prompt.len(),
+                context: c.context,
+            });
+        }
+        if let Some(&token) = r.prompt.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(EngineError::BadToken {
+                token,
+                vocab: c.vocab,
+            });
+        }
+        let needed = self.cache.blocks_for(r.prompt.len() + 1);
+        if needed > self.cache.capacity() {
+            return Err(EngineError::TooLargeForCache {
+                needed,
+                capacity: self.cache.capacity(),
+            });
+        }
+        let (generated, import, sampled) = match r.start {
+            Start::Prompt => (Vec::new(), None, 0),
+            Start::Imported { kv, first_token } => {
+                if first_token as usize >= c.vocab {
+                    return Err(EngineError::BadToken {
+                        token: first_token,
+                        vocab: c.vocab,
+                    });
+                }
+                if kv.fingerprint != self.cache.layout().fingerprint() {
+                    return Err(EngineError::Import(KvError::LayoutMismatch {
+                        got: kv.fingerprint,
+                        want: self.cache.layout().fingerprint(),
+                    }));
+                }
+                if kv.tokens != r.prompt.len() {
+                    return Err(EngineError::Import(KvError::BadExport {
+                        tokens: kv.tokens,
+                        blocks: kv.blocks.len(),
+                        want: r.prompt.len(),
+                    }));
+                }
+                (vec![first_token], Some(kv), 1)
+            }
+        };
+        let mut s = Seq {
+            id: r.id,
+            prompt: r.prompt,
+            stop: r.stop,
+            mode: r.mode,
+            sampler: Sampler::at(r.sampling, sampled),
+            generated,
+            import,
+            cache: None,
+            admitted: 0,
+            text: String::new(),
+            sent: 0,
+        };
+        if !s.generated.is_empty() {
+            // The first token was streamed by the prefill worker: start after it.
+            s.text = self.detokenize(&s.generated);
+            s.sent = self.streamable(&s);
+        }
+        self.waiting.push_back(s);
+        Ok(())
+    }
+
+    fn live(&self, id: RequestId) -> bool {
+        self.waiting.iter().chain(&self.running).any(|s| s.id == id)
+    }
+
+    /// Drops a request wherever it is and frees its blocks. Returns whether it was live.
+    pub fn cancel(&mut self, id: RequestId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            let s = self.running.remove(i);
+            self.release(&s);
+            return true;
+        }
+        false
+    }
+
+    fn release(&mut self, s: &Seq) {
+        if let Some(c) = s.cache {
+            // Only fails for an unknown id, which would be our bug; never leak silently.
+            debug_assert!(self.cache.free(c).is_ok());
+            let _ = self.cache.free(c);
+        }
+    }
+
+    fn detokenize(&self, ids: &[u32]) -> String {
+        self.detok
+            .as_ref()
+            .map(|d| d.detokenize(ids))
+            .unwrap_or_default()
+    }
+
+    /// Bytes of `s.text` that can be streamed: not an incomplete character, and not a possible
+    /// start of a stop string.
+    fn streamable(&self, s: &Seq) -> usize {
+        let t = &s.text;
+        let mut end = t.len();
+        if t.ends_with('\u{FFFD}') {
+            end -= '\u{FFFD}'.len_utf8();
+        }
+        let hold = s
+            .stop
+            .stop_strings
+            .iter()
+            .map(|x| x.len())
+            .max()
+            .unwrap_or(1)
+            .saturating_sub(1);
+        end = end.saturating_sub(hold).max(s.sent);
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        end.max(s.sent)
+    }
+
+    /// Records a sampled token: returns why the sequence ends (if it does) and the text that can
+    /// be streamed now.
+    fn accept(&mut self, s: &mut Seq, token: u32) -> (Option<FinishReason>, String) {
+        s.generated.push(token);
+        self.stats.generated_tokens += 1;
+        if self.detok.is_some() {
+            s.text = self.detokenize(&s.generated);
+        }
+        let pos = s.prompt.len() + s.generated.len();
+        let mut check = s.stop.check(token, s.generated.len(), &s.text);
+        if check.is_none() && pos >= self.model.config.context {
+            check = Some((FinishReason::Length, None));
+        }
+        let Some((reason, cut)) = check else {
+            let end = self.streamable(s);
+            let text = s.text[s.sent..end].to_string();
+            s.sent = end;
+            return (None, text);
+        };
+        if let Some(cut) = cut {
+            s.text = cut;
+        } else if s.stop.eos.contains(&token) && self.detok.is_some() {
+            // The end-of-sequence token is not output.
+            s.text = self.detokenize(&s.generated[..s.generated.len() - 1]);
+        }
+        let tail = s.text.get(s.sent..).unwrap_or_default().to_string();
+        s.sent = s.text.len();
+        self.stats.finished += 1;
+        (Some(reason), tail)
+    }
+
+    /// Emits a generated token's events (Generate mode).
+    fn emit(
+        s: &Seq,
+        token: u32,
+        finish: Option<FinishReason>,
+        text: String,
+        events: &mut Vec<Event>,
+    ) {
+        let eos = s.stop.eos.contains(&token);
+        let (token_text, tail) = if eos {
+            (None, text)
+        } else {
+            (Some(text), String::new())
+        };
+        if let Some(text) = token_text {
+            events.push(Event::Token {
+                id: s.id,
+                token,
+                text,
+            });
+        }
+        if let Some(reason) = finish {
+            events.push(Event::Finished {
+                id: s.id,
+                reason,
+                text: tail,
+                usage: Usage {
+                    prompt_tokens: s.prompt.len(),
+                    completion_tokens: s.generated.len(),
+                },
+            });
+        }
+    }
+
+    /// Admits what fits, then runs one batched decode step. Returns the events of this step.
+    pub fn step(&mut self) -> Vec<Event> {
+        let t0 = Instant::now();
+        let mut events = Vec::new();
+        let prefilled = self.admit(&mut events);
+        let batch = self.decode(&mut events);
+        self.stats.steps += 1;
+        self.stats
+            .recent_steps
+            .push((batch, prefilled, t0.elapsed().as_secs_f64()));
+        if self.stats.recent_steps.len() > RECENT {
+            self.stats.recent_steps.remove(0);
+        }
+        events
+    }
+
+    fn fail(&mut self, id: RequestId, error: EngineError, events: &mut Vec<Event>) {
+        self.stats.failed += 1;
+        events.push(Event::Failed { id, error });
+    }
+
+    /// Admission; returns the prompt tokens prefilled.
+    fn admit(&mut self, events: &mut Vec<Event>) -> usize {
+        let mut budget = self.cfg.max_prefill_tokens;
+        let mut prefilled = 0;
+        let mut admitted_any = false;
+        while self.running.len() < self.cfg.max_running.max(1) {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            // Tokens whose K/V must be in the cache before the next decode step.
+            let fill = front.prompt.len() + front.generated.len().saturating_sub(1);
+            if self.cache.blocks_for(fill + 1) > self.cache.free_blocks() {
+                break;
+            }
+            let compute = if front.import.is_some() { 0 } else { fill };
+            if admitted_any && compute > budget {
+                break;
+            }
+            let s = self.waiting.pop_front().expect("front exists");
+            admitted_any = true;
+            budget = budget.saturating_sub(compute);
+            prefilled += compute;
+            self.start(s, events);
+        }
+        prefilled
+    }
+
+    /// Starts an admitted sequence: it joins the batch, or it is already done, or it failed.
+    fn start(&mut self, mut s: Seq, events: &mut Vec<Event>) {
+        self.admissions += 1;
+        s.admitted = self.admissions;
+        match self.place(&mut s, events) {
+            Ok(true) => self.running.push(s),
+            Ok(false) => self.release(&s),
+            Err(error) => {
+                self.release(&s);
+                self.fail(s.id, error, events);
+            }
+        }
+    }
+
+    /// Puts a sequence's K/V in the cache (import, recompute or prefill); returns whether it goes
+    /// on to decode.
+    fn place(&mut self, s: &mut Seq, events: &mut Vec<Event>) -> Result<bool, EngineError> {
+        if let Some(kv) = s.import.take() {
+            s.cache = Some(self.cache.import(&kv).map_err(EngineError::Import)?);
+            // The first token was sampled remotely; it may already end the request.
+            let first = s.generated[0];
+            if let Some((reason, _)) = s.stop.check(first, 1, &s.text) {
+                self.stats.finished += 1;
+                Self::emit_finish_only(s, reason, events);
+                return Ok(false);
+            }
+            return Ok(true);
+        }
+        let id = self.cache.create();
+        s.cache = Some(id);
+        if !s.generated.is_empty() {
+            // Recompute after preemption: every token but the last goes into the cache.
+            let mut toks = s.prompt.clone();
+            toks.extend_from_slice(&s.generated[..s.generated.len() - 1]);
+            self.model
+                .prefill(&mut self.cache, id, &toks)
+                .map_err(EngineError::Kv)?;
+            return Ok(true);
+        }
+        let logits = self
+            .model
+            .prefill(&mut self.cache, id, &s.prompt)
+            .map_err(EngineError::Kv)?;
+        self.stats.prompt_tokens += s.prompt.len() as u64;
+        let logits: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
+        let token = s.sampler.sample(&logits);
+        let (finish, text) = self.accept(s, token);
+        if s.mode == Mode::Prefill {
+            let kv = self.cache.export(id).map_err(EngineError::Kv)?;
+            if finish.is_none() {
+                self.stats.finished += 1;
+            }
+            events.push(Event::Prefilled {
+                id: s.id,
+                first_token: token,
+                text,
+                kv,
+                finish,
+            });
+            return Ok(false);
+        }
+        Self::emit(s, token, finish, text, events);
+        Ok(finish.is_none())
+    }
+
+    fn emit_finish_only(s: &Seq, reason: FinishReason, events: &mut Vec<Event>) {
+        events.push(Event::Finished {
+            id: s.id,
+            reason,
+            text: String::new(),
+            usage: Usage {
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.generated.len(),
+            },
+        });
+    }
+
+    /// One batched decode step over the running sequences; returns the batch size.
+    fn decode(&mut self, events: &mut Vec<Event>) -> usize {
+        // Make room for one more token each, preempting the newest admissions.
+        loop {
+            let need: Vec<(SeqId, usize)> = self
+                .running
+                .iter()
+                .filter_map(|s| s.cache.map(|c| (c, 1)))
+                .collect();
+            match self.cache.check_room(&need) {
+                Ok(()) => break,
+                Err(_) if self.running.len() > 1 => {
+                    let victim = self
+                        .running
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(_, s)| s.admitted)
+                        .map(|(i, _)| i)
+                        .expect("non-empty");
+                    let mut s = self.running.remove(victim);
+                    self.release(&s);
+                    s.cache = None;
+                    self.stats.preemptions += 1;
+                    self.waiting.push_front(s);
+                }
+                Err(_) => {
+                    // A lone sequence that fills the whole cache ends at its length limit.
+                    if let Some(mut s) = self.running.pop() {
+                        self.release(&s);
+                        self.finish_now(&mut s, FinishReason::Length, events);
+                    }
+                    break;
+                }
+            }
+        }
+        if self.running.is_empty() {
+            return 0;
+        }
+        let batch: Vec<(SeqId, u32)> = self
+            .running
+            .iter()
+            .map(|s| {
+                (
+                    s.cache.expect("running sequences are cached"),
+                    *s.generated.last().expect("running sequences have a token"),
+                )
+            })
+            .collect();
+        let logits = match self.model.forward_decode(&mut self.cache, &batch) {
+            Ok(l) => l,
+            Err(e) => {
+                // Room was checked above; fail the batch rather than wedge.
+                for s in std::mem::take(&mut self.running) {
+                    self.release(&s);
+                    self.fail(s.id, EngineError::Kv(e.clone()), events);
+                }
+                return batch.len();
+            }
+        };
+        let vocab = self.model.config.vocab;
+        let all: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
+        let mut still = Vec::with_capacity(self.running.len());
+        for (i, mut s) in std::mem::take(&mut self.running).into_iter().enumerate() {
+            let row = all.get(i * vocab..(i + 1) * vocab).unwrap_or(&[]);
+            let token = s.sampler.sample(row);
+            let (finish, text) = self.accept(&mut s, token);
+            Self::emit(&s, token, finish, text, events);
+            if finish.is_some() {
+                self.release(&s);
+            } else {
+                still.push(s);
+            }
+        }
+        self.running = still;
+        batch.len()
+    }
+
+    fn finish_now(&mut self, s: &mut Seq, reason: FinishReason, events: &mut Vec<Event>) {
+        let tail = s.text.get(s.sent..).unwrap_or_default().to_string();
+        self.stats.finished += 1;
+        events.push(Event::Finished {
+            id: s.id,
+            reason,
+            text: tail,
+            usage: Usage {
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.generated.len(),
+            },
+        });
+    }
+
+    /// Runs steps until no request is left; returns all events (for tests and batch jobs).
+    pub fn run_to_completion(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while self.has_work() {
+            out.extend(self.step());
+        }
+        out
+    }
+
+    /// Every cache block is free or owned by exactly one sequence, and the live sequences own
+    /// them all (for tests).
+    pub fn check_invariants(&self) -> bool {
+        let owned: usize = self
+            .running
+            .iter()
+            .filter_map(|s| s.cache)
+            .map(|c| self.cache.blocks(c).map_or(0, <[u32]>::len))
+            .sum();
+        self.cache.check_invariants() && owned == self.cache.used_blocks()
+    }
+}

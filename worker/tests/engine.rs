@@ -1,0 +1,462 @@
+//! The continuous-batching engine on a tiny random Llama (no model file needed): batching,
+//! preemption, cancellation, stop conditions and the prefill -> decode hand-off must not change
+//! a single token, and must never leak a KV block.
+
+use std::sync::Arc;
+
+use burn::backend::NdArray;
+use burn::prelude::*;
+use dopd_worker::engine::{
+    Detokenizer, Engine, EngineConfig, EngineError, Event, Mode, Request, RequestId, Start,
+};
+use dopd_worker::kv::PagedKvCache;
+use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
+use dopd_worker::sampling::{FinishReason, SamplingParams, StopConditions};
+use proptest::prelude::*;
+
+type B = NdArray<f32>;
+
+fn tiny(style: RopeStyle, qkv_bias: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab: 48,
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        ffn: 48,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        context: 160,
+        rope_style: style,
+        rope_scaling: None,
+        qkv_bias,
+        tied_embeddings: false,
+    }
+}
+
+fn model() -> Arc<Llama<B>> {
+    Arc::new(
+        Llama::random(tiny(RopeStyle::Adjacent, false), 7, &Default::default())
+            .expect("ok in this test"),
+    )
+}
+
+/// Token `i` reads as one letter; `i % 26 == 25` ("z") is a word break for stop-string tests.
+struct Letters;
+
+impl Detokenizer for Letters {
+    fn detokenize(&self, ids: &[u32]) -> String {
+        ids.iter()
+            .map(|&i| (b'a' + (i % 26) as u8) as char)
+            .collect()
+    }
+}
+
+fn cfg(kv_blocks: usize) -> EngineConfig {
+    EngineConfig {
+        block_size: 4,
+        kv_blocks,
+        max_running: 16,
+        max_prefill_tokens: 64,
+        model_hash: 1,
+    }
+}
+
+fn req(id: RequestId, prompt: Vec<u32>, max_tokens: usize, seed: Option<u64>) -> Request {
+    Request {
+        id,
+        prompt,
+        sampling: SamplingParams {
+            temperature: if seed.is_some() { 0.9 } else { 0.0 },
+            top_k: 20,
+            top_p: 0.95,
+            seed: seed.unwrap_or(0),
+        },
+        stop: StopConditions {
+            eos: vec![],
+            max_tokens,
+            stop_strings: vec![],
+        },
+        mode: Mode::Generate,
+        start: Start::Prompt,
+    }
+}
+
+fn prompt(id: u64, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| ((id * 13 + i as u64 * 7) % 48) as u32)
+        .collect()
+}
+
+/// Tokens per request id, and finish reasons, from a run's events.
+fn tokens_of(events: &[Event], id: RequestId) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Token { id: i, token, .. } if *i == id => Some(*token),
+            Event::Prefilled {
+                id: i, first_token, ..
+            } if *i == id => Some(*first_token),
+            _ => None,
+        })
+        .collect()
+}
+
+fn finish_of(events: &[Event], id: RequestId) -> Option<(FinishReason, usize)> {
+    events.iter().find_map(|e| match e {
+        Event::Finished {
+            id: i,
+            reason,
+            usage,
+            ..
+        } if *i == id => Some((*reason, usage.completion_tokens)),
+        _ => None,
+    })
+}
+
+fn run_alone(r: Request) -> Vec<u32> {
+    let mut e = Engine::new(model(), None, cfg(256));
+    let id = r.id;
+    e.submit(r).expect("ok in this test");
+    tokens_of(&e.run_to_completion(), id)
+}
+
+fn rows(t: Tensor<B, 2>) -> Vec<Vec<f32>> {
+    let [n, v] = t.dims();
+    let d: Vec<f32> = t.into_data().to_vec().expect("ok in this test");
+    (0..n).map(|i| d[i * v..(i + 1) * v].to_vec()).collect()
+}
+
+fn close(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn paged_attention_equals_dense_attention_for_every_rope_style_and_bias() {
+    for (style, bias) in [(RopeStyle::Adjacent, false), (RopeStyle::Halves, true)] {
+        let m =
+            Llama::<B>::random(tiny(style, bias), 3, &Default::default()).expect("ok in this test");
+        let toks = prompt(5, 23);
+        let dense = rows(m.forward(&toks));
+        // Block size 4: the prompt spans six blocks, the last one partly.
+        let mut cache = PagedKvCache::new(m.kv_layout(4, 0), 32);
+        let s = cache.create();
+        let paged = rows(
+            m.forward_cached(&mut cache, s, &toks[..10])
+                .expect("ok in this test"),
+        );
+        let rest = rows(
+            m.forward_cached(&mut cache, s, &toks[10..])
+                .expect("ok in this test"),
+        );
+        for (i, row) in paged.iter().chain(&rest).enumerate() {
+            assert!(close(row, &dense[i]) < 1e-4, "{style:?} position {i}");
+        }
+        // prefill() returns exactly the last row.
+        let mut c2 = PagedKvCache::new(m.kv_layout(4, 0), 32);
+        let s2 = c2.create();
+        let last = rows(m.prefill(&mut c2, s2, &toks).expect("ok in this test"));
+        assert_eq!(last.len(), 1);
+        assert!(close(&last[0], &dense[22]) < 1e-4);
+    }
+}
+
+#[test]
+fn batched_decode_step_equals_one_sequence_at_a_time() {
+    let m = model();
+    let mut cache = PagedKvCache::new(m.kv_layout(4, 0), 64);
+    let lens = [3usize, 9, 16];
+    let seqs: Vec<u64> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let s = cache.create();
+            m.forward_cached(&mut cache, s, &prompt(i as u64, n))
+                .expect("ok in this test");
+            s
+        })
+        .collect();
+    let next = [5u32, 17, 40];
+    let mut solo = Vec::new();
+    for (i, &s) in seqs.iter().enumerate() {
+        // Decode each alone in a copy of the cache made by replaying the prompt.
+        let mut c = PagedKvCache::new(m.kv_layout(4, 0), 64);
+        let t = c.create();
+        m.forward_cached(&mut c, t, &prompt(i as u64, lens[i]))
+            .expect("ok in this test");
+        solo.push(
+            rows(
+                m.forward_cached(&mut c, t, &[next[i]])
+                    .expect("ok in this test"),
+            )
+            .remove(0),
+        );
+        let _ = s;
+    }
+    let batch: Vec<(u64, u32)> = seqs.iter().copied().zip(next).collect();
+    let batched = rows(
+        m.forward_decode(&mut cache, &batch)
+            .expect("ok in this test"),
+    );
+    for i in 0..3 {
+        assert!(close(&batched[i], &solo[i]) < 1e-4, "sequence {i}");
+    }
+    // A sequence listed twice is refused before anything is written.
+    let before = cache.len(seqs[0]).expect("ok in this test");
+    assert!(
+        m.forward_decode(&mut cache, &[(seqs[0], 1), (seqs[0], 2)])
+            .is_err()
+    );
+    assert_eq!(cache.len(seqs[0]).expect("ok in this test"), before);
+    assert!(cache.check_invariants());
+}
+
+#[test]
+fn a_sequence_decoded_alone_equals_the_same_sequence_decoded_in_a_batch() {
+    for seed in [None, Some(11)] {
+        let target = req(0, prompt(0, 12), 24, seed);
+        let alone = run_alone(target.clone());
+        assert_eq!(alone.len(), 24);
+        let mut e = Engine::new(model(), None, cfg(256));
+        e.submit(target).expect("ok in this test");
+        for id in 1..8 {
+            e.submit(req(
+                id,
+                prompt(id, 3 + 5 * id as usize),
+                10 + id as usize,
+                seed,
+            ))
+            .expect("ok in this test");
+        }
+        let events = e.run_to_completion();
+        assert_eq!(tokens_of(&events, 0), alone, "seed {seed:?}");
+        // The batch really ran several sequences per step.
+        assert!(e.stats().recent_steps.iter().any(|s| s.0 >= 4));
+        for id in 1..8 {
+            assert_eq!(
+                finish_of(&events, id),
+                Some((FinishReason::Length, 10 + id as usize))
+            );
+        }
+        assert_eq!(e.stats().kv_blocks_used, 0);
+    }
+}
+
+#[test]
+fn preemption_by_recompute_changes_no_token_and_frees_every_block() {
+    let reqs: Vec<Request> = (0..6)
+        .map(|id| req(id, prompt(id, 6 + 2 * id as usize), 30, Some(id)))
+        .collect();
+    let expected: Vec<Vec<u32>> = reqs.iter().map(|r| run_alone(r.clone())).collect();
+    // 24 blocks of 4 tokens: six sequences growing to ~46 tokens cannot all stay resident.
+    let mut e = Engine::new(model(), None, cfg(24));
+    for r in reqs {
+        e.submit(r).expect("ok in this test");
+    }
+    let mut events = Vec::new();
+    while e.has_work() {
+        events.extend(e.step());
+        assert!(e.check_invariants());
+    }
+    assert!(e.stats().preemptions > 0, "the cache was large enough");
+    for (id, want) in expected.iter().enumerate() {
+        assert_eq!(&tokens_of(&events, id as u64), want, "request {id}");
+    }
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
+#[test]
+fn cancellation_frees_the_blocks_and_the_rest_continue() {
+    let mut e = Engine::new(model(), None, cfg(64));
+    for id in 0..3 {
+        e.submit(req(id, prompt(id, 10), 40, None))
+            .expect("ok in this test");
+    }
+    for _ in 0..3 {
+        e.step();
+    }
+    let used = e.stats().kv_blocks_used;
+    assert!(e.cancel(1));
+    assert!(!e.cancel(1), "a request is cancelled once");
+    assert!(e.stats().kv_blocks_used < used);
+    assert!(e.check_invariants());
+    let events = e.run_to_completion();
+    assert!(tokens_of(&events, 1).is_empty());
+    assert_eq!(finish_of(&events, 0).map(|f| f.1), Some(40));
+    assert_eq!(e.stats().kv_blocks_used, 0);
+    // Cancelling a waiting request works too.
+    e.submit(req(9, prompt(9, 5), 5, None))
+        .expect("ok in this test");
+    assert!(e.cancel(9));
+    assert!(!e.has_work());
+}
+
+#[test]
+fn stop_on_eos_max_tokens_and_stop_strings_with_streamed_text() {
+    let alone = run_alone(req(0, prompt(0, 8), 30, None));
+    // EOS: stop at the 5th generated token by declaring it end-of-sequence.
+    let eos = alone[4];
+    let first = alone
+        .iter()
+        .position(|&t| t == eos)
+        .expect("ok in this test");
+    let mut r = req(0, prompt(0, 8), 30, None);
+    r.stop.eos = vec![eos];
+    let mut e = Engine::new(model(), Some(Arc::new(Letters)), cfg(64));
+    e.submit(r).expect("ok in this test");
+    let events = e.run_to_completion();
+    assert_eq!(finish_of(&events, 0), Some((FinishReason::Stop, first + 1)));
+    // The EOS token itself is not streamed as text.
+    let text: String = events
+        .iter()
+        .map(|ev| match ev {
+            Event::Token { text, .. } | Event::Finished { text, .. } => text.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(text, Letters.detokenize(&alone[..first]));
+
+    // Stop string: the text of tokens 6..8 of the greedy answer; output is cut before it and
+    // never streams any part of it.
+    let full = Letters.detokenize(&alone);
+    let stop = full[6..8].to_string();
+    let cut = full.find(&stop).expect("ok in this test");
+    let mut r = req(1, prompt(0, 8), 30, None);
+    r.stop.stop_strings = vec![stop.clone()];
+    let mut e = Engine::new(model(), Some(Arc::new(Letters)), cfg(64));
+    e.submit(r).expect("ok in this test");
+    let events = e.run_to_completion();
+    let streamed: String = events
+        .iter()
+        .map(|ev| match ev {
+            Event::Token { text, .. } | Event::Finished { text, .. } => text.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(streamed, full[..cut]);
+    assert_eq!(finish_of(&events, 1).map(|f| f.0), Some(FinishReason::Stop));
+}
+
+#[test]
+fn prefill_then_decode_elsewhere_equals_mixed() {
+    for seed in [None, Some(5)] {
+        let mixed = run_alone(req(0, prompt(3, 14), 20, seed));
+        let mut p = Engine::new(model(), None, cfg(64));
+        let mut r = req(0, prompt(3, 14), 20, seed);
+        r.mode = Mode::Prefill;
+        p.submit(r).expect("ok in this test");
+        let ev = p.run_to_completion();
+        let Some(Event::Prefilled {
+            first_token,
+            kv,
+            finish: None,
+            ..
+        }) = ev.first().cloned()
+        else {
+            panic!("expected a prefill result, got {ev:?}");
+        };
+        // The prefill worker keeps nothing.
+        assert_eq!(p.stats().kv_blocks_used, 0);
+        let mut d = Engine::new(model(), None, cfg(64));
+        let mut r = req(0, prompt(3, 14), 20, seed);
+        r.start = Start::Imported {
+            kv: kv.clone(),
+            first_token,
+        };
+        d.submit(r).expect("ok in this test");
+        let ev = d.run_to_completion();
+        let mut got = vec![first_token];
+        got.extend(tokens_of(&ev, 0));
+        assert_eq!(got, mixed, "seed {seed:?}");
+        assert_eq!(finish_of(&ev, 0), Some((FinishReason::Length, 20)));
+        assert_eq!(d.stats().kv_blocks_used, 0);
+
+        // A decode worker with another block size refuses the blocks.
+        let mut other = Engine::new(
+            model(),
+            None,
+            EngineConfig {
+                block_size: 8,
+                ..cfg(64)
+            },
+        );
+        let mut r = req(1, prompt(3, 14), 20, seed);
+        r.start = Start::Imported { kv, first_token };
+        assert!(matches!(other.submit(r), Err(EngineError::Import(_))));
+    }
+}
+
+#[test]
+fn requests_that_can_never_run_are_refused_with_a_reason() {
+    let mut e = Engine::new(model(), None, cfg(8));
+    assert_eq!(
+        e.submit(req(0, vec![], 4, None)),
+        Err(EngineError::EmptyPrompt)
+    );
+    assert!(matches!(
+        e.submit(req(1, prompt(1, 200), 4, None)),
+        Err(EngineError::PromptTooLong { .. })
+    ));
+    assert!(matches!(
+        e.submit(req(2, vec![1, 99], 4, None)),
+        Err(EngineError::BadToken { token: 99, .. })
+    ));
+    assert!(matches!(
+        e.submit(req(3, prompt(3, 40), 4, None)),
+        Err(EngineError::TooLargeForCache { .. })
+    ));
+    e.submit(req(4, prompt(4, 4), 4, None))
+        .expect("ok in this test");
+    assert_eq!(
+        e.submit(req(4, prompt(4, 4), 4, None)),
+        Err(EngineError::DuplicateId(4))
+    );
+}
+
+#[test]
+fn a_sequence_that_outgrows_the_whole_cache_ends_at_length() {
+    // 8 blocks of 4 = 32 tokens; nothing else is running, so it cannot be preempted.
+    let mut e = Engine::new(model(), None, cfg(8));
+    e.submit(req(0, prompt(0, 10), 100, None))
+        .expect("ok in this test");
+    let events = e.run_to_completion();
+    let (reason, n) = finish_of(&events, 0).expect("ok in this test");
+    assert_eq!(reason, FinishReason::Length);
+    // 32 tokens fill the cache; the 33rd was sampled from them and needs no slot.
+    assert_eq!(10 + n, 33);
+    assert_eq!(e.stats().kv_blocks_used, 0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Any interleaving of submissions, cancellations and steps keeps every block owned once,
+    /// and an idle engine holds no block.
+    #[test]
+    fn no_block_is_leaked_or_shared(ops in proptest::collection::vec((0u8..3, 1usize..20, 1usize..12), 1..25)) {
+        let mut e = Engine::new(model(), None, cfg(20));
+        let mut next = 0u64;
+        for (op, len, max) in ops {
+            match op {
+                0 => {
+                    let _ = e.submit(req(next, prompt(next, len), max, Some(next)));
+                    next += 1;
+                }
+                1 => {
+                    e.cancel(len as u64 % (next + 1));
+                }
+                _ => {
+                    e.step();
+                }
+            }
+            prop_assert!(e.check_invariants());
+        }
+        e.run_to_completion();
+        prop_assert!(e.check_invariants());
+        prop_assert_eq!(e.stats().kv_blocks_used, 0);
+    }
+}
