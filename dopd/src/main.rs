@@ -1,7 +1,7 @@
 //! `dopd`: one binary, role subcommands.
 //!
-//! The planner-facing commands live here for now; `operator`, `router`, `worker`, `up` and `sim`
-//! arrive with their crates.
+//! Planner commands (`forecast`, `plan`, `profile`, `sim`) and the worker (`worker`, `generate`);
+//! `operator`, `router` and `up` arrive with their crates.
 
 mod cmd;
 mod plot;
@@ -30,6 +30,10 @@ enum Command {
     /// Replay a trace through a simulated prefill/decode cluster.
     #[command(subcommand)]
     Sim(cmd::sim::Command),
+    /// Serve a model over gRPC as a prefill, decode or mixed worker.
+    Worker(cmd::worker::Args),
+    /// Send one prompt to a worker (or a prefill and a decode worker) and stream the answer.
+    Generate(cmd::worker::GenerateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +43,8 @@ fn main() -> std::process::ExitCode {
         Command::Plan(a) => cmd::plan::run(a),
         Command::Profile(c) => cmd::profile::run(c),
         Command::Sim(c) => cmd::sim::run(c),
+        Command::Worker(a) => cmd::worker::run(a),
+        Command::Generate(a) => cmd::worker::generate(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,10 +8,12 @@
 //! - [`kv`]: the paged KV cache with block export/import.
 //! - [`sampling`]: seeded sampling and stop conditions.
 //! - [`engine`]: continuous batching with preemption, in `prefill`, `decode` and `mixed` roles.
+//! - [`service`]: the engine thread and the gRPC service (`proto/dopd/worker/v1/worker.proto`).
 
 pub mod engine;
 pub mod gguf;
 pub mod kv;
 pub mod model;
 pub mod sampling;
+pub mod service;
 pub mod tokenizer;

@@ -2,6 +2,7 @@ pub mod forecast;
 pub mod plan;
 pub mod profile;
 pub mod sim;
+pub mod worker;
 
 use anyhow::{Context, bail};
 

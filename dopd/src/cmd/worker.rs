@@ -1,0 +1,239 @@
+//! `dopd worker`: serve a model over gRPC as a prefill, decode or mixed worker; and
+//! `dopd generate`: a small client for trying a worker from the shell.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use burn::prelude::Backend;
+use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
+use dopd_worker::service::{
+    EngineHandle, Role, WorkerInfo, WorkerService, connect, load_gguf, proto, serve,
+};
+
+/// The model the set-up step fetches.
+pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Device {
+    /// burn's ndarray backend.
+    Cpu,
+    /// burn-cuda (build with `--features cuda`).
+    Cuda,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// prefill, decode or mixed.
+    #[arg(long, default_value = "mixed")]
+    pub role: Role,
+    /// A GGUF model file.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Address to serve gRPC on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV blocks in the cache.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_blocks: usize,
+    /// Most sequences decoded together.
+    #[arg(long, default_value_t = 64)]
+    pub max_running: usize,
+    /// Prompt tokens prefilled per engine step.
+    #[arg(long, default_value_t = 4096)]
+    pub max_prefill_tokens: usize,
+    /// Name reported in Health and KV handles (default: role@listen address).
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if a.block_size == 0 || a.kv_blocks == 0 || a.max_running == 0 {
+        bail!("--block-size, --kv-blocks and --max-running must be positive");
+    }
+    match a.device {
+        Device::Cpu => run_on::<burn::backend::NdArray<f32>>(a, Default::default()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => run_on::<burn::backend::Cuda<f32>>(a, Default::default()),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => bail!("this dopd was built without CUDA: rebuild with --features cuda"),
+    }
+}
+
+fn run_on<B: Backend>(a: Args, device: B::Device) -> anyhow::Result<()>
+where
+    Engine<B>: Send + 'static,
+{
+    let loaded = load_gguf::<B>(&a.model, &device)
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let context = loaded.model.config.context;
+    let tokenizer = loaded.tokenizer.map(Arc::new);
+    let detok = tokenizer.clone().map(|t| t as Arc<dyn Detokenizer>);
+    let engine = Engine::new(
+        Arc::new(loaded.model),
+        detok,
+        EngineConfig {
+            block_size: a.block_size,
+            kv_blocks: a.kv_blocks,
+            max_running: a.max_running,
+            max_prefill_tokens: a.max_prefill_tokens,
+            model_hash: loaded.model_hash,
+        },
+    );
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let info = WorkerInfo {
+            worker_id: a.worker_id.unwrap_or_else(|| format!("{}@{addr}", a.role)),
+            epoch: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            model: loaded.name,
+            role: a.role,
+            context,
+        };
+        let svc = WorkerService::new(EngineHandle::spawn(engine), info, tokenizer, loaded.eos);
+        println!(
+            "dopd worker: role {} model {} listening on {addr}",
+            a.role,
+            a.model.display()
+        );
+        std::io::stdout().flush()?;
+        serve(listener, svc, shutdown_signal()).await?;
+        eprintln!("dopd worker: stopped");
+        anyhow::Ok(())
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// The prompt (raw text; with --chat, the user message).
+    pub prompt: String,
+    /// A worker's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub worker: String,
+    /// Prefill on this worker and decode on --worker (disaggregated).
+    #[arg(long)]
+    pub prefill_worker: Option<String>,
+    /// Wrap the prompt in the model's chat template (ChatML) — needs --model for the template.
+    #[arg(long)]
+    pub chat: bool,
+    /// The model file, for --chat (the worker has the same tokenizer).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Streams a generation to stdout.
+pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let prompt = if a.chat {
+        let g = dopd_worker::gguf::Gguf::open(&a.model)
+            .with_context(|| format!("reading {} for the chat template", a.model.display()))?;
+        let t = dopd_worker::tokenizer::ModelTokenizer::from_gguf(&g)?;
+        t.chat_prompt(&[dopd_worker::tokenizer::Message::new("user", &a.prompt)])
+    } else {
+        a.prompt.clone()
+    };
+    let req = proto::GenerateRequest {
+        request_id: "cli".into(),
+        prompt,
+        prompt_tokens: vec![],
+        sampling: Some(proto::Sampling {
+            temperature: a.temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed: a.seed,
+        }),
+        stop: Some(proto::StopSettings {
+            max_tokens: a.max_tokens,
+            stop: vec![],
+            ignore_eos: false,
+        }),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let mut out = std::io::stdout();
+        let mut dec = connect(a.worker.clone())
+            .await
+            .with_context(|| format!("connecting to {}", a.worker))?;
+        let stream = match &a.prefill_worker {
+            None => dec.generate(req).await?.into_inner(),
+            Some(url) => {
+                let mut pre = connect(url.clone())
+                    .await
+                    .with_context(|| format!("connecting to {url}"))?;
+                let p = pre.prefill(req.clone()).await?.into_inner();
+                write!(out, "{}", p.text)?;
+                if p.finish != proto::FinishReason::Unspecified as i32 {
+                    writeln!(out)?;
+                    return Ok(());
+                }
+                dec.decode(proto::DecodeRequest {
+                    request_id: req.request_id,
+                    prompt_tokens: p.prompt_tokens,
+                    first_token: p.first_token,
+                    kv: p.kv,
+                    sampling: req.sampling,
+                    stop: req.stop,
+                })
+                .await?
+                .into_inner()
+            }
+        };
+        let mut stream = stream;
+        while let Some(ev) = stream.message().await? {
+            match ev.event {
+                Some(proto::generate_event::Event::Token(t)) => write!(out, "{}", t.text)?,
+                Some(proto::generate_event::Event::Finished(f)) => {
+                    writeln!(out, "{}", f.text)?;
+                    eprintln!(
+                        "[{} prompt + {} completion tokens, finish {:?}]",
+                        f.prompt_tokens,
+                        f.completion_tokens,
+                        proto::FinishReason::try_from(f.reason).unwrap_or_default()
+                    );
+                }
+                None => {}
+            }
+            out.flush()?;
+        }
+        anyhow::Ok(())
+    })
+}

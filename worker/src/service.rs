@@ -1,0 +1,680 @@
+//! The worker process: the engine on its own thread behind a channel ([`EngineHandle`]), and the
+//! gRPC service (`proto/dopd/worker/v1/worker.proto`) in front of it ([`WorkerService`]).
+//!
+//! The engine thread sleeps while idle, otherwise takes new commands between steps. A request
+//! whose client went away (its event receiver dropped) is cancelled before the next step, so a
+//! disconnected stream frees its KV blocks at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use burn::prelude::Backend;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
+use tonic::{Request as Rpc, Response, Status};
+
+use crate::engine::{Engine, EngineError, EngineStats, Event, Mode, Request, RequestId, Start};
+use crate::kv::{KvExport, KvLayout};
+use crate::sampling::{FinishReason, SamplingParams, StopConditions};
+use crate::tokenizer::ModelTokenizer;
+
+/// Generated gRPC types (package `dopd.worker.v1`).
+#[allow(missing_docs, unused_qualifications, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("dopd.worker.v1");
+}
+
+use proto::worker_server::{Worker, WorkerServer};
+
+/// Largest gRPC message: KV blocks travel inline (SmolLM2 holds ~46 KiB of K/V per token).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+/// What a worker serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Prefill,
+    Decode,
+    Mixed,
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "prefill" => Ok(Role::Prefill),
+            "decode" => Ok(Role::Decode),
+            "mixed" => Ok(Role::Mixed),
+            _ => Err(format!(
+                "unknown role {s:?} (expected prefill, decode or mixed)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Mixed => "mixed",
+        })
+    }
+}
+
+enum Cmd {
+    Submit(Request, UnboundedSender<Event>),
+    Cancel(RequestId),
+}
+
+/// A running engine thread. Cloning shares it.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Cmd>,
+    stats: Arc<Mutex<EngineStats>>,
+    in_flight: Arc<AtomicUsize>,
+    next_id: Arc<AtomicU64>,
+    layout: KvLayout,
+}
+
+impl EngineHandle {
+    /// Moves `engine` onto a new thread. The thread ends when every handle is dropped and the
+    /// last request is done.
+    pub fn spawn<B: Backend>(engine: Engine<B>) -> Self
+    where
+        Engine<B>: Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(engine.stats()));
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let layout = engine.kv_layout();
+        let (s, f) = (stats.clone(), in_flight.clone());
+        std::thread::Builder::new()
+            .name("dopd-engine".into())
+            .spawn(move || run_engine(engine, rx, s, f))
+            .expect("the OS can start a thread");
+        Self {
+            tx,
+            stats,
+            in_flight,
+            next_id: Arc::new(AtomicU64::new(1)),
+            layout,
+        }
+    }
+
+    /// Queues a request (its `id` is replaced by a fresh one); events arrive on the receiver,
+    /// ending with `Finished`, `Prefilled` or `Failed`. Dropping the receiver cancels it.
+    pub fn submit(&self, mut r: Request) -> UnboundedReceiver<Event> {
+        r.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = unbounded_channel();
+        let id = r.id;
+        if self.tx.send(Cmd::Submit(r, tx.clone())).is_err() {
+            let _ = tx.send(Event::Failed {
+                id,
+                error: EngineError::Kv(crate::kv::KvError::UnknownSequence(id)),
+            });
+        }
+        rx
+    }
+
+    /// Cancels a request by id.
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.tx.send(Cmd::Cancel(id));
+    }
+
+    /// The engine's counters after its last step.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Requests submitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn kv_layout(&self) -> KvLayout {
+        self.layout
+    }
+}
+
+fn run_engine<B: Backend>(
+    mut engine: Engine<B>,
+    rx: mpsc::Receiver<Cmd>,
+    stats: Arc<Mutex<EngineStats>>,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let mut senders: HashMap<RequestId, UnboundedSender<Event>> = HashMap::new();
+    let handle = |engine: &mut Engine<B>,
+                  senders: &mut HashMap<RequestId, UnboundedSender<Event>>,
+                  cmd: Cmd| match cmd {
+        Cmd::Submit(r, tx) => {
+            let id = r.id;
+            match engine.submit(r) {
+                Ok(()) => {
+                    senders.insert(id, tx);
+                }
+                Err(error) => {
+                    let _ = tx.send(Event::Failed { id, error });
+                }
+            }
+        }
+        Cmd::Cancel(id) => {
+            engine.cancel(id);
+            senders.remove(&id);
+        }
+    };
+    loop {
+        if !engine.has_work() {
+            match rx.recv() {
+                Ok(cmd) => handle(&mut engine, &mut senders, cmd),
+                Err(_) => return,
+            }
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            handle(&mut engine, &mut senders, cmd);
+        }
+        // Clients that went away.
+        senders.retain(|&id, tx| {
+            let open = !tx.is_closed();
+            if !open {
+                engine.cancel(id);
+            }
+            open
+        });
+        if engine.has_work() {
+            for ev in engine.step() {
+                let (id, last) = match &ev {
+                    Event::Token { id, .. } => (*id, false),
+                    Event::Prefilled { id, .. }
+                    | Event::Finished { id, .. }
+                    | Event::Failed { id, .. } => (*id, true),
+                };
+                let gone = senders.get(&id).is_none_or(|tx| tx.send(ev).is_err());
+                if gone && !last {
+                    engine.cancel(id);
+                }
+                if last || gone {
+                    senders.remove(&id);
+                }
+            }
+        }
+        in_flight.store(senders.len(), Ordering::Relaxed);
+        if let Ok(mut s) = stats.lock() {
+            *s = engine.stats();
+        }
+    }
+}
+
+/// Who this worker is.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    /// Changes at each start (nanoseconds since the epoch at start-up).
+    pub epoch: u64,
+    pub model: String,
+    pub role: Role,
+    pub context: usize,
+}
+
+/// The gRPC service.
+pub struct WorkerService {
+    engine: EngineHandle,
+    info: WorkerInfo,
+    tokenizer: Option<Arc<ModelTokenizer>>,
+    eos: Vec<u32>,
+    draining: Arc<AtomicBool>,
+}
+
+impl WorkerService {
+    pub fn new(
+        engine: EngineHandle,
+        info: WorkerInfo,
+        tokenizer: Option<Arc<ModelTokenizer>>,
+        eos: Vec<u32>,
+    ) -> Self {
+        Self {
+            engine,
+            info,
+            tokenizer,
+            eos,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The tonic server for this service, with message limits sized for inline KV blocks.
+    pub fn into_server(self) -> WorkerServer<Self> {
+        WorkerServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn admit(&self, rpc: &str, allowed: &[Role]) -> Result<(), Status> {
+        if !allowed.contains(&self.info.role) {
+            return Err(Status::failed_precondition(format!(
+                "{rpc} is not served by a {} worker",
+                self.info.role
+            )));
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(Status::unavailable("worker is draining"));
+        }
+        Ok(())
+    }
+
+    fn prompt(&self, text: &str, tokens: &[u32]) -> Result<Vec<u32>, Status> {
+        if !tokens.is_empty() {
+            return Ok(tokens.to_vec());
+        }
+        let tok = self.tokenizer.as_ref().ok_or_else(|| {
+            Status::invalid_argument("this worker has no tokenizer: send prompt_tokens")
+        })?;
+        tok.encode(text)
+            .map_err(|e| Status::invalid_argument(format!("prompt: {e}")))
+    }
+
+    fn request(
+        &self,
+        prompt: Vec<u32>,
+        sampling: Option<proto::Sampling>,
+        stop: Option<proto::StopSettings>,
+        mode: Mode,
+        start: Start,
+    ) -> Request {
+        let s = sampling.unwrap_or_default();
+        let st = stop.unwrap_or_default();
+        Request {
+            id: 0,
+            prompt,
+            sampling: SamplingParams {
+                temperature: s.temperature.max(0.0),
+                top_k: s.top_k as usize,
+                top_p: if s.top_p > 0.0 && s.top_p < 1.0 {
+                    s.top_p
+                } else {
+                    1.0
+                },
+                seed: s.seed,
+            },
+            stop: StopConditions {
+                eos: if st.ignore_eos {
+                    Vec::new()
+                } else {
+                    self.eos.clone()
+                },
+                max_tokens: st.max_tokens as usize,
+                stop_strings: st.stop,
+            },
+            mode,
+            start,
+        }
+    }
+}
+
+fn status_of(e: &EngineError) -> Status {
+    match e {
+        EngineError::EmptyPrompt
+        | EngineError::PromptTooLong { .. }
+        | EngineError::TooLargeForCache { .. }
+        | EngineError::BadToken { .. } => Status::invalid_argument(e.to_string()),
+        EngineError::Import(_) => Status::failed_precondition(e.to_string()),
+        EngineError::DuplicateId(_) | EngineError::Kv(_) => Status::internal(e.to_string()),
+    }
+}
+
+fn finish_of(r: FinishReason) -> proto::FinishReason {
+    match r {
+        FinishReason::Stop => proto::FinishReason::Stop,
+        FinishReason::Length => proto::FinishReason::Length,
+    }
+}
+
+/// The proto form of a layout.
+pub fn layout_to_proto(l: &KvLayout) -> proto::KvLayout {
+    proto::KvLayout {
+        layers: l.layers as u32,
+        kv_heads: l.kv_heads as u32,
+        head_dim: l.head_dim as u32,
+        block_size: l.block_size as u32,
+        model_hash: l.model_hash,
+        dtype: "f32".into(),
+        fingerprint: l.fingerprint(),
+    }
+}
+
+/// KV blocks as bytes (f32 little-endian).
+pub fn kv_to_proto(kv: &KvExport, layout: &KvLayout) -> proto::KvBlocks {
+    proto::KvBlocks {
+        layout: Some(layout_to_proto(layout)),
+        tokens: kv.tokens as u32,
+        blocks: kv
+            .blocks
+            .iter()
+            .map(|b| b.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect(),
+    }
+}
+
+/// Parses KV blocks; the engine checks the fingerprint and sizes against its own layout.
+pub fn kv_from_proto(kv: proto::KvBlocks) -> Result<KvExport, Status> {
+    let layout = kv
+        .layout
+        .ok_or_else(|| Status::invalid_argument("kv.layout is missing"))?;
+    if layout.dtype != "f32" {
+        return Err(Status::failed_precondition(format!(
+            "KV dtype {:?} is not supported (f32 is)",
+            layout.dtype
+        )));
+    }
+    let blocks = kv
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            if b.len() % 4 != 0 {
+                return Err(Status::invalid_argument(format!(
+                    "kv block {i} has {} bytes, not a whole number of f32",
+                    b.len()
+                )));
+            }
+            Ok(b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        })
+        .collect::<Result<Vec<Vec<f32>>, Status>>()?;
+    Ok(KvExport {
+        fingerprint: layout.fingerprint,
+        tokens: kv.tokens as usize,
+        blocks,
+    })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
+
+fn event_stream(rx: UnboundedReceiver<Event>) -> EventStream {
+    Box::pin(UnboundedReceiverStream::new(rx).filter_map(|ev| match ev {
+        Event::Token { token, text, .. } => Some(Ok(proto::GenerateEvent {
+            event: Some(proto::generate_event::Event::Token(proto::Token {
+                id: token,
+                text,
+            })),
+        })),
+        Event::Finished {
+            reason,
+            text,
+            usage,
+            ..
+        } => Some(Ok(proto::GenerateEvent {
+            event: Some(proto::generate_event::Event::Finished(proto::Finished {
+                reason: finish_of(reason) as i32,
+                text,
+                prompt_tokens: usage.prompt_tokens as u32,
+                completion_tokens: usage.completion_tokens as u32,
+            })),
+        })),
+        Event::Failed { error, .. } => Some(Err(status_of(&error))),
+        Event::Prefilled { .. } => None,
+    }))
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = EventStream;
+    type DecodeStream = EventStream;
+
+    async fn generate(
+        &self,
+        req: Rpc<proto::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.admit("Generate", &[Role::Decode, Role::Mixed])?;
+        let r = req.into_inner();
+        let prompt = self.prompt(&r.prompt, &r.prompt_tokens)?;
+        let rx = self.engine.submit(self.request(
+            prompt,
+            r.sampling,
+            r.stop,
+            Mode::Generate,
+            Start::Prompt,
+        ));
+        Ok(Response::new(event_stream(rx)))
+    }
+
+    async fn prefill(
+        &self,
+        req: Rpc<proto::GenerateRequest>,
+    ) -> Result<Response<proto::PrefillResponse>, Status> {
+        self.admit("Prefill", &[Role::Prefill, Role::Mixed])?;
+        let r = req.into_inner();
+        let prompt = self.prompt(&r.prompt, &r.prompt_tokens)?;
+        let mut rx = self.engine.submit(self.request(
+            prompt.clone(),
+            r.sampling,
+            r.stop,
+            Mode::Prefill,
+            Start::Prompt,
+        ));
+        match rx.recv().await {
+            Some(Event::Prefilled {
+                first_token,
+                text,
+                kv,
+                finish,
+                ..
+            }) => Ok(Response::new(proto::PrefillResponse {
+                first_token,
+                text,
+                prompt_tokens: prompt,
+                kv: Some(kv_to_proto(&kv, &self.engine.kv_layout())),
+                finish: finish.map_or(proto::FinishReason::Unspecified, finish_of) as i32,
+                worker_id: self.info.worker_id.clone(),
+                epoch: self.info.epoch,
+            })),
+            Some(Event::Failed { error, .. }) => Err(status_of(&error)),
+            _ => Err(Status::internal(
+                "the engine ended the prefill without a result",
+            )),
+        }
+    }
+
+    async fn decode(
+        &self,
+        req: Rpc<proto::DecodeRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        self.admit("Decode", &[Role::Decode, Role::Mixed])?;
+        let r = req.into_inner();
+        let kv = kv_from_proto(r.kv.ok_or_else(|| Status::invalid_argument("kv is missing"))?)?;
+        if r.prompt_tokens.is_empty() {
+            return Err(Status::invalid_argument("prompt_tokens is empty"));
+        }
+        let rx = self.engine.submit(self.request(
+            r.prompt_tokens,
+            r.sampling,
+            r.stop,
+            Mode::Generate,
+            Start::Imported {
+                kv,
+                first_token: r.first_token,
+            },
+        ));
+        Ok(Response::new(event_stream(rx)))
+    }
+
+    async fn health(
+        &self,
+        _: Rpc<proto::HealthRequest>,
+    ) -> Result<Response<proto::HealthResponse>, Status> {
+        let status = if self.draining.load(Ordering::Relaxed) {
+            proto::health_response::Status::Draining
+        } else {
+            proto::health_response::Status::Serving
+        };
+        Ok(Response::new(proto::HealthResponse {
+            status: status as i32,
+            role: self.info.role.to_string(),
+            model: self.info.model.clone(),
+            worker_id: self.info.worker_id.clone(),
+            epoch: self.info.epoch,
+            kv_layout: Some(layout_to_proto(&self.engine.kv_layout())),
+            context: self.info.context as u32,
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _: Rpc<proto::StatsRequest>,
+    ) -> Result<Response<proto::StatsResponse>, Status> {
+        let s = self.engine.stats();
+        Ok(Response::new(proto::StatsResponse {
+            running: s.running as u32,
+            waiting: s.waiting as u32,
+            kv_blocks_used: s.kv_blocks_used as u32,
+            kv_blocks_free: s.kv_blocks_free as u32,
+            kv_block_size: self.engine.kv_layout().block_size as u32,
+            steps: s.steps,
+            preemptions: s.preemptions,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.generated_tokens,
+            finished: s.finished,
+            failed: s.failed,
+            recent_steps: s
+                .recent_steps
+                .iter()
+                .map(|&(batch, prefill, secs)| proto::StepTime {
+                    batch: batch as u32,
+                    prefill_tokens: prefill as u32,
+                    seconds: secs,
+                })
+                .collect(),
+            draining: self.draining.load(Ordering::Relaxed),
+            in_flight: self.engine.in_flight() as u32,
+        }))
+    }
+
+    async fn drain(
+        &self,
+        _: Rpc<proto::DrainRequest>,
+    ) -> Result<Response<proto::DrainResponse>, Status> {
+        self.draining.store(true, Ordering::Relaxed);
+        Ok(Response::new(proto::DrainResponse {
+            in_flight: self.engine.in_flight() as u32,
+        }))
+    }
+}
+
+/// A model ready to serve.
+pub struct LoadedModel<B: Backend> {
+    pub model: crate::model::Llama<B>,
+    pub tokenizer: Option<ModelTokenizer>,
+    /// End-of-sequence ids (EOS and ChatML's `<|im_end|>`).
+    pub eos: Vec<u32>,
+    /// Identifies the weights (see [`model_hash`]).
+    pub model_hash: u64,
+    /// Served name (the file stem).
+    pub name: String,
+}
+
+/// Loads a GGUF model file with its tokenizer.
+pub fn load_gguf<B: Backend>(
+    path: &std::path::Path,
+    device: &B::Device,
+) -> Result<LoadedModel<B>, crate::model::ModelError> {
+    let g = crate::gguf::Gguf::open(path)?;
+    let model = crate::model::Llama::from_gguf(&g, device)?;
+    let tokenizer = ModelTokenizer::from_gguf(&g).map_err(|e| crate::model::ModelError::File {
+        file: path.display().to_string(),
+        msg: format!("tokenizer: {e}"),
+    })?;
+    let mut eos = vec![tokenizer.eos_id];
+    if let Some(id) = tokenizer.token_id("<|im_end|>")
+        && !eos.contains(&id)
+    {
+        eos.push(id);
+    }
+    Ok(LoadedModel {
+        model,
+        tokenizer: Some(tokenizer),
+        eos,
+        model_hash: model_hash(path).map_err(|e| crate::model::ModelError::File {
+            file: path.display().to_string(),
+            msg: e.to_string(),
+        })?,
+        name: path
+            .file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+    })
+}
+
+/// A fingerprint of a model file or directory: FNV-1a over its size and 16 evenly spaced 64 KiB
+/// samples per file (the whole file when smaller). Two workers agree on it exactly when they load
+/// the same bytes (barring a crafted collision), without hashing gigabytes at start-up.
+pub fn model_hash(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            let p = e?.path();
+            if p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    const CHUNK: u64 = 64 << 10;
+    for p in files {
+        let mut f = std::fs::File::open(&p)?;
+        let len = f.metadata()?.len();
+        eat(&len.to_le_bytes());
+        let mut buf = vec![0u8; CHUNK as usize];
+        for i in 0..16u64 {
+            let at = if len <= 16 * CHUNK {
+                i * CHUNK
+            } else {
+                (len - CHUNK) / 15 * i
+            };
+            if at >= len {
+                break;
+            }
+            f.seek(SeekFrom::Start(at))?;
+            let n = f.read(&mut buf)?;
+            eat(&buf[..n]);
+        }
+    }
+    Ok(h)
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves; in-flight streams are given the
+/// time tonic's graceful shutdown allows.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: WorkerService,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}
+
+/// A client with message limits sized for inline KV blocks.
+pub async fn connect(
+    url: String,
+) -> Result<proto::worker_client::WorkerClient<tonic::transport::Channel>, tonic::transport::Error>
+{
+    Ok(proto::worker_client::WorkerClient::connect(url)
+        .await?
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}

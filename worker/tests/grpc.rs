@@ -1,0 +1,272 @@
+//! The gRPC service over loopback with a tiny random model: streaming generation, the
+//! prefill -> decode hand-off between two servers, roles, drain, stats and cancellation on
+//! client disconnect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::backend::NdArray;
+use dopd_worker::engine::{Engine, EngineConfig};
+use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
+use dopd_worker::service::proto::{
+    self, DecodeRequest, DrainRequest, GenerateRequest, HealthRequest, Sampling, StatsRequest,
+    StopSettings, generate_event::Event as Ev, worker_client::WorkerClient,
+};
+use dopd_worker::service::{EngineHandle, Role, WorkerInfo, WorkerService, connect, serve};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type B = NdArray<f32>;
+
+fn tiny() -> LlamaConfig {
+    LlamaConfig {
+        vocab: 48,
+        hidden: 32,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        ffn: 48,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        context: 4096,
+        rope_style: RopeStyle::Adjacent,
+        rope_scaling: None,
+        qkv_bias: false,
+        tied_embeddings: false,
+    }
+}
+
+/// Starts a worker on 127.0.0.1:0 and returns a client.
+async fn start(role: Role, kv_blocks: usize) -> WorkerClient<Channel> {
+    let model = Arc::new(Llama::<B>::random(tiny(), 7, &Default::default()).expect("tiny model"));
+    let engine = Engine::new(
+        model,
+        None,
+        EngineConfig {
+            block_size: 4,
+            kv_blocks,
+            max_running: 8,
+            max_prefill_tokens: 256,
+            model_hash: 42,
+        },
+    );
+    let info = WorkerInfo {
+        worker_id: format!("{role}-test"),
+        epoch: 1,
+        model: "tiny".into(),
+        role,
+        context: 4096,
+    };
+    let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("loopback port");
+    let addr = listener.local_addr().expect("bound");
+    tokio::spawn(serve(listener, svc, std::future::pending()));
+    connect(format!("http://{addr}")).await.expect("connects")
+}
+
+fn gen_req(max_tokens: u32, seed: u64) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "t".into(),
+        prompt: String::new(),
+        prompt_tokens: (0..20).map(|i| (i * 7 + 3) % 48).collect(),
+        sampling: Some(Sampling {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 0.9,
+            seed,
+        }),
+        stop: Some(StopSettings {
+            max_tokens,
+            stop: vec![],
+            ignore_eos: false,
+        }),
+    }
+}
+
+/// Tokens of a stream and its finish event.
+async fn collect(
+    mut s: tonic::Streaming<proto::GenerateEvent>,
+) -> (Vec<u32>, Option<proto::Finished>) {
+    let mut toks = Vec::new();
+    let mut fin = None;
+    while let Some(ev) = s.message().await.expect("stream ok") {
+        match ev.event {
+            Some(Ev::Token(t)) => toks.push(t.id),
+            Some(Ev::Finished(f)) => fin = Some(f),
+            None => {}
+        }
+    }
+    (toks, fin)
+}
+
+#[tokio::test]
+async fn prefill_on_one_worker_and_decode_on_another_equals_mixed() {
+    let mut mixed = start(Role::Mixed, 256).await;
+    let mut pre = start(Role::Prefill, 256).await;
+    let mut dec = start(Role::Decode, 256).await;
+
+    let (want, fin) = collect(
+        mixed
+            .generate(gen_req(16, 9))
+            .await
+            .expect("generate")
+            .into_inner(),
+    )
+    .await;
+    let fin = fin.expect("finished event");
+    assert_eq!(want.len(), 16);
+    assert_eq!(fin.completion_tokens, 16);
+    assert_eq!(fin.prompt_tokens, 20);
+    assert_eq!(fin.reason, proto::FinishReason::Length as i32);
+
+    let p = pre
+        .prefill(gen_req(16, 9))
+        .await
+        .expect("prefill")
+        .into_inner();
+    assert_eq!(p.finish, proto::FinishReason::Unspecified as i32);
+    assert_eq!(p.worker_id, "prefill-test");
+    let kv = p.kv.clone().expect("kv blocks");
+    assert_eq!(kv.tokens, 20);
+    assert_eq!(kv.blocks.len(), 5);
+    let r = gen_req(16, 9);
+    let (rest, fin) = collect(
+        dec.decode(DecodeRequest {
+            request_id: "t".into(),
+            prompt_tokens: p.prompt_tokens.clone(),
+            first_token: p.first_token,
+            kv: Some(kv.clone()),
+            sampling: r.sampling,
+            stop: r.stop,
+        })
+        .await
+        .expect("decode")
+        .into_inner(),
+    )
+    .await;
+    let mut got = vec![p.first_token];
+    got.extend(rest);
+    assert_eq!(got, want);
+    assert_eq!(fin.expect("finished").completion_tokens, 16);
+
+    // Corrupt blocks (a wrong fingerprint) are refused before any decoding.
+    let mut bad = kv;
+    if let Some(l) = bad.layout.as_mut() {
+        l.fingerprint ^= 1;
+    }
+    let err = dec
+        .decode(DecodeRequest {
+            request_id: "bad".into(),
+            prompt_tokens: p.prompt_tokens,
+            first_token: p.first_token,
+            kv: Some(bad),
+            sampling: None,
+            stop: None,
+        })
+        .await;
+    let code = match err {
+        Err(s) => s.code(),
+        Ok(stream) => match stream.into_inner().message().await {
+            Err(s) => s.code(),
+            Ok(m) => panic!("decoded with a wrong fingerprint: {m:?}"),
+        },
+    };
+    assert_eq!(code, Code::FailedPrecondition);
+    // Nothing stays allocated on either side.
+    for c in [&mut pre, &mut dec] {
+        let s = c.stats(StatsRequest {}).await.expect("stats").into_inner();
+        assert_eq!(s.kv_blocks_used, 0);
+        assert_eq!(s.in_flight, 0);
+    }
+}
+
+#[tokio::test]
+async fn roles_refuse_what_they_do_not_serve() {
+    let mut pre = start(Role::Prefill, 64).await;
+    let err = pre.generate(gen_req(4, 1)).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("prefill worker"));
+    let mut dec = start(Role::Decode, 64).await;
+    let err = dec.prefill(gen_req(4, 1)).await.expect_err("refused");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    // Bad input is a clear INVALID_ARGUMENT.
+    let mut r = gen_req(4, 1);
+    r.prompt_tokens = vec![1, 2, 999];
+    let err = match dec.generate(r).await {
+        Err(s) => s,
+        Ok(s) => s.into_inner().message().await.expect_err("bad token"),
+    };
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("999"), "{}", err.message());
+    let mut r = gen_req(4, 1);
+    r.prompt_tokens.clear();
+    let err = dec.generate(r).await.expect_err("no tokenizer");
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn drain_stops_new_work_and_reports_in_flight() {
+    let mut w = start(Role::Mixed, 256).await;
+    let h = w
+        .health(HealthRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(h.status, proto::health_response::Status::Serving as i32);
+    assert_eq!(h.role, "mixed");
+    assert_eq!(h.kv_layout.expect("layout").block_size, 4);
+    // A long request in flight.
+    let mut long = w
+        .generate(gen_req(400, 2))
+        .await
+        .expect("generate")
+        .into_inner();
+    long.message().await.expect("first token");
+    let d = w.drain(DrainRequest {}).await.expect("drain").into_inner();
+    assert_eq!(d.in_flight, 1);
+    let err = w.generate(gen_req(4, 1)).await.expect_err("draining");
+    assert_eq!(err.code(), Code::Unavailable);
+    let h = w
+        .health(HealthRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(h.status, proto::health_response::Status::Draining as i32);
+    // The in-flight request still completes.
+    let mut n = 1;
+    while let Some(ev) = long.message().await.expect("stream") {
+        if matches!(ev.event, Some(Ev::Token(_))) {
+            n += 1;
+        }
+    }
+    assert_eq!(n, 400);
+}
+
+#[tokio::test]
+async fn a_disconnected_stream_is_cancelled_and_frees_its_blocks() {
+    let mut w = start(Role::Mixed, 1100).await;
+    let mut s = w
+        .generate(gen_req(4000, 3))
+        .await
+        .expect("generate")
+        .into_inner();
+    s.message().await.expect("first token");
+    let busy = w.stats(StatsRequest {}).await.expect("stats").into_inner();
+    assert!(busy.kv_blocks_used > 0);
+    drop(s);
+    // The engine notices at its next step; poll (bounded) until the blocks are back.
+    let mut freed = false;
+    for _ in 0..200 {
+        let st = w.stats(StatsRequest {}).await.expect("stats").into_inner();
+        if st.kv_blocks_used == 0 && st.in_flight == 0 {
+            freed = true;
+            assert!(st.generated_tokens < 4000, "ran to completion instead");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "blocks were not freed after the client left");
+}
