@@ -30,6 +30,9 @@ enum Command {
     /// Replay a trace through a simulated prefill/decode cluster.
     #[command(subcommand)]
     Sim(cmd::sim::Command),
+    /// Benchmarks (the worker engine's throughput).
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
     /// Serve a model over gRPC as a prefill, decode or mixed worker.
     Worker(cmd::worker::Args),
     /// Send one prompt to a worker (or a prefill and a decode worker) and stream the answer.
@@ -44,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Profile(c) => cmd::profile::run(c),
         Command::Sim(c) => cmd::sim::run(c),
         Command::Worker(a) => cmd::worker::run(a),
+        Command::Bench(c) => cmd::bench::run(c),
         Command::Generate(a) => cmd::worker::generate(a),
     };
     match result {

@@ -198,6 +198,16 @@ impl PagedKvCache {
             .ok_or(KvError::UnknownSequence(seq))
     }
 
+    /// Tokens of a sequence written at `layer` (a token being appended counts once its layer
+    /// has it).
+    pub fn written(&self, seq: SeqId, layer: usize) -> Result<usize, KvError> {
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        s.written.get(layer).copied().ok_or(KvError::BadLayer {
+            layer,
+            layers: self.layout.layers,
+        })
+    }
+
     /// Block table of a sequence.
     pub fn blocks(&self, seq: SeqId) -> Result<&[u32], KvError> {
         self.seqs
@@ -283,6 +293,47 @@ impl PagedKvCache {
             v.extend_from_slice(&self.v[layer][at..at + l.token_width()]);
         }
         Ok((k, v))
+    }
+
+    /// K and V of a sequence at `layer`, head-major (`[kv_heads, tmax, head_dim]` each) into
+    /// `k_out` and `v_out`; positions past the sequence's length are left untouched (callers
+    /// mask them). Fails when the sequence is longer than `tmax` or the slices are too short.
+    pub fn gather_heads(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        tmax: usize,
+        k_out: &mut [f32],
+        v_out: &mut [f32],
+    ) -> Result<usize, KvError> {
+        let l = self.layout;
+        if layer >= l.layers {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: l.layers,
+            });
+        }
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let tokens = s.written[layer];
+        let want = l.kv_heads * tmax * l.head_dim;
+        if tokens > tmax || k_out.len() < want || v_out.len() < want {
+            return Err(KvError::BadWidth {
+                got: k_out.len().min(v_out.len()),
+                want,
+            });
+        }
+        let hd = l.head_dim;
+        for t in 0..tokens {
+            let at = s.blocks[t / l.block_size] as usize * l.block_width()
+                + (t % l.block_size) * l.token_width();
+            for h in 0..l.kv_heads {
+                let src = at + h * hd;
+                let dst = (h * tmax + t) * hd;
+                k_out[dst..dst + hd].copy_from_slice(&self.k[layer][src..src + hd]);
+                v_out[dst..dst + hd].copy_from_slice(&self.v[layer][src..src + hd]);
+            }
+        }
+        Ok(tokens)
     }
 
     /// Serialises a sequence's blocks (complete tokens only).

@@ -294,6 +294,15 @@ impl<B: Backend> Llama<B> {
             let d = src.load(name, &[rows, cols])?;
             Ok(Tensor::from_data(TensorData::new(d, [rows, cols]), device))
         };
+        // `[rows, cols]` stored, `[cols, rows]` kept, laid out contiguously: a transposed *view*
+        // would make some backends copy the whole matrix at every matmul.
+        let mat_t = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>, ModelError> {
+            let d = src.load(name, &[rows, cols])?;
+            Ok(Tensor::from_data(
+                TensorData::new(transpose(&d, rows, cols), [cols, rows]),
+                device,
+            ))
+        };
         let vec = |name: &str, len: usize| -> Result<Tensor<B, 1>, ModelError> {
             Ok(Tensor::from_data(
                 TensorData::new(src.load(name, &[len])?, [len]),
@@ -305,8 +314,7 @@ impl<B: Backend> Llama<B> {
         for l in 0..c.layers {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
             // Stored [out, in]; kept transposed.
-            let proj =
-                |s: &str, inp: usize, out: usize| mat(&n(s), out, inp).map(Tensor::transpose);
+            let proj = |s: &str, inp: usize, out: usize| mat_t(&n(s), out, inp);
             let bias = if c.qkv_bias {
                 let b = |s: &str, len| vec(&format!("blk.{l}.{s}.bias"), len);
                 Some([
@@ -332,9 +340,9 @@ impl<B: Backend> Llama<B> {
         }
         let norm = vec("output_norm.weight", h)?;
         let lm_head = if c.tied_embeddings {
-            embed.clone().transpose()
+            mat_t("token_embd.weight", c.vocab, h)?
         } else {
-            mat("output.weight", c.vocab, h)?.transpose()
+            mat_t("output.weight", c.vocab, h)?
         };
         Ok(Self {
             inv_freq: c.inv_freq(),
@@ -425,35 +433,45 @@ impl<B: Backend> Llama<B> {
         (q, k, split(&l.wv, b(2), c.kv_heads))
     }
 
-    /// Grouped-query attention of `q` (`[heads, n, head_dim]`) over `k`, `v`
-    /// (`[kv_heads, total, head_dim]`); `mask` is true where attention is forbidden
-    /// (`[heads, n, total]`; none: all allowed). Returns `[n, heads · head_dim]`.
+    /// Grouped-query attention for `b` sequences of `n` new tokens each.
+    ///
+    /// - `q`: `[heads, b·n, head_dim]` (rows sequence-major);
+    /// - `k`, `v`: `[b, kv_heads, t, head_dim]` (K/V need not be repeated per query head: the
+    ///   `group = heads / kv_heads` query heads that share a KV head attend as one matrix);
+    /// - `mask`: `[b, n, t]`, true where attention is forbidden (future or padding).
+    ///
+    /// Returns `[b·n, heads · head_dim]`.
     fn attend(
         &self,
         q: Tensor<B, 3>,
-        k: Tensor<B, 3>,
-        v: Tensor<B, 3>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
         mask: Option<Tensor<B, 3, Bool>>,
     ) -> Tensor<B, 2> {
         let c = &self.config;
-        let [_, n, _] = q.dims();
-        let total = k.dims()[1];
-        let group = c.heads / c.kv_heads;
-        // Query head j reads KV head j / group.
-        let expand = |t: Tensor<B, 3>| -> Tensor<B, 3> {
-            t.unsqueeze_dim::<4>(1)
-                .expand([c.kv_heads, group, total, c.head_dim])
-                .reshape([c.heads, total, c.head_dim])
-        };
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        let mut scores = q.matmul(expand(k).swap_dims(1, 2)).mul_scalar(scale);
+        let [b, kvh, t, hd] = k.dims();
+        let n = q.dims()[1] / b;
+        let group = c.heads / kvh;
+        // [heads, b·n, hd] -> [b, kv_heads, group·n, hd]
+        let q = q
+            .reshape([kvh, group, b, n, hd])
+            .permute([2, 0, 1, 3, 4])
+            .reshape([b, kvh, group * n, hd]);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
         if let Some(mask) = mask {
-            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+            let m = mask
+                .reshape([b, 1, 1, n, t])
+                .expand([b, kvh, group, n, t])
+                .reshape([b, kvh, group * n, t]);
+            scores = scores.mask_fill(m, f32::NEG_INFINITY);
         }
-        softmax(scores, 2)
-            .matmul(expand(v))
-            .swap_dims(0, 1)
-            .reshape([n, c.heads * c.head_dim])
+        // [b, kv_heads, group·n, hd] -> [b·n, heads·hd]
+        softmax(scores, 3)
+            .matmul(v)
+            .reshape([b, kvh * group, n, hd])
+            .swap_dims(1, 2)
+            .reshape([b * n, c.heads * hd])
     }
 
     /// The feed-forward half of a layer, residual included.
@@ -466,19 +484,20 @@ impl<B: Backend> Llama<B> {
 
     /// Logits for every position of `tokens` (`[seq, vocab]`), no cache (dense attention).
     pub fn forward(&self, tokens: &[u32]) -> Tensor<B, 2> {
-        let c = &self.config;
         let seq = tokens.len();
         let positions: Vec<usize> = (0..seq).collect();
         let mut x = self.embed_tokens(tokens);
-        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device)
-            .unsqueeze_dim::<3>(0)
-            .expand([c.heads, seq, seq]);
+        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device).unsqueeze_dim(0);
         for l in &self.layers {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &positions);
-            x = x + self
-                .attend(q, k, v, Some(mask.clone()))
-                .matmul(l.wo.clone());
+            let out = self.attend(
+                q,
+                k.unsqueeze_dim(0),
+                v.unsqueeze_dim(0),
+                Some(mask.clone()),
+            );
+            x = x + out.matmul(l.wo.clone());
             x = self.mlp(l, x);
         }
         self.rms_norm(x, &self.norm).matmul(self.lm_head.clone())
@@ -496,16 +515,35 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// `[total, kv_heads · head_dim]` rows from the cache as `[kv_heads, total, head_dim]`.
-    fn cached(&self, d: Vec<f32>) -> Tensor<B, 3> {
+    /// K and V of `seqs` at `layer` from the cache, padded to the longest:
+    /// `[b, kv_heads, tmax, head_dim]` each, and each sequence's length.
+    fn gather(
+        &self,
+        cache: &PagedKvCache,
+        seqs: &[SeqId],
+        layer: usize,
+    ) -> Result<Gathered<B>, KvError> {
         let c = &self.config;
-        let total = d.len() / (c.kv_heads * c.head_dim);
-        Tensor::<B, 2>::from_data(
-            TensorData::new(d, [total, c.kv_heads * c.head_dim]),
-            &self.device,
-        )
-        .reshape([total, c.kv_heads, c.head_dim])
-        .swap_dims(0, 1)
+        let lens = seqs
+            .iter()
+            .map(|&s| cache.written(s, layer))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tmax = lens.iter().copied().max().unwrap_or(0);
+        let per = c.kv_heads * tmax * c.head_dim;
+        let mut k = vec![0.0f32; seqs.len() * per];
+        let mut v = vec![0.0f32; seqs.len() * per];
+        for (i, &s) in seqs.iter().enumerate() {
+            cache.gather_heads(
+                s,
+                layer,
+                tmax,
+                &mut k[i * per..(i + 1) * per],
+                &mut v[i * per..(i + 1) * per],
+            )?;
+        }
+        let shape = [seqs.len(), c.kv_heads, tmax, c.head_dim];
+        let t = |d: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(d, shape), &self.device);
+        Ok((t(k), t(v), lens))
     }
 
     /// Appends the K/V rows (`[kv_heads, n, head_dim]`) of `n` tokens to the sequences `seqs`
@@ -566,7 +604,6 @@ impl<B: Backend> Llama<B> {
         seq: SeqId,
         tokens: &[u32],
     ) -> Result<Tensor<B, 2>, KvError> {
-        let c = &self.config;
         let n = tokens.len();
         let start = cache.len(seq)?;
         cache.check_room(&[(seq, n)])?;
@@ -575,15 +612,14 @@ impl<B: Backend> Llama<B> {
         let mut x = self.embed_tokens(tokens);
         // New position i (absolute start + i) sees cached positions j <= start + i.
         let mask = Tensor::<B, 2, Bool>::tril_mask([n, total], start as i64, &self.device)
-            .unsqueeze_dim::<3>(0)
-            .expand([c.heads, n, total]);
+            .unsqueeze_dim::<3>(0);
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &positions);
             self.append_kv(cache, &[seq], li, k, v)?;
-            let (ka, va) = cache.gather(seq, li)?;
+            let (ka, va, _) = self.gather(cache, &[seq], li)?;
             x = x + self
-                .attend(q, self.cached(ka), self.cached(va), Some(mask.clone()))
+                .attend(q, ka, va, Some(mask.clone()))
                 .matmul(l.wo.clone());
             x = self.mlp(l, x);
         }
@@ -608,21 +644,39 @@ impl<B: Backend> Llama<B> {
         let need: Vec<(SeqId, usize)> = seqs.iter().map(|&s| (s, 1)).collect();
         cache.check_room(&need)?;
         let mut x = self.embed_tokens(&tokens);
+        let b = batch.len();
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &positions);
             self.append_kv(cache, &seqs, li, k, v)?;
-            let mut outs = Vec::with_capacity(batch.len());
-            for (i, &s) in seqs.iter().enumerate() {
-                let (ka, va) = cache.gather(s, li)?;
-                let qi = q.clone().narrow(1, i, 1);
-                outs.push(self.attend(qi, self.cached(ka), self.cached(va), None));
-            }
-            x = x + Tensor::cat(outs, 0).matmul(l.wo.clone());
+            let (ka, va, lens) = self.gather(cache, &seqs, li)?;
+            // Each sequence sees its own length; the padding beyond it is masked.
+            let tmax = ka.dims()[2];
+            let pad: Vec<bool> = lens
+                .iter()
+                .flat_map(|&len| (0..tmax).map(move |t| t >= len))
+                .collect();
+            let mask =
+                Tensor::<B, 3, Bool>::from_data(TensorData::new(pad, [b, 1, tmax]), &self.device);
+            x = x + self.attend(q, ka, va, Some(mask)).matmul(l.wo.clone());
             x = self.mlp(l, x);
         }
         Ok(self.rms_norm(x, &self.norm).matmul(self.lm_head.clone()))
     }
+}
+
+/// K and V of a batch (`[b, kv_heads, tmax, head_dim]` each) and each sequence's length.
+type Gathered<B> = (Tensor<B, 4>, Tensor<B, 4>, Vec<usize>);
+
+/// Row-major `[rows, cols]` to row-major `[cols, rows]`.
+fn transpose(d: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; d.len()];
+    for r in 0..rows {
+        for (c, &x) in d[r * cols..(r + 1) * cols].iter().enumerate() {
+            out[c * rows + r] = x;
+        }
+    }
+    out
 }
 
 /// Seeded random weights in GGUF naming (see [`Llama::random`]).

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use burn::backend::NdArray;
+use burn::backend::Flex;
 use burn::prelude::*;
 use dopd_worker::engine::{
     Detokenizer, Engine, EngineConfig, EngineError, Event, Mode, Request, RequestId, Start,
@@ -14,7 +14,7 @@ use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
 use dopd_worker::sampling::{FinishReason, SamplingParams, StopConditions};
 use proptest::prelude::*;
 
-type B = NdArray<f32>;
+type B = Flex;
 
 fn tiny(style: RopeStyle, qkv_bias: bool) -> LlamaConfig {
     LlamaConfig {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use burn::backend::NdArray;
+use burn::backend::Flex;
 use dopd_worker::engine::{Engine, EngineConfig};
 use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
 use dopd_worker::service::proto::{
@@ -16,7 +16,7 @@ use dopd_worker::service::{EngineHandle, Role, WorkerInfo, WorkerService, connec
 use tonic::Code;
 use tonic::transport::Channel;
 
-type B = NdArray<f32>;
+type B = Flex;
 
 fn tiny() -> LlamaConfig {
     LlamaConfig {

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use base64::Engine;
-use burn::backend::NdArray;
+use burn::backend::Flex;
 use burn::prelude::*;
 use dopd_worker::gguf::Gguf;
 use dopd_worker::model::Llama;
@@ -18,7 +18,7 @@ use serde_json::Value;
 
 const LOGIT_TOL: f64 = 2e-3;
 
-type B = NdArray<f32>;
+type B = Flex;
 
 fn load() -> (Gguf, Llama<B>) {
     let path = concat!(

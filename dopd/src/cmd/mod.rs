@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod forecast;
 pub mod plan;
 pub mod profile;

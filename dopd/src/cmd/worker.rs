@@ -18,7 +18,7 @@ pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Device {
-    /// burn's ndarray backend.
+    /// burn's Flex backend (pure-Rust CPU kernels, multithreaded).
     Cpu,
     /// burn-cuda (build with `--features cuda`).
     Cuda,
@@ -59,7 +59,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         bail!("--block-size, --kv-blocks and --max-running must be positive");
     }
     match a.device {
-        Device::Cpu => run_on::<burn::backend::NdArray<f32>>(a, Default::default()),
+        Device::Cpu => run_on::<burn::backend::Flex>(a, Default::default()),
         #[cfg(feature = "cuda")]
         Device::Cuda => run_on::<burn::backend::Cuda<f32>>(a, Default::default()),
         #[cfg(not(feature = "cuda"))]
