@@ -1,7 +1,7 @@
 //! # dopd-worker: DOPD's inference worker
 //!
 //! - [`gguf`]: the model-file reader (metadata, tensor directory, dequantization of F32, F16,
-//!   Q8_0, Q4_0 and Q4_1).
+//!   Q8_0, Q4_0 and Q4_1); [`hf`]: Hugging Face `config.json` + safetensors checkpoints.
 //! - [`tokenizer`]: the GGUF tokenizer as a `tokenizers` BPE, with the ChatML prompt format.
 //! - [`model`]: the Llama-family transformer in burn (grouped-query attention, RoPE with
 //!   Llama-3 scaling, RMSNorm, SwiGLU, optional QKV bias).
@@ -12,6 +12,7 @@
 
 pub mod engine;
 pub mod gguf;
+pub mod hf;
 pub mod kv;
 pub mod model;
 pub mod sampling;

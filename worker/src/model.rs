@@ -680,8 +680,8 @@ fn transpose(d: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Seeded random weights in GGUF naming (see [`Llama::random`]).
-struct RandomWeights {
-    seed: u64,
+pub struct RandomWeights {
+    pub seed: u64,
 }
 
 impl WeightSource for RandomWeights {

@@ -575,6 +575,65 @@ pub struct LoadedModel<B: Backend> {
     pub name: String,
 }
 
+/// Loads a model: a GGUF file, or a Hugging Face checkpoint directory (`config.json`,
+/// `*.safetensors`, `tokenizer.json`).
+pub fn load_model<B: Backend>(
+    path: &std::path::Path,
+    device: &B::Device,
+) -> Result<LoadedModel<B>, crate::model::ModelError> {
+    if path.is_dir() {
+        load_hf(path, device)
+    } else {
+        load_gguf(path, device)
+    }
+}
+
+/// Loads a Hugging Face checkpoint directory.
+pub fn load_hf<B: Backend>(
+    dir: &std::path::Path,
+    device: &B::Device,
+) -> Result<LoadedModel<B>, crate::model::ModelError> {
+    use crate::model::ModelError;
+    let config = dir.join("config.json");
+    let c = crate::hf::config_from_json(&config)?;
+    let weights = crate::hf::HfWeights::open(dir)?;
+    let model = crate::model::Llama::load(c, &weights, device)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(
+            ModelTokenizer::from_hf_files(&tok_path, &config).map_err(|e| ModelError::File {
+                file: tok_path.display().to_string(),
+                msg: e.to_string(),
+            })?,
+        )
+    } else {
+        None
+    };
+    let mut eos = crate::hf::eos_from_json(&config);
+    if let Some(t) = &tokenizer {
+        for id in [Some(t.eos_id), t.token_id("<|im_end|>")]
+            .into_iter()
+            .flatten()
+        {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        eos,
+        model_hash: model_hash(dir).map_err(|e| ModelError::File {
+            file: dir.display().to_string(),
+            msg: e.to_string(),
+        })?,
+        name: dir
+            .file_name()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+    })
+}
+
 /// Loads a GGUF model file with its tokenizer.
 pub fn load_gguf<B: Backend>(
     path: &std::path::Path,

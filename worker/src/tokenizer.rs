@@ -6,6 +6,8 @@
 //! (llama.cpp's definition); `gpt2` and unknown names use the GPT-2 split alone. Tokens whose
 //! `tokenizer.ggml.token_type` is not "normal" (1) are special: matched whole, never merged.
 
+use std::path::Path;
+
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -137,6 +139,52 @@ impl ModelTokenizer {
             eos_id: id("tokenizer.ggml.eos_token_id")?,
             default_system,
         })
+    }
+
+    /// Loads a Hugging Face `tokenizer.json`; BOS and EOS ids come from the checkpoint's
+    /// `config.json` (`bos_token_id`, `eos_token_id`; the first of a list).
+    pub fn from_hf_files(
+        tokenizer_json: &Path,
+        config_json: &Path,
+    ) -> Result<Self, TokenizerError> {
+        let inner = Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", tokenizer_json.display())))?;
+        let cfg: serde_json::Value = std::fs::read_to_string(config_json)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let id = |k: &str| -> Option<u32> {
+            let v = &cfg[k];
+            v.as_u64()
+                .or_else(|| {
+                    v.as_array()
+                        .and_then(|a| a.first())
+                        .and_then(|x| x.as_u64())
+                })
+                .and_then(|x| u32::try_from(x).ok())
+        };
+        let eos_id = id("eos_token_id")
+            .or_else(|| inner.token_to_id("<|im_end|>"))
+            .or_else(|| inner.token_to_id("</s>"))
+            .ok_or_else(|| {
+                TokenizerError::Invalid(format!(
+                    "{}: no eos_token_id and no known end token",
+                    config_json.display()
+                ))
+            })?;
+        Ok(Self {
+            bos_id: id("bos_token_id").unwrap_or(eos_id),
+            eos_id,
+            default_system: None,
+            inner,
+        })
+    }
+
+    /// The tokenizer as a Hugging Face `tokenizer.json` document.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
     }
 
     /// Token ids of `text` (special tokens in the text are recognised).

@@ -92,3 +92,39 @@ fn unsupported_tokenizers_are_named() {
     let e = ModelTokenizer::from_gguf(&g).expect_err("no tokenizer");
     assert!(e.to_string().contains("tokenizer.ggml.model"), "{e}");
 }
+
+#[test]
+fn a_tokenizer_json_export_loads_back_with_the_same_ids() {
+    let t = smollm2();
+    let dir = std::env::temp_dir().join(format!("dopd-tokjson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("tokenizer.json"), t.to_json().expect("json")).expect("write");
+    std::fs::write(
+        dir.join("config.json"),
+        format!(
+            r#"{{"eos_token_id": {}, "bos_token_id": {}}}"#,
+            t.eos_id, t.bos_id
+        ),
+    )
+    .expect("write");
+    let back = ModelTokenizer::from_hf_files(&dir.join("tokenizer.json"), &dir.join("config.json"))
+        .expect("loads");
+    for s in [
+        "Hello, world! 12345",
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n",
+        "naïve café — ünïcödé",
+    ] {
+        assert_eq!(
+            back.encode(s).expect("enc"),
+            t.encode(s).expect("enc"),
+            "{s}"
+        );
+    }
+    assert_eq!((back.bos_id, back.eos_id), (t.bos_id, t.eos_id));
+    std::fs::write(dir.join("tokenizer.json"), "{ broken").expect("write");
+    let err = ModelTokenizer::from_hf_files(&dir.join("tokenizer.json"), &dir.join("config.json"))
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

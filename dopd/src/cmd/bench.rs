@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use burn::prelude::*;
 use dopd_worker::engine::{Engine, EngineConfig, Mode, Request, Start};
 use dopd_worker::sampling::{SamplingParams, StopConditions};
-use dopd_worker::service::load_gguf;
+use dopd_worker::service::load_model;
 use serde::Serialize;
 
 use super::worker::{DEFAULT_MODEL, Device};
@@ -23,7 +23,7 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct WorkerArgs {
-    /// A GGUF model file.
+    /// A GGUF model file, or a Hugging Face checkpoint directory.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Batch sizes (comma-separated).
@@ -91,7 +91,7 @@ fn prompt(i: usize, n: usize, vocab: usize) -> Vec<u32> {
 
 fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let loaded = load_gguf::<B>(&a.model, &device)
+    let loaded = load_model::<B>(&a.model, &device)
         .with_context(|| format!("loading {}", a.model.display()))?;
     eprintln!(
         "loaded {} in {:.1} s",
@@ -212,7 +212,7 @@ fn logit_diff<B: Backend>(
     vocab: usize,
 ) -> anyhow::Result<f64> {
     type Cpu = burn::backend::Flex;
-    let cpu = load_gguf::<Cpu>(path, &Default::default())?.model;
+    let cpu = load_model::<Cpu>(path, &Default::default())?.model;
     let toks = prompt(3, 64, vocab);
     let a: Vec<f32> = model
         .forward(&toks)

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use burn::prelude::Backend;
 use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
 use dopd_worker::service::{
-    EngineHandle, Role, WorkerInfo, WorkerService, connect, load_gguf, proto, serve,
+    EngineHandle, Role, WorkerInfo, WorkerService, connect, load_model, proto, serve,
 };
 
 /// The model the set-up step fetches.
@@ -29,7 +29,7 @@ pub struct Args {
     /// prefill, decode or mixed.
     #[arg(long, default_value = "mixed")]
     pub role: Role,
-    /// A GGUF model file.
+    /// A GGUF model file, or a Hugging Face checkpoint directory.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: PathBuf,
     /// Address to serve gRPC on (port 0 picks a free port; the chosen address is printed).
@@ -71,7 +71,7 @@ fn run_on<B: Backend>(a: Args, device: B::Device) -> anyhow::Result<()>
 where
     Engine<B>: Send + 'static,
 {
-    let loaded = load_gguf::<B>(&a.model, &device)
+    let loaded = load_model::<B>(&a.model, &device)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let context = loaded.model.config.context;
     let tokenizer = loaded.tokenizer.map(Arc::new);
