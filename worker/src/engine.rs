@@ -151,6 +151,8 @@ pub enum EngineError {
     Import(KvError),
     #[error("KV cache: {0}")]
     Kv(KvError),
+    #[error("the engine has stopped: {0}")]
+    Stopped(String),
 }
 
 /// Counters and gauges of the engine.

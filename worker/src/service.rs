@@ -78,6 +78,7 @@ pub struct EngineHandle {
     in_flight: Arc<AtomicUsize>,
     next_id: Arc<AtomicU64>,
     layout: KvLayout,
+    dead: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
@@ -91,10 +92,11 @@ impl EngineHandle {
         let stats = Arc::new(Mutex::new(engine.stats()));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let layout = engine.kv_layout();
-        let (s, f) = (stats.clone(), in_flight.clone());
+        let dead = Arc::new(AtomicBool::new(false));
+        let (s, f, d) = (stats.clone(), in_flight.clone(), dead.clone());
         std::thread::Builder::new()
             .name("dopd-engine".into())
-            .spawn(move || run_engine(engine, rx, s, f))
+            .spawn(move || run_engine(engine, rx, s, f, d))
             .expect("the OS can start a thread");
         Self {
             tx,
@@ -102,6 +104,7 @@ impl EngineHandle {
             in_flight,
             next_id: Arc::new(AtomicU64::new(1)),
             layout,
+            dead,
         }
     }
 
@@ -114,7 +117,7 @@ impl EngineHandle {
         if self.tx.send(Cmd::Submit(r, tx.clone())).is_err() {
             let _ = tx.send(Event::Failed {
                 id,
-                error: EngineError::Kv(crate::kv::KvError::UnknownSequence(id)),
+                error: EngineError::Stopped("the engine thread is gone".into()),
             });
         }
         rx
@@ -128,6 +131,11 @@ impl EngineHandle {
     /// The engine's counters after its last step.
     pub fn stats(&self) -> EngineStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Whether the engine thread is still running (false after an internal failure).
+    pub fn alive(&self) -> bool {
+        !self.dead.load(Ordering::Relaxed)
     }
 
     /// Requests submitted and not yet finished.
@@ -145,6 +153,7 @@ fn run_engine<B: Backend>(
     rx: mpsc::Receiver<Cmd>,
     stats: Arc<Mutex<EngineStats>>,
     in_flight: Arc<AtomicUsize>,
+    dead: Arc<AtomicBool>,
 ) {
     let mut senders: HashMap<RequestId, UnboundedSender<Event>> = HashMap::new();
     let handle = |engine: &mut Engine<B>,
@@ -185,7 +194,30 @@ fn run_engine<B: Backend>(
             open
         });
         if engine.has_work() {
-            for ev in engine.step() {
+            // A panic inside a step is a bug; the engine's state can no longer be trusted, so
+            // every request in flight fails with the reason and the worker reports itself failed
+            // (Health) instead of hanging its clients.
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.step()));
+            let events = match step {
+                Ok(ev) => ev,
+                Err(p) => {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                        .unwrap_or_else(|| "panic".into());
+                    dead.store(true, Ordering::Relaxed);
+                    for (id, tx) in senders.drain() {
+                        let _ = tx.send(Event::Failed {
+                            id,
+                            error: EngineError::Stopped(format!("engine step failed: {msg}")),
+                        });
+                    }
+                    in_flight.store(0, Ordering::Relaxed);
+                    return;
+                }
+            };
+            for ev in events {
                 let (id, last) = match &ev {
                     Event::Token { id, .. } => (*id, false),
                     Event::Prefilled { id, .. }
@@ -261,6 +293,11 @@ impl WorkerService {
         if self.draining.load(Ordering::Relaxed) {
             return Err(Status::unavailable("worker is draining"));
         }
+        if !self.engine.alive() {
+            return Err(Status::unavailable(
+                "the worker's engine has failed; restart it",
+            ));
+        }
         Ok(())
     }
 
@@ -321,6 +358,7 @@ fn status_of(e: &EngineError) -> Status {
         | EngineError::BadToken { .. } => Status::invalid_argument(e.to_string()),
         EngineError::Import(_) => Status::failed_precondition(e.to_string()),
         EngineError::DuplicateId(_) | EngineError::Kv(_) => Status::internal(e.to_string()),
+        EngineError::Stopped(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -505,7 +543,9 @@ impl Worker for WorkerService {
         &self,
         _: Rpc<proto::HealthRequest>,
     ) -> Result<Response<proto::HealthResponse>, Status> {
-        let status = if self.draining.load(Ordering::Relaxed) {
+        let status = if !self.engine.alive() {
+            proto::health_response::Status::Failed
+        } else if self.draining.load(Ordering::Relaxed) {
             proto::health_response::Status::Draining
         } else {
             proto::health_response::Status::Serving

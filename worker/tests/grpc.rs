@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::backend::Flex;
-use dopd_worker::engine::{Engine, EngineConfig};
+use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
 use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
 use dopd_worker::service::proto::{
     self, DecodeRequest, DrainRequest, GenerateRequest, HealthRequest, Sampling, StatsRequest,
@@ -39,10 +39,27 @@ fn tiny() -> LlamaConfig {
 
 /// Starts a worker on 127.0.0.1:0 and returns a client.
 async fn start(role: Role, kv_blocks: usize) -> WorkerClient<Channel> {
+    start_with(role, kv_blocks, None).await
+}
+
+/// A detokenizer that fails: stands in for any bug inside an engine step.
+struct Broken;
+
+impl Detokenizer for Broken {
+    fn detokenize(&self, _: &[u32]) -> String {
+        panic!("detokenizer bug")
+    }
+}
+
+async fn start_with(
+    role: Role,
+    kv_blocks: usize,
+    detok: Option<Arc<dyn Detokenizer>>,
+) -> WorkerClient<Channel> {
     let model = Arc::new(Llama::<B>::random(tiny(), 7, &Default::default()).expect("tiny model"));
     let engine = Engine::new(
         model,
-        None,
+        detok,
         EngineConfig {
             block_size: 4,
             kv_blocks,
@@ -269,4 +286,29 @@ async fn a_disconnected_stream_is_cancelled_and_frees_its_blocks() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(freed, "blocks were not freed after the client left");
+}
+
+#[tokio::test]
+async fn a_failing_engine_fails_its_requests_and_reports_itself() {
+    let mut w = start_with(Role::Mixed, 64, Some(Arc::new(Broken))).await;
+    let mut s = w
+        .generate(gen_req(8, 1))
+        .await
+        .expect("accepted")
+        .into_inner();
+    let err = s.message().await.expect_err("the step failed");
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("detokenizer bug"),
+        "{}",
+        err.message()
+    );
+    let h = w
+        .health(HealthRequest {})
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(h.status, proto::health_response::Status::Failed as i32);
+    let err = w.generate(gen_req(8, 1)).await.expect_err("refused");
+    assert_eq!(err.code(), Code::Unavailable);
 }
