@@ -38,8 +38,9 @@ pub struct Args {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// KV blocks in the cache.
-    #[arg(long, default_value_t = 2048)]
+    /// KV blocks in the cache (SmolLM2-135M: 46 KiB per token, so the default 1024 blocks of 16
+    /// tokens take 720 MiB).
+    #[arg(long, default_value_t = 1024)]
     pub kv_blocks: usize,
     /// Most sequences decoded together.
     #[arg(long, default_value_t = 64)]
@@ -71,9 +72,19 @@ fn run_on<B: Backend>(a: Args, device: B::Device) -> anyhow::Result<()>
 where
     Engine<B>: Send + 'static,
 {
+    eprintln!("dopd worker: loading {}", a.model.display());
+    let t0 = std::time::Instant::now();
     let loaded = load_model::<B>(&a.model, &device)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let context = loaded.model.config.context;
+    let layout = loaded.model.kv_layout(a.block_size, loaded.model_hash);
+    eprintln!(
+        "dopd worker: loaded in {:.1} s; KV cache {} blocks x {} tokens ({} MiB)",
+        t0.elapsed().as_secs_f64(),
+        a.kv_blocks,
+        a.block_size,
+        (a.kv_blocks * layout.block_width() * 2 * layout.layers * 4) >> 20
+    );
     let tokenizer = loaded.tokenizer.map(Arc::new);
     let detok = tokenizer.clone().map(|t| t as Arc<dyn Detokenizer>);
     let engine = Engine::new(
