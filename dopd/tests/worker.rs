@@ -86,6 +86,23 @@ fn mixed_and_disaggregated_workers_give_the_same_answer() {
     assert!(a.contains("Paris"), "answer: {a:?}");
     let b = generate(&["--worker", &dec.url, "--prefill-worker", &pre.url]);
     assert_eq!(a, b);
+    // The decode worker really pulled the blocks (a recompute would give the same text).
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (d, p) = rt.block_on(async {
+        let stats = |url: String| async move {
+            dopd_worker::service::connect(url)
+                .await
+                .expect("connects")
+                .stats(dopd_worker::service::proto::StatsRequest {})
+                .await
+                .expect("stats")
+                .into_inner()
+        };
+        (stats(dec.url.clone()).await, stats(pre.url.clone()).await)
+    });
+    assert_eq!((d.kv_pulls, d.kv_recomputes), (1, 0), "{d:?}");
+    assert!(d.kv_pull_bytes > 0);
+    assert_eq!(p.kv_leases_pinned, 0, "the lease was released");
 }
 
 #[test]

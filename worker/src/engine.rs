@@ -83,6 +83,9 @@ pub enum Start {
     Prompt,
     /// Continue a remote prefill: the prompt's KV blocks and the token it sampled.
     Imported { kv: KvExport, first_token: u32 },
+    /// Continue a remote prefill whose blocks could not be had: recompute the prompt here and
+    /// keep the token the prefill worker sampled.
+    Recompute { first_token: u32 },
 }
 
 /// One request.
@@ -278,6 +281,15 @@ impl<B: Backend> Engine<B> {
         }
         let (generated, import, sampled) = match r.start {
             Start::Prompt => (Vec::new(), None, 0),
+            Start::Recompute { first_token } => {
+                if first_token as usize >= c.vocab {
+                    return Err(EngineError::BadToken {
+                        token: first_token,
+                        vocab: c.vocab,
+                    });
+                }
+                (vec![first_token], None, 1)
+            }
             Start::Imported { kv, first_token } => {
                 if first_token as usize >= c.vocab {
                     return Err(EngineError::BadToken {

@@ -8,6 +8,7 @@
 //! - [`kv`]: the paged KV cache with block export/import.
 //! - [`sampling`]: seeded sampling and stop conditions.
 //! - [`engine`]: continuous batching with preemption, in `prefill`, `decode` and `mixed` roles.
+//! - [`transfer`]: KV blocks from prefill to decode: leases, handles, transports, fallback.
 //! - [`service`]: the engine thread and the gRPC service (`proto/dopd/worker/v1/worker.proto`).
 
 pub mod engine;
@@ -18,3 +19,4 @@ pub mod model;
 pub mod sampling;
 pub mod service;
 pub mod tokenizer;
+pub mod transfer;

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use burn::prelude::Backend;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -21,6 +22,7 @@ use crate::engine::{Engine, EngineError, EngineStats, Event, Mode, Request, Requ
 use crate::kv::{KvExport, KvLayout};
 use crate::sampling::{FinishReason, SamplingParams, StopConditions};
 use crate::tokenizer::ModelTokenizer;
+use crate::transfer::{KvHandle, KvTransport, LeaseTable, TransferError, fetch};
 
 /// Generated gRPC types (package `dopd.worker.v1`).
 #[allow(missing_docs, unused_qualifications, clippy::all, clippy::pedantic)]
@@ -251,6 +253,16 @@ pub struct WorkerInfo {
     pub context: usize,
 }
 
+/// Decode-side transfer counters.
+#[derive(Clone, Debug, Default)]
+struct TransferStats {
+    pulls: u64,
+    bytes: u64,
+    seconds: f64,
+    failures: HashMap<String, u64>,
+    recomputes: u64,
+}
+
 /// The gRPC service.
 pub struct WorkerService {
     engine: EngineHandle,
@@ -258,7 +270,18 @@ pub struct WorkerService {
     tokenizer: Option<Arc<ModelTokenizer>>,
     eos: Vec<u32>,
     draining: Arc<AtomicBool>,
+    leases: Arc<Mutex<LeaseTable>>,
+    lease_ttl: Duration,
+    deadline: Duration,
+    transfers: Arc<Mutex<TransferStats>>,
+    peers:
+        Arc<Mutex<HashMap<String, proto::worker_client::WorkerClient<tonic::transport::Channel>>>>,
 }
+
+/// How long pinned KV blocks wait for their decode worker by default.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default deadline of one KV pull.
+pub const DEFAULT_TRANSFER_DEADLINE: Duration = Duration::from_secs(5);
 
 impl WorkerService {
     pub fn new(
@@ -267,13 +290,63 @@ impl WorkerService {
         tokenizer: Option<Arc<ModelTokenizer>>,
         eos: Vec<u32>,
     ) -> Self {
+        let leases = LeaseTable::new(info.worker_id.clone(), info.epoch, DEFAULT_LEASE_TTL);
         Self {
             engine,
             info,
             tokenizer,
             eos,
             draining: Arc::new(AtomicBool::new(false)),
+            leases: Arc::new(Mutex::new(leases)),
+            lease_ttl: DEFAULT_LEASE_TTL,
+            deadline: DEFAULT_TRANSFER_DEADLINE,
+            transfers: Arc::default(),
+            peers: Arc::default(),
         }
+    }
+
+    /// Sets the KV lease TTL (prefill side) and the pull deadline (decode side).
+    pub fn with_transfer(mut self, lease_ttl: Duration, deadline: Duration) -> Self {
+        self.leases = Arc::new(Mutex::new(LeaseTable::new(
+            self.info.worker_id.clone(),
+            self.info.epoch,
+            lease_ttl,
+        )));
+        self.lease_ttl = lease_ttl;
+        self.deadline = deadline;
+        self
+    }
+
+    fn count_failure(&self, e: &TransferError) {
+        if let Ok(mut t) = self.transfers.lock() {
+            *t.failures.entry(e.kind().to_string()).or_default() += 1;
+            t.recomputes += 1;
+        }
+    }
+
+    /// A transport to the prefill worker at `url` (connections are reused).
+    async fn grpc_transport(
+        &self,
+        url: &str,
+        deadline: Duration,
+    ) -> Result<GrpcTransport, TransferError> {
+        if let Some(c) = self.peers.lock().ok().and_then(|p| p.get(url).cloned()) {
+            return Ok(GrpcTransport { client: c });
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| TransferError::Transport(format!("bad prefill_url {url:?}: {e}")))?
+            .connect_timeout(deadline);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| TransferError::Transport(format!("cannot reach {url}: {e}")))?;
+        let client = proto::worker_client::WorkerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        if let Ok(mut p) = self.peers.lock() {
+            p.insert(url.to_string(), client.clone());
+        }
+        Ok(GrpcTransport { client })
     }
 
     /// The tonic server for this service, with message limits sized for inline KV blocks.
@@ -429,6 +502,126 @@ pub fn kv_from_proto(kv: proto::KvBlocks) -> Result<KvExport, Status> {
     })
 }
 
+fn handle_to_proto(h: &KvHandle, ttl: Duration) -> proto::KvHandle {
+    proto::KvHandle {
+        worker_id: h.worker_id.clone(),
+        epoch: h.epoch,
+        lease: h.lease,
+        fingerprint: h.fingerprint,
+        tokens: h.tokens as u32,
+        blocks: h.blocks as u32,
+        block_bytes: h.block_bytes as u64,
+        ttl_ms: ttl.as_millis().min(u128::from(u32::MAX)) as u32,
+    }
+}
+
+/// A handle from its proto form.
+pub fn handle_from_proto(h: &proto::KvHandle) -> KvHandle {
+    KvHandle {
+        worker_id: h.worker_id.clone(),
+        epoch: h.epoch,
+        lease: h.lease,
+        fingerprint: h.fingerprint,
+        tokens: h.tokens as usize,
+        blocks: h.blocks as usize,
+        block_bytes: h.block_bytes as usize,
+    }
+}
+
+/// A transfer error as a status whose message starts with `kv:<kind>:<number>:` so that the
+/// client gets the same typed error back.
+fn transfer_status(e: &TransferError) -> Status {
+    let (code, n) = match e {
+        TransferError::StaleEpoch { current, .. } => (tonic::Code::FailedPrecondition, *current),
+        TransferError::Expired(l) | TransferError::UnknownLease(l) => (tonic::Code::NotFound, *l),
+        TransferError::LayoutMismatch { want, .. } => (tonic::Code::FailedPrecondition, *want),
+        TransferError::Deadline(d) => (tonic::Code::DeadlineExceeded, d.as_millis() as u64),
+        TransferError::Transport(_) => (tonic::Code::Unavailable, 0),
+    };
+    Status::new(code, format!("kv:{}:{n}: {e}", e.kind()))
+}
+
+fn transfer_error(s: &Status, h: &KvHandle) -> TransferError {
+    let mut parts = s.message().splitn(3, ':');
+    let (tag, kind, n) = (parts.next(), parts.next(), parts.next());
+    let n: u64 = n.and_then(|x| x.parse().ok()).unwrap_or(0);
+    match (tag, kind) {
+        (Some("kv"), Some("stale_epoch")) => TransferError::StaleEpoch {
+            got: h.epoch,
+            current: n,
+        },
+        (Some("kv"), Some("expired")) => TransferError::Expired(h.lease),
+        (Some("kv"), Some("unknown_lease")) => TransferError::UnknownLease(h.lease),
+        _ => TransferError::Transport(format!("{}: {}", s.code(), s.message())),
+    }
+}
+
+/// The gRPC transport: pulls a lease's blocks as a stream of messages from the prefill worker.
+pub struct GrpcTransport {
+    client: proto::worker_client::WorkerClient<tonic::transport::Channel>,
+}
+
+#[tonic::async_trait]
+impl KvTransport for GrpcTransport {
+    fn name(&self) -> &'static str {
+        "grpc"
+    }
+
+    async fn pull(&self, h: &KvHandle) -> Result<KvExport, TransferError> {
+        let mut c = self.client.clone();
+        let mut stream = c
+            .pull_kv(proto::PullKvRequest {
+                lease: h.lease,
+                epoch: h.epoch,
+            })
+            .await
+            .map_err(|s| transfer_error(&s, h))?
+            .into_inner();
+        let mut blocks = Vec::with_capacity(h.blocks);
+        while let Some(chunk) = stream.message().await.map_err(|s| transfer_error(&s, h))? {
+            if chunk.index as usize != blocks.len() || chunk.data.len() != h.block_bytes {
+                return Err(TransferError::Transport(format!(
+                    "block {} of {} bytes, expected block {} of {} bytes",
+                    chunk.index,
+                    chunk.data.len(),
+                    blocks.len(),
+                    h.block_bytes
+                )));
+            }
+            blocks.push(
+                chunk
+                    .data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            );
+        }
+        if blocks.len() != h.blocks {
+            return Err(TransferError::Transport(format!(
+                "stream ended after {} of {} blocks",
+                blocks.len(),
+                h.blocks
+            )));
+        }
+        Ok(KvExport {
+            fingerprint: h.fingerprint,
+            tokens: h.tokens,
+            blocks,
+        })
+    }
+
+    async fn release(&self, h: &KvHandle) -> Result<(), TransferError> {
+        let mut c = self.client.clone();
+        c.release_kv(proto::ReleaseKvRequest {
+            lease: h.lease,
+            epoch: h.epoch,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|s| transfer_error(&s, h))
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
 
 fn event_stream(rx: UnboundedReceiver<Event>) -> EventStream {
@@ -485,6 +678,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<proto::PrefillResponse>, Status> {
         self.admit("Prefill", &[Role::Prefill, Role::Mixed])?;
         let r = req.into_inner();
+        let inline_kv = r.inline_kv;
         let prompt = self.prompt(&r.prompt, &r.prompt_tokens)?;
         let mut rx = self.engine.submit(self.request(
             prompt.clone(),
@@ -500,15 +694,28 @@ impl Worker for WorkerService {
                 kv,
                 finish,
                 ..
-            }) => Ok(Response::new(proto::PrefillResponse {
-                first_token,
-                text,
-                prompt_tokens: prompt,
-                kv: Some(kv_to_proto(&kv, &self.engine.kv_layout())),
-                finish: finish.map_or(proto::FinishReason::Unspecified, finish_of) as i32,
-                worker_id: self.info.worker_id.clone(),
-                epoch: self.info.epoch,
-            })),
+            }) => {
+                let inline = inline_kv.then(|| kv_to_proto(&kv, &self.engine.kv_layout()));
+                let handle = if finish.is_none() {
+                    let mut t = self
+                        .leases
+                        .lock()
+                        .map_err(|_| Status::internal("lease table poisoned"))?;
+                    Some(handle_to_proto(&t.pin(kv, Instant::now()), self.lease_ttl))
+                } else {
+                    None
+                };
+                Ok(Response::new(proto::PrefillResponse {
+                    handle,
+                    first_token,
+                    text,
+                    prompt_tokens: prompt,
+                    kv: inline,
+                    finish: finish.map_or(proto::FinishReason::Unspecified, finish_of) as i32,
+                    worker_id: self.info.worker_id.clone(),
+                    epoch: self.info.epoch,
+                }))
+            }
             Some(Event::Failed { error, .. }) => Err(status_of(&error)),
             _ => Err(Status::internal(
                 "the engine ended the prefill without a result",
@@ -522,19 +729,67 @@ impl Worker for WorkerService {
     ) -> Result<Response<EventStream>, Status> {
         self.admit("Decode", &[Role::Decode, Role::Mixed])?;
         let r = req.into_inner();
-        let kv = kv_from_proto(r.kv.ok_or_else(|| Status::invalid_argument("kv is missing"))?)?;
         if r.prompt_tokens.is_empty() {
             return Err(Status::invalid_argument("prompt_tokens is empty"));
         }
+        let start = match (r.kv, r.handle) {
+            (Some(kv), _) => Start::Imported {
+                kv: kv_from_proto(kv)?,
+                first_token: r.first_token,
+            },
+            (None, Some(h)) => {
+                let handle = handle_from_proto(&h);
+                let deadline = if r.transfer_deadline_ms > 0 {
+                    Duration::from_millis(u64::from(r.transfer_deadline_ms))
+                } else {
+                    self.deadline
+                };
+                let t0 = Instant::now();
+                let want = self.engine.kv_layout().fingerprint();
+                let got = match self.grpc_transport(&r.prefill_url, deadline).await {
+                    Ok(t) => fetch(&t, &handle, want, deadline).await,
+                    Err(e) => Err(e),
+                };
+                match got {
+                    Ok(kv) => {
+                        if let Ok(mut t) = self.transfers.lock() {
+                            t.pulls += 1;
+                            t.bytes += handle.total_bytes() as u64;
+                            t.seconds += t0.elapsed().as_secs_f64();
+                        }
+                        Start::Imported {
+                            kv,
+                            first_token: r.first_token,
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            error = %e,
+                            prefill = %r.prefill_url,
+                            "KV transfer failed; recomputing the prompt locally"
+                        );
+                        self.count_failure(&e);
+                        Start::Recompute {
+                            first_token: r.first_token,
+                        }
+                    }
+                }
+            }
+            (None, None) => {
+                if let Ok(mut t) = self.transfers.lock() {
+                    t.recomputes += 1;
+                }
+                Start::Recompute {
+                    first_token: r.first_token,
+                }
+            }
+        };
         let rx = self.engine.submit(self.request(
             r.prompt_tokens,
             r.sampling,
             r.stop,
             Mode::Generate,
-            Start::Imported {
-                kv,
-                first_token: r.first_token,
-            },
+            start,
         ));
         Ok(Response::new(event_stream(rx)))
     }
@@ -566,6 +821,15 @@ impl Worker for WorkerService {
         _: Rpc<proto::StatsRequest>,
     ) -> Result<Response<proto::StatsResponse>, Status> {
         let s = self.engine.stats();
+        let leases = self
+            .leases
+            .lock()
+            .map(|mut l| {
+                l.sweep(Instant::now());
+                (l.pinned(), l.pinned_bytes(), l.expired)
+            })
+            .unwrap_or_default();
+        let t = self.transfers.lock().map(|t| t.clone()).unwrap_or_default();
         Ok(Response::new(proto::StatsResponse {
             running: s.running as u32,
             waiting: s.waiting as u32,
@@ -589,6 +853,61 @@ impl Worker for WorkerService {
                 .collect(),
             draining: self.draining.load(Ordering::Relaxed),
             in_flight: self.engine.in_flight() as u32,
+            kv_leases_pinned: leases.0 as u32,
+            kv_leases_pinned_bytes: leases.1 as u64,
+            kv_leases_expired: leases.2,
+            kv_pulls: t.pulls,
+            kv_pull_bytes: t.bytes,
+            kv_pull_seconds: t.seconds,
+            kv_pull_failures: t.failures,
+            kv_recomputes: t.recomputes,
+        }))
+    }
+
+    type PullKvStream = Pin<Box<dyn Stream<Item = Result<proto::KvChunk, Status>> + Send>>;
+
+    async fn pull_kv(
+        &self,
+        req: Rpc<proto::PullKvRequest>,
+    ) -> Result<Response<Self::PullKvStream>, Status> {
+        let r = req.into_inner();
+        let kv = self
+            .leases
+            .lock()
+            .map_err(|_| Status::internal("lease table poisoned"))?
+            .get(r.lease, r.epoch, Instant::now())
+            .map_err(|e| transfer_status(&e))?;
+        let chunks: Vec<Result<proto::KvChunk, Status>> = kv
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                Ok(proto::KvChunk {
+                    index: i as u32,
+                    data: b.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn release_kv(
+        &self,
+        req: Rpc<proto::ReleaseKvRequest>,
+    ) -> Result<Response<proto::ReleaseKvResponse>, Status> {
+        let r = req.into_inner();
+        let mut t = self
+            .leases
+            .lock()
+            .map_err(|_| Status::internal("lease table poisoned"))?;
+        if r.epoch != t.epoch() {
+            return Err(transfer_status(&TransferError::StaleEpoch {
+                got: r.epoch,
+                current: t.epoch(),
+            }));
+        }
+        Ok(Response::new(proto::ReleaseKvResponse {
+            released: t.release(r.lease),
         }))
     }
 

@@ -56,6 +56,26 @@ async fn start_with(
     kv_blocks: usize,
     detok: Option<Arc<dyn Detokenizer>>,
 ) -> WorkerClient<Channel> {
+    let s = spawn(role, kv_blocks, detok, Duration::from_secs(30)).await;
+    // Keep the server running for the rest of the test process.
+    std::mem::forget(s.stop);
+    s.client
+}
+
+/// A worker on 127.0.0.1:0.
+struct Spawned {
+    client: WorkerClient<Channel>,
+    url: String,
+    /// Send to stop the server (the port then refuses connections).
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn spawn(
+    role: Role,
+    kv_blocks: usize,
+    detok: Option<Arc<dyn Detokenizer>>,
+    lease_ttl: Duration,
+) -> Spawned {
     let model = Arc::new(Llama::<B>::random(tiny(), 7, &Default::default()).expect("tiny model"));
     let engine = Engine::new(
         model,
@@ -75,18 +95,28 @@ async fn start_with(
         role,
         context: 4096,
     };
-    let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![]);
+    let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
+        .with_transfer(lease_ttl, Duration::from_secs(2));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("loopback port");
     let addr = listener.local_addr().expect("bound");
-    tokio::spawn(serve(listener, svc, std::future::pending()));
-    connect(format!("http://{addr}")).await.expect("connects")
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(listener, svc, async {
+        let _ = rx.await;
+    }));
+    let url = format!("http://{addr}");
+    Spawned {
+        client: connect(url.clone()).await.expect("connects"),
+        url,
+        stop,
+    }
 }
 
 fn gen_req(max_tokens: u32, seed: u64) -> GenerateRequest {
     GenerateRequest {
         request_id: "t".into(),
+        inline_kv: true,
         prompt: String::new(),
         prompt_tokens: (0..20).map(|i| (i * 7 + 3) % 48).collect(),
         sampling: Some(Sampling {
@@ -158,6 +188,7 @@ async fn prefill_on_one_worker_and_decode_on_another_equals_mixed() {
             kv: Some(kv.clone()),
             sampling: r.sampling,
             stop: r.stop,
+            ..Default::default()
         })
         .await
         .expect("decode")
@@ -182,6 +213,7 @@ async fn prefill_on_one_worker_and_decode_on_another_equals_mixed() {
             kv: Some(bad),
             sampling: None,
             stop: None,
+            ..Default::default()
         })
         .await;
     let code = match err {
@@ -311,4 +343,105 @@ async fn a_failing_engine_fails_its_requests_and_reports_itself() {
     assert_eq!(h.status, proto::health_response::Status::Failed as i32);
     let err = w.generate(gen_req(8, 1)).await.expect_err("refused");
     assert_eq!(err.code(), Code::Unavailable);
+}
+
+/// Prefill on `pre`, then decode on `dec` through a KV handle (gRPC pull), after `tweak` edits
+/// the handle and `before_decode` runs. Returns all tokens and the decode's duration.
+async fn handoff(
+    pre: &mut WorkerClient<Channel>,
+    pre_url: &str,
+    dec: &mut WorkerClient<Channel>,
+    tweak: impl FnOnce(&mut proto::KvHandle),
+) -> (Vec<u32>, Duration) {
+    let mut r = gen_req(12, 4);
+    r.inline_kv = false;
+    let p = pre.prefill(r.clone()).await.expect("prefill").into_inner();
+    assert!(p.kv.is_none(), "blocks were sent inline");
+    let mut handle = p.handle.expect("a lease handle");
+    assert_eq!(handle.tokens, 20);
+    tweak(&mut handle);
+    let t0 = std::time::Instant::now();
+    let (rest, fin) = collect(
+        dec.decode(DecodeRequest {
+            request_id: "h".into(),
+            prompt_tokens: p.prompt_tokens,
+            first_token: p.first_token,
+            handle: Some(handle),
+            prefill_url: pre_url.to_string(),
+            sampling: r.sampling,
+            stop: r.stop,
+            ..Default::default()
+        })
+        .await
+        .expect("decode")
+        .into_inner(),
+    )
+    .await;
+    assert_eq!(fin.expect("finished").completion_tokens, 12);
+    let mut all = vec![p.first_token];
+    all.extend(rest);
+    (all, t0.elapsed())
+}
+
+async fn stats(c: &mut WorkerClient<Channel>) -> proto::StatsResponse {
+    c.stats(StatsRequest {}).await.expect("stats").into_inner()
+}
+
+#[tokio::test]
+async fn kv_blocks_move_by_lease_and_every_fault_falls_back_to_a_correct_recompute() {
+    let mut mixed = start(Role::Mixed, 256).await;
+    let (want, _) = collect(
+        mixed
+            .generate(gen_req(12, 4))
+            .await
+            .expect("generate")
+            .into_inner(),
+    )
+    .await;
+    let mut pre = spawn(Role::Prefill, 256, None, Duration::from_millis(300)).await;
+    let mut dec = spawn(Role::Decode, 256, None, Duration::from_secs(30)).await;
+
+    // The normal path: pulled over gRPC, lease released.
+    let (got, _) = handoff(&mut pre.client, &pre.url, &mut dec.client, |_| {}).await;
+    assert_eq!(got, want);
+    let d = stats(&mut dec.client).await;
+    assert_eq!((d.kv_pulls, d.kv_recomputes), (1, 0));
+    assert_eq!(d.kv_pull_bytes, 5 * 2 * 2 * 4 * 2 * 8 * 4);
+    assert_eq!(stats(&mut pre.client).await.kv_leases_pinned, 0);
+
+    // Faults: each is a typed error at once, then a local recompute with the same tokens.
+    type Tweak = Box<dyn FnOnce(&mut proto::KvHandle)>;
+    let faults: [(&str, Tweak); 3] = [
+        ("stale_epoch", Box::new(|h| h.epoch += 1)),
+        ("layout_mismatch", Box::new(|h| h.fingerprint ^= 1)),
+        (
+            "expired",
+            Box::new(|_| std::thread::sleep(Duration::from_millis(400))),
+        ),
+    ];
+    for (i, (kind, tweak)) in faults.into_iter().enumerate() {
+        let (got, took) = handoff(&mut pre.client, &pre.url, &mut dec.client, tweak).await;
+        assert_eq!(got, want, "{kind}");
+        let d = stats(&mut dec.client).await;
+        assert_eq!(d.kv_pull_failures.get(kind), Some(&1), "{kind}: {d:?}");
+        assert_eq!(d.kv_recomputes, i as u64 + 1);
+        eprintln!("{kind}: recomputed decode of 12 tokens finished in {took:?}");
+    }
+
+    // The prefill worker dies before the pull: connection refused, recompute.
+    let _ = pre.stop.send(());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut pre2 = spawn(Role::Prefill, 256, None, Duration::from_secs(30)).await;
+    let (got, took) = handoff(&mut pre2.client, &pre.url, &mut dec.client, |_| {}).await;
+    assert_eq!(got, want);
+    let d = stats(&mut dec.client).await;
+    assert_eq!(d.kv_pull_failures.get("transport"), Some(&1), "{d:?}");
+    eprintln!("dead prefill worker: recomputed decode finished in {took:?}");
+
+    // Nothing leaks: the decode worker holds no block; the unreleased lease of the stale-epoch
+    // handle expires with its TTL; pre2's unpulled lease is still pinned until its TTL.
+    assert_eq!(d.kv_blocks_used, 0);
+    assert_eq!(d.in_flight, 0);
+    assert_eq!(stats(&mut pre2.client).await.kv_leases_pinned, 1);
+    let _ = pre2.stop.send(());
 }

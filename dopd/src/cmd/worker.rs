@@ -48,6 +48,12 @@ pub struct Args {
     /// Prompt tokens prefilled per engine step.
     #[arg(long, default_value_t = 4096)]
     pub max_prefill_tokens: usize,
+    /// How long a prefill worker keeps KV blocks for their decode worker to pull (e.g. 30s).
+    #[arg(long, default_value = "30s")]
+    pub kv_lease_ttl: String,
+    /// Deadline of one KV pull by a decode worker; past it, the prompt is recomputed locally.
+    #[arg(long, default_value = "5s")]
+    pub kv_transfer_deadline: String,
     /// Name reported in Health and KV handles (default: role@listen address).
     #[arg(long)]
     pub worker_id: Option<String>,
@@ -59,6 +65,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     if a.block_size == 0 || a.kv_blocks == 0 || a.max_running == 0 {
         bail!("--block-size, --kv-blocks and --max-running must be positive");
     }
+    super::parse_duration_s(&a.kv_lease_ttl).context("--kv-lease-ttl")?;
+    super::parse_duration_s(&a.kv_transfer_deadline).context("--kv-transfer-deadline")?;
     match a.device {
         Device::Cpu => run_on::<burn::backend::Flex>(a, Default::default()),
         #[cfg(feature = "cuda")]
@@ -113,7 +121,10 @@ where
             role: a.role,
             context,
         };
-        let svc = WorkerService::new(EngineHandle::spawn(engine), info, tokenizer, loaded.eos);
+        let secs =
+            |s: &str| std::time::Duration::from_secs_f64(super::parse_duration_s(s).unwrap_or(1.0));
+        let svc = WorkerService::new(EngineHandle::spawn(engine), info, tokenizer, loaded.eos)
+            .with_transfer(secs(&a.kv_lease_ttl), secs(&a.kv_transfer_deadline));
         println!(
             "dopd worker: role {} model {} listening on {addr}",
             a.role,
@@ -184,6 +195,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let req = proto::GenerateRequest {
         request_id: "cli".into(),
+        inline_kv: false,
         prompt,
         prompt_tokens: vec![],
         sampling: Some(proto::Sampling {
@@ -216,13 +228,16 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
                     writeln!(out)?;
                     return Ok(());
                 }
+                // The decode worker pulls the blocks from the prefill worker by lease.
                 dec.decode(proto::DecodeRequest {
                     request_id: req.request_id,
                     prompt_tokens: p.prompt_tokens,
                     first_token: p.first_token,
-                    kv: p.kv,
+                    handle: p.handle,
+                    prefill_url: url.clone(),
                     sampling: req.sampling,
                     stop: req.stop,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner()
