@@ -32,6 +32,9 @@ pub mod proto {
 
 use proto::worker_server::{Worker, WorkerServer};
 
+/// HTTP/2 flow-control window of worker connections (both directions).
+pub const H2_WINDOW: u32 = 32 << 20;
+
 /// Largest gRPC message: KV blocks travel inline (SmolLM2 holds ~46 KiB of K/V per token).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
@@ -333,20 +336,16 @@ impl WorkerService {
         if let Some(c) = self.peers.lock().ok().and_then(|p| p.get(url).cloned()) {
             return Ok(GrpcTransport { client: c });
         }
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| TransferError::Transport(format!("bad prefill_url {url:?}: {e}")))?
-            .connect_timeout(deadline);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| TransferError::Transport(format!("cannot reach {url}: {e}")))?;
-        let client = proto::worker_client::WorkerClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let t = GrpcTransport::connect(url, deadline).await?;
         if let Ok(mut p) = self.peers.lock() {
-            p.insert(url.to_string(), client.clone());
+            p.insert(url.to_string(), t.client.clone());
         }
-        Ok(GrpcTransport { client })
+        Ok(t)
+    }
+
+    /// The prefill side's lease table (for benchmarks and local mode).
+    pub fn lease_table(&self) -> Arc<Mutex<LeaseTable>> {
+        self.leases.clone()
     }
 
     /// The tonic server for this service, with message limits sized for inline KV blocks.
@@ -442,6 +441,26 @@ fn finish_of(r: FinishReason) -> proto::FinishReason {
     }
 }
 
+/// f32 values as little-endian bytes (a plain copy on little-endian hosts).
+pub fn f32_to_le_bytes(v: &[f32]) -> Vec<u8> {
+    if cfg!(target_endian = "little") {
+        bytemuck::cast_slice::<f32, u8>(v).to_vec()
+    } else {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+}
+
+/// Little-endian bytes (a multiple of 4) as f32 values.
+pub fn le_bytes_to_f32(b: &[u8]) -> Vec<f32> {
+    if cfg!(target_endian = "little") {
+        bytemuck::pod_collect_to_vec::<u8, f32>(&b[..b.len() / 4 * 4])
+    } else {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+}
+
 /// The proto form of a layout.
 pub fn layout_to_proto(l: &KvLayout) -> proto::KvLayout {
     proto::KvLayout {
@@ -460,11 +479,7 @@ pub fn kv_to_proto(kv: &KvExport, layout: &KvLayout) -> proto::KvBlocks {
     proto::KvBlocks {
         layout: Some(layout_to_proto(layout)),
         tokens: kv.tokens as u32,
-        blocks: kv
-            .blocks
-            .iter()
-            .map(|b| b.iter().flat_map(|x| x.to_le_bytes()).collect())
-            .collect(),
+        blocks: kv.blocks.iter().map(|b| f32_to_le_bytes(b)).collect(),
     }
 }
 
@@ -490,9 +505,7 @@ pub fn kv_from_proto(kv: proto::KvBlocks) -> Result<KvExport, Status> {
                     b.len()
                 )));
             }
-            Ok(b.chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect())
+            Ok(le_bytes_to_f32(b))
         })
         .collect::<Result<Vec<Vec<f32>>, Status>>()?;
     Ok(KvExport {
@@ -561,6 +574,26 @@ pub struct GrpcTransport {
     client: proto::worker_client::WorkerClient<tonic::transport::Channel>,
 }
 
+impl GrpcTransport {
+    /// Connects to the worker at `url`, failing after `timeout`.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, TransferError> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| TransferError::Transport(format!("bad prefill_url {url:?}: {e}")))?
+            .connect_timeout(timeout)
+            .initial_stream_window_size(Some(H2_WINDOW))
+            .initial_connection_window_size(Some(H2_WINDOW));
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| TransferError::Transport(format!("cannot reach {url}: {e}")))?;
+        Ok(Self {
+            client: proto::worker_client::WorkerClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl KvTransport for GrpcTransport {
     fn name(&self) -> &'static str {
@@ -588,13 +621,7 @@ impl KvTransport for GrpcTransport {
                     h.block_bytes
                 )));
             }
-            blocks.push(
-                chunk
-                    .data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            );
+            blocks.push(le_bytes_to_f32(&chunk.data));
         }
         if blocks.len() != h.blocks {
             return Err(TransferError::Transport(format!(
@@ -884,7 +911,7 @@ impl Worker for WorkerService {
             .map(|(i, b)| {
                 Ok(proto::KvChunk {
                     index: i as u32,
-                    data: b.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    data: f32_to_le_bytes(b),
                 })
             })
             .collect();
@@ -1078,6 +1105,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        // Wide HTTP/2 windows: KV blocks are megabytes; the 64 KiB default would make every
+        // block wait for window updates.
+        .initial_stream_window_size(Some(H2_WINDOW))
+        .initial_connection_window_size(Some(H2_WINDOW))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -19,6 +19,25 @@ use super::worker::{DEFAULT_MODEL, Device};
 pub enum Command {
     /// Prefill and decode tokens/s of the worker engine at batch 1, 8 and 32.
     Worker(WorkerArgs),
+    /// KV-block transfer bandwidth and latency between two workers on loopback.
+    Kv(KvArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KvArgs {
+    /// Prompt lengths (tokens) whose KV blocks are moved, in SmolLM2-135M's layout
+    /// (30 layers, 3 KV heads of 64, f32: 45 KiB per token).
+    #[arg(long, value_delimiter = ',', default_value = "128,512,2048,8192")]
+    pub tokens: Vec<usize>,
+    /// Also move this many MiB as synthetic 4 MiB blocks (0: skip).
+    #[arg(long, default_value_t = 64)]
+    pub synthetic_mib: usize,
+    /// Transfers per case (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -66,6 +85,7 @@ struct Report {
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Worker(a) => worker(a),
+        Command::Kv(a) => kv(a),
     }
 }
 
@@ -228,4 +248,194 @@ fn logit_diff<B: Backend>(
         .zip(&b)
         .map(|(x, y)| f64::from((x - y).abs()))
         .fold(0.0, f64::max))
+}
+
+#[derive(Debug, Serialize)]
+struct KvRow {
+    case: String,
+    transport: &'static str,
+    blocks: usize,
+    bytes: usize,
+    median_ms: f64,
+    min_ms: f64,
+    gib_per_s: f64,
+}
+
+/// Pins exports in a real prefill worker's lease table and pulls them through the gRPC transport
+/// (the decode worker's code path), timing each pull.
+fn kv(a: KvArgs) -> anyhow::Result<()> {
+    use dopd_worker::kv::KvExport;
+    use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
+    use dopd_worker::service::{
+        EngineHandle, GrpcTransport, Role, WorkerInfo, WorkerService, serve,
+    };
+    use dopd_worker::transfer::KvTransport;
+    use std::time::Duration;
+
+    if a.reps == 0 || a.tokens.contains(&0) {
+        bail!("--reps and --tokens must be positive");
+    }
+    // SmolLM2-135M: 30 layers x (K and V) x 16 tokens x 3 KV heads x 64 dims.
+    let smol_block = 30 * 2 * 16 * 3 * 64;
+    let mut cases: Vec<(String, usize, usize)> = a
+        .tokens
+        .iter()
+        .map(|&t| (format!("smollm2 {t} tokens"), t.div_ceil(16), smol_block))
+        .collect();
+    if a.synthetic_mib > 0 {
+        cases.push((
+            format!("synthetic {} MiB", a.synthetic_mib),
+            a.synthetic_mib.div_ceil(4),
+            (4 << 20) / 4,
+        ));
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let rows = rt.block_on(async {
+        // A prefill worker: a tiny model serves (pulls never touch the engine).
+        let cfg = LlamaConfig {
+            vocab: 16,
+            hidden: 16,
+            layers: 1,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 8,
+            ffn: 16,
+            rope_theta: 1e4,
+            rms_eps: 1e-5,
+            context: 64,
+            rope_style: RopeStyle::Halves,
+            rope_scaling: None,
+            qkv_bias: false,
+            tied_embeddings: true,
+        };
+        let model = Llama::<burn::backend::Flex>::random(cfg, 1, &Default::default())?;
+        let engine = Engine::new(Arc::new(model), None, EngineConfig::default());
+        let info = WorkerInfo {
+            worker_id: "bench-prefill".into(),
+            epoch: 1,
+            model: "tiny".into(),
+            role: Role::Prefill,
+            context: 64,
+        };
+        let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
+            .with_transfer(Duration::from_secs(600), Duration::from_secs(60));
+        let table = svc.lease_table();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, svc, async {
+            let _ = stopped.await;
+        }));
+        let transport = GrpcTransport::connect(&url, Duration::from_secs(5)).await?;
+        let mut rows = Vec::new();
+        for (name, blocks, floats) in &cases {
+            eprint!("{name}: ");
+            let kv = KvExport {
+                fingerprint: 0,
+                tokens: blocks * 16,
+                blocks: (0..*blocks)
+                    .map(|b| (0..*floats).map(|i| (b * 31 + i) as f32).collect())
+                    .collect(),
+            };
+            let bytes = blocks * floats * 4;
+            let mut times = Vec::new();
+            for rep in 0..a.reps {
+                let handle = table
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("lease table poisoned"))?
+                    .pin(kv.clone(), Instant::now());
+                let t = Instant::now();
+                let got = transport.pull(&handle).await?;
+                times.push(t.elapsed().as_secs_f64());
+                transport.release(&handle).await?;
+                if rep == 0 && got != kv {
+                    bail!("{name}: the pulled blocks differ from the pinned ones");
+                }
+                eprint!(".");
+            }
+            eprintln!();
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            rows.push(KvRow {
+                case: name.clone(),
+                transport: transport.name(),
+                blocks: *blocks,
+                bytes,
+                median_ms: median * 1e3,
+                min_ms: times[0] * 1e3,
+                gib_per_s: bytes as f64 / median / f64::from(1u32 << 30),
+            });
+        }
+        // The link itself: the largest case's bytes over a plain loopback TCP socket.
+        if let Some(big) = rows.iter().map(|r| r.bytes).max() {
+            eprint!("raw tcp: ");
+            let mut times = Vec::new();
+            for _ in 0..a.reps {
+                times.push(raw_tcp(big).await?);
+                eprint!(".");
+            }
+            eprintln!();
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            rows.push(KvRow {
+                case: "raw loopback TCP".into(),
+                transport: "tcp",
+                blocks: 1,
+                bytes: big,
+                median_ms: median * 1e3,
+                min_ms: times[0] * 1e3,
+                gib_per_s: big as f64 / median / f64::from(1u32 << 30),
+            });
+        }
+        let _ = stop.send(());
+        anyhow::Ok(rows)
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<24} {:>9} {:>7} {:>12} {:>11} {:>9} {:>8}",
+        "case", "transport", "blocks", "bytes", "median ms", "min ms", "GiB/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<24} {:>9} {:>7} {:>12} {:>11.2} {:>9.2} {:>8.3}",
+            r.case, r.transport, r.blocks, r.bytes, r.median_ms, r.min_ms, r.gib_per_s
+        );
+    }
+    println!("(UCX transport and ucx_perftest: not built yet; see docs/benchmarks.md)");
+    Ok(())
+}
+
+/// Seconds to move `bytes` through a loopback TCP connection (write_all / read_exact, 4 MiB
+/// buffers): the ceiling any TCP-based transport on this link can reach.
+async fn raw_tcp(bytes: usize) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let sender = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let buf = vec![7u8; 4 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len());
+            s.write_all(&buf[..n]).await?;
+            left -= n;
+        }
+        s.flush().await?;
+        anyhow::Ok(())
+    });
+    let mut c = tokio::net::TcpStream::connect(addr).await?;
+    let t = Instant::now();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len());
+        c.read_exact(&mut buf[..n]).await?;
+        left -= n;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    sender.await??;
+    Ok(secs)
 }
