@@ -195,6 +195,21 @@ struct Seq {
     sent: usize,
 }
 
+impl Seq {
+    /// The `Finished` event of this sequence, with the last piece of text.
+    fn finished(&self, reason: FinishReason, text: String) -> Event {
+        Event::Finished {
+            id: self.id,
+            reason,
+            text,
+            usage: Usage {
+                prompt_tokens: self.prompt.len(),
+                completion_tokens: self.generated.len(),
+            },
+        }
+    }
+}
+
 /// See the module docs.
 pub struct Engine<B: Backend> {
     model: Arc<Llama<B>>,
@@ -444,15 +459,7 @@ impl<B: Backend> Engine<B> {
             });
         }
         if let Some(reason) = finish {
-            events.push(Event::Finished {
-                id: s.id,
-                reason,
-                text: tail,
-                usage: Usage {
-                    prompt_tokens: s.prompt.len(),
-                    completion_tokens: s.generated.len(),
-                },
-            });
+            events.push(s.finished(reason, tail));
         }
     }
 
@@ -527,7 +534,7 @@ impl<B: Backend> Engine<B> {
             let first = s.generated[0];
             if let Some((reason, _)) = s.stop.check(first, 1, &s.text) {
                 self.stats.finished += 1;
-                Self::emit_finish_only(s, reason, events);
+                events.push(s.finished(reason, String::new()));
                 return Ok(false);
             }
             return Ok(true);
@@ -567,18 +574,6 @@ impl<B: Backend> Engine<B> {
         }
         Self::emit(s, token, finish, text, events);
         Ok(finish.is_none())
-    }
-
-    fn emit_finish_only(s: &Seq, reason: FinishReason, events: &mut Vec<Event>) {
-        events.push(Event::Finished {
-            id: s.id,
-            reason,
-            text: String::new(),
-            usage: Usage {
-                prompt_tokens: s.prompt.len(),
-                completion_tokens: s.generated.len(),
-            },
-        });
     }
 
     /// One batched decode step over the running sequences; returns the batch size.
@@ -661,15 +656,7 @@ impl<B: Backend> Engine<B> {
     fn finish_now(&mut self, s: &mut Seq, reason: FinishReason, events: &mut Vec<Event>) {
         let tail = s.text.get(s.sent..).unwrap_or_default().to_string();
         self.stats.finished += 1;
-        events.push(Event::Finished {
-            id: s.id,
-            reason,
-            text: tail,
-            usage: Usage {
-                prompt_tokens: s.prompt.len(),
-                completion_tokens: s.generated.len(),
-            },
-        });
+        events.push(s.finished(reason, tail));
     }
 
     /// Runs steps until no request is left; returns all events (for tests and batch jobs).

@@ -102,6 +102,27 @@ pub enum ModelError {
 }
 
 impl LlamaConfig {
+    /// A tiny geometry (vocabulary 48, 2 layers, 4 query and 2 KV heads of 8, context 4096) for
+    /// tests and benchmarks with [`Llama::random`]; adjust fields with struct update syntax.
+    pub fn tiny() -> Self {
+        Self {
+            vocab: 48,
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+            ffn: 48,
+            rope_theta: 10_000.0,
+            rms_eps: 1e-5,
+            context: 4096,
+            rope_style: RopeStyle::Adjacent,
+            rope_scaling: None,
+            qkv_bias: false,
+            tied_embeddings: false,
+        }
+    }
+
     /// Checks the head geometry.
     pub fn validate(&self) -> Result<(), ModelError> {
         let c = self;

@@ -222,6 +222,24 @@ fn run_engine<B: Backend>(
                     return;
                 }
             };
+            // Publish the counters before the events: a client that has seen its request
+            // finish must not then read stats that still count it.
+            let ended: Vec<RequestId> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Token { .. } => None,
+                    Event::Prefilled { id, .. }
+                    | Event::Finished { id, .. }
+                    | Event::Failed { id, .. } => Some(*id),
+                })
+                .collect();
+            in_flight.store(
+                senders.keys().filter(|id| !ended.contains(id)).count(),
+                Ordering::Relaxed,
+            );
+            if let Ok(mut s) = stats.lock() {
+                *s = engine.stats();
+            }
             for ev in events {
                 let (id, last) = match &ev {
                     Event::Token { id, .. } => (*id, false),

@@ -16,22 +16,12 @@ use proptest::prelude::*;
 
 type B = Flex;
 
-fn tiny(style: RopeStyle, qkv_bias: bool) -> LlamaConfig {
+fn tiny(rope_style: RopeStyle, qkv_bias: bool) -> LlamaConfig {
     LlamaConfig {
-        vocab: 48,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        ffn: 48,
-        rope_theta: 10_000.0,
-        rms_eps: 1e-5,
         context: 160,
-        rope_style: style,
-        rope_scaling: None,
+        rope_style,
         qkv_bias,
-        tied_embeddings: false,
+        ..LlamaConfig::tiny()
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use burn::backend::Flex;
 use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
-use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
+use dopd_worker::model::{Llama, LlamaConfig};
 use dopd_worker::service::proto::{
     self, DecodeRequest, DrainRequest, GenerateRequest, HealthRequest, Sampling, StatsRequest,
     StopSettings, generate_event::Event as Ev, worker_client::WorkerClient,
@@ -19,22 +19,7 @@ use tonic::transport::Channel;
 type B = Flex;
 
 fn tiny() -> LlamaConfig {
-    LlamaConfig {
-        vocab: 48,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        ffn: 48,
-        rope_theta: 10_000.0,
-        rms_eps: 1e-5,
-        context: 4096,
-        rope_style: RopeStyle::Adjacent,
-        rope_scaling: None,
-        qkv_bias: false,
-        tied_embeddings: false,
-    }
+    LlamaConfig::tiny()
 }
 
 /// Starts a worker on 127.0.0.1:0 and returns a client.
@@ -258,7 +243,7 @@ async fn roles_refuse_what_they_do_not_serve() {
 
 #[tokio::test]
 async fn drain_stops_new_work_and_reports_in_flight() {
-    let mut w = start(Role::Mixed, 256).await;
+    let mut w = start(Role::Mixed, 800).await;
     let h = w
         .health(HealthRequest {})
         .await
@@ -267,9 +252,10 @@ async fn drain_stops_new_work_and_reports_in_flight() {
     assert_eq!(h.status, proto::health_response::Status::Serving as i32);
     assert_eq!(h.role, "mixed");
     assert_eq!(h.kv_layout.expect("layout").block_size, 4);
-    // A long request in flight.
+    // A long request in flight (long enough that it cannot finish before Drain arrives, even on
+    // a loaded machine).
     let mut long = w
-        .generate(gen_req(400, 2))
+        .generate(gen_req(3000, 2))
         .await
         .expect("generate")
         .into_inner();
@@ -291,7 +277,7 @@ async fn drain_stops_new_work_and_reports_in_flight() {
             n += 1;
         }
     }
-    assert_eq!(n, 400);
+    assert_eq!(n, 3000);
 }
 
 #[tokio::test]

@@ -14,19 +14,11 @@ type B = Flex;
 fn tiny() -> LlamaConfig {
     LlamaConfig {
         vocab: 40,
-        hidden: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 8,
-        ffn: 48,
-        rope_theta: 10_000.0,
         rms_eps: 1e-6,
         context: 128,
         rope_style: RopeStyle::Halves,
-        rope_scaling: None,
         qkv_bias: true,
-        tied_embeddings: false,
+        ..LlamaConfig::tiny()
     }
 }
 

@@ -59,6 +59,10 @@ pub struct WorkerArgs {
     /// Also run a fixed prompt on the CPU backend and report the largest logit difference.
     #[arg(long)]
     pub check_logits: bool,
+    /// Use seeded random weights of SmolLM2-135M's shape instead of --model (for machines the
+    /// model file cannot reach).
+    #[arg(long)]
+    pub random_smollm2: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -96,9 +100,30 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     match a.device {
         Device::Cpu => bench_on::<burn::backend::Flex>(a, Default::default()),
         #[cfg(feature = "cuda")]
-        Device::Cuda => bench_on::<burn::backend::Cuda<f32>>(a, Default::default()),
+        Device::Cuda => {
+            super::worker::check_cuda()?;
+            bench_on::<burn::backend::Cuda<f32>>(a, Default::default())
+        }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => bail!("this dopd was built without CUDA: rebuild with --features cuda"),
+    }
+}
+
+/// SmolLM2-135M's geometry (for random weights of the real shape).
+fn smollm2_shape() -> dopd_worker::model::LlamaConfig {
+    dopd_worker::model::LlamaConfig {
+        vocab: 49_152,
+        hidden: 576,
+        layers: 30,
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        ffn: 1536,
+        rope_theta: 100_000.0,
+        rms_eps: 1e-5,
+        context: 8192,
+        tied_embeddings: true,
+        ..dopd_worker::model::LlamaConfig::tiny()
     }
 }
 
@@ -111,14 +136,24 @@ fn prompt(i: usize, n: usize, vocab: usize) -> Vec<u32> {
 
 fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let loaded = load_model::<B>(&a.model, &device)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let (model, model_hash) = if a.random_smollm2 {
+        let m = dopd_worker::model::Llama::<B>::random(smollm2_shape(), 1, &device)?;
+        (m, 1)
+    } else {
+        let loaded = load_model::<B>(&a.model, &device)
+            .with_context(|| format!("loading {}", a.model.display()))?;
+        (loaded.model, loaded.model_hash)
+    };
     eprintln!(
         "loaded {} in {:.1} s",
-        a.model.display(),
+        if a.random_smollm2 {
+            "random SmolLM2-135M-shaped weights".to_string()
+        } else {
+            a.model.display().to_string()
+        },
         t0.elapsed().as_secs_f64()
     );
-    let model = Arc::new(loaded.model);
+    let model = Arc::new(model);
     let vocab = model.config.vocab;
     if a.prompt_len + a.decode_tokens >= model.config.context {
         bail!(
@@ -133,7 +168,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         kv_blocks: per_seq * max_b + 8,
         max_running: max_b,
         max_prefill_tokens: usize::MAX,
-        model_hash: loaded.model_hash,
+        model_hash,
     };
     let request = |id: u64, mode: Mode, max_tokens: usize| Request {
         id,
@@ -189,7 +224,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         });
     }
     let max_logit_diff_vs_cpu = if a.check_logits {
-        Some(logit_diff(&model, &a.model, vocab)?)
+        Some(logit_diff(&model, &a, vocab)?)
     } else {
         None
     };
@@ -228,11 +263,15 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
 /// 64-token prompt.
 fn logit_diff<B: Backend>(
     model: &dopd_worker::model::Llama<B>,
-    path: &std::path::Path,
+    a: &WorkerArgs,
     vocab: usize,
 ) -> anyhow::Result<f64> {
     type Cpu = burn::backend::Flex;
-    let cpu = load_model::<Cpu>(path, &Default::default())?.model;
+    let cpu = if a.random_smollm2 {
+        dopd_worker::model::Llama::<Cpu>::random(smollm2_shape(), 1, &Default::default())?
+    } else {
+        load_model::<Cpu>(&a.model, &Default::default())?.model
+    };
     let toks = prompt(3, 64, vocab);
     let a: Vec<f32> = model
         .forward(&toks)
@@ -265,7 +304,7 @@ struct KvRow {
 /// (the decode worker's code path), timing each pull.
 fn kv(a: KvArgs) -> anyhow::Result<()> {
     use dopd_worker::kv::KvExport;
-    use dopd_worker::model::{Llama, LlamaConfig, RopeStyle};
+    use dopd_worker::model::{Llama, LlamaConfig};
     use dopd_worker::service::{
         EngineHandle, GrpcTransport, Role, WorkerInfo, WorkerService, serve,
     };
@@ -292,22 +331,7 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let rows = rt.block_on(async {
         // A prefill worker: a tiny model serves (pulls never touch the engine).
-        let cfg = LlamaConfig {
-            vocab: 16,
-            hidden: 16,
-            layers: 1,
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 8,
-            ffn: 16,
-            rope_theta: 1e4,
-            rms_eps: 1e-5,
-            context: 64,
-            rope_style: RopeStyle::Halves,
-            rope_scaling: None,
-            qkv_bias: false,
-            tied_embeddings: true,
-        };
+        let cfg = LlamaConfig::tiny();
         let model = Llama::<burn::backend::Flex>::random(cfg, 1, &Default::default())?;
         let engine = Engine::new(Arc::new(model), None, EngineConfig::default());
         let info = WorkerInfo {
@@ -315,7 +339,7 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
             epoch: 1,
             model: "tiny".into(),
             role: Role::Prefill,
-            context: 64,
+            context: 4096,
         };
         let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
             .with_transfer(Duration::from_secs(600), Duration::from_secs(60));
