@@ -144,6 +144,16 @@ impl PagedKvCache {
         self.capacity
     }
 
+    fn check_layer(&self, layer: usize) -> Result<(), KvError> {
+        if layer >= self.layout.layers {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: self.layout.layers,
+            });
+        }
+        Ok(())
+    }
+
     /// Blocks a sequence of `tokens` tokens occupies.
     pub fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(self.layout.block_size)
@@ -237,12 +247,7 @@ impl PagedKvCache {
         v: &[f32],
     ) -> Result<(), KvError> {
         let l = self.layout;
-        if layer >= l.layers {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: l.layers,
-            });
-        }
+        self.check_layer(layer)?;
         for got in [k.len(), v.len()] {
             if got != l.token_width() {
                 return Err(KvError::BadWidth {
@@ -276,12 +281,7 @@ impl PagedKvCache {
     /// `layer` already has it.
     pub fn gather(&self, seq: SeqId, layer: usize) -> Result<(Vec<f32>, Vec<f32>), KvError> {
         let l = self.layout;
-        if layer >= l.layers {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: l.layers,
-            });
-        }
+        self.check_layer(layer)?;
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let tokens = s.written[layer];
         let mut k = Vec::with_capacity(tokens * l.token_width());
@@ -307,12 +307,7 @@ impl PagedKvCache {
         v_out: &mut [f32],
     ) -> Result<usize, KvError> {
         let l = self.layout;
-        if layer >= l.layers {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: l.layers,
-            });
-        }
+        self.check_layer(layer)?;
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let tokens = s.written[layer];
         let want = l.kv_heads * tmax * l.head_dim;
