@@ -276,25 +276,6 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// K and V of a sequence's first `tokens` tokens at `layer`, contiguous
-    /// (`[tokens, kv_heads · head_dim]` row-major each). Includes a token being written when
-    /// `layer` already has it.
-    pub fn gather(&self, seq: SeqId, layer: usize) -> Result<(Vec<f32>, Vec<f32>), KvError> {
-        let l = self.layout;
-        self.check_layer(layer)?;
-        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
-        let tokens = s.written[layer];
-        let mut k = Vec::with_capacity(tokens * l.token_width());
-        let mut v = Vec::with_capacity(tokens * l.token_width());
-        for t in 0..tokens {
-            let at = s.blocks[t / l.block_size] as usize * l.block_width()
-                + (t % l.block_size) * l.token_width();
-            k.extend_from_slice(&self.k[layer][at..at + l.token_width()]);
-            v.extend_from_slice(&self.v[layer][at..at + l.token_width()]);
-        }
-        Ok((k, v))
-    }
-
     /// K and V of a sequence at `layer`, head-major (`[kv_heads, tmax, head_dim]` each) into
     /// `k_out` and `v_out`; positions past the sequence's length are left untouched (callers
     /// mask them). Fails when the sequence is longer than `tmax` or the slices are too short.

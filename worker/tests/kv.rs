@@ -32,13 +32,22 @@ fn push_token(c: &mut PagedKvCache, seq: SeqId, tag: u64, token: usize) -> Resul
 
 fn check_contents(c: &PagedKvCache, seq: SeqId, tag: u64) {
     let n = c.len(seq).expect("known");
+    let (heads, hd) = (c.layout().kv_heads, c.layout().head_dim);
     for layer in 0..c.layout().layers {
-        let (k, v) = c.gather(seq, layer).expect("gathers");
-        assert_eq!(k.len(), n * 6);
+        // Head-major: [kv_heads, n, head_dim]; the written rows are token-major.
+        let mut k = vec![0.0; heads * n * hd];
+        let mut v = vec![0.0; heads * n * hd];
+        let got = c
+            .gather_heads(seq, layer, n, &mut k, &mut v)
+            .expect("gathers");
+        assert_eq!(got, n);
         for t in 0..n {
             let (wk, wv) = kv(tag, t, layer);
-            assert_eq!(&k[t * 6..(t + 1) * 6], &wk[..]);
-            assert_eq!(&v[t * 6..(t + 1) * 6], &wv[..]);
+            for h in 0..heads {
+                let at = (h * n + t) * hd;
+                assert_eq!(&k[at..at + hd], &wk[h * hd..(h + 1) * hd]);
+                assert_eq!(&v[at..at + hd], &wv[h * hd..(h + 1) * hd]);
+            }
         }
     }
 }
