@@ -118,6 +118,14 @@ fn gen_req(max_tokens: u32, seed: u64) -> GenerateRequest {
     }
 }
 
+/// Generate on `c`: the tokens and the finish event.
+async fn generate(
+    c: &mut WorkerClient<Channel>,
+    r: GenerateRequest,
+) -> (Vec<u32>, Option<proto::Finished>) {
+    collect(c.generate(r).await.expect("generate").into_inner()).await
+}
+
 /// Tokens of a stream and its finish event.
 async fn collect(
     mut s: tonic::Streaming<proto::GenerateEvent>,
@@ -140,14 +148,7 @@ async fn prefill_on_one_worker_and_decode_on_another_equals_mixed() {
     let mut pre = start(Role::Prefill, 256).await;
     let mut dec = start(Role::Decode, 256).await;
 
-    let (want, fin) = collect(
-        mixed
-            .generate(gen_req(16, 9))
-            .await
-            .expect("generate")
-            .into_inner(),
-    )
-    .await;
+    let (want, fin) = generate(&mut mixed, gen_req(16, 9)).await;
     let fin = fin.expect("finished event");
     assert_eq!(want.len(), 16);
     assert_eq!(fin.completion_tokens, 16);
@@ -211,7 +212,7 @@ async fn prefill_on_one_worker_and_decode_on_another_equals_mixed() {
     assert_eq!(code, Code::FailedPrecondition);
     // Nothing stays allocated on either side.
     for c in [&mut pre, &mut dec] {
-        let s = c.stats(StatsRequest {}).await.expect("stats").into_inner();
+        let s = stats(c).await;
         assert_eq!(s.kv_blocks_used, 0);
         assert_eq!(s.in_flight, 0);
     }
@@ -289,13 +290,13 @@ async fn a_disconnected_stream_is_cancelled_and_frees_its_blocks() {
         .expect("generate")
         .into_inner();
     s.message().await.expect("first token");
-    let busy = w.stats(StatsRequest {}).await.expect("stats").into_inner();
+    let busy = stats(&mut w).await;
     assert!(busy.kv_blocks_used > 0);
     drop(s);
     // The engine notices at its next step; poll (bounded) until the blocks are back.
     let mut freed = false;
     for _ in 0..200 {
-        let st = w.stats(StatsRequest {}).await.expect("stats").into_inner();
+        let st = stats(&mut w).await;
         if st.kv_blocks_used == 0 && st.in_flight == 0 {
             freed = true;
             assert!(st.generated_tokens < 4000, "ran to completion instead");
@@ -376,14 +377,7 @@ async fn stats(c: &mut WorkerClient<Channel>) -> proto::StatsResponse {
 #[tokio::test]
 async fn kv_blocks_move_by_lease_and_every_fault_falls_back_to_a_correct_recompute() {
     let mut mixed = start(Role::Mixed, 256).await;
-    let (want, _) = collect(
-        mixed
-            .generate(gen_req(12, 4))
-            .await
-            .expect("generate")
-            .into_inner(),
-    )
-    .await;
+    let (want, _) = generate(&mut mixed, gen_req(12, 4)).await;
     let mut pre = spawn(Role::Prefill, 256, None, Duration::from_millis(300)).await;
     let mut dec = spawn(Role::Decode, 256, None, Duration::from_secs(30)).await;
 
