@@ -379,7 +379,7 @@ impl<B: Backend> Llama<B> {
     /// A model with seeded random weights (roughly normal, std 0.2; norms near 1), for tests and
     /// benchmarks of shapes no file provides.
     pub fn random(c: LlamaConfig, seed: u64, device: &B::Device) -> Result<Self, ModelError> {
-        Self::load(c, &RandomWeights { seed }, device)
+        Self::load(c, &RandomWeights::new(seed), device)
     }
 
     /// The device the weights live on.
@@ -703,6 +703,15 @@ fn transpose(d: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// Seeded random weights in GGUF naming (see [`Llama::random`]).
 pub struct RandomWeights {
     pub seed: u64,
+    /// Standard deviation of the matrices (norm weights are `1 ± std/2`).
+    pub std: f32,
+}
+
+impl RandomWeights {
+    /// The test default: std 0.2, large enough that tiny models' logits separate clearly.
+    pub fn new(seed: u64) -> Self {
+        Self { seed, std: 0.2 }
+    }
 }
 
 impl WeightSource for RandomWeights {
@@ -720,7 +729,11 @@ impl WeightSource for RandomWeights {
             .map(|_| {
                 // Sum of uniforms: cheap, roughly normal, bounded.
                 let z = (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 1.73;
-                if norm { 1.0 + 0.1 * z } else { 0.2 * z }
+                if norm {
+                    1.0 + 0.5 * self.std * z
+                } else {
+                    self.std * z
+                }
             })
             .collect())
     }

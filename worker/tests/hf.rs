@@ -142,7 +142,7 @@ fn write_checkpoint(name: &str, dtype: Dtype, skip: Option<&str>) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("dopd-hf-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(dir.join("config.json"), CONFIG).expect("config");
-    let src = RandomWeights { seed: 5 };
+    let src = RandomWeights::new(5);
     let raws: Vec<(String, Raw)> = tensors()
         .into_iter()
         .filter(|(hf, _, _)| Some(hf.as_str()) != skip)

@@ -63,6 +63,9 @@ pub struct WorkerArgs {
     /// model file cannot reach).
     #[arg(long)]
     pub random_smollm2: bool,
+    /// With --random-smollm2: this many layers instead of 30 (to localise a logit difference).
+    #[arg(long, requires = "random_smollm2")]
+    pub layers: Option<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -83,7 +86,25 @@ struct Report {
     model: String,
     device: String,
     rows: Vec<Row>,
-    max_logit_diff_vs_cpu: Option<f64>,
+    logits_vs_cpu: Option<LogitCheck>,
+}
+
+/// This backend's logits against the CPU backend's on one fixed prompt.
+#[derive(Debug, Serialize)]
+struct LogitCheck {
+    positions: usize,
+    /// Largest absolute difference over all positions and vocabulary entries.
+    max_abs_diff: f64,
+    /// Largest absolute CPU logit (the scale the difference is measured against).
+    max_abs_logit: f64,
+    /// `max_abs_diff / max_abs_logit`.
+    rel_diff: f64,
+    /// Fraction of positions whose arg-max token is the same on both backends.
+    top1_agreement: f64,
+    /// Greedy tokens the engine generates (cached prefill, batched decode) on this backend
+    /// before the first that differs from the CPU backend's, out of `greedy_tokens`.
+    greedy_same_prefix: usize,
+    greedy_tokens: usize,
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
@@ -109,12 +130,13 @@ fn worker(a: WorkerArgs) -> anyhow::Result<()> {
     }
 }
 
-/// SmolLM2-135M's geometry (for random weights of the real shape).
-fn smollm2_shape() -> dopd_worker::model::LlamaConfig {
+/// SmolLM2-135M's geometry (for random weights of the real shape), `layers` deep (30 in the
+/// real model).
+fn smollm2_shape(layers: Option<usize>) -> dopd_worker::model::LlamaConfig {
     dopd_worker::model::LlamaConfig {
         vocab: 49_152,
         hidden: 576,
-        layers: 30,
+        layers: layers.unwrap_or(30),
         heads: 9,
         kv_heads: 3,
         head_dim: 64,
@@ -127,6 +149,21 @@ fn smollm2_shape() -> dopd_worker::model::LlamaConfig {
     }
 }
 
+/// Seeded random weights of SmolLM2-135M's shape with std 0.02 (the usual initialisation
+/// scale), so activations stay in a trained model's range rather than growing layer by layer
+/// (where any rounding difference between backends would be amplified).
+fn random_smollm2<B: Backend>(
+    layers: Option<usize>,
+    device: &B::Device,
+) -> anyhow::Result<dopd_worker::model::Llama<B>> {
+    let w = dopd_worker::model::RandomWeights { seed: 1, std: 0.02 };
+    Ok(dopd_worker::model::Llama::<B>::load(
+        smollm2_shape(layers),
+        &w,
+        device,
+    )?)
+}
+
 /// A fixed, deterministic prompt of `n` tokens (ids spread over the vocabulary).
 fn prompt(i: usize, n: usize, vocab: usize) -> Vec<u32> {
     (0..n)
@@ -137,7 +174,7 @@ fn prompt(i: usize, n: usize, vocab: usize) -> Vec<u32> {
 fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let (model, model_hash) = if a.random_smollm2 {
-        let m = dopd_worker::model::Llama::<B>::random(smollm2_shape(), 1, &device)?;
+        let m = random_smollm2::<B>(a.layers, &device)?;
         (m, 1)
     } else {
         let loaded = load_model::<B>(&a.model, &device)
@@ -223,16 +260,20 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
             decode_step_s: secs / steps.max(1) as f64,
         });
     }
-    let max_logit_diff_vs_cpu = if a.check_logits {
+    let logits_vs_cpu = if a.check_logits {
         Some(logit_diff(&model, &a, vocab)?)
     } else {
         None
     };
     let report = Report {
-        model: a.model.display().to_string(),
+        model: if a.random_smollm2 {
+            "random SmolLM2-135M-shaped weights".to_string()
+        } else {
+            a.model.display().to_string()
+        },
         device: format!("{:?}", a.device).to_lowercase(),
         rows,
-        max_logit_diff_vs_cpu,
+        logits_vs_cpu,
     };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -253,22 +294,32 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
             r.decode_step_s * 1e3
         );
     }
-    if let Some(d) = report.max_logit_diff_vs_cpu {
-        println!("largest logit difference vs the CPU backend: {d:.2e}");
+    if let Some(d) = &report.logits_vs_cpu {
+        println!(
+            "logits vs the CPU backend over {} positions: largest difference {:.2e} of scale {:.2e} \
+             (relative {:.2e}), same arg-max at {:.1}% of positions; engine greedy tokens \
+             identical for {} of {}",
+            d.positions,
+            d.max_abs_diff,
+            d.max_abs_logit,
+            d.rel_diff,
+            100.0 * d.top1_agreement,
+            d.greedy_same_prefix,
+            d.greedy_tokens
+        );
     }
     Ok(())
 }
 
-/// Largest absolute difference between this backend's and the CPU backend's logits on a fixed
-/// 64-token prompt.
+/// This backend's logits against the CPU backend's on a fixed 64-token prompt.
 fn logit_diff<B: Backend>(
-    model: &dopd_worker::model::Llama<B>,
+    model: &Arc<dopd_worker::model::Llama<B>>,
     a: &WorkerArgs,
     vocab: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<LogitCheck> {
     type Cpu = burn::backend::Flex;
     let cpu = if a.random_smollm2 {
-        dopd_worker::model::Llama::<Cpu>::random(smollm2_shape(), 1, &Default::default())?
+        random_smollm2::<Cpu>(a.layers, &Default::default())?
     } else {
         load_model::<Cpu>(&a.model, &Default::default())?.model
     };
@@ -283,10 +334,84 @@ fn logit_diff<B: Backend>(
     if a.len() != b.len() || a.is_empty() {
         bail!("logit shapes differ ({} vs {})", a.len(), b.len());
     }
-    Ok(a.iter()
-        .zip(&b)
+    let mut check = compare_logits(&a, &b, vocab);
+    // The serving path: cached prefill and decode steps through the engine.
+    let greedy_tokens = 32;
+    let here = greedy(model.clone(), &toks, greedy_tokens)?;
+    let there = greedy(Arc::new(cpu), &toks, greedy_tokens)?;
+    check.greedy_tokens = greedy_tokens;
+    check.greedy_same_prefix = here.iter().zip(&there).take_while(|(x, y)| x == y).count();
+    Ok(check)
+}
+
+/// The engine's greedy continuation of `toks` (`n` tokens, EOS ignored).
+fn greedy<B: Backend>(
+    model: Arc<dopd_worker::model::Llama<B>>,
+    toks: &[u32],
+    n: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let blocks = (toks.len() + n + 1).div_ceil(16) + 1;
+    let cfg = EngineConfig {
+        block_size: 16,
+        kv_blocks: blocks,
+        max_running: 1,
+        max_prefill_tokens: usize::MAX,
+        model_hash: 0,
+    };
+    let mut e = Engine::new(model, None, cfg);
+    e.submit(Request {
+        id: 0,
+        prompt: toks.to_vec(),
+        sampling: SamplingParams::default(),
+        stop: StopConditions {
+            eos: vec![],
+            max_tokens: n,
+            stop_strings: vec![],
+        },
+        mode: Mode::Generate,
+        start: Start::Prompt,
+    })?;
+    Ok(e.run_to_completion()
+        .into_iter()
+        .filter_map(|ev| match ev {
+            dopd_worker::engine::Event::Token { token, .. } => Some(token),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Compares two row-major `[positions, vocab]` logit matrices (`a` against the reference `b`).
+fn compare_logits(a: &[f32], b: &[f32], vocab: usize) -> LogitCheck {
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |m, (i, &x)| if x > m.1 { (i, x) } else { m },
+            )
+            .0
+    };
+    let positions = a.len() / vocab.max(1);
+    let same = a
+        .chunks(vocab)
+        .zip(b.chunks(vocab))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    let max_abs_diff = a
+        .iter()
+        .zip(b)
         .map(|(x, y)| f64::from((x - y).abs()))
-        .fold(0.0, f64::max))
+        .fold(0.0, f64::max);
+    let max_abs_logit = b.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max);
+    LogitCheck {
+        positions,
+        max_abs_diff,
+        max_abs_logit,
+        rel_diff: max_abs_diff / max_abs_logit.max(f64::MIN_POSITIVE),
+        top1_agreement: same as f64 / positions.max(1) as f64,
+        greedy_same_prefix: 0,
+        greedy_tokens: 0,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -462,4 +587,24 @@ async fn raw_tcp(bytes: usize) -> anyhow::Result<f64> {
     let secs = t.elapsed().as_secs_f64();
     sender.await??;
     Ok(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compare_logits;
+
+    #[test]
+    fn logit_comparison_scales_the_difference_and_counts_argmax_agreement() {
+        // Two positions over a vocabulary of 3; the second position's arg-max moves.
+        let reference = [1.0, 4.0, 2.0, 0.5, -8.0, 3.0];
+        let other = [1.5, 4.0, 2.0, 3.5, -8.0, 3.0];
+        let c = compare_logits(&other, &reference, 3);
+        assert_eq!(c.positions, 2);
+        assert_eq!(c.max_abs_diff, 3.0);
+        assert_eq!(c.max_abs_logit, 8.0);
+        assert_eq!(c.rel_diff, 3.0 / 8.0);
+        assert_eq!(c.top1_agreement, 0.5);
+        let same = compare_logits(&reference, &reference, 3);
+        assert_eq!((same.max_abs_diff, same.top1_agreement), (0.0, 1.0));
+    }
 }
