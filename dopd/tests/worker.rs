@@ -1,9 +1,14 @@
 //! `dopd worker` processes on loopback with the real SmolLM2 model: a mixed worker answers a chat
-//! prompt, and a prefill worker plus a decode worker (KV blocks handed over gRPC) produce exactly
-//! the mixed worker's text. `dopd generate` is the client.
+//! prompt, and a prefill worker plus a decode worker (KV blocks moved over gRPC, and over UCX
+//! where libucp is installed) produce exactly the mixed worker's text; a prefill worker killed in
+//! the middle of a transfer costs a local recompute, not the request. `dopd generate` is the
+//! client.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dopd_worker::service::proto::StatsResponse;
 
 const MODEL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -23,35 +28,39 @@ impl Drop for Worker {
     }
 }
 
-fn worker(role: &str) -> Worker {
+fn worker(role: &str, extra: &[&str]) -> Worker {
     assert!(
         std::path::Path::new(MODEL).exists(),
         "{MODEL} is missing — run scripts/setup.sh"
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dopd"))
-        .args([
-            "worker",
-            "--role",
-            role,
-            "--model",
-            MODEL,
-            "--listen",
-            "127.0.0.1:0",
-            "--kv-blocks",
-            "256",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("dopd worker starts");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dopd"));
+    cmd.args([
+        "worker",
+        "--role",
+        role,
+        "--model",
+        MODEL,
+        "--listen",
+        "127.0.0.1:0",
+        "--kv-blocks",
+        "256",
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    if std::env::var_os("UCX_TLS").is_none() {
+        // Loopback TCP, as in CI (shared memory would also do on one machine).
+        cmd.env("UCX_TLS", "tcp");
+    }
+    let mut child = cmd.spawn().expect("dopd worker starts");
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped"))
         .read_line(&mut line)
         .expect("reads the banner");
     let addr = line
-        .rsplit("listening on ")
-        .next()
-        .map(str::trim)
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
         .filter(|a| a.contains(':'))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
@@ -77,32 +86,120 @@ fn generate(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+fn stats(url: &str) -> StatsResponse {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        dopd_worker::service::connect(url.to_string())
+            .await
+            .expect("connects")
+            .stats(dopd_worker::service::proto::StatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner()
+    })
+}
+
+/// The KV transports to test: gRPC always, UCX where the library loads.
+fn transports() -> Vec<&'static str> {
+    match dopd_ucx::Ucx::start() {
+        Ok(_) => vec!["grpc", "ucx"],
+        Err(e) => {
+            eprintln!("UCX cases skipped: {e}");
+            vec!["grpc"]
+        }
+    }
+}
+
 #[test]
 fn mixed_and_disaggregated_workers_give_the_same_answer() {
-    let mixed = worker("mixed");
-    let pre = worker("prefill");
-    let dec = worker("decode");
+    let mixed = worker("mixed", &[]);
     let a = generate(&["--worker", &mixed.url]);
     assert!(a.contains("Paris"), "answer: {a:?}");
-    let b = generate(&["--worker", &dec.url, "--prefill-worker", &pre.url]);
-    assert_eq!(a, b);
-    // The decode worker really pulled the blocks (a recompute would give the same text).
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let (d, p) = rt.block_on(async {
-        let stats = |url: String| async move {
-            dopd_worker::service::connect(url)
-                .await
-                .expect("connects")
-                .stats(dopd_worker::service::proto::StatsRequest {})
-                .await
-                .expect("stats")
-                .into_inner()
+    for t in transports() {
+        // Over UCX the decode worker expects RDMA ("rc"): loopback TCP must be flagged degraded.
+        let expect: &[&str] = if t == "ucx" {
+            &["--kv-expect-transports", "rc"]
+        } else {
+            &[]
         };
-        (stats(dec.url.clone()).await, stats(pre.url.clone()).await)
-    });
-    assert_eq!((d.kv_pulls, d.kv_recomputes), (1, 0), "{d:?}");
-    assert!(d.kv_pull_bytes > 0);
-    assert_eq!(p.kv_leases_pinned, 0, "the lease was released");
+        let pre = worker("prefill", &["--kv-transport", t]);
+        let dec = worker("decode", &[&["--kv-transport", t][..], expect].concat());
+        let b = generate(&["--worker", &dec.url, "--prefill-worker", &pre.url]);
+        assert_eq!(a, b, "over {t}");
+        // The decode worker really received the blocks (a recompute would give the same text).
+        let d = stats(&dec.url);
+        assert_eq!((d.kv_pulls, d.kv_recomputes), (1, 0), "{t}: {d:?}");
+        assert!(d.kv_pull_bytes > 0);
+        assert_eq!(d.kv_peers.len(), 1);
+        let peer = &d.kv_peers[0];
+        assert_eq!(
+            (peer.peer.as_str(), peer.transport.as_str()),
+            (&pre.url[..], t)
+        );
+        assert_eq!(peer.bytes, d.kv_pull_bytes);
+        if t == "ucx" {
+            assert!(peer.ucx_transports.iter().any(|x| x == "tcp"), "{peer:?}");
+            assert!(peer.degraded && d.kv_degraded, "{peer:?}");
+        } else {
+            assert!(!peer.degraded && !d.kv_degraded);
+        }
+        assert_eq!(
+            stats(&pre.url).kv_leases_pinned,
+            0,
+            "the lease was released"
+        );
+    }
+}
+
+#[test]
+fn a_prefill_worker_killed_mid_transfer_costs_a_recompute_not_the_request() {
+    let mixed = worker("mixed", &[]);
+    let want = generate(&["--worker", &mixed.url]);
+    for t in transports() {
+        // The prefill worker holds each transfer for 3 s; the decode worker's deadline is 20 s,
+        // so only the broken connection (not the deadline) can end the transfer early.
+        let mut pre = worker(
+            "prefill",
+            &["--kv-transport", t, "--fault-kv-send-delay", "3s"],
+        );
+        let dec = worker(
+            "decode",
+            &["--kv-transport", t, "--kv-transfer-deadline", "20s"],
+        );
+        let before = stats(&dec.url);
+        let (d_url, p_url) = (dec.url.clone(), pre.url.clone());
+        let client =
+            std::thread::spawn(move || generate(&["--worker", &d_url, "--prefill-worker", &p_url]));
+        // Wait until the prefill is done and its blocks are pinned: the decode worker is then
+        // asking for them, and the prefill worker is holding the transfer.
+        let t0 = Instant::now();
+        while stats(&pre.url).kv_leases_pinned == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "prefill never finished"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = pre.child.kill();
+        let killed = Instant::now();
+        let got = client.join().expect("client thread");
+        eprintln!(
+            "{t}: prefill worker killed mid-transfer; the request finished {:?} later",
+            killed.elapsed()
+        );
+        assert_eq!(got, want, "over {t}");
+        let d = stats(&dec.url);
+        assert_eq!(d.kv_pull_failures.get("transport"), Some(&1), "{t}: {d:?}");
+        assert_eq!(d.kv_pull_failures.get("deadline"), None, "{t}: {d:?}");
+        assert_eq!((d.kv_pulls, d.kv_recomputes), (0, 1));
+        // No block leaked: the allocator is back where it started.
+        assert_eq!(
+            (d.kv_blocks_used, d.kv_blocks_free),
+            (before.kv_blocks_used, before.kv_blocks_free)
+        );
+        assert_eq!(d.kv_peers[0].failures, 1);
+    }
 }
 
 #[test]

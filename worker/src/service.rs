@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use burn::prelude::Backend;
+use dopd_ucx::Ucx;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
 use tonic::{Request as Rpc, Response, Status};
@@ -282,6 +283,21 @@ struct TransferStats {
     seconds: f64,
     failures: HashMap<String, u64>,
     recomputes: u64,
+    /// Per prefill peer (its URL).
+    peers: HashMap<String, PeerStats>,
+}
+
+/// Transfers from one prefill peer.
+#[derive(Clone, Debug, Default)]
+struct PeerStats {
+    transport: &'static str,
+    ucx_transports: Vec<String>,
+    degraded: bool,
+    transfers: u64,
+    bytes: u64,
+    seconds: f64,
+    last_seconds: f64,
+    failures: u64,
 }
 
 /// The gRPC service.
@@ -297,6 +313,12 @@ pub struct WorkerService {
     transfers: Arc<Mutex<TransferStats>>,
     peers:
         Arc<Mutex<HashMap<String, proto::worker_client::WorkerClient<tonic::transport::Channel>>>>,
+    ucx: Option<Arc<Ucx>>,
+    /// Transports a UCX link is expected to use (prefixes); empty: "anything faster than TCP
+    /// that the context offers".
+    expect_transports: Vec<String>,
+    next_tag: Arc<AtomicU64>,
+    kv_send_delay: Duration,
 }
 
 /// How long pinned KV blocks wait for their decode worker by default.
@@ -323,6 +345,71 @@ impl WorkerService {
             deadline: DEFAULT_TRANSFER_DEADLINE,
             transfers: Arc::default(),
             peers: Arc::default(),
+            ucx: None,
+            expect_transports: Vec::new(),
+            next_tag: Arc::new(AtomicU64::new(1)),
+            kv_send_delay: Duration::ZERO,
+        }
+    }
+
+    /// Fault injection for tests: waits this long before sending a lease's blocks (PullKv,
+    /// PushKvUcx), so a test can kill the worker in the middle of a transfer.
+    #[doc(hidden)]
+    pub fn with_kv_send_delay(mut self, d: Duration) -> Self {
+        self.kv_send_delay = d;
+        self
+    }
+
+    /// Moves KV blocks over UCX where both workers have it (prefill: sends; decode: receives).
+    /// `expect` lists the UCX transports a link should use (prefixes such as `rc`, `cuda_ipc`);
+    /// a link without any of them is flagged degraded. Empty: degraded when the link fell back
+    /// to TCP although the context offers something faster.
+    pub fn with_ucx(mut self, ucx: Arc<Ucx>, expect: Vec<String>) -> Self {
+        // Tags are unique per receiving worker: start from the epoch's low bits.
+        self.next_tag = Arc::new(AtomicU64::new((self.info.epoch << 20) | 1));
+        self.ucx = Some(ucx);
+        self.expect_transports = expect;
+        self
+    }
+
+    /// The transport this worker prefers for KV blocks.
+    pub fn kv_transport(&self) -> &'static str {
+        if self.ucx.is_some() { "ucx" } else { "grpc" }
+    }
+
+    /// Records a transfer from `peer` (success or failure) in the per-peer stats.
+    fn record_peer(
+        &self,
+        peer: &str,
+        transport: &'static str,
+        result: Result<(usize, &[String]), ()>,
+        seconds: f64,
+    ) {
+        let available = self
+            .ucx
+            .as_ref()
+            .map(|u| u.info().transports.clone())
+            .unwrap_or_default();
+        if let Ok(mut t) = self.transfers.lock() {
+            let p = t.peers.entry(peer.to_string()).or_default();
+            p.transport = transport;
+            match result {
+                Ok((bytes, lanes)) => {
+                    p.transfers += 1;
+                    p.bytes += bytes as u64;
+                    p.seconds += seconds;
+                    p.last_seconds = seconds;
+                    if transport == "ucx" {
+                        p.ucx_transports = lanes.to_vec();
+                        p.degraded = dopd_ucx::degraded(lanes, &available, &self.expect_transports);
+                    } else {
+                        p.ucx_transports.clear();
+                        // gRPC where UCX was wanted is a fallback.
+                        p.degraded = !self.expect_transports.is_empty();
+                    }
+                }
+                Err(()) => p.failures += 1,
+            }
         }
     }
 
@@ -533,7 +620,7 @@ pub fn kv_from_proto(kv: proto::KvBlocks) -> Result<KvExport, Status> {
     })
 }
 
-fn handle_to_proto(h: &KvHandle, ttl: Duration) -> proto::KvHandle {
+fn handle_to_proto(h: &KvHandle, ttl: Duration, ucx: bool) -> proto::KvHandle {
     proto::KvHandle {
         worker_id: h.worker_id.clone(),
         epoch: h.epoch,
@@ -543,6 +630,7 @@ fn handle_to_proto(h: &KvHandle, ttl: Duration) -> proto::KvHandle {
         blocks: h.blocks as u32,
         block_bytes: h.block_bytes as u64,
         ttl_ms: ttl.as_millis().min(u128::from(u32::MAX)) as u32,
+        ucx,
     }
 }
 
@@ -667,6 +755,68 @@ impl KvTransport for GrpcTransport {
     }
 }
 
+/// The UCX transport: the decode worker posts a tagged receive of the whole lease, asks the
+/// prefill worker (over gRPC) to send it there over UCX, and releases the lease over gRPC.
+pub struct UcxTransport {
+    pub grpc: GrpcTransport,
+    pub ucx: Arc<Ucx>,
+    /// Unique among this worker's receives.
+    pub tag: u64,
+    pub deadline: Duration,
+    /// Filled with the link's UCX transports (as the sender reports them) on success.
+    pub lanes: Arc<Mutex<Vec<String>>>,
+}
+
+#[tonic::async_trait]
+impl KvTransport for UcxTransport {
+    fn name(&self) -> &'static str {
+        "ucx"
+    }
+
+    async fn pull(&self, h: &KvHandle) -> Result<KvExport, TransferError> {
+        let total = h.total_bytes();
+        let receive = self
+            .ucx
+            .recv(self.tag, total, self.deadline)
+            .map_err(|e| TransferError::Transport(e.to_string()))?;
+        let mut c = self.grpc.client.clone();
+        // An error here (lease gone, prefill worker dead) drops `receive`, which cancels it.
+        let sent = c
+            .push_kv_ucx(proto::PushKvUcxRequest {
+                lease: h.lease,
+                epoch: h.epoch,
+                ucx_address: self.ucx.address().to_vec(),
+                tag: self.tag,
+                deadline_ms: self.deadline.as_millis().min(u128::from(u32::MAX)) as u32,
+            })
+            .await
+            .map_err(|s| transfer_error(&s, h))?
+            .into_inner();
+        let bytes = receive.wait().await.map_err(|e| match e {
+            dopd_ucx::UcxError::Deadline(_) => TransferError::Deadline(self.deadline),
+            e => TransferError::Transport(e.to_string()),
+        })?;
+        if bytes.len() != total || h.block_bytes == 0 {
+            return Err(TransferError::Transport(format!(
+                "received {} bytes, expected {total}",
+                bytes.len()
+            )));
+        }
+        if let Ok(mut l) = self.lanes.lock() {
+            *l = sent.ucx_transports;
+        }
+        Ok(KvExport {
+            fingerprint: h.fingerprint,
+            tokens: h.tokens,
+            blocks: bytes.chunks(h.block_bytes).map(le_bytes_to_f32).collect(),
+        })
+    }
+
+    async fn release(&self, h: &KvHandle) -> Result<(), TransferError> {
+        self.grpc.release(h).await
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateEvent, Status>> + Send>>;
 
 fn event_stream(rx: UnboundedReceiver<Event>) -> EventStream {
@@ -746,7 +896,11 @@ impl Worker for WorkerService {
                         .leases
                         .lock()
                         .map_err(|_| Status::internal("lease table poisoned"))?;
-                    Some(handle_to_proto(&t.pin(kv, Instant::now()), self.lease_ttl))
+                    Some(handle_to_proto(
+                        &t.pin(kv, Instant::now()),
+                        self.lease_ttl,
+                        self.ucx.is_some(),
+                    ))
                 } else {
                     None
                 };
@@ -791,16 +945,35 @@ impl Worker for WorkerService {
                 };
                 let t0 = Instant::now();
                 let want = self.engine.kv_layout().fingerprint();
+                let use_ucx = h.ucx && self.ucx.is_some();
+                let transport = if use_ucx { "ucx" } else { "grpc" };
+                let lanes = Arc::new(Mutex::new(Vec::new()));
                 let got = match self.grpc_transport(&r.prefill_url, deadline).await {
-                    Ok(t) => fetch(&t, &handle, want, deadline).await,
+                    Ok(g) => match &self.ucx {
+                        Some(ucx) if use_ucx => {
+                            let t = UcxTransport {
+                                grpc: g,
+                                ucx: ucx.clone(),
+                                tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
+                                deadline,
+                                lanes: lanes.clone(),
+                            };
+                            fetch(&t, &handle, want, deadline).await
+                        }
+                        _ => fetch(&g, &handle, want, deadline).await,
+                    },
                     Err(e) => Err(e),
                 };
+                let secs = t0.elapsed().as_secs_f64();
+                let lanes = lanes.lock().map(|l| l.clone()).unwrap_or_default();
+                let outcome = got.as_ref().map(|_| (handle.total_bytes(), &lanes[..]));
+                self.record_peer(&r.prefill_url, transport, outcome.map_err(|_| ()), secs);
                 match got {
                     Ok(kv) => {
                         if let Ok(mut t) = self.transfers.lock() {
                             t.pulls += 1;
                             t.bytes += handle.total_bytes() as u64;
-                            t.seconds += t0.elapsed().as_secs_f64();
+                            t.seconds += secs;
                         }
                         Start::Imported {
                             kv,
@@ -811,6 +984,7 @@ impl Worker for WorkerService {
                         tracing::warn!(
                             error = %e,
                             prefill = %r.prefill_url,
+                            transport,
                             "KV transfer failed; recomputing the prompt locally"
                         );
                         self.count_failure(&e);
@@ -906,6 +1080,44 @@ impl Worker for WorkerService {
             kv_pull_seconds: t.seconds,
             kv_pull_failures: t.failures,
             kv_recomputes: t.recomputes,
+            kv_transport: self.kv_transport().to_string(),
+            ucx_version: self
+                .ucx
+                .as_ref()
+                .map(|u| u.info().version.clone())
+                .unwrap_or_default(),
+            ucx_transports: self
+                .ucx
+                .as_ref()
+                .map(|u| u.info().transports.clone())
+                .unwrap_or_default(),
+            kv_degraded: t.peers.values().any(|p| p.degraded),
+            kv_peers: {
+                let mut peers: Vec<proto::KvPeer> = t
+                    .peers
+                    .iter()
+                    .map(|(peer, p)| proto::KvPeer {
+                        peer: peer.clone(),
+                        transport: p.transport.to_string(),
+                        ucx_transports: p.ucx_transports.clone(),
+                        degraded: p.degraded,
+                        transfers: p.transfers,
+                        bytes: p.bytes,
+                        seconds: p.seconds,
+                        last_seconds: p.last_seconds,
+                        last_gib_per_s: if p.last_seconds > 0.0 && p.transfers > 0 {
+                            (p.bytes as f64 / p.transfers as f64)
+                                / p.last_seconds
+                                / f64::from(1u32 << 30)
+                        } else {
+                            0.0
+                        },
+                        failures: p.failures,
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+                peers
+            },
         }))
     }
 
@@ -922,6 +1134,9 @@ impl Worker for WorkerService {
             .map_err(|_| Status::internal("lease table poisoned"))?
             .get(r.lease, r.epoch, Instant::now())
             .map_err(|e| transfer_status(&e))?;
+        if !self.kv_send_delay.is_zero() {
+            tokio::time::sleep(self.kv_send_delay).await;
+        }
         let chunks: Vec<Result<proto::KvChunk, Status>> = kv
             .blocks
             .iter()
@@ -953,6 +1168,48 @@ impl Worker for WorkerService {
         }
         Ok(Response::new(proto::ReleaseKvResponse {
             released: t.release(r.lease),
+        }))
+    }
+
+    async fn push_kv_ucx(
+        &self,
+        req: Rpc<proto::PushKvUcxRequest>,
+    ) -> Result<Response<proto::PushKvUcxResponse>, Status> {
+        let r = req.into_inner();
+        let ucx = self
+            .ucx
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("this worker has no UCX"))?;
+        let kv = self
+            .leases
+            .lock()
+            .map_err(|_| Status::internal("lease table poisoned"))?
+            .get(r.lease, r.epoch, Instant::now())
+            .map_err(|e| transfer_status(&e))?;
+        let deadline = if r.deadline_ms > 0 {
+            Duration::from_millis(u64::from(r.deadline_ms))
+        } else {
+            self.deadline
+        };
+        if !self.kv_send_delay.is_zero() {
+            tokio::time::sleep(self.kv_send_delay).await;
+        }
+        let mut data = Vec::with_capacity(kv.blocks.iter().map(|b| b.len() * 4).sum());
+        for b in &kv.blocks {
+            data.extend_from_slice(&f32_to_le_bytes(b));
+        }
+        let sent = ucx
+            .send(&r.ucx_address, r.tag, data, deadline)
+            .await
+            .map_err(|e| match e {
+                dopd_ucx::UcxError::Deadline(_) => {
+                    transfer_status(&TransferError::Deadline(deadline))
+                }
+                e => transfer_status(&TransferError::Transport(e.to_string())),
+            })?;
+        Ok(Response::new(proto::PushKvUcxResponse {
+            bytes: sent.bytes as u64,
+            ucx_transports: sent.transports,
         }))
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::backend::Flex;
+use dopd_ucx::Ucx;
 use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
 use dopd_worker::model::{Llama, LlamaConfig};
 use dopd_worker::service::proto::{
@@ -61,6 +62,27 @@ async fn spawn(
     detok: Option<Arc<dyn Detokenizer>>,
     lease_ttl: Duration,
 ) -> Spawned {
+    spawn_with(role, kv_blocks, detok, lease_ttl, None).await
+}
+
+/// UCX for a test, or `None` with the reason printed where libucp is missing.
+fn ucx_or_skip() -> Option<Arc<Ucx>> {
+    match Ucx::start() {
+        Ok(u) => Some(Arc::new(u)),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+async fn spawn_with(
+    role: Role,
+    kv_blocks: usize,
+    detok: Option<Arc<dyn Detokenizer>>,
+    lease_ttl: Duration,
+    ucx: Option<Arc<Ucx>>,
+) -> Spawned {
     let model = Arc::new(Llama::<B>::random(tiny(), 7, &Default::default()).expect("tiny model"));
     let engine = Engine::new(
         model,
@@ -80,8 +102,11 @@ async fn spawn(
         role,
         context: 4096,
     };
-    let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
+    let mut svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
         .with_transfer(lease_ttl, Duration::from_secs(2));
+    if let Some(u) = ucx {
+        svc = svc.with_ucx(u, vec![]);
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("loopback port");
@@ -375,18 +400,52 @@ async fn stats(c: &mut WorkerClient<Channel>) -> proto::StatsResponse {
 }
 
 #[tokio::test]
-async fn kv_blocks_move_by_lease_and_every_fault_falls_back_to_a_correct_recompute() {
+async fn kv_blocks_move_by_lease_over_grpc_and_every_fault_falls_back_to_a_correct_recompute() {
+    transfer_and_faults(None, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_blocks_move_by_lease_over_ucx_and_every_fault_falls_back_to_a_correct_recompute() {
+    let (Some(a), Some(b)) = (ucx_or_skip(), ucx_or_skip()) else {
+        return;
+    };
+    transfer_and_faults(Some(a), Some(b)).await;
+}
+
+/// A prefill worker and a decode worker (with UCX each, or gRPC only): the normal path, then a
+/// stale epoch, a wrong fingerprint, an expired lease and a dead prefill worker, each a typed
+/// error followed by a correct local recompute, and no leaked block.
+async fn transfer_and_faults(pre_ucx: Option<Arc<Ucx>>, dec_ucx: Option<Arc<Ucx>>) {
+    let transport = if pre_ucx.is_some() { "ucx" } else { "grpc" };
     let mut mixed = start(Role::Mixed, 256).await;
     let (want, _) = generate(&mut mixed, gen_req(12, 4)).await;
-    let mut pre = spawn(Role::Prefill, 256, None, Duration::from_millis(300)).await;
-    let mut dec = spawn(Role::Decode, 256, None, Duration::from_secs(30)).await;
+    let mut pre = spawn_with(
+        Role::Prefill,
+        256,
+        None,
+        Duration::from_millis(300),
+        pre_ucx.clone(),
+    )
+    .await;
+    let mut dec = spawn_with(Role::Decode, 256, None, Duration::from_secs(30), dec_ucx).await;
 
-    // The normal path: pulled over gRPC, lease released.
+    // The normal path: pulled, lease released.
     let (got, _) = handoff(&mut pre.client, &pre.url, &mut dec.client, |_| {}).await;
     assert_eq!(got, want);
     let d = stats(&mut dec.client).await;
     assert_eq!((d.kv_pulls, d.kv_recomputes), (1, 0));
     assert_eq!(d.kv_pull_bytes, 5 * 2 * 2 * 4 * 2 * 8 * 4);
+    assert_eq!(d.kv_transport, transport);
+    assert_eq!(d.kv_peers.len(), 1, "{d:?}");
+    let peer = &d.kv_peers[0];
+    assert_eq!((peer.transport.as_str(), peer.transfers), (transport, 1));
+    assert_eq!(peer.bytes, d.kv_pull_bytes);
+    assert!(peer.last_gib_per_s > 0.0 && peer.last_seconds > 0.0);
+    if transport == "ucx" {
+        assert!(!peer.ucx_transports.is_empty(), "{peer:?}");
+        assert!(!d.ucx_transports.is_empty() && !d.ucx_version.is_empty());
+    }
+    assert!(!peer.degraded && !d.kv_degraded);
     assert_eq!(stats(&mut pre.client).await.kv_leases_pinned, 0);
 
     // Faults: each is a typed error at once, then a local recompute with the same tokens.
@@ -411,7 +470,14 @@ async fn kv_blocks_move_by_lease_and_every_fault_falls_back_to_a_correct_recompu
     // The prefill worker dies before the pull: connection refused, recompute.
     let _ = pre.stop.send(());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut pre2 = spawn(Role::Prefill, 256, None, Duration::from_secs(30)).await;
+    let mut pre2 = spawn_with(
+        Role::Prefill,
+        256,
+        None,
+        Duration::from_secs(30),
+        pre_ucx.clone(),
+    )
+    .await;
     let (got, took) = handoff(&mut pre2.client, &pre.url, &mut dec.client, |_| {}).await;
     assert_eq!(got, want);
     let d = stats(&mut dec.client).await;

@@ -59,6 +59,45 @@ pub struct Args {
     pub worker_id: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
+    /// How KV blocks move between prefill and decode workers: `ucx` (the system libucp; fails
+    /// to start without it), `grpc` (streamed over the control connection), or `auto` (UCX when
+    /// the library loads, else gRPC). UCX honours UCX_TLS, UCX_NET_DEVICES and the rest.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_transport: KvTransportChoice,
+    /// UCX transports a KV link should use (comma-separated prefixes, e.g. `rc,cuda_ipc`); a link
+    /// using none of them is reported degraded in Stats. Default: degraded when a link fell back
+    /// to TCP although the UCX context offers RDMA, shared memory or CUDA IPC.
+    #[arg(long, value_delimiter = ',')]
+    pub kv_expect_transports: Vec<String>,
+    /// Testing: wait this long before sending each lease's KV blocks (to kill a worker in the
+    /// middle of a transfer).
+    #[arg(long, hide = true)]
+    pub fault_kv_send_delay: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KvTransportChoice {
+    Auto,
+    Ucx,
+    Grpc,
+}
+
+/// Starts UCX as `choice` asks: `None` for gRPC.
+pub fn start_ucx(choice: KvTransportChoice) -> anyhow::Result<Option<Arc<dopd_ucx::Ucx>>> {
+    match choice {
+        KvTransportChoice::Grpc => Ok(None),
+        KvTransportChoice::Ucx => {
+            let u = dopd_ucx::Ucx::start().context("--kv-transport ucx")?;
+            Ok(Some(Arc::new(u)))
+        }
+        KvTransportChoice::Auto => match dopd_ucx::Ucx::start() {
+            Ok(u) => Ok(Some(Arc::new(u))),
+            Err(e) => {
+                eprintln!("dopd worker: {e}; KV blocks move over gRPC");
+                Ok(None)
+            }
+        },
+    }
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -67,6 +106,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     super::parse_duration_s(&a.kv_lease_ttl).context("--kv-lease-ttl")?;
     super::parse_duration_s(&a.kv_transfer_deadline).context("--kv-transfer-deadline")?;
+    if let Some(d) = &a.fault_kv_send_delay {
+        super::parse_duration_s(d).context("--fault-kv-send-delay")?;
+    }
     match a.device {
         Device::Cpu => run_on::<burn::backend::Flex>(a, Default::default()),
         #[cfg(feature = "cuda")]
@@ -126,12 +168,24 @@ where
         };
         let secs =
             |s: &str| std::time::Duration::from_secs_f64(super::parse_duration_s(s).unwrap_or(1.0));
-        let svc = WorkerService::new(EngineHandle::spawn(engine), info, tokenizer, loaded.eos)
+        let mut svc = WorkerService::new(EngineHandle::spawn(engine), info, tokenizer, loaded.eos)
             .with_transfer(secs(&a.kv_lease_ttl), secs(&a.kv_transfer_deadline));
+        if let Some(d) = &a.fault_kv_send_delay {
+            svc = svc.with_kv_send_delay(secs(d));
+        }
+        if let Some(u) = start_ucx(a.kv_transport)? {
+            eprintln!(
+                "dopd worker: UCX {} with transports {}",
+                u.info().version,
+                u.info().transports.join(",")
+            );
+            svc = svc.with_ucx(u, a.kv_expect_transports.clone());
+        }
         println!(
-            "dopd worker: role {} model {} listening on {addr}",
+            "dopd worker: role {} model {} listening on {addr} (KV over {})",
             a.role,
-            a.model.display()
+            a.model.display(),
+            svc.kv_transport()
         );
         std::io::stdout().flush()?;
         serve(listener, svc, shutdown_signal()).await?;
