@@ -13,6 +13,10 @@ command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
+# UCX for KV transfer (loaded at run time; the headers let the layout test check the bindings,
+# ucx_perftest is the benchmark's reference).
+[ -f /usr/include/ucp/api/ucp.h ] || need_apt+=(libucx-dev)
+command -v ucx_perftest >/dev/null 2>&1 || need_apt+=(ucx-utils)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq

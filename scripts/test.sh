@@ -12,6 +12,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy --features cuda (the GPU build compiles; no GPU needed)"
 cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
 echo "== cargo test"
+# UCX tests run over loopback TCP unless the caller chose other transports.
+export UCX_TLS=${UCX_TLS:-tcp}
 cargo test --workspace --locked
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet

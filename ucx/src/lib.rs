@@ -64,19 +64,57 @@ pub struct Sent {
 
 type Reply<T> = oneshot::Sender<Result<T, UcxError>>;
 
+/// Most parts in one message (the part index lives in the low bits of the wire tag).
+pub const MAX_PARTS: usize = 1 << PART_BITS;
+const PART_BITS: u32 = 20;
+/// Largest user tag (the wire tag is `tag << 20 | part`).
+pub const MAX_TAG: u64 = (1 << (64 - PART_BITS)) - 1;
+
+/// Memory a send reads: one or more byte ranges, owned until UCX is done with them. Each part
+/// travels as its own tagged message, all in flight at once (UCX pipelines them).
+pub trait Parts: Send + 'static {
+    fn parts(&self) -> Vec<&[u8]>;
+}
+
+/// Memory a receive fills, part by part (each part must arrive with exactly its length).
+pub trait PartsMut: std::any::Any + Send {
+    fn parts_mut(&mut self) -> Vec<&mut [u8]>;
+}
+
+impl Parts for Vec<u8> {
+    fn parts(&self) -> Vec<&[u8]> {
+        vec![self]
+    }
+}
+
+impl PartsMut for Vec<u8> {
+    fn parts_mut(&mut self) -> Vec<&mut [u8]> {
+        vec![self]
+    }
+}
+
+/// KV blocks: one part per block, received straight into the final vectors.
+impl PartsMut for Vec<Vec<f32>> {
+    fn parts_mut(&mut self) -> Vec<&mut [u8]> {
+        self.iter_mut()
+            .map(|b| bytemuck::cast_slice_mut::<f32, u8>(b))
+            .collect()
+    }
+}
+
 enum Cmd {
     Send {
         peer: Vec<u8>,
         tag: u64,
-        data: Vec<u8>,
+        data: Box<dyn Parts>,
         deadline: Instant,
         reply: Reply<Sent>,
     },
     Recv {
         tag: u64,
-        len: usize,
+        buf: Box<dyn PartsMut>,
         deadline: Instant,
-        reply: Reply<Vec<u8>>,
+        reply: Reply<Box<dyn PartsMut>>,
     },
     Stop,
 }
@@ -125,12 +163,13 @@ impl Ucx {
         &self.info
     }
 
-    /// Sends `data` under `tag` to the worker at `peer`; fails after `timeout`.
+    /// Sends `data` under `tag` (at most [`MAX_TAG`]) to the worker at `peer`, each part as a
+    /// message of its own; fails after `timeout`.
     pub async fn send(
         &self,
         peer: &[u8],
         tag: u64,
-        data: Vec<u8>,
+        data: impl Parts,
         timeout: Duration,
     ) -> Result<Sent, UcxError> {
         let (reply, rx) = oneshot::channel();
@@ -138,7 +177,7 @@ impl Ucx {
             .send(Cmd::Send {
                 peer: peer.to_vec(),
                 tag,
-                data,
+                data: Box::new(data),
                 deadline: Instant::now() + timeout,
                 reply,
             })
@@ -146,19 +185,38 @@ impl Ucx {
         rx.await.map_err(|_| UcxError::Stopped)?
     }
 
-    /// Posts a receive of exactly `len` bytes under `tag`. Post it before the peer sends; drop
-    /// the returned [`Receive`] to cancel it.
-    pub fn recv(&self, tag: u64, len: usize, timeout: Duration) -> Result<Receive, UcxError> {
+    /// Posts a receive of `len` bytes under `tag`. Post it before the peer sends; drop the
+    /// returned [`Receive`] to cancel it.
+    pub fn recv(
+        &self,
+        tag: u64,
+        len: usize,
+        timeout: Duration,
+    ) -> Result<Receive<Vec<u8>>, UcxError> {
+        self.recv_into(tag, vec![0u8; len], timeout)
+    }
+
+    /// Posts a receive that fills `buf` part by part (the sender's parts must have the same
+    /// lengths), under `tag`; the filled `buf` comes back from [`Receive::wait`].
+    pub fn recv_into<P: PartsMut>(
+        &self,
+        tag: u64,
+        buf: P,
+        timeout: Duration,
+    ) -> Result<Receive<P>, UcxError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Recv {
                 tag,
-                len,
+                buf: Box::new(buf),
                 deadline: Instant::now() + timeout,
                 reply,
             })
             .map_err(|_| UcxError::Stopped)?;
-        Ok(Receive { rx })
+        Ok(Receive {
+            rx,
+            _p: std::marker::PhantomData,
+        })
     }
 }
 
@@ -171,14 +229,18 @@ impl Drop for Ucx {
     }
 }
 
-/// A posted receive; await [`Receive::wait`] for the bytes. Dropping it cancels the receive.
-pub struct Receive {
-    rx: oneshot::Receiver<Result<Vec<u8>, UcxError>>,
+/// A posted receive; await [`Receive::wait`] for the filled buffer. Dropping it cancels the
+/// receive.
+pub struct Receive<P> {
+    rx: oneshot::Receiver<Result<Box<dyn PartsMut>, UcxError>>,
+    _p: std::marker::PhantomData<P>,
 }
 
-impl Receive {
-    pub async fn wait(self) -> Result<Vec<u8>, UcxError> {
-        self.rx.await.map_err(|_| UcxError::Stopped)?
+impl<P: PartsMut> Receive<P> {
+    pub async fn wait(self) -> Result<P, UcxError> {
+        let b: Box<dyn std::any::Any> = self.rx.await.map_err(|_| UcxError::Stopped)??;
+        // The box was made from a `P` in `recv_into`.
+        b.downcast::<P>().map(|p| *p).map_err(|_| UcxError::Stopped)
     }
 }
 
@@ -240,22 +302,29 @@ struct Endpoint {
 
 enum Kind {
     Send {
-        _data: Vec<u8>,
+        /// Read by UCX until every request is done.
+        _data: Box<dyn Parts>,
         peer: Vec<u8>,
         bytes: usize,
         reply: Option<Reply<Sent>>,
     },
     Recv {
-        buf: Vec<u8>,
-        info: Box<sys::ucp_tag_recv_info_t>,
-        want: usize,
-        reply: Option<Reply<Vec<u8>>>,
+        /// Written by UCX until every request is done.
+        buf: Box<dyn PartsMut>,
+        /// Per part: its receive info (UCX writes it; the vector is never resized, so the
+        /// elements stay put) and expected length.
+        infos: Vec<sys::ucp_tag_recv_info_t>,
+        wants: Vec<usize>,
+        reply: Option<Reply<Box<dyn PartsMut>>>,
     },
     Close,
 }
 
 struct Op {
-    req: *mut c_void,
+    /// One request per part; null once that part completed.
+    reqs: Vec<*mut c_void>,
+    /// The first failure among the parts.
+    error: Option<sys::ucs_status_t>,
     kind: Kind,
     deadline: Instant,
     /// Cancelled (receive) or its endpoint force-closed (send); waiting for UCX to finish it.
@@ -270,6 +339,20 @@ struct Worker {
     info: Info,
     eps: HashMap<Vec<u8>, Endpoint>,
     ops: Vec<Op>,
+}
+
+fn wire_tag(tag: u64, part: usize) -> u64 {
+    (tag << PART_BITS) | part as u64
+}
+
+fn check_tag(tag: u64, parts: usize) -> Result<(), UcxError> {
+    if tag > MAX_TAG || parts > MAX_PARTS {
+        return Err(UcxError::Status {
+            op: "tag",
+            status: format!("tag {tag} or {parts} parts out of range"),
+        });
+    }
+    Ok(())
 }
 
 impl Worker {
@@ -408,10 +491,10 @@ impl Worker {
                 }) => self.start_send(peer, tag, data, deadline, reply),
                 Some(Cmd::Recv {
                     tag,
-                    len,
+                    buf,
                     deadline,
                     reply,
-                }) => self.start_recv(tag, len, deadline, reply),
+                }) => self.start_recv(tag, buf, deadline, reply),
                 None => {}
             }
             let mut progressed = false;
@@ -492,14 +575,38 @@ impl Worker {
         }
     }
 
+    /// Turns `nbx` results into an op's request list: a request handle stays pending, an
+    /// immediate completion is null, an error is recorded (and posting stops).
+    fn collect(
+        results: impl Iterator<Item = sys::ucs_status_ptr_t>,
+    ) -> (Vec<*mut c_void>, Option<sys::ucs_status_t>) {
+        let mut reqs = Vec::new();
+        for p in results {
+            if sys::ptr_is_err(p) {
+                return (reqs, Some(sys::ptr_status(p)));
+            }
+            reqs.push(if sys::ptr_is_ptr(p) {
+                p
+            } else {
+                std::ptr::null_mut()
+            });
+        }
+        (reqs, None)
+    }
+
     fn start_send(
         &mut self,
         peer: Vec<u8>,
         tag: u64,
-        data: Vec<u8>,
+        data: Box<dyn Parts>,
         deadline: Instant,
         reply: Reply<Sent>,
     ) {
+        let parts = data.parts();
+        if let Err(e) = check_tag(tag, parts.len()) {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let ep = match self.endpoint(&peer) {
             Ok(ep) => ep,
             Err(e) => {
@@ -508,114 +615,150 @@ impl Worker {
             }
         };
         let param = Self::param(std::ptr::null_mut());
-        // SAFETY: ep is live; `data` stays owned by the Op below (or is dropped only after
-        // UCX reported completion) so the buffer outlives the request.
-        let p =
-            unsafe { (self.api.tag_send_nbx)(ep, data.as_ptr().cast(), data.len(), tag, &param) };
-        let bytes = data.len();
-        if sys::ptr_is_err(p) {
-            let e = self.status("send", sys::ptr_status(p));
-            self.drop_endpoint(&peer);
-            let _ = reply.send(Err(e));
-        } else if !sys::ptr_is_ptr(p) {
-            let transports = self.endpoint_info(&peer);
-            let _ = reply.send(Ok(Sent { bytes, transports }));
-        } else {
-            self.ops.push(Op {
-                req: p,
-                kind: Kind::Send {
-                    _data: data,
-                    peer,
-                    bytes,
-                    reply: Some(reply),
-                },
-                deadline,
-                abandoned: false,
-            });
-        }
-    }
-
-    fn start_recv(&mut self, tag: u64, len: usize, deadline: Instant, reply: Reply<Vec<u8>>) {
-        let mut buf = vec![0u8; len];
-        let mut info = Box::new(sys::ucp_tag_recv_info_t {
-            sender_tag: 0,
-            length: 0,
+        let bytes = parts.iter().map(|p| p.len()).sum();
+        let send = self.api.tag_send_nbx;
+        let (reqs, error) = Self::collect(parts.iter().enumerate().map(|(i, p)| {
+            // SAFETY: ep is live; every part borrows from `data`, which the Op below owns
+            // until all requests are complete, so the memory outlives them.
+            unsafe { send(ep, p.as_ptr().cast(), p.len(), wire_tag(tag, i), &param) }
+        }));
+        drop(parts);
+        self.ops.push(Op {
+            reqs,
+            error,
+            kind: Kind::Send {
+                _data: data,
+                peer,
+                bytes,
+                reply: Some(reply),
+            },
+            deadline,
+            abandoned: false,
         });
-        let param = Self::param((&mut *info as *mut sys::ucp_tag_recv_info_t).cast());
-        // SAFETY: the worker is live; `buf` and `info` are heap allocations owned by the Op
-        // below until UCX reports completion.
-        let p = unsafe {
-            (self.api.tag_recv_nbx)(
-                self.worker,
-                buf.as_mut_ptr().cast(),
-                len,
-                tag,
-                u64::MAX,
-                &param,
-            )
-        };
-        if sys::ptr_is_err(p) {
-            let _ = reply.send(Err(self.status("receive", sys::ptr_status(p))));
-        } else if !sys::ptr_is_ptr(p) {
-            let _ = reply.send(check_len(buf, info.length, len));
-        } else {
-            self.ops.push(Op {
-                req: p,
-                kind: Kind::Recv {
-                    buf,
-                    info,
-                    want: len,
-                    reply: Some(reply),
-                },
-                deadline,
-                abandoned: false,
-            });
-        }
     }
 
-    /// Answers finished operations and abandons overdue or unwanted ones.
+    fn start_recv(
+        &mut self,
+        tag: u64,
+        mut buf: Box<dyn PartsMut>,
+        deadline: Instant,
+        reply: Reply<Box<dyn PartsMut>>,
+    ) {
+        let parts = buf.parts_mut();
+        if let Err(e) = check_tag(tag, parts.len()) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let wants: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        let mut infos: Vec<sys::ucp_tag_recv_info_t> = parts
+            .iter()
+            .map(|_| sys::ucp_tag_recv_info_t {
+                sender_tag: 0,
+                length: 0,
+            })
+            .collect();
+        let (worker, recv) = (self.worker, self.api.tag_recv_nbx);
+        let (reqs, error) = Self::collect(parts.into_iter().zip(infos.iter_mut()).enumerate().map(
+            |(i, (p, info))| {
+                let param = Self::param((info as *mut sys::ucp_tag_recv_info_t).cast());
+                // SAFETY: the worker is live; the part and its info box are heap memory owned
+                // by the Op below until every request is complete.
+                unsafe {
+                    recv(
+                        worker,
+                        p.as_mut_ptr().cast(),
+                        p.len(),
+                        wire_tag(tag, i),
+                        u64::MAX,
+                        &param,
+                    )
+                }
+            },
+        ));
+        self.ops.push(Op {
+            reqs,
+            error,
+            kind: Kind::Recv {
+                buf,
+                infos,
+                wants,
+                reply: Some(reply),
+            },
+            deadline,
+            abandoned: false,
+        });
+    }
+
+    /// Polls an op's pending requests; returns whether all are done.
+    fn poll(&mut self, i: usize) -> bool {
+        let api = &self.api;
+        let op = &mut self.ops[i];
+        for (j, req) in op.reqs.iter_mut().enumerate() {
+            if req.is_null() {
+                continue;
+            }
+            let status = match &mut op.kind {
+                // SAFETY: req is a live receive request; the info box is its out struct.
+                Kind::Recv { infos, .. } => unsafe {
+                    (api.tag_recv_request_test)(*req, &mut infos[j])
+                },
+                // SAFETY: req is a live request.
+                _ => unsafe { (api.request_check_status)(*req) },
+            };
+            if status == sys::UCS_INPROGRESS {
+                continue;
+            }
+            // SAFETY: the request is complete; it is freed once and nulled.
+            unsafe { (api.request_free)(*req) };
+            *req = std::ptr::null_mut();
+            if status != sys::UCS_OK && op.error.is_none() {
+                op.error = Some(status);
+            }
+        }
+        op.reqs.iter().all(|r| r.is_null())
+    }
+
+    /// Answers finished operations and abandons overdue, failed or unwanted ones.
     fn reap(&mut self) {
         let now = Instant::now();
         let mut i = 0;
         while i < self.ops.len() {
-            let req = self.ops[i].req;
-            let status = match &mut self.ops[i].kind {
-                // SAFETY: req is a live receive request; info is its out struct.
-                Kind::Recv { info, .. } => unsafe {
-                    (self.api.tag_recv_request_test)(req, &mut **info)
-                },
-                // SAFETY: req is a live request.
-                _ => unsafe { (self.api.request_check_status)(req) },
-            };
-            if status == sys::UCS_INPROGRESS {
-                let op = &mut self.ops[i];
+            if !self.poll(i) {
+                let op = &self.ops[i];
                 let unwanted = match &op.kind {
                     Kind::Recv { reply, .. } => reply.as_ref().is_none_or(|r| r.is_closed()),
                     Kind::Send { reply, .. } => reply.as_ref().is_none_or(|r| r.is_closed()),
                     Kind::Close => false,
                 };
                 let overdue = now >= op.deadline;
-                if !op.abandoned && (overdue || unwanted) {
+                if !op.abandoned && (overdue || unwanted || op.error.is_some()) {
                     self.abandon(i, overdue);
                 }
                 i += 1;
                 continue;
             }
             let op = self.ops.swap_remove(i);
-            // SAFETY: the request is complete; it is freed once and never used again.
-            unsafe { (self.api.request_free)(req) };
+            let error = op.error.map(|s| {
+                let what = if matches!(op.kind, Kind::Recv { .. }) {
+                    "receive"
+                } else {
+                    "send"
+                };
+                self.status(what, s)
+            });
             match op.kind {
                 Kind::Send {
                     peer, bytes, reply, ..
                 } => {
-                    let r = if status == sys::UCS_OK {
-                        Ok(Sent {
+                    let r = match error {
+                        None => Ok(Sent {
                             bytes,
                             transports: self.endpoint_info(&peer),
-                        })
-                    } else {
-                        self.drop_endpoint(&peer);
-                        Err(self.status("send", status))
+                        }),
+                        Some(e) => {
+                            self.drop_endpoint(&peer);
+                            Err(e)
+                        }
                     };
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
@@ -623,14 +766,21 @@ impl Worker {
                 }
                 Kind::Recv {
                     buf,
-                    info,
-                    want,
+                    infos,
+                    wants,
                     reply,
                 } => {
-                    let r = if status == sys::UCS_OK {
-                        check_len(buf, info.length, want)
-                    } else {
-                        Err(self.status("receive", status))
+                    let short = infos
+                        .iter()
+                        .zip(&wants)
+                        .find(|(info, want)| info.length != **want)
+                        .map(|(info, want)| UcxError::Length {
+                            got: info.length,
+                            want: *want,
+                        });
+                    let r = match (error, short) {
+                        (Some(e), _) | (None, Some(e)) => Err(e),
+                        (None, None) => Ok(buf),
                     };
                     if let Some(reply) = reply {
                         let _ = reply.send(r);
@@ -642,30 +792,32 @@ impl Worker {
     }
 
     /// Gives up on operation `i`: answers its caller now, and asks UCX to finish it (cancel a
-    /// receive; force-close a send's endpoint). The buffer stays owned until UCX is done.
+    /// receive's parts; force-close a send's endpoint). The memory stays owned until UCX is
+    /// done.
     fn abandon(&mut self, i: usize, overdue: bool) {
-        let req = self.ops[i].req;
         self.ops[i].abandoned = true;
+        let status = self.ops[i].error.map(|s| self.status("transfer", s));
+        let why = |what: &'static str| match (&status, overdue) {
+            (Some(e), _) => e.clone(),
+            (None, true) => UcxError::Deadline(what),
+            (None, false) => UcxError::Cancelled(what),
+        };
         let mut close = None;
-        match &mut self.ops[i].kind {
+        let (worker, cancel) = (self.worker, self.api.request_cancel);
+        let op = &mut self.ops[i];
+        match &mut op.kind {
             Kind::Recv { reply, .. } => {
                 if let Some(r) = reply.take() {
-                    let _ = r.send(Err(if overdue {
-                        UcxError::Deadline("receive")
-                    } else {
-                        UcxError::Cancelled("receive")
-                    }));
+                    let _ = r.send(Err(why("receive")));
                 }
-                // SAFETY: req is a live receive request of this worker.
-                unsafe { (self.api.request_cancel)(self.worker, req) };
+                for req in op.reqs.iter().filter(|r| !r.is_null()) {
+                    // SAFETY: req is a live receive request of this worker.
+                    unsafe { cancel(worker, *req) };
+                }
             }
             Kind::Send { reply, peer, .. } => {
                 if let Some(r) = reply.take() {
-                    let _ = r.send(Err(if overdue {
-                        UcxError::Deadline("send")
-                    } else {
-                        UcxError::Cancelled("send")
-                    }));
+                    let _ = r.send(Err(why("send")));
                 }
                 close = Some(peer.clone());
             }
@@ -703,11 +855,12 @@ impl Worker {
         param.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
         param.flags = sys::UCP_EP_CLOSE_FLAG_FORCE;
         // SAFETY: the endpoint is live and removed from the map, so it is closed once; its
-        // outstanding sends complete with an error and are reaped (buffers still owned).
+        // outstanding sends complete with an error and are reaped (memory still owned).
         let p = unsafe { (self.api.ep_close_nbx)(e.ep, &param) };
         if sys::ptr_is_ptr(p) {
             self.ops.push(Op {
-                req: p,
+                reqs: vec![p],
+                error: None,
                 kind: Kind::Close,
                 deadline: Instant::now() + Duration::from_secs(3600),
                 abandoned: true,
@@ -732,8 +885,8 @@ impl Worker {
             self.reap();
         }
         if !self.ops.is_empty() {
-            // UCX still holds requests into these buffers: leak them rather than free memory
-            // it may write to, and leave the worker and context alive for the same reason.
+            // UCX still holds requests into this memory: leak it rather than free memory UCX
+            // may write to, and leave the worker and context alive for the same reason.
             tracing::warn!(
                 pending = self.ops.len(),
                 "UCX operations still pending at shutdown"
@@ -748,14 +901,6 @@ impl Worker {
             (self.api.cleanup)(self.context);
         }
     }
-}
-
-fn check_len(mut buf: Vec<u8>, got: usize, want: usize) -> Result<Vec<u8>, UcxError> {
-    if got != want {
-        return Err(UcxError::Length { got, want });
-    }
-    buf.truncate(got);
-    Ok(buf)
 }
 
 /// Runs a UCX `*_print_info` into a temporary file and returns the text.

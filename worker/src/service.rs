@@ -755,13 +755,27 @@ impl KvTransport for GrpcTransport {
     }
 }
 
+/// A pinned export as UCX message parts: one per block, sent from the lease's own memory.
+struct LeaseParts(Arc<KvExport>);
+
+impl dopd_ucx::Parts for LeaseParts {
+    fn parts(&self) -> Vec<&[u8]> {
+        // The receiver is the same architecture family (UCX peers exchange raw f32 memory).
+        self.0
+            .blocks
+            .iter()
+            .map(|b| bytemuck::cast_slice::<f32, u8>(b))
+            .collect()
+    }
+}
+
 /// The UCX transport: the decode worker posts a tagged receive of the whole lease, asks the
 /// prefill worker (over gRPC) to send it there over UCX, and releases the lease over gRPC.
 pub struct UcxTransport {
     pub grpc: GrpcTransport,
     pub ucx: Arc<Ucx>,
-    /// Unique among this worker's receives.
-    pub tag: u64,
+    /// Source of tags unique among this worker's receives (one per pull).
+    pub tags: Arc<AtomicU64>,
     pub deadline: Duration,
     /// Filled with the link's UCX transports (as the sender reports them) on success.
     pub lanes: Arc<Mutex<Vec<String>>>,
@@ -774,10 +788,18 @@ impl KvTransport for UcxTransport {
     }
 
     async fn pull(&self, h: &KvHandle) -> Result<KvExport, TransferError> {
-        let total = h.total_bytes();
+        if !h.block_bytes.is_multiple_of(4) || h.blocks > dopd_ucx::MAX_PARTS {
+            return Err(TransferError::Transport(format!(
+                "handle of {} blocks of {} bytes cannot travel over UCX",
+                h.blocks, h.block_bytes
+            )));
+        }
+        let tag = self.tags.fetch_add(1, Ordering::Relaxed) & dopd_ucx::MAX_TAG;
+        // Each block is received straight into its final vector.
+        let blocks = vec![vec![0f32; h.block_bytes / 4]; h.blocks];
         let receive = self
             .ucx
-            .recv(self.tag, total, self.deadline)
+            .recv_into(tag, blocks, self.deadline)
             .map_err(|e| TransferError::Transport(e.to_string()))?;
         let mut c = self.grpc.client.clone();
         // An error here (lease gone, prefill worker dead) drops `receive`, which cancels it.
@@ -786,29 +808,23 @@ impl KvTransport for UcxTransport {
                 lease: h.lease,
                 epoch: h.epoch,
                 ucx_address: self.ucx.address().to_vec(),
-                tag: self.tag,
+                tag,
                 deadline_ms: self.deadline.as_millis().min(u128::from(u32::MAX)) as u32,
             })
             .await
             .map_err(|s| transfer_error(&s, h))?
             .into_inner();
-        let bytes = receive.wait().await.map_err(|e| match e {
+        let blocks = receive.wait().await.map_err(|e| match e {
             dopd_ucx::UcxError::Deadline(_) => TransferError::Deadline(self.deadline),
             e => TransferError::Transport(e.to_string()),
         })?;
-        if bytes.len() != total || h.block_bytes == 0 {
-            return Err(TransferError::Transport(format!(
-                "received {} bytes, expected {total}",
-                bytes.len()
-            )));
-        }
         if let Ok(mut l) = self.lanes.lock() {
             *l = sent.ucx_transports;
         }
         Ok(KvExport {
             fingerprint: h.fingerprint,
             tokens: h.tokens,
-            blocks: bytes.chunks(h.block_bytes).map(le_bytes_to_f32).collect(),
+            blocks,
         })
     }
 
@@ -954,7 +970,7 @@ impl Worker for WorkerService {
                             let t = UcxTransport {
                                 grpc: g,
                                 ucx: ucx.clone(),
-                                tag: self.next_tag.fetch_add(1, Ordering::Relaxed),
+                                tags: self.next_tag.clone(),
                                 deadline,
                                 lanes: lanes.clone(),
                             };
@@ -1194,12 +1210,8 @@ impl Worker for WorkerService {
         if !self.kv_send_delay.is_zero() {
             tokio::time::sleep(self.kv_send_delay).await;
         }
-        let mut data = Vec::with_capacity(kv.blocks.iter().map(|b| b.len() * 4).sum());
-        for b in &kv.blocks {
-            data.extend_from_slice(&f32_to_le_bytes(b));
-        }
         let sent = ucx
-            .send(&r.ucx_address, r.tag, data, deadline)
+            .send(&r.ucx_address, r.tag, LeaseParts(kv), deadline)
             .await
             .map_err(|e| match e {
                 dopd_ucx::UcxError::Deadline(_) => {

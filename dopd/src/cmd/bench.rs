@@ -417,23 +417,40 @@ fn compare_logits(a: &[f32], b: &[f32], vocab: usize) -> LogitCheck {
 #[derive(Debug, Serialize)]
 struct KvRow {
     case: String,
+    /// `grpc` and `ucx`: the decode worker's pull path end to end; `ucx-msg`: one tagged UCX
+    /// message between two workers (no RPC, no conversion); `ucx_perftest`: UCX's own tag_bw
+    /// on the same link; `tcp`: a plain loopback socket.
     transport: &'static str,
-    blocks: usize,
     bytes: usize,
     median_ms: f64,
     min_ms: f64,
     gib_per_s: f64,
 }
 
-/// Pins exports in a real prefill worker's lease table and pulls them through the gRPC transport
-/// (the decode worker's code path), timing each pull.
+fn kv_row(case: &str, transport: &'static str, bytes: usize, mut times: Vec<f64>) -> KvRow {
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    KvRow {
+        case: case.to_string(),
+        transport,
+        bytes,
+        median_ms: median * 1e3,
+        min_ms: times[0] * 1e3,
+        gib_per_s: bytes as f64 / median / f64::from(1u32 << 30),
+    }
+}
+
+/// Pins exports in a real prefill worker's lease table and pulls them the way a decode worker
+/// does, over gRPC and (where libucp loads) over UCX; then times one bare UCX message of the
+/// same size, runs `ucx_perftest` tag_bw on the same link, and a plain TCP socket.
 fn kv(a: KvArgs) -> anyhow::Result<()> {
     use dopd_worker::kv::KvExport;
     use dopd_worker::model::{Llama, LlamaConfig};
     use dopd_worker::service::{
-        EngineHandle, GrpcTransport, Role, WorkerInfo, WorkerService, serve,
+        EngineHandle, GrpcTransport, Role, UcxTransport, WorkerInfo, WorkerService, serve,
     };
     use dopd_worker::transfer::KvTransport;
+    use std::sync::Mutex;
     use std::time::Duration;
 
     if a.reps == 0 || a.tokens.contains(&0) {
@@ -453,6 +470,22 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
             (4 << 20) / 4,
         ));
     }
+    // Two UCX workers (prefill side, decode side), or the reason there are none.
+    let ucx = match (dopd_ucx::Ucx::start(), dopd_ucx::Ucx::start()) {
+        (Ok(p), Ok(d)) => {
+            eprintln!(
+                "UCX {} with transports {} (UCX_TLS={})",
+                p.info().version,
+                p.info().transports.join(","),
+                std::env::var("UCX_TLS").unwrap_or_else(|_| "unset".into())
+            );
+            Some((Arc::new(p), Arc::new(d)))
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("UCX rows skipped: {e}");
+            None
+        }
+    };
     let rt = tokio::runtime::Runtime::new()?;
     let rows = rt.block_on(async {
         // A prefill worker: a tiny model serves (pulls never touch the engine).
@@ -466,8 +499,11 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
             role: Role::Prefill,
             context: 4096,
         };
-        let svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
+        let mut svc = WorkerService::new(EngineHandle::spawn(engine), info, None, vec![])
             .with_transfer(Duration::from_secs(600), Duration::from_secs(60));
+        if let Some((p, _)) = &ucx {
+            svc = svc.with_ucx(p.clone(), vec![]);
+        }
         let table = svc.lease_table();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -475,10 +511,21 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
         tokio::spawn(serve(listener, svc, async {
             let _ = stopped.await;
         }));
-        let transport = GrpcTransport::connect(&url, Duration::from_secs(5)).await?;
+        let deadline = Duration::from_secs(60);
+        let tags = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let mut transports: Vec<Box<dyn KvTransport>> =
+            vec![Box::new(GrpcTransport::connect(&url, deadline).await?)];
+        if let Some((_, d)) = &ucx {
+            transports.push(Box::new(UcxTransport {
+                grpc: GrpcTransport::connect(&url, deadline).await?,
+                ucx: d.clone(),
+                tags: tags.clone(),
+                deadline,
+                lanes: Arc::new(Mutex::new(Vec::new())),
+            }));
+        }
         let mut rows = Vec::new();
         for (name, blocks, floats) in &cases {
-            eprint!("{name}: ");
             let kv = KvExport {
                 fingerprint: 0,
                 tokens: blocks * 16,
@@ -487,33 +534,54 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
                     .collect(),
             };
             let bytes = blocks * floats * 4;
-            let mut times = Vec::new();
-            for rep in 0..a.reps {
-                let handle = table
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("lease table poisoned"))?
-                    .pin(kv.clone(), Instant::now());
-                let t = Instant::now();
-                let got = transport.pull(&handle).await?;
-                times.push(t.elapsed().as_secs_f64());
-                transport.release(&handle).await?;
-                if rep == 0 && got != kv {
-                    bail!("{name}: the pulled blocks differ from the pinned ones");
+            for t in &transports {
+                eprint!("{name} over {}: ", t.name());
+                let mut times = Vec::new();
+                for rep in 0..a.reps {
+                    let handle = table
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("lease table poisoned"))?
+                        .pin(kv.clone(), Instant::now());
+                    let t0 = Instant::now();
+                    let got = t.pull(&handle).await?;
+                    times.push(t0.elapsed().as_secs_f64());
+                    t.release(&handle).await?;
+                    if rep == 0 && got != kv {
+                        bail!("{name}: the blocks pulled over {} differ", t.name());
+                    }
+                    eprint!(".");
                 }
-                eprint!(".");
+                eprintln!();
+                rows.push(kv_row(name, t.name(), bytes, times));
             }
-            eprintln!();
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            rows.push(KvRow {
-                case: name.clone(),
-                transport: transport.name(),
-                blocks: *blocks,
-                bytes,
-                median_ms: median * 1e3,
-                min_ms: times[0] * 1e3,
-                gib_per_s: bytes as f64 / median / f64::from(1u32 << 30),
-            });
+            if let Some((p, d)) = &ucx {
+                // The same bytes as one bare tagged message between the two workers.
+                eprint!("{name} as one UCX message: ");
+                let mut times = Vec::new();
+                for _ in 0..a.reps {
+                    let tag = tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let data = vec![7u8; bytes];
+                    let t0 = Instant::now();
+                    let recv = d.recv(tag, bytes, deadline)?;
+                    p.send(d.address(), tag, data, deadline).await?;
+                    recv.wait().await?;
+                    times.push(t0.elapsed().as_secs_f64());
+                    eprint!(".");
+                }
+                eprintln!();
+                rows.push(kv_row(name, "ucx-msg", bytes, times));
+                match ucx_perftest(bytes, a.reps) {
+                    Ok(gib_per_s) => rows.push(KvRow {
+                        case: name.clone(),
+                        transport: "ucx_perftest",
+                        bytes,
+                        median_ms: bytes as f64 / gib_per_s / f64::from(1u32 << 30) * 1e3,
+                        min_ms: f64::NAN,
+                        gib_per_s,
+                    }),
+                    Err(e) => eprintln!("ucx_perftest skipped: {e:#}"),
+                }
+            }
         }
         // The link itself: the largest case's bytes over a plain loopback TCP socket.
         if let Some(big) = rows.iter().map(|r| r.bytes).max() {
@@ -524,17 +592,7 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
                 eprint!(".");
             }
             eprintln!();
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            rows.push(KvRow {
-                case: "raw loopback TCP".into(),
-                transport: "tcp",
-                blocks: 1,
-                bytes: big,
-                median_ms: median * 1e3,
-                min_ms: times[0] * 1e3,
-                gib_per_s: big as f64 / median / f64::from(1u32 << 30),
-            });
+            rows.push(kv_row("raw loopback TCP", "tcp", big, times));
         }
         let _ = stop.send(());
         anyhow::Ok(rows)
@@ -544,17 +602,75 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<24} {:>9} {:>7} {:>12} {:>11} {:>9} {:>8}",
-        "case", "transport", "blocks", "bytes", "median ms", "min ms", "GiB/s"
+        "{:<24} {:>13} {:>12} {:>11} {:>9} {:>8} {:>11}",
+        "case", "transport", "bytes", "median ms", "min ms", "GiB/s", "/perftest"
     );
     for r in &rows {
+        let perf = rows
+            .iter()
+            .find(|p| p.case == r.case && p.transport == "ucx_perftest")
+            .map(|p| p.gib_per_s);
+        let ratio = match (perf, r.transport.starts_with("ucx")) {
+            (Some(p), true) => format!("{:.2}", r.gib_per_s / p),
+            _ => String::new(),
+        };
         println!(
-            "{:<24} {:>9} {:>7} {:>12} {:>11.2} {:>9.2} {:>8.3}",
-            r.case, r.transport, r.blocks, r.bytes, r.median_ms, r.min_ms, r.gib_per_s
+            "{:<24} {:>13} {:>12} {:>11.2} {:>9.2} {:>8.3} {:>11}",
+            r.case, r.transport, r.bytes, r.median_ms, r.min_ms, r.gib_per_s, ratio
         );
     }
-    println!("(UCX transport and ucx_perftest: not built yet; see docs/benchmarks.md)");
     Ok(())
+}
+
+/// `ucx_perftest -t tag_bw` between a server and a client process on loopback, with messages of
+/// `bytes` (the environment, UCX_TLS included, is inherited): the overall bandwidth in GiB/s.
+fn ucx_perftest(bytes: usize, reps: usize) -> anyhow::Result<f64> {
+    use std::process::{Command, Stdio};
+    // A free port (released before the server binds it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port()
+        .to_string();
+    // At least 5 messages and about 1 GiB in all, after UCX's own warm-up.
+    let iters = (reps.max(5)).max((1usize << 30) / bytes.max(1)).to_string();
+    let size = bytes.to_string();
+    let args = ["-t", "tag_bw", "-s", &size, "-n", &iters, "-p", &port];
+    let mut server = Command::new("ucx_perftest")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("running ucx_perftest (Debian package ucx-utils)")?;
+    let mut out = None;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let o = Command::new("ucx_perftest")
+            .arg("127.0.0.1")
+            .args(args)
+            .output()?;
+        if o.status.success() {
+            out = Some(String::from_utf8_lossy(&o.stdout).into_owned());
+            break;
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out.context("ucx_perftest client never connected to its server")?;
+    // "Final:  iters  p50  avg  overall  bw_avg  bw_overall  rate_avg  rate_overall" (MB/s is
+    // MiB/s in UCX).
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("Final:"))
+        .context("no Final: line in ucx_perftest output")?;
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let mib_per_s = *nums
+        .get(5)
+        .context("short Final: line in ucx_perftest output")?;
+    Ok(mib_per_s / 1024.0)
 }
 
 /// Seconds to move `bytes` through a loopback TCP connection (write_all / read_exact, 4 MiB
