@@ -87,6 +87,13 @@ impl Parts for Vec<u8> {
     }
 }
 
+/// Shared memory: the sender keeps its copy (e.g. a buffer reused across sends).
+impl<T: Parts + Sync> Parts for std::sync::Arc<T> {
+    fn parts(&self) -> Vec<&[u8]> {
+        (**self).parts()
+    }
+}
+
 impl PartsMut for Vec<u8> {
     fn parts_mut(&mut self) -> Vec<&mut [u8]> {
         vec![self]
@@ -323,6 +330,8 @@ enum Kind {
 struct Op {
     /// One request per part; null once that part completed.
     reqs: Vec<*mut c_void>,
+    /// Parts before this index are complete.
+    next: usize,
     /// The first failure among the parts.
     error: Option<sys::ucs_status_t>,
     kind: Kind,
@@ -625,6 +634,7 @@ impl Worker {
         drop(parts);
         self.ops.push(Op {
             reqs,
+            next: 0,
             error,
             kind: Kind::Send {
                 _data: data,
@@ -677,6 +687,7 @@ impl Worker {
         ));
         self.ops.push(Op {
             reqs,
+            next: 0,
             error,
             kind: Kind::Recv {
                 buf,
@@ -689,33 +700,37 @@ impl Worker {
         });
     }
 
-    /// Polls an op's pending requests; returns whether all are done.
+    /// Polls an op's pending requests in order, stopping at the first still in progress (parts
+    /// complete roughly in order, so each poll costs O(1) however many parts are in flight);
+    /// returns whether all are done.
     fn poll(&mut self, i: usize) -> bool {
         let api = &self.api;
         let op = &mut self.ops[i];
-        for (j, req) in op.reqs.iter_mut().enumerate() {
-            if req.is_null() {
-                continue;
+        while op.next < op.reqs.len() {
+            let j = op.next;
+            let req = op.reqs[j];
+            if !req.is_null() {
+                let status = match &mut op.kind {
+                    // SAFETY: req is a live receive request; infos[j] is its out struct.
+                    Kind::Recv { infos, .. } => unsafe {
+                        (api.tag_recv_request_test)(req, &mut infos[j])
+                    },
+                    // SAFETY: req is a live request.
+                    _ => unsafe { (api.request_check_status)(req) },
+                };
+                if status == sys::UCS_INPROGRESS {
+                    return false;
+                }
+                // SAFETY: the request is complete; it is freed once and nulled.
+                unsafe { (api.request_free)(req) };
+                op.reqs[j] = std::ptr::null_mut();
+                if status != sys::UCS_OK && op.error.is_none() {
+                    op.error = Some(status);
+                }
             }
-            let status = match &mut op.kind {
-                // SAFETY: req is a live receive request; the info box is its out struct.
-                Kind::Recv { infos, .. } => unsafe {
-                    (api.tag_recv_request_test)(*req, &mut infos[j])
-                },
-                // SAFETY: req is a live request.
-                _ => unsafe { (api.request_check_status)(*req) },
-            };
-            if status == sys::UCS_INPROGRESS {
-                continue;
-            }
-            // SAFETY: the request is complete; it is freed once and nulled.
-            unsafe { (api.request_free)(*req) };
-            *req = std::ptr::null_mut();
-            if status != sys::UCS_OK && op.error.is_none() {
-                op.error = Some(status);
-            }
+            op.next += 1;
         }
-        op.reqs.iter().all(|r| r.is_null())
+        true
     }
 
     /// Answers finished operations and abandons overdue, failed or unwanted ones.
@@ -860,6 +875,7 @@ impl Worker {
         if sys::ptr_is_ptr(p) {
             self.ops.push(Op {
                 reqs: vec![p],
+                next: 0,
                 error: None,
                 kind: Kind::Close,
                 deadline: Instant::now() + Duration::from_secs(3600),

@@ -220,6 +220,8 @@ pub struct Engine<B: Backend> {
     running: Vec<Seq>,
     admissions: u64,
     stats: EngineStats,
+    /// Where imported block vectors go once copied into the cache.
+    pool: Option<Arc<crate::transfer::BlockPool>>,
 }
 
 impl<B: Backend> Engine<B> {
@@ -238,7 +240,15 @@ impl<B: Backend> Engine<B> {
             running: Vec::new(),
             admissions: 0,
             stats: EngineStats::default(),
+            pool: None,
         }
+    }
+
+    /// Hands imported block vectors to `pool` once they are in the cache (a decode worker's
+    /// next transfer receives into them).
+    pub fn with_block_pool(mut self, pool: Arc<crate::transfer::BlockPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// The KV layout (for peers that import this engine's exports).
@@ -530,6 +540,9 @@ impl<B: Backend> Engine<B> {
     fn place(&mut self, s: &mut Seq, events: &mut Vec<Event>) -> Result<bool, EngineError> {
         if let Some(kv) = s.import.take() {
             s.cache = Some(self.cache.import(&kv).map_err(EngineError::Import)?);
+            if let Some(p) = &self.pool {
+                p.give(kv.blocks);
+            }
             // The first token was sampled remotely; it may already end the request.
             let first = s.generated[0];
             if let Some((reason, _)) = s.stop.check(first, 1, &s.text) {

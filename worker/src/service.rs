@@ -319,6 +319,7 @@ pub struct WorkerService {
     expect_transports: Vec<String>,
     next_tag: Arc<AtomicU64>,
     kv_send_delay: Duration,
+    pool: Option<Arc<crate::transfer::BlockPool>>,
 }
 
 /// How long pinned KV blocks wait for their decode worker by default.
@@ -349,7 +350,15 @@ impl WorkerService {
             expect_transports: Vec::new(),
             next_tag: Arc::new(AtomicU64::new(1)),
             kv_send_delay: Duration::ZERO,
+            pool: None,
         }
+    }
+
+    /// Receives UCX transfers into vectors from `pool` (give the same pool to the engine with
+    /// [`Engine::with_block_pool`], which returns them after each import).
+    pub fn with_block_pool(mut self, pool: Arc<crate::transfer::BlockPool>) -> Self {
+        self.pool = Some(pool);
+        self
     }
 
     /// Fault injection for tests: waits this long before sending a lease's blocks (PullKv,
@@ -779,6 +788,8 @@ pub struct UcxTransport {
     pub deadline: Duration,
     /// Filled with the link's UCX transports (as the sender reports them) on success.
     pub lanes: Arc<Mutex<Vec<String>>>,
+    /// Recycled block vectors to receive into (fresh ones otherwise).
+    pub pool: Option<Arc<crate::transfer::BlockPool>>,
 }
 
 #[tonic::async_trait]
@@ -796,7 +807,12 @@ impl KvTransport for UcxTransport {
         }
         let tag = self.tags.fetch_add(1, Ordering::Relaxed) & dopd_ucx::MAX_TAG;
         // Each block is received straight into its final vector.
-        let blocks = vec![vec![0f32; h.block_bytes / 4]; h.blocks];
+        let blocks = match &self.pool {
+            Some(p) => p.take(h.blocks, h.block_bytes / 4),
+            None => (0..h.blocks)
+                .map(|_| vec![0f32; h.block_bytes / 4])
+                .collect(),
+        };
         let receive = self
             .ucx
             .recv_into(tag, blocks, self.deadline)
@@ -971,6 +987,7 @@ impl Worker for WorkerService {
                                 grpc: g,
                                 ucx: ucx.clone(),
                                 tags: self.next_tag.clone(),
+                                pool: self.pool.clone(),
                                 deadline,
                                 lanes: lanes.clone(),
                             };

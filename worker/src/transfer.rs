@@ -179,6 +179,66 @@ impl LeaseTable {
     }
 }
 
+/// Block vectors recycled between imports and the next transfer's receive: a decode worker
+/// receives KV blocks into memory that is already mapped and touched, instead of fresh pages the
+/// kernel zero-fills on first write (which costs as much as the transfer itself on loopback).
+/// Holds at most `cap_bytes`; beyond that, returned vectors are freed.
+#[derive(Debug)]
+pub struct BlockPool {
+    cap_bytes: usize,
+    inner: Mutex<Pooled>,
+}
+
+/// Bytes held, and the free vectors by length.
+type Pooled = (usize, HashMap<usize, Vec<Vec<f32>>>);
+
+impl BlockPool {
+    pub fn new(cap_bytes: usize) -> Self {
+        Self {
+            cap_bytes,
+            inner: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// `n` vectors of `len` floats: recycled ones first (their contents are stale: the caller
+    /// overwrites them whole), then new zeroed ones.
+    pub fn take(&self, n: usize, len: usize) -> Vec<Vec<f32>> {
+        let mut out = Vec::with_capacity(n);
+        if let Ok(mut g) = self.inner.lock() {
+            let (held, map) = &mut *g;
+            if let Some(free) = map.get_mut(&len) {
+                while out.len() < n {
+                    let Some(v) = free.pop() else { break };
+                    *held -= len * 4;
+                    out.push(v);
+                }
+            }
+        }
+        out.resize_with(n, || vec![0.0; len]);
+        out
+    }
+
+    /// Returns vectors for reuse (as many as fit under the cap).
+    pub fn give(&self, blocks: Vec<Vec<f32>>) {
+        if let Ok(mut g) = self.inner.lock() {
+            let (held, map) = &mut *g;
+            for b in blocks {
+                let bytes = b.len() * 4;
+                if *held + bytes > self.cap_bytes {
+                    break;
+                }
+                *held += bytes;
+                map.entry(b.len()).or_default().push(b);
+            }
+        }
+    }
+
+    /// Bytes currently held.
+    pub fn held_bytes(&self) -> usize {
+        self.inner.lock().map_or(0, |g| g.0)
+    }
+}
+
 /// Moves pinned blocks from a prefill worker to this one.
 #[tonic::async_trait]
 pub trait KvTransport: Send + Sync {
@@ -256,6 +316,27 @@ mod tests {
             tokens,
             blocks: vec![vec![1.0; 8]; tokens.div_ceil(4)],
         }
+    }
+
+    #[test]
+    fn the_block_pool_recycles_by_length_up_to_its_cap() {
+        let p = BlockPool::new(3 * 8 * 4);
+        let a = p.take(2, 8);
+        assert_eq!((a.len(), a[0].len()), (2, 8));
+        let ptr = a[0].as_ptr();
+        p.give(a);
+        assert_eq!(p.held_bytes(), 64);
+        // Other lengths are not handed out; the cap drops what does not fit.
+        assert_eq!(p.take(1, 4)[0].len(), 4);
+        p.give(vec![vec![1.0; 8], vec![1.0; 8]]);
+        assert_eq!(p.held_bytes(), 96);
+        let b = p.take(4, 8);
+        assert_eq!(b.len(), 4);
+        assert!(
+            b.iter().any(|v| v.as_ptr() == ptr),
+            "a recycled vector is reused"
+        );
+        assert_eq!(p.held_bytes(), 0);
     }
 
     #[test]

@@ -513,6 +513,9 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
         }));
         let deadline = Duration::from_secs(60);
         let tags = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        // The decode worker's recycled receive vectors (its engine returns them after import;
+        // here each pull's blocks go back once checked).
+        let pool = Arc::new(dopd_worker::transfer::BlockPool::new(1 << 30));
         let mut transports: Vec<Box<dyn KvTransport>> =
             vec![Box::new(GrpcTransport::connect(&url, deadline).await?)];
         if let Some((_, d)) = &ucx {
@@ -522,6 +525,7 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
                 tags: tags.clone(),
                 deadline,
                 lanes: Arc::new(Mutex::new(Vec::new())),
+                pool: Some(pool.clone()),
             }));
         }
         let mut rows = Vec::new();
@@ -549,6 +553,7 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
                     if rep == 0 && got != kv {
                         bail!("{name}: the blocks pulled over {} differ", t.name());
                     }
+                    pool.give(got.blocks);
                     eprint!(".");
                 }
                 eprintln!();
@@ -558,13 +563,15 @@ fn kv(a: KvArgs) -> anyhow::Result<()> {
                 // The same bytes as one bare tagged message between the two workers.
                 eprint!("{name} as one UCX message: ");
                 let mut times = Vec::new();
+                // Warm buffers reused across messages, as ucx_perftest does.
+                let data = Arc::new(vec![7u8; bytes]);
+                let mut buf = vec![0u8; bytes];
                 for _ in 0..a.reps {
                     let tag = tags.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let data = vec![7u8; bytes];
                     let t0 = Instant::now();
-                    let recv = d.recv(tag, bytes, deadline)?;
-                    p.send(d.address(), tag, data, deadline).await?;
-                    recv.wait().await?;
+                    let recv = d.recv_into(tag, buf, deadline)?;
+                    p.send(d.address(), tag, data.clone(), deadline).await?;
+                    buf = recv.wait().await?;
                     times.push(t0.elapsed().as_secs_f64());
                     eprint!(".");
                 }

@@ -140,6 +140,10 @@ where
     );
     let tokenizer = loaded.tokenizer.map(Arc::new);
     let detok = tokenizer.clone().map(|t| t as Arc<dyn Detokenizer>);
+    // Decode side: received KV block vectors are recycled (up to a quarter of the cache's size).
+    let pool = Arc::new(dopd_worker::transfer::BlockPool::new(
+        a.kv_blocks * layout.block_width() * 2 * layout.layers * 4 / 4,
+    ));
     let engine = Engine::new(
         Arc::new(loaded.model),
         detok,
@@ -150,7 +154,8 @@ where
             max_prefill_tokens: a.max_prefill_tokens,
             model_hash: loaded.model_hash,
         },
-    );
+    )
+    .with_block_pool(pool.clone());
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&a.listen)
@@ -179,7 +184,9 @@ where
                 u.info().version,
                 u.info().transports.join(",")
             );
-            svc = svc.with_ucx(u, a.kv_expect_transports.clone());
+            svc = svc
+                .with_ucx(u, a.kv_expect_transports.clone())
+                .with_block_pool(pool);
         }
         println!(
             "dopd worker: role {} model {} listening on {addr} (KV over {})",
