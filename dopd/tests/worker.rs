@@ -19,6 +19,8 @@ const MODEL: &str = concat!(
 struct Worker {
     child: Child,
     url: String,
+    /// `host:port` of its metrics endpoint, when started with `--metrics-listen`.
+    metrics: Option<String>,
 }
 
 impl Drop for Worker {
@@ -64,10 +66,31 @@ fn worker(role: &str, extra: &[&str]) -> Worker {
         .filter(|a| a.contains(':'))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_string();
+    let metrics = line
+        .split("metrics on http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .map(str::to_string);
     Worker {
         child,
         url: format!("http://{addr}"),
+        metrics,
     }
+}
+
+/// `GET /metrics` over a plain HTTP/1.1 connection; the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics port");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.split("\r\n\r\n").nth(1).unwrap_or_default().to_string()
 }
 
 fn generate(args: &[&str]) -> String {
@@ -123,7 +146,14 @@ fn mixed_and_disaggregated_workers_give_the_same_answer() {
             &[]
         };
         let pre = worker("prefill", &["--kv-transport", t]);
-        let dec = worker("decode", &[&["--kv-transport", t][..], expect].concat());
+        let dec = worker(
+            "decode",
+            &[
+                &["--kv-transport", t, "--metrics-listen", "127.0.0.1:0"][..],
+                expect,
+            ]
+            .concat(),
+        );
         let b = generate(&["--worker", &dec.url, "--prefill-worker", &pre.url]);
         assert_eq!(a, b, "over {t}");
         // The decode worker really received the blocks (a recompute would give the same text).
@@ -148,6 +178,32 @@ fn mixed_and_disaggregated_workers_give_the_same_answer() {
             0,
             "the lease was released"
         );
+        // The same figures on /metrics, degraded flag included.
+        let m = scrape(
+            dec.metrics
+                .as_deref()
+                .expect("metrics address in the banner"),
+        );
+        let line = |name: &str| {
+            m.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+                .to_string()
+        };
+        let value = |l: &str| -> f64 {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no value in {l}"))
+        };
+        assert_eq!(value(&line("dopd_worker_kv_pulls_total")), 1.0, "{m}");
+        let degraded = line("dopd_worker_kv_peer_degraded");
+        assert!(
+            degraded.contains(&format!("transport=\"{t}\"")),
+            "{degraded}"
+        );
+        let want = if t == "ucx" { 1.0 } else { 0.0 };
+        assert_eq!(value(&degraded), want, "{degraded}");
     }
 }
 

@@ -10,11 +10,13 @@
 //! - [`engine`]: continuous batching with preemption, in `prefill`, `decode` and `mixed` roles.
 //! - [`transfer`]: KV blocks from prefill to decode: leases, handles, transports, fallback.
 //! - [`service`]: the engine thread and the gRPC service (`proto/dopd/worker/v1/worker.proto`).
+//! - [`metrics`]: Stats as Prometheus/OpenMetrics text, served on `/metrics`.
 
 pub mod engine;
 pub mod gguf;
 pub mod hf;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod service;

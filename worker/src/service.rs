@@ -300,7 +300,8 @@ struct PeerStats {
     failures: u64,
 }
 
-/// The gRPC service.
+/// The gRPC service. Cloning shares the engine, leases and counters.
+#[derive(Clone)]
 pub struct WorkerService {
     engine: EngineHandle,
     info: WorkerInfo,
@@ -384,6 +385,99 @@ impl WorkerService {
     /// The transport this worker prefers for KV blocks.
     pub fn kv_transport(&self) -> &'static str {
         if self.ucx.is_some() { "ucx" } else { "grpc" }
+    }
+
+    /// What the Stats RPC answers.
+    pub fn stats_snapshot(&self) -> proto::StatsResponse {
+        let s = self.engine.stats();
+        let leases = self
+            .leases
+            .lock()
+            .map(|mut l| {
+                l.sweep(Instant::now());
+                (l.pinned(), l.pinned_bytes(), l.expired)
+            })
+            .unwrap_or_default();
+        let t = self.transfers.lock().map(|t| t.clone()).unwrap_or_default();
+        proto::StatsResponse {
+            running: s.running as u32,
+            waiting: s.waiting as u32,
+            kv_blocks_used: s.kv_blocks_used as u32,
+            kv_blocks_free: s.kv_blocks_free as u32,
+            kv_block_size: self.engine.kv_layout().block_size as u32,
+            steps: s.steps,
+            preemptions: s.preemptions,
+            prompt_tokens: s.prompt_tokens,
+            generated_tokens: s.generated_tokens,
+            finished: s.finished,
+            failed: s.failed,
+            recent_steps: s
+                .recent_steps
+                .iter()
+                .map(|&(batch, prefill, secs)| proto::StepTime {
+                    batch: batch as u32,
+                    prefill_tokens: prefill as u32,
+                    seconds: secs,
+                })
+                .collect(),
+            draining: self.draining.load(Ordering::Relaxed),
+            in_flight: self.engine.in_flight() as u32,
+            kv_leases_pinned: leases.0 as u32,
+            kv_leases_pinned_bytes: leases.1 as u64,
+            kv_leases_expired: leases.2,
+            kv_pulls: t.pulls,
+            kv_pull_bytes: t.bytes,
+            kv_pull_seconds: t.seconds,
+            kv_pull_failures: t.failures,
+            kv_recomputes: t.recomputes,
+            kv_transport: self.kv_transport().to_string(),
+            ucx_version: self
+                .ucx
+                .as_ref()
+                .map(|u| u.info().version.clone())
+                .unwrap_or_default(),
+            ucx_transports: self
+                .ucx
+                .as_ref()
+                .map(|u| u.info().transports.clone())
+                .unwrap_or_default(),
+            kv_degraded: t.peers.values().any(|p| p.degraded),
+            kv_peers: {
+                let mut peers: Vec<proto::KvPeer> = t
+                    .peers
+                    .iter()
+                    .map(|(peer, p)| proto::KvPeer {
+                        peer: peer.clone(),
+                        transport: p.transport.to_string(),
+                        ucx_transports: p.ucx_transports.clone(),
+                        degraded: p.degraded,
+                        transfers: p.transfers,
+                        bytes: p.bytes,
+                        seconds: p.seconds,
+                        last_seconds: p.last_seconds,
+                        last_gib_per_s: if p.last_seconds > 0.0 && p.transfers > 0 {
+                            (p.bytes as f64 / p.transfers as f64)
+                                / p.last_seconds
+                                / f64::from(1u32 << 30)
+                        } else {
+                            0.0
+                        },
+                        failures: p.failures,
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.peer.cmp(&b.peer));
+                peers
+            },
+        }
+    }
+
+    /// The Stats snapshot as OpenMetrics text (see [`crate::metrics`]).
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(
+            &self.stats_snapshot(),
+            &self.info.worker_id,
+            &self.info.role.to_string(),
+        )
     }
 
     /// Records a transfer from `peer` (success or failure) in the per-peer stats.
@@ -1072,86 +1166,7 @@ impl Worker for WorkerService {
         &self,
         _: Rpc<proto::StatsRequest>,
     ) -> Result<Response<proto::StatsResponse>, Status> {
-        let s = self.engine.stats();
-        let leases = self
-            .leases
-            .lock()
-            .map(|mut l| {
-                l.sweep(Instant::now());
-                (l.pinned(), l.pinned_bytes(), l.expired)
-            })
-            .unwrap_or_default();
-        let t = self.transfers.lock().map(|t| t.clone()).unwrap_or_default();
-        Ok(Response::new(proto::StatsResponse {
-            running: s.running as u32,
-            waiting: s.waiting as u32,
-            kv_blocks_used: s.kv_blocks_used as u32,
-            kv_blocks_free: s.kv_blocks_free as u32,
-            kv_block_size: self.engine.kv_layout().block_size as u32,
-            steps: s.steps,
-            preemptions: s.preemptions,
-            prompt_tokens: s.prompt_tokens,
-            generated_tokens: s.generated_tokens,
-            finished: s.finished,
-            failed: s.failed,
-            recent_steps: s
-                .recent_steps
-                .iter()
-                .map(|&(batch, prefill, secs)| proto::StepTime {
-                    batch: batch as u32,
-                    prefill_tokens: prefill as u32,
-                    seconds: secs,
-                })
-                .collect(),
-            draining: self.draining.load(Ordering::Relaxed),
-            in_flight: self.engine.in_flight() as u32,
-            kv_leases_pinned: leases.0 as u32,
-            kv_leases_pinned_bytes: leases.1 as u64,
-            kv_leases_expired: leases.2,
-            kv_pulls: t.pulls,
-            kv_pull_bytes: t.bytes,
-            kv_pull_seconds: t.seconds,
-            kv_pull_failures: t.failures,
-            kv_recomputes: t.recomputes,
-            kv_transport: self.kv_transport().to_string(),
-            ucx_version: self
-                .ucx
-                .as_ref()
-                .map(|u| u.info().version.clone())
-                .unwrap_or_default(),
-            ucx_transports: self
-                .ucx
-                .as_ref()
-                .map(|u| u.info().transports.clone())
-                .unwrap_or_default(),
-            kv_degraded: t.peers.values().any(|p| p.degraded),
-            kv_peers: {
-                let mut peers: Vec<proto::KvPeer> = t
-                    .peers
-                    .iter()
-                    .map(|(peer, p)| proto::KvPeer {
-                        peer: peer.clone(),
-                        transport: p.transport.to_string(),
-                        ucx_transports: p.ucx_transports.clone(),
-                        degraded: p.degraded,
-                        transfers: p.transfers,
-                        bytes: p.bytes,
-                        seconds: p.seconds,
-                        last_seconds: p.last_seconds,
-                        last_gib_per_s: if p.last_seconds > 0.0 && p.transfers > 0 {
-                            (p.bytes as f64 / p.transfers as f64)
-                                / p.last_seconds
-                                / f64::from(1u32 << 30)
-                        } else {
-                            0.0
-                        },
-                        failures: p.failures,
-                    })
-                    .collect();
-                peers.sort_by(|a, b| a.peer.cmp(&b.peer));
-                peers
-            },
-        }))
+        Ok(Response::new(self.stats_snapshot()))
     }
 
     type PullKvStream = Pin<Box<dyn Stream<Item = Result<proto::KvChunk, Status>> + Send>>;
@@ -1418,6 +1433,33 @@ pub async fn serve(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown,
         )
+        .await
+}
+
+/// Serves `GET /metrics` (OpenMetrics text of `service`'s Stats) on `listener` until
+/// `shutdown`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    service: WorkerService,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = service.metrics_text();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    text,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
         .await
 }
 

@@ -69,6 +69,10 @@ pub struct Args {
     /// to TCP although the UCX context offers RDMA, shared memory or CUDA IPC.
     #[arg(long, value_delimiter = ',')]
     pub kv_expect_transports: Vec<String>,
+    /// Also serve Prometheus metrics (OpenMetrics text at `/metrics`) on this address (port 0
+    /// picks a free port; the banner prints it).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Testing: wait this long before sending each lease's KV blocks (to kill a worker in the
     /// middle of a transfer).
     #[arg(long, hide = true)]
@@ -188,8 +192,23 @@ where
                 .with_ucx(u, a.kv_expect_transports.clone())
                 .with_block_pool(pool);
         }
+        let metrics = match &a.metrics_listen {
+            Some(m) => {
+                let l = tokio::net::TcpListener::bind(m)
+                    .await
+                    .with_context(|| format!("--metrics-listen: cannot listen on {m}"))?;
+                let at = l.local_addr()?;
+                tokio::spawn(dopd_worker::service::serve_metrics(
+                    l,
+                    svc.clone(),
+                    shutdown_signal(),
+                ));
+                format!("; metrics on http://{at}/metrics")
+            }
+            None => String::new(),
+        };
         println!(
-            "dopd worker: role {} model {} listening on {addr} (KV over {})",
+            "dopd worker: role {} model {} listening on {addr} (KV over {}{metrics})",
             a.role,
             a.model.display(),
             svc.kv_transport()
