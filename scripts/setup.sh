@@ -58,3 +58,10 @@ PY
   rm -rf "$tmp"
 fi
 echo "setup: test model $(du -h "$model" | cut -f1) at $model"
+
+# The official OpenAI Python client, for the end-to-end test of the router (scripts/e2e-openai.py).
+if ! python3 -c "import openai" >/dev/null 2>&1; then
+  echo "setup: installing the openai Python client"
+  python3 -m pip install --quiet openai==3.57.0 2>/dev/null ||
+    python3 -m pip install --quiet --user --break-system-packages openai==3.57.0
+fi

@@ -15,5 +15,7 @@ echo "== cargo test"
 # UCX tests run over loopback TCP unless the caller chose other transports.
 export UCX_TLS=${UCX_TLS:-tcp}
 cargo test --workspace --locked
+echo "== end to end: dopd up driven by the openai Python client"
+scripts/e2e-local.sh target/debug/dopd
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet

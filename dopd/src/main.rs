@@ -37,6 +37,10 @@ enum Command {
     Worker(cmd::worker::Args),
     /// Send one prompt to a worker (or a prefill and a decode worker) and stream the answer.
     Generate(cmd::worker::GenerateArgs),
+    /// The OpenAI-compatible router in front of a list of workers.
+    Router(cmd::router::RouterArgs),
+    /// The whole system on this machine: router, prefill and decode workers, planner loop.
+    Up(cmd::router::UpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +53,8 @@ fn main() -> std::process::ExitCode {
         Command::Worker(a) => cmd::worker::run(a),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Generate(a) => cmd::worker::generate(a),
+        Command::Router(a) => cmd::router::router(a),
+        Command::Up(a) => cmd::router::up(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

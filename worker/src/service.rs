@@ -1293,6 +1293,42 @@ pub fn load_model<B: Backend>(
     }
 }
 
+/// A model's tokenizer, geometry and served name without its weights (for the router): a GGUF
+/// file's metadata, or an HF directory's `config.json` and `tokenizer.json`.
+pub fn load_tokenizer(
+    path: &std::path::Path,
+) -> Result<(ModelTokenizer, crate::model::LlamaConfig, String), crate::model::ModelError> {
+    use crate::model::ModelError;
+    let name = |p: &std::path::Path| {
+        p.file_stem()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    };
+    if path.is_dir() {
+        let config = path.join("config.json");
+        let c = crate::hf::config_from_json(&config)?;
+        let tok_path = path.join("tokenizer.json");
+        let t =
+            ModelTokenizer::from_hf_files(&tok_path, &config).map_err(|e| ModelError::File {
+                file: tok_path.display().to_string(),
+                msg: e.to_string(),
+            })?;
+        let n = path
+            .file_name()
+            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+        return Ok((t, c, n));
+    }
+    let g = crate::gguf::Gguf::open(path).map_err(|e| ModelError::File {
+        file: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    let c = crate::model::LlamaConfig::from_gguf(&g)?;
+    let t = ModelTokenizer::from_gguf(&g).map_err(|e| ModelError::File {
+        file: path.display().to_string(),
+        msg: format!("tokenizer: {e}"),
+    })?;
+    Ok((t, c, name(path)))
+}
+
 /// Loads a Hugging Face checkpoint directory.
 pub fn load_hf<B: Backend>(
     dir: &std::path::Path,

@@ -2,6 +2,7 @@ pub mod bench;
 pub mod forecast;
 pub mod plan;
 pub mod profile;
+pub mod router;
 pub mod sim;
 pub mod worker;
 

@@ -1,0 +1,415 @@
+//! `dopd router` in front of real SmolLM2 worker processes on loopback: the OpenAI endpoints
+//! (whole and streamed answers, errors in OpenAI's envelope), length-aware routing with its
+//! counters, the planner's load endpoint, draining, and a decode worker killed mid-stream.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+);
+const NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
+
+/// A child process, killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `dopd <args>` and returns it with the `host:port` after `marker` in its first line.
+fn start(args: &[&str], marker: &str) -> (Proc, String) {
+    assert!(
+        std::path::Path::new(MODEL).exists(),
+        "{MODEL} is missing — run scripts/setup.sh"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dopd"))
+        .args(args)
+        .env("UCX_TLS", "tcp")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("dopd starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("banner");
+    let addr = line
+        .split(marker)
+        .nth(1)
+        .and_then(|r| r.split(|c: char| c.is_whitespace() || c == '/').next())
+        .filter(|a| a.contains(':'))
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+        .to_string();
+    (Proc(child), addr)
+}
+
+fn worker(role: &str) -> (Proc, String) {
+    let (p, a) = start(
+        &[
+            "worker",
+            "--role",
+            role,
+            "--model",
+            MODEL,
+            "--listen",
+            "127.0.0.1:0",
+            "--kv-blocks",
+            "256",
+        ],
+        "listening on ",
+    );
+    (p, format!("http://{a}"))
+}
+
+/// One HTTP/1.1 exchange: (status, headers, body).
+fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("router port");
+    let data = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{data}",
+        data.len()
+    )
+    .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, head.to_string(), body)
+}
+
+fn dechunk(mut b: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = b.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        b = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
+    let (status, _, b) = http(addr, "POST", path, Some(&body));
+    (status, serde_json::from_str(&b).unwrap_or(Value::String(b)))
+}
+
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let (status, _, b) = http(addr, "GET", path, None);
+    (status, b)
+}
+
+/// The `data:` payloads of an SSE body.
+fn events(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn wait_healthy(addr: &str, decode: usize) {
+    let t = Instant::now();
+    loop {
+        let (s, b) = get(addr, "/health");
+        let v: Value = serde_json::from_str(&b).unwrap_or_default();
+        if s == 200 && v["decode_workers"].as_u64() == Some(decode as u64) {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "router never healthy: {b}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({
+        "model": NAME,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    })
+}
+
+#[test]
+fn the_openai_api_routes_by_length_and_reports_load() {
+    let (_p, pre) = worker("prefill");
+    let (_d, dec) = worker("decode");
+    let workers = format!("{pre},{dec}");
+    let (_r, addr) = start(
+        &[
+            "router",
+            "--model",
+            MODEL,
+            "--listen",
+            "127.0.0.1:0",
+            "--worker",
+            &workers,
+            "--ultra-short-max-isl",
+            "8",
+        ],
+        "on http://",
+    );
+    wait_healthy(&addr, 1);
+
+    // A whole chat answer (prompt above the ultra-short cap: prefilled remotely).
+    let (s, v) = post(
+        &addr,
+        "/v1/chat/completions",
+        chat("What is the capital of France?", 24),
+    );
+    assert_eq!(s, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(text.contains("Paris"), "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    let u = &v["usage"];
+    assert!(u["prompt_tokens"].as_u64() > Some(8) && u["completion_tokens"].as_u64() > Some(0));
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(
+            u["prompt_tokens"].as_u64().unwrap_or(0) + u["completion_tokens"].as_u64().unwrap_or(0)
+        )
+    );
+
+    // The same, streamed: the deltas add up to the same text, then [DONE].
+    let mut req = chat("What is the capital of France?", 24);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let (s, head, body) = http(&addr, "POST", "/v1/chat/completions", Some(&req));
+    assert_eq!(s, 200);
+    assert!(head.contains("text/event-stream"), "{head}");
+    let ev = events(&body);
+    assert_eq!(ev.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("JSON chunk"))
+        .collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["finish_reason"].is_string())
+    );
+    assert!(
+        chunks
+            .last()
+            .is_some_and(|c| c["usage"]["completion_tokens"].as_u64() > Some(0))
+    );
+
+    // A completion with an ultra-short prompt (prefilled on the decode worker), streamed.
+    let (s, _, body) = http(
+        &addr,
+        "POST",
+        "/v1/completions",
+        Some(
+            &json!({"model": NAME, "prompt": "Paris is", "max_tokens": 5, "temperature": 0,
+                     "stream": true}),
+        ),
+    );
+    assert_eq!(s, 200);
+    let ev = events(&body);
+    let streamed: String = ev[..ev.len() - 1]
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(String::from))
+        .collect();
+    assert!(!streamed.trim().is_empty(), "{body}");
+
+    // Errors in OpenAI's envelope.
+    let (s, _, b) = http(&addr, "POST", "/v1/chat/completions", None);
+    assert_eq!(s, 400, "{b}");
+    let (s, _, b) = {
+        let mut st = TcpStream::connect(&addr).expect("port");
+        let body = "{not json";
+        write!(
+            st,
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("write");
+        let mut out = String::new();
+        st.read_to_string(&mut out).expect("read");
+        let (h, b) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            h.split_whitespace().nth(1).unwrap_or("").to_string(),
+            h.to_string(),
+            b.to_string(),
+        )
+    };
+    assert_eq!(s, "400");
+    assert!(b.contains("invalid JSON"), "{b}");
+    let mut bad = chat("hi", 4);
+    bad["model"] = json!("gpt-4");
+    let (s, v) = post(&addr, "/v1/chat/completions", bad);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{v}"
+    );
+    let mut bad = chat("hi", 4);
+    bad["temperature"] = json!(5);
+    let (s, v) = post(&addr, "/v1/chat/completions", bad);
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (400, Some("temperature")),
+        "{v}"
+    );
+    let (s, v) = post(&addr, "/v1/chat/completions", chat("hi", 100_000));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("context_length_exceeded")),
+        "{v}"
+    );
+
+    // Models, metrics with routing reasons, and the planner's load.
+    let (s, b) = get(&addr, "/v1/models");
+    assert_eq!(s, 200);
+    assert!(b.contains(NAME));
+    let (_, m) = get(&addr, "/metrics");
+    assert!(m.contains("dopd_router_routing_decisions_total{class=\"ultra_short\",route=\"local\",reason=\"ultra_short\"} 1"), "{m}");
+    assert!(m.contains("route=\"disaggregated\""), "{m}");
+    let (s, b) = get(&addr, "/v1/dopd/load");
+    assert_eq!(s, 200);
+    let load: Value = serde_json::from_str(&b).expect("JSON");
+    // Three requests were scheduled (the invalid ones never reached a worker).
+    assert_eq!(load["requests"].as_u64(), Some(3), "{load}");
+    assert_eq!(load["finished"].as_u64(), Some(3), "{load}");
+    assert_eq!(load["failed"].as_u64(), Some(0), "{load}");
+    assert!(load["mean_isl"].as_f64() > Some(1.0) && load["ttft_s"]["p50"].as_f64() > Some(0.0));
+    assert_eq!(load["workers"].as_array().map(Vec::len), Some(2));
+    // The next read covers only what came after.
+    let (_, b) = get(&addr, "/v1/dopd/load");
+    assert_eq!(
+        serde_json::from_str::<Value>(&b).expect("JSON")["requests"],
+        0
+    );
+
+    // Draining the only decode worker: no new work goes there.
+    let (s, v) = post(&addr, "/v1/dopd/drain", json!({"workers": [dec]}));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["draining"][0]["in_flight"].as_u64(), Some(0));
+    let (s, v) = post(&addr, "/v1/chat/completions", chat("What is 2+2?", 4));
+    assert_eq!(s, 503, "{v}");
+    let (s, _) = post(
+        &addr,
+        "/v1/dopd/drain",
+        json!({"workers": ["http://nowhere:1"]}),
+    );
+    assert_eq!(s, 404);
+}
+
+#[test]
+fn a_decode_worker_killed_mid_stream_ends_that_stream_cleanly_and_the_router_keeps_serving() {
+    let (_p, pre) = worker("prefill");
+    let (d1, dec1) = worker("decode");
+    let (d2, dec2) = worker("decode");
+    let mut decs = vec![(d1, dec1.clone()), (d2, dec2.clone())];
+    let workers = format!("{pre},{dec1},{dec2}");
+    let (_r, addr) = start(
+        &[
+            "router",
+            "--model",
+            MODEL,
+            "--listen",
+            "127.0.0.1:0",
+            "--worker",
+            &workers,
+            "--health-interval",
+            "200ms",
+        ],
+        "on http://",
+    );
+    wait_healthy(&addr, 2);
+    // A long streamed answer.
+    let mut req = chat("Write a long story about a dragon.", 400);
+    req["stream"] = json!(true);
+    let body = req.to_string();
+    let mut s = TcpStream::connect(&addr).expect("port");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut reader = BufReader::new(s);
+    // Read until some text has streamed.
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < 3 {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).expect("stream") > 0,
+            "stream ended early"
+        );
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            seen += 1;
+        }
+    }
+    // Kill the decode worker that serves it.
+    let (_, b) = get(&addr, "/v1/dopd/workers");
+    let v: Value = serde_json::from_str(&b).expect("JSON");
+    let busy = v["workers"]
+        .as_array()
+        .and_then(|ws| {
+            ws.iter()
+                .find(|w| w["in_flight"].as_u64() > Some(0) && w["role"] == "decode")
+        })
+        .and_then(|w| w["url"].as_str())
+        .expect("a busy decode worker")
+        .to_string();
+    let i = decs
+        .iter()
+        .position(|(_, u)| *u == busy)
+        .expect("one of ours");
+    let (victim, _) = decs.remove(i);
+    drop(victim);
+    let killed = Instant::now();
+    // The stream ends with an error event and [DONE], without hanging.
+    let mut rest = String::new();
+    let _ = reader.read_to_string(&mut rest);
+    eprintln!("stream ended {:?} after the kill", killed.elapsed());
+    assert!(rest.contains("\"error\""), "{rest}");
+    assert!(rest.contains("[DONE]"), "{rest}");
+    // The router keeps serving on the other decode worker.
+    let (s, v) = post(
+        &addr,
+        "/v1/chat/completions",
+        chat("What is the capital of France?", 24),
+    );
+    assert_eq!(s, 200, "{v}");
+    let (_, m) = get(&addr, "/metrics");
+    assert!(m.contains("dopd_router_stream_errors_total 1"), "{m}");
+}

@@ -1,0 +1,543 @@
+//! # dopd-router: the front door
+//!
+//! An OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions` with and without
+//! SSE streaming, `/v1/models`, `/health`, `/metrics`) in front of prefill, decode and mixed
+//! workers, with DOPD's length-aware scheduling ([`schedule`]), a worker registry with health
+//! checks ([`pool`]) and the interval aggregates the planner reads (`GET /v1/dopd/load`,
+//! [`load`]). Requests are tokenized here, so their prompt length is known before routing.
+//!
+//! Operational endpoints: `GET /v1/dopd/workers`, `POST /v1/dopd/workers {"url"}` (register),
+//! `POST /v1/dopd/drain {"workers": [url or worker id]}` (no new work; answers their in-flight
+//! counts).
+
+pub mod load;
+pub mod metrics;
+pub mod openai;
+pub mod pool;
+pub mod schedule;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router as Http};
+use dopd_worker::tokenizer::{Message, ModelTokenizer};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::openai::{ApiError, ChatRequest, CompletionRequest, Sampling, Usage, finish_reason};
+use crate::pool::Pool;
+use crate::schedule::{Job, Piece, ScheduleConfig, Scheduler};
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The model name clients ask for.
+    pub model: String,
+    /// The model's context (prompt plus completion tokens).
+    pub context: usize,
+    /// Requests admitted but not yet streaming; beyond this, 429 with Retry-After.
+    pub max_waiting: usize,
+    /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    pub schedule: ScheduleConfig,
+}
+
+/// The router's shared state.
+pub struct Router {
+    pub cfg: RouterConfig,
+    tokenizer: Arc<ModelTokenizer>,
+    pub pool: Arc<Pool>,
+    pub scheduler: Arc<Scheduler>,
+    pub metrics: Arc<Metrics>,
+    /// Admitted requests before their first token.
+    starting: AtomicUsize,
+    next_id: AtomicU64,
+    started: Instant,
+}
+
+impl Router {
+    /// A router over `pool` (needs a tokio runtime: the short batcher is a task).
+    pub fn new(cfg: RouterConfig, tokenizer: ModelTokenizer, pool: Arc<Pool>) -> Arc<Self> {
+        let metrics = Arc::new(Metrics::default());
+        let scheduler = Scheduler::new(pool.clone(), cfg.schedule.clone(), metrics.clone());
+        Arc::new(Self {
+            cfg,
+            tokenizer: Arc::new(tokenizer),
+            pool,
+            scheduler,
+            metrics,
+            starting: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            started: Instant::now(),
+        })
+    }
+
+    /// The interval aggregates (starts the next interval).
+    pub fn take_load(&self) -> load::LoadReport {
+        let waiting = self.starting.load(Ordering::Relaxed) as u64;
+        let views = self.pool.views();
+        self.scheduler
+            .load
+            .lock()
+            .map(|mut l| l.take(Instant::now(), waiting, views.clone()))
+            .unwrap_or_else(|_| load::LoadWindow::default().take(Instant::now(), waiting, views))
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        format!(
+            "{prefix}-{:x}{:06x}",
+            self.started.elapsed().as_micros() as u64 & 0xffff_ffff,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+/// The HTTP application.
+pub fn app(r: Arc<Router>) -> Http {
+    Http::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/v1/dopd/load", get(load))
+        .route("/v1/dopd/workers", get(workers).post(add_worker))
+        .route("/v1/dopd/drain", post(drain))
+        .with_state(r)
+}
+
+/// Serves `app` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    r: Arc<Router>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(r))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn authorize(r: &Router, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &r.cfg.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        r.metrics.reject("unauthorized");
+        Err(ApiError::status(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "missing or wrong API key (Authorization: Bearer <key>)",
+        )
+        .with_code("invalid_api_key"))
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid(
+            "body",
+            "the request body is empty; send JSON",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "invalid JSON"
+        } else {
+            "invalid request"
+        };
+        ApiError::invalid("body", format!("{what}: {e}"))
+    })
+}
+
+/// Which endpoint answers, for labels and response shapes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Completion => "/v1/completions",
+            Kind::Chat => "/v1/chat/completions",
+        }
+    }
+}
+
+async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+    let out = async {
+        authorize(&r, &headers)?;
+        let req: CompletionRequest = parse(&body)?;
+        let sampling = req.common.validate(&r.cfg.model, 16)?;
+        let text = req.prompt_text()?;
+        let tokens = r
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))?;
+        run(&r, Kind::Completion, tokens, sampling).await
+    }
+    .await;
+    respond(&r, Kind::Completion, out)
+}
+
+async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+    let out = async {
+        authorize(&r, &headers)?;
+        let req: ChatRequest = parse(&body)?;
+        let sampling = req
+            .common
+            .validate(&r.cfg.model, openai::DEFAULT_MAX_TOKENS)?;
+        let turns = req.turns()?;
+        let messages: Vec<Message> = turns.iter().map(|(ro, c)| Message::new(ro, c)).collect();
+        let prompt = r.tokenizer.chat_prompt(&messages);
+        let tokens = r
+            .tokenizer
+            .encode(&prompt)
+            .map_err(|e| ApiError::invalid("messages", format!("cannot tokenize: {e}")))?;
+        run(&r, Kind::Chat, tokens, sampling).await
+    }
+    .await;
+    respond(&r, Kind::Chat, out)
+}
+
+fn respond(r: &Router, kind: Kind, out: Result<Response, ApiError>) -> Response {
+    let resp = out.unwrap_or_else(IntoResponse::into_response);
+    r.metrics.request(kind.endpoint(), resp.status().as_u16());
+    resp
+}
+
+/// Admission, context check, scheduling, and the response (streamed or whole).
+async fn run(
+    r: &Arc<Router>,
+    kind: Kind,
+    tokens: Vec<u32>,
+    sampling: Sampling,
+) -> Result<Response, ApiError> {
+    if tokens.is_empty() {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    let isl = tokens.len();
+    if isl + sampling.max_tokens as usize > r.cfg.context {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "This model's maximum context length is {} tokens; the prompt has {isl} and \
+                 max_tokens asks for {} more",
+                r.cfg.context, sampling.max_tokens
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    if r.starting.load(Ordering::Relaxed) >= r.cfg.max_waiting {
+        r.metrics.reject("overloaded");
+        return Err(ApiError {
+            retry_after: Some(1),
+            ..ApiError::status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "the server is at its admission bound ({} requests waiting); retry shortly",
+                    r.cfg.max_waiting
+                ),
+            )
+        });
+    }
+    let prefix = if kind == Kind::Chat {
+        "chatcmpl"
+    } else {
+        "cmpl"
+    };
+    let id = r.id(prefix);
+    let job = Job {
+        id: id.clone(),
+        prompt_tokens: tokens,
+        sampling: sampling.clone(),
+        arrived: Instant::now(),
+    };
+    r.starting.fetch_add(1, Ordering::Relaxed);
+    let started = r.scheduler.start(job).await;
+    r.starting.fetch_sub(1, Ordering::Relaxed);
+    let rx = started?;
+    let created = now_s();
+    if sampling.stream {
+        Ok(stream(
+            r.cfg.model.clone(),
+            kind,
+            id,
+            created,
+            isl,
+            sampling,
+            rx,
+        ))
+    } else {
+        whole(r.cfg.model.clone(), kind, id, created, isl, rx).await
+    }
+}
+
+async fn whole(
+    model: String,
+    kind: Kind,
+    id: String,
+    created: u64,
+    isl: usize,
+    mut rx: mpsc::Receiver<Piece>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let mut done = None;
+    while let Some(p) = rx.recv().await {
+        match p {
+            Piece::Text(t) => text.push_str(&t),
+            Piece::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+            } => done = Some((finish_reason, prompt_tokens, completion_tokens)),
+            Piece::Error(e) => {
+                return Err(ApiError::status(StatusCode::BAD_GATEWAY, "server_error", e));
+            }
+        }
+    }
+    let (reason, prompt_tokens, completion_tokens) = done.ok_or_else(|| {
+        ApiError::status(
+            StatusCode::BAD_GATEWAY,
+            "server_error",
+            "the worker ended the request without finishing it",
+        )
+    })?;
+    let prompt_tokens = if prompt_tokens == 0 {
+        isl as u32
+    } else {
+        prompt_tokens
+    };
+    let usage = Usage::new(prompt_tokens, completion_tokens);
+    let body = match kind {
+        Kind::Completion => json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null,
+                         "finish_reason": finish_reason(reason)}],
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": text},
+                         "logprobs": null,
+                         "finish_reason": finish_reason(reason)}],
+            "usage": usage,
+        }),
+    };
+    Ok(Json(body).into_response())
+}
+
+fn stream(
+    model: String,
+    kind: Kind,
+    id: String,
+    created: u64,
+    isl: usize,
+    sampling: Sampling,
+    mut rx: mpsc::Receiver<Piece>,
+) -> Response {
+    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Option<&str>| -> Value {
+            match kind {
+                Kind::Completion => json!({
+                    "id": id, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": delta.as_str().unwrap_or(""),
+                                 "logprobs": null, "finish_reason": finish}],
+                }),
+                Kind::Chat => json!({
+                    "id": id, "object": "chat.completion.chunk", "created": created,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null,
+                                 "finish_reason": finish}],
+                }),
+            }
+        };
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move {
+                tx.send(Ok(Event::default().data(v.to_string())))
+                    .await
+                    .is_ok()
+            }
+        };
+        if kind == Kind::Chat
+            && !send(chunk(json!({"role": "assistant", "content": ""}), None)).await
+        {
+            return;
+        }
+        while let Some(p) = rx.recv().await {
+            let alive = match p {
+                Piece::Text(t) => {
+                    let delta = match kind {
+                        Kind::Completion => json!(t),
+                        Kind::Chat => json!({"content": t}),
+                    };
+                    send(chunk(delta, None)).await
+                }
+                Piece::Done {
+                    finish_reason: reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => {
+                    let empty = match kind {
+                        Kind::Completion => json!(""),
+                        Kind::Chat => json!({}),
+                    };
+                    let mut ok = send(chunk(empty, Some(finish_reason(reason)))).await;
+                    if sampling.include_usage {
+                        let prompt = if prompt_tokens == 0 {
+                            isl as u32
+                        } else {
+                            prompt_tokens
+                        };
+                        let mut u = chunk(json!(""), None);
+                        u["choices"] = json!([]);
+                        u["usage"] = json!(Usage::new(prompt, completion_tokens));
+                        ok = ok && send(u).await;
+                    }
+                    ok
+                }
+                Piece::Error(e) => {
+                    let err = ApiError::status(StatusCode::BAD_GATEWAY, "server_error", e);
+                    send(err.body()).await
+                }
+            };
+            if !alive {
+                // The client went away; dropping `rx` cancels the request on the worker.
+                return;
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn models(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&r, &headers) {
+        return e.into_response();
+    }
+    Json(json!({
+        "object": "list",
+        "data": [{"id": r.cfg.model, "object": "model", "created": 0, "owned_by": "dopd"}],
+    }))
+    .into_response()
+}
+
+async fn health(State(r): State<Arc<Router>>) -> Response {
+    use crate::pool::WorkerRole::{Decode, Mixed, Prefill};
+    let serving = r.pool.candidates(&[Decode, Mixed], &[]).len();
+    let prefill = r.pool.candidates(&[Prefill], &[]).len();
+    let body = Json(json!({
+        "status": if serving > 0 { "ok" } else { "unavailable" },
+        "decode_workers": serving,
+        "prefill_workers": prefill,
+    }));
+    if serving > 0 {
+        body.into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn metrics(State(r): State<Arc<Router>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        r.metrics.render(&r.pool.views()),
+    )
+        .into_response()
+}
+
+async fn load(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&r, &headers) {
+        return e.into_response();
+    }
+    Json(r.take_load()).into_response()
+}
+
+async fn workers(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&r, &headers) {
+        return e.into_response();
+    }
+    Json(json!({"workers": r.pool.views()})).into_response()
+}
+
+async fn add_worker(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+    let out = async {
+        authorize(&r, &headers)?;
+        let v: Value = parse(&body)?;
+        let url = v["url"]
+            .as_str()
+            .ok_or_else(|| ApiError::invalid("url", "send {\"url\": \"http://host:port\"}"))?;
+        let w = r
+            .pool
+            .add(url)
+            .await
+            .map_err(|e| ApiError::invalid("url", e))?;
+        Ok::<_, ApiError>(Json(json!({"url": w.url, "healthy": w.healthy()})).into_response())
+    }
+    .await;
+    out.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn drain(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+    let out = async {
+        authorize(&r, &headers)?;
+        let v: Value = parse(&body)?;
+        let names: Vec<String> = v["workers"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .filter(|n: &Vec<String>| !n.is_empty())
+            .ok_or_else(|| {
+                ApiError::invalid("workers", "send {\"workers\": [url or worker id, ...]}")
+            })?;
+        let drained = r.pool.drain(&names).await;
+        let unknown: Vec<&String> = names
+            .iter()
+            .filter(|n| !drained.iter().any(|d| &d.url == *n || &d.worker_id == *n))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(ApiError::status(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("unknown workers: {unknown:?}"),
+            ));
+        }
+        Ok(Json(json!({"draining": drained})).into_response())
+    }
+    .await;
+    out.unwrap_or_else(IntoResponse::into_response)
+}

@@ -1,0 +1,560 @@
+//! Length-aware scheduling (DOPD §3.3) through the planner crate's routing policy, and the
+//! execution of a request on the workers it picked.
+//!
+//! - **Ultra-short** prompts (`<= ultra_short_max_isl` tokens) run whole on a decode (or mixed)
+//!   worker: no KV transfer.
+//! - **Long** prompts (above the forecast mean ISL) go to a prefill worker at once; a decode
+//!   worker then pulls the KV blocks by lease and streams the rest.
+//! - **Short** prompts wait in the [`ShortBatcher`] until its token cap or wait cap releases the
+//!   batch; the whole batch goes to one prefill worker together.
+//!
+//! Workers are chosen by least outstanding tokens. A failure before the first token is retried
+//! on other workers; after it, the stream ends with an error piece. Every decision is counted
+//! with its class, route and reason.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dopd_planner::routing::{FlushReason, RequestClass, RoutingConfig, ShortBatcher, classify};
+use dopd_worker::service::proto::{self, generate_event::Event as Ev};
+use tokio::sync::{mpsc, oneshot};
+use tonic::Code;
+
+use crate::load::{Finished, LoadWindow};
+use crate::metrics::Metrics;
+use crate::openai::{ApiError, Sampling};
+use crate::pool::{Charge, Pool, WorkerEntry, WorkerRole};
+
+/// A validated, tokenized request.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub prompt_tokens: Vec<u32>,
+    pub sampling: Sampling,
+    pub arrived: Instant,
+}
+
+/// What the API layer streams to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Piece {
+    Text(String),
+    Done {
+        finish_reason: i32,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    /// The request failed after its first token.
+    Error(String),
+}
+
+/// Scheduling settings.
+#[derive(Debug, Clone)]
+pub struct ScheduleConfig {
+    pub routing: RoutingConfig,
+    /// Attempts on other workers when one fails before the first token.
+    pub retries: usize,
+    /// Deadline a decode worker gets for pulling KV blocks.
+    pub transfer_deadline: Duration,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            routing: RoutingConfig::default(),
+            retries: 2,
+            transfer_deadline: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The scheduler shared by all requests.
+pub struct Scheduler {
+    pub pool: Arc<Pool>,
+    cfg: ScheduleConfig,
+    /// The forecast mean ISL (f64 bits): set by the planner loop; until then a running mean.
+    mean_isl: AtomicU64,
+    planned_mean_isl: AtomicU64,
+    batcher: mpsc::UnboundedSender<(u32, oneshot::Sender<Release>)>,
+    pub metrics: Arc<Metrics>,
+    pub load: Arc<Mutex<LoadWindow>>,
+}
+
+/// A short batch's release: why, and the prefill worker the whole batch goes to.
+struct Release {
+    reason: FlushReason,
+    prefill: Option<Arc<WorkerEntry>>,
+}
+
+/// Why an attempt failed.
+enum Failure {
+    /// Try another worker (this one is marked unhealthy when `dead`).
+    Retry {
+        worker: String,
+        dead: bool,
+        why: String,
+    },
+    /// The request itself is wrong; tell the client.
+    Client(ApiError),
+}
+
+impl Scheduler {
+    pub fn new(pool: Arc<Pool>, cfg: ScheduleConfig, metrics: Arc<Metrics>) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let s = Arc::new(Self {
+            pool: pool.clone(),
+            mean_isl: AtomicU64::new(f64::NAN.to_bits()),
+            planned_mean_isl: AtomicU64::new(f64::NAN.to_bits()),
+            batcher: tx,
+            metrics,
+            load: Arc::default(),
+            cfg,
+        });
+        tokio::spawn(run_batcher(rx, s.cfg.routing.clone(), pool));
+        s
+    }
+
+    /// The planner's forecast of the next interval's mean ISL (the short/long threshold).
+    pub fn set_forecast_mean_isl(&self, isl: f64) {
+        self.planned_mean_isl
+            .store(isl.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The short/long threshold now: the planner's forecast, else a running mean of recent
+    /// prompts (NaN before any: everything above ultra-short is long).
+    pub fn threshold(&self) -> f64 {
+        let planned = f64::from_bits(self.planned_mean_isl.load(Ordering::Relaxed));
+        if planned.is_finite() {
+            planned
+        } else {
+            f64::from_bits(self.mean_isl.load(Ordering::Relaxed))
+        }
+    }
+
+    fn observe_isl(&self, isl: u32) {
+        let old = f64::from_bits(self.mean_isl.load(Ordering::Relaxed));
+        let new = if old.is_finite() {
+            0.95 * old + 0.05 * f64::from(isl)
+        } else {
+            f64::from(isl)
+        };
+        self.mean_isl.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Schedules `job`; returns once its first piece is ready (so a failure before it can still
+    /// become an HTTP error), with a receiver for the rest.
+    pub async fn start(self: &Arc<Self>, job: Job) -> Result<mpsc::Receiver<Piece>, ApiError> {
+        let isl = job.prompt_tokens.len() as u32;
+        if let Ok(mut l) = self.load.lock() {
+            l.arrived();
+        }
+        let class = classify(isl, self.threshold(), &self.cfg.routing);
+        self.observe_isl(isl);
+        let has_prefill = !self.pool.candidates(&[WorkerRole::Prefill], &[]).is_empty();
+        // Short prompts wait for their batch first (once; retries go straight on).
+        let (mut route, mut reason, mut batch_prefill) = match class {
+            _ if !has_prefill => ("local", "no_prefill_worker", None),
+            RequestClass::UltraShort => ("local", "ultra_short", None),
+            RequestClass::Long => ("disaggregated", "long", None),
+            RequestClass::Short => {
+                let (tx, rx) = oneshot::channel();
+                let _ = self.batcher.send((isl, tx));
+                self.metrics.router_waiting.inc();
+                let rel = rx.await;
+                self.metrics.router_waiting.dec();
+                match rel {
+                    Ok(Release {
+                        reason,
+                        prefill: Some(p),
+                    }) => (
+                        "disaggregated",
+                        match reason {
+                            FlushReason::TokenCap => "short_token_cap",
+                            FlushReason::WaitCap => "short_wait_cap",
+                            FlushReason::Drain => "short_drain",
+                        },
+                        Some(p),
+                    ),
+                    _ => ("local", "no_prefill_worker", None),
+                }
+            }
+        };
+        let class_label = match class {
+            RequestClass::UltraShort => "ultra_short",
+            RequestClass::Short => "short",
+            RequestClass::Long => "long",
+        };
+        let mut exclude: Vec<String> = Vec::new();
+        let mut last_error = String::from("no worker available");
+        for attempt in 0..=self.cfg.retries {
+            self.metrics.decision(class_label, route, reason);
+            let r = if route == "local" {
+                self.local(&job, &exclude).await
+            } else {
+                self.disaggregated(&job, batch_prefill.take(), &exclude)
+                    .await
+            };
+            match r {
+                Ok(rx) => return Ok(rx),
+                Err(Failure::Client(e)) => {
+                    self.record_failure(&job);
+                    return Err(e);
+                }
+                Err(Failure::Retry { worker, dead, why }) => {
+                    tracing::warn!(%worker, attempt, %why, "worker failed before the first token; retrying elsewhere");
+                    self.metrics.retries.inc();
+                    if dead && let Some(w) = self.pool.get(&worker) {
+                        w.mark_unhealthy();
+                    }
+                    exclude.push(worker);
+                    last_error = why;
+                    // After a failure the request no longer waits for a batch.
+                    if route == "disaggregated" && !self.any(&[WorkerRole::Prefill], &exclude) {
+                        (route, reason) = ("local", "prefill_failed");
+                    } else {
+                        reason = "retry";
+                    }
+                }
+            }
+        }
+        self.record_failure(&job);
+        Err(ApiError {
+            retry_after: Some(1),
+            ..ApiError::status(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                format!("no worker could serve the request: {last_error}"),
+            )
+        })
+    }
+
+    fn any(&self, roles: &[WorkerRole], exclude: &[String]) -> bool {
+        !self.pool.candidates(roles, exclude).is_empty()
+    }
+
+    fn record_failure(&self, job: &Job) {
+        if let Ok(mut l) = self.load.lock() {
+            l.finished(Finished {
+                isl: job.prompt_tokens.len() as u32,
+                osl: 0,
+                ttft_s: None,
+                itl_s: None,
+                duration_s: job.arrived.elapsed().as_secs_f64(),
+                ok: false,
+            });
+        }
+    }
+
+    fn request(job: &Job) -> proto::GenerateRequest {
+        proto::GenerateRequest {
+            request_id: job.id.clone(),
+            inline_kv: false,
+            prompt: String::new(),
+            prompt_tokens: job.prompt_tokens.clone(),
+            sampling: Some(proto::Sampling {
+                temperature: job.sampling.temperature,
+                top_k: 0,
+                top_p: job.sampling.top_p,
+                seed: job.sampling.seed,
+            }),
+            stop: Some(proto::StopSettings {
+                max_tokens: job.sampling.max_tokens,
+                stop: job.sampling.stop.clone(),
+                ignore_eos: false,
+            }),
+        }
+    }
+
+    fn cost(job: &Job) -> u64 {
+        job.prompt_tokens.len() as u64 + u64::from(job.sampling.max_tokens)
+    }
+
+    async fn local(
+        self: &Arc<Self>,
+        job: &Job,
+        exclude: &[String],
+    ) -> Result<mpsc::Receiver<Piece>, Failure> {
+        let w = self
+            .pool
+            .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)
+            .ok_or_else(|| Failure::Retry {
+                worker: String::new(),
+                dead: false,
+                why: "no healthy decode or mixed worker".into(),
+            })?;
+        let charge = w.charge(Self::cost(job));
+        let mut c = w.client.clone();
+        let stream = c
+            .generate(Self::request(job))
+            .await
+            .map_err(|s| failure(&w, &s))?
+            .into_inner();
+        self.stream(job, w, stream, None, charge).await
+    }
+
+    async fn disaggregated(
+        self: &Arc<Self>,
+        job: &Job,
+        batch_prefill: Option<Arc<WorkerEntry>>,
+        exclude: &[String],
+    ) -> Result<mpsc::Receiver<Piece>, Failure> {
+        let pre = match batch_prefill.filter(|p| !exclude.contains(&p.url) && p.healthy()) {
+            Some(p) => p,
+            None => self
+                .pool
+                .pick(&[WorkerRole::Prefill], exclude)
+                .ok_or_else(|| Failure::Retry {
+                    worker: String::new(),
+                    dead: false,
+                    why: "no healthy prefill worker".into(),
+                })?,
+        };
+        let dec = self
+            .pool
+            .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)
+            .ok_or_else(|| Failure::Retry {
+                worker: String::new(),
+                dead: false,
+                why: "no healthy decode worker".into(),
+            })?;
+        let p = {
+            let _charge = pre.charge(job.prompt_tokens.len() as u64);
+            let mut c = pre.client.clone();
+            c.prefill(Self::request(job))
+                .await
+                .map_err(|s| failure(&pre, &s))?
+                .into_inner()
+        };
+        if p.finish != proto::FinishReason::Unspecified as i32 {
+            // The first token already ended the request.
+            let (tx, rx) = mpsc::channel(4);
+            let ttft = job.arrived.elapsed().as_secs_f64();
+            let _ = tx.try_send(Piece::Text(p.text));
+            let _ = tx.try_send(Piece::Done {
+                finish_reason: p.finish,
+                prompt_tokens: p.prompt_tokens.len() as u32,
+                completion_tokens: 1,
+            });
+            self.finish(job, Some(ttft), None, 1, true);
+            return Ok(rx);
+        }
+        let charge = dec.charge(Self::cost(job));
+        let req = Self::request(job);
+        let mut c = dec.client.clone();
+        let stream = c
+            .decode(proto::DecodeRequest {
+                request_id: job.id.clone(),
+                prompt_tokens: p.prompt_tokens,
+                first_token: p.first_token,
+                kv: None,
+                handle: p.handle,
+                prefill_url: pre.url.clone(),
+                transfer_deadline_ms: self.cfg.transfer_deadline.as_millis() as u32,
+                sampling: req.sampling,
+                stop: req.stop,
+            })
+            .await
+            .map_err(|s| failure(&dec, &s))?
+            .into_inner();
+        // The prefill worker's first token is the first piece.
+        self.stream(job, dec, stream, Some(p.text), charge).await
+    }
+
+    /// Waits for the worker's first event (a failure before it is retried), then forwards the
+    /// rest on a task.
+    async fn stream(
+        self: &Arc<Self>,
+        job: &Job,
+        w: Arc<WorkerEntry>,
+        mut stream: tonic::Streaming<proto::GenerateEvent>,
+        first_text: Option<String>,
+        charge: Charge,
+    ) -> Result<mpsc::Receiver<Piece>, Failure> {
+        let (tx, rx) = mpsc::channel(64);
+        let mut tokens = 0u32;
+        let mut first_at = None;
+        if let Some(t) = first_text {
+            tokens = 1;
+            first_at = Some(Instant::now());
+            let _ = tx.send(Piece::Text(t)).await;
+        }
+        if first_at.is_none() {
+            // Nothing reached the client yet: a failure here is retried elsewhere.
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    first_at = Some(Instant::now());
+                    if forward(&tx, ev, &mut tokens).await {
+                        let ttft = job.arrived.elapsed().as_secs_f64();
+                        self.finish(job, Some(ttft), None, tokens, true);
+                        return Ok(rx);
+                    }
+                }
+                Ok(None) => {
+                    return Err(Failure::Retry {
+                        worker: w.url.clone(),
+                        dead: false,
+                        why: "the worker ended the stream without an answer".into(),
+                    });
+                }
+                Err(s) => return Err(failure(&w, &s)),
+            }
+        }
+        let ttft = first_at.map(|t| t.duration_since(job.arrived).as_secs_f64());
+        let me = self.clone();
+        let job = job.clone();
+        tokio::spawn(async move {
+            let _charge = charge;
+            let started = Instant::now();
+            let ok = loop {
+                match stream.message().await {
+                    Ok(Some(ev)) => {
+                        if forward(&tx, ev, &mut tokens).await {
+                            break true;
+                        }
+                        if tx.is_closed() {
+                            // The client went away: dropping the stream cancels the request.
+                            break false;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Piece::Error("the worker ended the stream early".into()))
+                            .await;
+                        break false;
+                    }
+                    Err(s) => {
+                        if matches!(s.code(), Code::Unavailable | Code::Unknown) {
+                            w.mark_unhealthy();
+                        }
+                        me.metrics.stream_errors.inc();
+                        let _ = tx
+                            .send(Piece::Error(format!(
+                                "worker {} failed mid-stream: {}",
+                                w.url,
+                                s.message()
+                            )))
+                            .await;
+                        break false;
+                    }
+                }
+            };
+            let itl = (tokens > 1).then(|| started.elapsed().as_secs_f64() / f64::from(tokens - 1));
+            me.finish(&job, ttft, itl, tokens, ok);
+        });
+        Ok(rx)
+    }
+
+    fn finish(&self, job: &Job, ttft: Option<f64>, itl: Option<f64>, osl: u32, ok: bool) {
+        if let Some(t) = ttft {
+            self.metrics.ttft.observe(t);
+        }
+        if let Some(t) = itl {
+            self.metrics.itl.observe(t);
+        }
+        if let Ok(mut l) = self.load.lock() {
+            l.finished(Finished {
+                isl: job.prompt_tokens.len() as u32,
+                osl,
+                ttft_s: ttft,
+                itl_s: itl,
+                duration_s: job.arrived.elapsed().as_secs_f64(),
+                ok,
+            });
+        }
+    }
+}
+
+/// Sends one worker event on; returns whether it was the last.
+async fn forward(tx: &mpsc::Sender<Piece>, ev: proto::GenerateEvent, tokens: &mut u32) -> bool {
+    match ev.event {
+        Some(Ev::Token(t)) => {
+            *tokens += 1;
+            if !t.text.is_empty() {
+                let _ = tx.send(Piece::Text(t.text)).await;
+            }
+            false
+        }
+        Some(Ev::Finished(f)) => {
+            if !f.text.is_empty() {
+                let _ = tx.send(Piece::Text(f.text)).await;
+            }
+            *tokens = (*tokens).max(f.completion_tokens);
+            let _ = tx
+                .send(Piece::Done {
+                    finish_reason: f.reason,
+                    prompt_tokens: f.prompt_tokens,
+                    completion_tokens: f.completion_tokens,
+                })
+                .await;
+            true
+        }
+        None => false,
+    }
+}
+
+/// A worker's gRPC error as a retry (transport-level: the worker is likely gone) or a client
+/// error (the request is wrong).
+fn failure(w: &WorkerEntry, s: &tonic::Status) -> Failure {
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => Failure::Client(ApiError::invalid(
+            "prompt",
+            format!("the worker refused the request: {}", s.message()),
+        )),
+        code => Failure::Retry {
+            worker: w.url.clone(),
+            dead: matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled),
+            why: format!("{}: {:?}: {}", w.url, code, s.message()),
+        },
+    }
+}
+
+/// The short-request batcher's task: releases batches on the token cap (at push) or the wait
+/// cap (on a timer); each batch goes to one prefill worker, picked at release.
+async fn run_batcher(
+    mut rx: mpsc::UnboundedReceiver<(u32, oneshot::Sender<Release>)>,
+    cfg: RoutingConfig,
+    pool: Arc<Pool>,
+) {
+    let mut b: ShortBatcher<oneshot::Sender<Release>> = ShortBatcher::new(&cfg);
+    let t0 = Instant::now();
+    let now = || t0.elapsed().as_secs_f64();
+    let release = |batch: dopd_planner::routing::Batch<oneshot::Sender<Release>>| {
+        let prefill = pool.pick(&[WorkerRole::Prefill], &[]);
+        for tx in batch.items {
+            let _ = tx.send(Release {
+                reason: batch.reason,
+                prefill: prefill.clone(),
+            });
+        }
+    };
+    loop {
+        let wait = b
+            .deadline()
+            .map(|d| Duration::from_secs_f64((d - now()).max(0.0)));
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some((tokens, tx)) => {
+                    for batch in b.push(tx, tokens, now()) {
+                        release(batch);
+                    }
+                }
+                None => {
+                    if let Some(batch) = b.drain() {
+                        release(batch);
+                    }
+                    return;
+                }
+            },
+            () = async {
+                match wait {
+                    Some(w) => tokio::time::sleep(w).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(batch) = b.poll(now()) {
+                    release(batch);
+                }
+            }
+        }
+    }
+}
