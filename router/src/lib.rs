@@ -191,11 +191,22 @@ async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Byt
         authorize(&r, &headers)?;
         let req: CompletionRequest = parse(&body)?;
         let sampling = req.common.validate(&r.cfg.model, 16)?;
-        let text = req.prompt_text()?;
-        let tokens = r
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))?;
+        let tokens = match req.prompt_input()? {
+            openai::PromptInput::Text(text) => r
+                .tokenizer
+                .encode(&text)
+                .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))?,
+            openai::PromptInput::Tokens(t) => {
+                let vocab = r.tokenizer.vocab_size();
+                if let Some(bad) = t.iter().find(|&&id| id as usize >= vocab) {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!("token id {bad} is outside the vocabulary of {vocab}"),
+                    ));
+                }
+                t
+            }
+        };
         run(&r, Kind::Completion, tokens, sampling).await
     }
     .await;

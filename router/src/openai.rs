@@ -85,12 +85,20 @@ impl Stop {
     }
 }
 
-/// `prompt` of a completion: a string, or a list holding one string.
+/// `prompt` of a completion: a string, a list holding one string, or token ids.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
     One(String),
+    Tokens(Vec<u32>),
     Many(Vec<String>),
+}
+
+/// A completion prompt after validation: text to tokenize, or token ids as given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -116,6 +124,10 @@ pub struct Common {
     pub n: Option<u32>,
     /// Accepted and ignored (the request's id is the router's own).
     pub user: Option<String>,
+    /// Extension (as in vLLM): keep generating past end-of-sequence until `max_tokens`
+    /// (benchmarks use it to control output lengths).
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -180,6 +192,7 @@ pub struct Sampling {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 /// Default completion length when `max_tokens` is absent (OpenAI's legacy completions default
@@ -249,15 +262,17 @@ impl Common {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            ignore_eos: self.ignore_eos,
         })
     }
 }
 
 impl CompletionRequest {
-    pub fn prompt_text(&self) -> Result<String, ApiError> {
+    pub fn prompt_input(&self) -> Result<PromptInput, ApiError> {
         match &self.prompt {
-            Prompt::One(s) => Ok(s.clone()),
-            Prompt::Many(v) if v.len() == 1 => Ok(v[0].clone()),
+            Prompt::One(s) => Ok(PromptInput::Text(s.clone())),
+            Prompt::Tokens(t) => Ok(PromptInput::Tokens(t.clone())),
+            Prompt::Many(v) if v.len() == 1 => Ok(PromptInput::Text(v[0].clone())),
             Prompt::Many(_) => Err(ApiError::invalid(
                 "prompt",
                 "only one prompt per request is supported",

@@ -260,7 +260,7 @@ impl Scheduler {
             stop: Some(proto::StopSettings {
                 max_tokens: job.sampling.max_tokens,
                 stop: job.sampling.stop.clone(),
-                ignore_eos: false,
+                ignore_eos: job.sampling.ignore_eos,
             }),
         }
     }

@@ -21,6 +21,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// KV-block transfer bandwidth and latency between two workers on loopback.
     Kv(KvArgs),
+    /// Replay a request trace against an OpenAI-compatible endpoint: TTFT/TPOT quantiles,
+    /// goodput and SLO attainment.
+    Load(super::load::LoadArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,6 +114,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Worker(a) => worker(a),
         Command::Kv(a) => kv(a),
+        Command::Load(a) => super::load::bench_load(a),
     }
 }
 

@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod forecast;
+pub mod load;
 pub mod plan;
 pub mod profile;
 pub mod router;

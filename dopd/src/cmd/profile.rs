@@ -26,6 +26,9 @@ pub enum Command {
     Check { file: PathBuf },
     /// List the roofline presets.
     Presets,
+    /// Measure TTFT(ISL) and TPOT(concurrency, context) through an OpenAI-compatible endpoint
+    /// and write a profile the planner and the simulator accept.
+    Measure(super::load::MeasureArgs),
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
@@ -79,6 +82,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             );
         }
         Command::Presets => PRESETS.iter().for_each(|p| println!("{p}")),
+        Command::Measure(a) => return super::load::measure(a),
     }
     Ok(())
 }
