@@ -55,6 +55,8 @@ pub struct RouterConfig {
 pub struct Router {
     pub cfg: RouterConfig,
     tokenizer: Arc<ModelTokenizer>,
+    /// The tokenizer's vocabulary size (computing it builds the whole vocabulary map).
+    vocab: usize,
     pub pool: Arc<Pool>,
     pub scheduler: Arc<Scheduler>,
     pub metrics: Arc<Metrics>,
@@ -71,6 +73,7 @@ impl Router {
         let scheduler = Scheduler::new(pool.clone(), cfg.schedule.clone(), metrics.clone());
         Arc::new(Self {
             cfg,
+            vocab: tokenizer.vocab_size(),
             tokenizer: Arc::new(tokenizer),
             pool,
             scheduler,
@@ -121,6 +124,11 @@ pub async fn serve(
     r: Arc<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    // No Nagle delay on small responses and stream chunks.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app(r))
         .with_graceful_shutdown(shutdown)
         .await
@@ -197,7 +205,7 @@ async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Byt
                 .encode(&text)
                 .map_err(|e| ApiError::invalid("prompt", format!("cannot tokenize: {e}")))?,
             openai::PromptInput::Tokens(t) => {
-                let vocab = r.tokenizer.vocab_size();
+                let vocab = r.vocab;
                 if let Some(bad) = t.iter().find(|&&id| id as usize >= vocab) {
                     return Err(ApiError::invalid(
                         "prompt",

@@ -204,6 +204,8 @@ impl ModelTokenizer {
     }
 
     /// Vocabulary size, special tokens included.
+    /// Vocabulary size, added tokens included. Not cheap: the tokenizers crate builds the whole
+    /// vocabulary map to count it, so callers on a hot path keep the result.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
