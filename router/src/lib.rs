@@ -10,6 +10,7 @@
 //! `POST /v1/dopd/drain {"workers": [url or worker id]}` (no new work; answers their in-flight
 //! counts).
 
+pub mod discovery;
 pub mod load;
 pub mod metrics;
 pub mod openai;

@@ -60,6 +60,14 @@ pub struct RouterArgs {
     /// `POST /v1/dopd/workers`.
     #[arg(long = "worker", value_delimiter = ',')]
     pub workers: Vec<String>,
+    /// Discover workers from Kubernetes EndpointSlices: NAMESPACE/LABEL_SELECTOR[#PORT_NAME]
+    /// (repeatable; the port named `grpc` by default). Uses the in-cluster service account or
+    /// the kubeconfig.
+    #[arg(long = "discover")]
+    pub discover: Vec<dopd_router::discovery::SliceSelector>,
+    /// How often EndpointSlices are listed.
+    #[arg(long, default_value = "5s")]
+    pub discover_interval: String,
 }
 
 fn build_router(f: &FrontArgs, pool: Arc<Pool>) -> anyhow::Result<Arc<Router>> {
@@ -98,6 +106,21 @@ pub fn router(a: RouterArgs) -> anyhow::Result<()> {
             pool.add(w).await.map_err(anyhow::Error::msg)?;
         }
         pool.spawn_health_loop(Duration::from_secs_f64(health.max(0.05)));
+        if !a.discover.is_empty() {
+            let every =
+                super::parse_duration_s(&a.discover_interval).context("--discover-interval")?;
+            let client = kube::Client::try_default()
+                .await
+                .context("--discover: no Kubernetes configuration (in-cluster or kubeconfig)")?;
+            for sel in &a.discover {
+                dopd_router::discovery::spawn(
+                    client.clone(),
+                    &pool,
+                    sel.clone(),
+                    Duration::from_secs_f64(every.max(0.5)),
+                );
+            }
+        }
         let r = build_router(&a.front, pool)?;
         let listener = tokio::net::TcpListener::bind(&a.front.listen)
             .await
