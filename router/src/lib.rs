@@ -561,3 +561,90 @@ async fn drain(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) ->
     .await;
     out.unwrap_or_else(IntoResponse::into_response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    const MODEL: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+
+    /// A router with no workers (requests that pass the front checks then find none).
+    fn router(api_key: Option<&str>, max_waiting: usize) -> Arc<Router> {
+        let (tok, c, _) = dopd_worker::service::load_tokenizer(std::path::Path::new(MODEL))
+            .expect("the test model (scripts/setup.sh)");
+        Router::new(
+            RouterConfig {
+                model: "m".into(),
+                context: c.context,
+                max_waiting,
+                api_key: api_key.map(String::from),
+                schedule: ScheduleConfig::default(),
+            },
+            tok,
+            Pool::new(),
+        )
+    }
+
+    async fn call(r: &Arc<Router>, key: Option<&str>) -> Response {
+        let mut req =
+            Request::post("/v1/chat/completions").header("content-type", "application/json");
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let body =
+            r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}"#;
+        app(r.clone())
+            .oneshot(req.body(Body::from(body)).expect("request"))
+            .await
+            .expect("infallible")
+    }
+
+    async fn json(resp: Response) -> Value {
+        let b = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        serde_json::from_slice(&b).expect("JSON")
+    }
+
+    #[tokio::test]
+    async fn an_api_key_is_required_when_configured() {
+        let r = router(Some("sekrit"), 8);
+        let resp = call(&r, None).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(json(resp).await["error"]["code"], "invalid_api_key");
+        assert_eq!(
+            call(&r, Some("wrong")).await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+        // The right key passes the check (then no worker can serve: 503).
+        let resp = call(&r, Some("sekrit")).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().contains_key("retry-after"));
+    }
+
+    #[tokio::test]
+    async fn over_the_admission_bound_the_answer_is_429_with_retry_after() {
+        let r = router(None, 2);
+        r.starting.store(2, Ordering::Relaxed);
+        let resp = call(&r, None).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            resp.headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+        assert_eq!(json(resp).await["error"]["type"], "rate_limit_error");
+        r.starting.store(0, Ordering::Relaxed);
+        assert_eq!(
+            call(&r, None).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+}
