@@ -887,8 +887,7 @@ fn router_overhead(a: RouterBenchArgs) -> anyhow::Result<()> {
             if failed > 0 {
                 bail!("{failed} requests failed on the {path} path");
             }
-            lat.sort_by(f64::total_cmp);
-            let q = |p: f64| lat[((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len()) - 1] * 1e3;
+            let q = |p: f64| super::load::quantile(&lat, p) * 1e3;
             rows.push(OverheadRow {
                 path,
                 requests: lat.len(),

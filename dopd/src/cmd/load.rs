@@ -121,7 +121,8 @@ pub async fn timed(
     }
 }
 
-fn quantile(v: &[f64], q: f64) -> f64 {
+/// Nearest-rank quantile `q` of `v` (NaN when empty).
+pub fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
