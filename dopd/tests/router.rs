@@ -70,10 +70,9 @@ fn worker(role: &str) -> (Proc, String) {
     (p, format!("http://{a}"))
 }
 
-/// One HTTP/1.1 exchange: (status, headers, body).
-fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
+/// Opens a connection and writes one HTTP/1.1 request with `data` as its body.
+fn send(addr: &str, method: &str, path: &str, data: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("router port");
-    let data = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
@@ -81,6 +80,18 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Str
         data.len()
     )
     .expect("request");
+    s
+}
+
+/// One HTTP/1.1 exchange with a JSON body: (status, headers, body).
+fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
+    let data = body.map(|b| b.to_string()).unwrap_or_default();
+    http_raw(addr, method, path, &data)
+}
+
+/// One HTTP/1.1 exchange with any body.
+fn http_raw(addr: &str, method: &str, path: &str, data: &str) -> (u16, String, String) {
+    let mut s = send(addr, method, path, data);
     let mut out = String::new();
     s.read_to_string(&mut out).expect("response");
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
@@ -247,26 +258,8 @@ fn the_openai_api_routes_by_length_and_reports_load() {
     // Errors in OpenAI's envelope.
     let (s, _, b) = http(&addr, "POST", "/v1/chat/completions", None);
     assert_eq!(s, 400, "{b}");
-    let (s, _, b) = {
-        let mut st = TcpStream::connect(&addr).expect("port");
-        let body = "{not json";
-        write!(
-            st,
-            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )
-        .expect("write");
-        let mut out = String::new();
-        st.read_to_string(&mut out).expect("read");
-        let (h, b) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        (
-            h.split_whitespace().nth(1).unwrap_or("").to_string(),
-            h.to_string(),
-            b.to_string(),
-        )
-    };
-    assert_eq!(s, "400");
+    let (s, _, b) = http_raw(&addr, "POST", "/v1/completions", "{not json");
+    assert_eq!(s, 400);
     assert!(b.contains("invalid JSON"), "{b}");
     let mut bad = chat("hi", 4);
     bad["model"] = json!("gpt-4");
@@ -353,15 +346,7 @@ fn a_decode_worker_killed_mid_stream_ends_that_stream_cleanly_and_the_router_kee
     // A long streamed answer.
     let mut req = chat("Write a long story about a dragon.", 400);
     req["stream"] = json!(true);
-    let body = req.to_string();
-    let mut s = TcpStream::connect(&addr).expect("port");
-    write!(
-        s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
+    let s = send(&addr, "POST", "/v1/chat/completions", &req.to_string());
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     let mut reader = BufReader::new(s);
