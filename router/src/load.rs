@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::pool::WorkerView;
 
@@ -22,7 +22,7 @@ pub struct Finished {
 }
 
 /// p50, p90 and p99 of a sample.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Quantiles {
     pub p50: f64,
     pub p90: f64,
@@ -44,7 +44,8 @@ pub fn quantiles(v: &mut [f64]) -> Option<Quantiles> {
 }
 
 /// The answer of `GET /v1/dopd/load`: everything `dopd_planner::Observation` needs.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct LoadReport {
     /// Seconds since the previous read (or since the router started).
     pub interval_s: f64,

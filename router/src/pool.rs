@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dopd_worker::service::proto::{self, worker_client::WorkerClient};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 
 /// What a worker does (its Health answer's role).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerRole {
     Prefill,
@@ -154,7 +154,7 @@ pub struct Pool {
 }
 
 /// A worker's public view (for `/v1/dopd/workers` and drain answers).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerView {
     pub url: String,
     pub worker_id: String,

@@ -1,0 +1,519 @@
+//! Reconcile paths against the in-memory API server (`fake/`) with a fake router and a manual
+//! clock: create, no-op, scale up, drain then scale down, conflict retry, cleanup with children
+//! already gone, Pending timeout, replicas changed by someone else, invalid spec.
+
+#![allow(clippy::unwrap_used)]
+
+mod fake;
+
+use std::sync::{Arc, Mutex};
+
+use dopd_operator::control::{BoxFut, ManualClock, RouterApi};
+use dopd_operator::crd::DopdService;
+use dopd_operator::metrics::Metrics;
+use dopd_operator::reconcile::{self, Ctx, Settings};
+use dopd_router::load::LoadReport;
+use dopd_router::pool::{WorkerRole, WorkerView};
+use fake::Fake;
+use http::Method;
+use serde_json::{Value, json};
+
+const NS: &str = "ml";
+const SVC: &str = "/apis/dopd.dev/v1alpha1/namespaces/ml/dopdservices/chat";
+const DEPLOY: &str = "/apis/apps/v1/namespaces/ml/deployments";
+const PODS: &str = "/api/v1/namespaces/ml/pods";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
+
+#[derive(Default)]
+struct FakeRouter {
+    load: Mutex<LoadReport>,
+    in_flight: Mutex<Vec<(String, usize)>>,
+    drained: Mutex<Vec<String>>,
+    down: Mutex<bool>,
+}
+
+impl FakeRouter {
+    fn views(&self) -> Vec<WorkerView> {
+        self.in_flight
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(url, n)| WorkerView {
+                url: url.clone(),
+                worker_id: url.clone(),
+                role: WorkerRole::Decode,
+                healthy: true,
+                draining: false,
+                in_flight: *n,
+                outstanding_tokens: 0,
+                kv_blocks_used: None,
+                kv_blocks_free: None,
+                waiting: None,
+                kv_degraded: None,
+            })
+            .collect()
+    }
+}
+
+impl RouterApi for FakeRouter {
+    fn load<'a>(
+        &'a self,
+        _: &'a DopdService,
+        _: Option<&'a str>,
+    ) -> BoxFut<'a, Result<LoadReport, String>> {
+        Box::pin(async move {
+            if *self.down.lock().unwrap() {
+                return Err("connection refused".into());
+            }
+            let mut r = self.load.lock().unwrap().clone();
+            r.workers = self.views();
+            Ok(r)
+        })
+    }
+    fn workers<'a>(
+        &'a self,
+        _: &'a DopdService,
+        _: Option<&'a str>,
+    ) -> BoxFut<'a, Result<Vec<WorkerView>, String>> {
+        Box::pin(async move { Ok(self.views()) })
+    }
+    fn drain<'a>(
+        &'a self,
+        _: &'a DopdService,
+        _: Option<&'a str>,
+        workers: &'a [String],
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.drained.lock().unwrap().extend(workers.iter().cloned());
+            Ok(())
+        })
+    }
+}
+
+struct World {
+    api: Arc<Fake>,
+    router: Arc<FakeRouter>,
+    clock: Arc<ManualClock>,
+    ctx: Arc<Ctx>,
+}
+
+fn world() -> World {
+    let api = Fake::new();
+    let router = Arc::new(FakeRouter::default());
+    let clock = Arc::new(ManualClock::default());
+    let ctx = Arc::new(Ctx::new(
+        api.client(),
+        router.clone(),
+        clock.clone(),
+        Arc::new(Metrics::default()),
+        Settings::default(),
+    ));
+    World {
+        api,
+        router,
+        clock,
+        ctx,
+    }
+}
+
+fn spec(extra: Value) -> Value {
+    let mut s = json!({
+        "model": {"source": "/models/smollm2.gguf", "servedName": "smollm2"},
+        "slo": {"ttftMs": 2000, "tpotMs": 100},
+        "prefill": {"minReplicas": 1, "maxReplicas": 4, "gpusPerInstance": 1},
+        "decode": {"minReplicas": 1, "maxReplicas": 4, "gpusPerInstance": 1},
+        "planner": {"intervalSeconds": 30, "gpuBudget": 8, "scaleDownStabilizationSeconds": 0},
+    });
+    fake::merge(&mut s, &extra);
+    s
+}
+
+impl World {
+    fn create(&self, spec: Value, status: Option<Value>) {
+        let mut obj = json!({
+            "apiVersion": "dopd.dev/v1alpha1", "kind": "DopdService",
+            "metadata": {"name": "chat", "namespace": NS},
+            "spec": spec,
+        });
+        if let Some(s) = status {
+            obj["status"] = s;
+        }
+        self.api.put(SVC, obj);
+    }
+
+    fn svc(&self) -> DopdService {
+        serde_json::from_value(self.api.get(SVC).expect("the DopdService")).unwrap()
+    }
+
+    async fn reconcile(&self) -> Result<kube::runtime::controller::Action, reconcile::Error> {
+        reconcile::reconcile(Arc::new(self.svc()), self.ctx.clone()).await
+    }
+
+    /// Reconciles until the finalizer is on and the children exist.
+    async fn settle(&self) {
+        for _ in 0..2 {
+            self.reconcile().await.unwrap();
+        }
+    }
+
+    fn replicas(&self, role: &str) -> u64 {
+        self.api.get(&format!("{DEPLOY}/chat-{role}")).unwrap()["spec"]["replicas"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn status(&self) -> Value {
+        self.api.get(SVC).unwrap()["status"].clone()
+    }
+
+    fn events(&self, reason: &str) -> Vec<Value> {
+        self.api
+            .list(EVENTS)
+            .into_iter()
+            .filter(|e| e["reason"] == reason)
+            .collect()
+    }
+
+    fn pod(&self, role: &str, i: usize, ready: bool, phase: &str, created: &str) {
+        let name = format!("chat-{role}-{i}");
+        self.api.put(
+            &format!("{PODS}/{name}"),
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": NS, "creationTimestamp": created,
+                    "labels": {"dopd.dev/service": "chat", "dopd.dev/role": role}},
+                "spec": {"containers": [{"name": "worker"}]},
+                "status": {"phase": phase, "podIP": format!("10.0.{}.{i}", if role == "prefill" {1} else {2}),
+                    "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]},
+            }),
+        );
+    }
+
+    fn condition(&self, type_: &str) -> Value {
+        self.status()["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+}
+
+const OLD: &str = "2026-01-01T00:00:00Z";
+
+#[tokio::test]
+async fn create_makes_every_child_and_a_status() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.reconcile().await.unwrap();
+    assert_eq!(
+        w.api.get(SVC).unwrap()["metadata"]["finalizers"],
+        json!(["dopd.dev/cleanup"])
+    );
+    w.reconcile().await.unwrap();
+    for path in [
+        "/api/v1/namespaces/ml/configmaps/chat-config",
+        "/api/v1/namespaces/ml/serviceaccounts/chat-router",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/chat-router",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/chat-router",
+        "/apis/apps/v1/namespaces/ml/deployments/chat-router",
+        "/apis/apps/v1/namespaces/ml/deployments/chat-prefill",
+        "/apis/apps/v1/namespaces/ml/deployments/chat-decode",
+        "/api/v1/namespaces/ml/services/chat-router",
+        "/api/v1/namespaces/ml/services/chat-prefill",
+        "/api/v1/namespaces/ml/services/chat-decode",
+        "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/chat-decode",
+    ] {
+        let o = w.api.get(path).unwrap_or_else(|| panic!("{path} missing"));
+        assert_eq!(o["metadata"]["ownerReferences"][0]["kind"], "DopdService");
+    }
+    assert_eq!(w.replicas("prefill"), 1);
+    assert_eq!(w.replicas("decode"), 1);
+    let cm = w
+        .api
+        .get("/api/v1/namespaces/ml/configmaps/chat-config")
+        .unwrap();
+    assert!(
+        cm["data"]["profile.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("smollm2")
+    );
+    let st = w.status();
+    assert_eq!(st["model"], "smollm2");
+    assert_eq!(st["decode"]["summary"], "0/1");
+    assert_eq!(st["phase"], "Pending");
+}
+
+#[tokio::test]
+async fn an_unchanged_service_costs_no_writes() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    w.reconcile().await.unwrap();
+    let before = w.api.writes().len();
+    w.reconcile().await.unwrap();
+    w.reconcile().await.unwrap();
+    assert_eq!(w.api.writes()[before..], [], "a no-op reconcile wrote");
+    assert_eq!(w.status()["phase"], "Running");
+}
+
+#[tokio::test]
+async fn heavy_load_scales_up_with_an_event_and_history() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    *w.router.load.lock().unwrap() = LoadReport {
+        interval_s: 30.0,
+        requests: 3000,
+        finished: 3000,
+        mean_isl: Some(2000.0),
+        mean_osl: Some(400.0),
+        ..Default::default()
+    };
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    let (p, d) = (w.replicas("prefill"), w.replicas("decode"));
+    assert!(p + d > 2, "no scale-up: prefill {p}, decode {d}");
+    assert!(p <= 4 && d <= 4, "max replicas ignored: {p} {d}");
+    let st = w.status();
+    assert_eq!(st["history"].as_array().unwrap().len(), 1);
+    assert_eq!(st["ratio"], format!("{p}:{d}"));
+    assert_eq!(st["forecast"]["meanIsl"], 2000.0);
+    assert_eq!(w.events("Scaling").len(), 1, "{:?}", w.api.list(EVENTS));
+    assert_eq!(st["phase"], "Scaling");
+    assert_eq!(w.condition("Scaling")["status"], "True");
+}
+
+#[tokio::test]
+async fn scale_down_drains_the_least_busy_pods_first() {
+    let w = world();
+    // Running at 3 decode instances (from a previous leader's status); the static policy wants 1.
+    w.create(
+        spec(json!({"planner": {"policy": "static"}})),
+        Some(json!({"prefill": {"desired": 1, "ready": 1, "pending": 0, "unschedulable": 0, "summary": "1/1"},
+                    "decode": {"desired": 3, "ready": 3, "pending": 0, "unschedulable": 0, "summary": "3/3"}})),
+    );
+    w.pod("prefill", 0, true, "Running", OLD);
+    for i in 0..3 {
+        w.pod("decode", i, true, "Running", OLD);
+    }
+    *w.router.in_flight.lock().unwrap() = vec![
+        ("http://10.0.2.0:50051".into(), 5),
+        ("http://10.0.2.1:50051".into(), 0),
+        ("http://10.0.2.2:50051".into(), 2),
+    ];
+    w.settle().await;
+    assert_eq!(w.replicas("decode"), 3);
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    // Victims: the idle one and the one with 2 requests; not the busiest.
+    let mut drained = w.router.drained.lock().unwrap().clone();
+    drained.sort();
+    assert_eq!(drained, ["http://10.0.2.1:50051", "http://10.0.2.2:50051"]);
+    let cost = |i: usize| {
+        w.api.get(&format!("{PODS}/chat-decode-{i}")).unwrap()["metadata"]["annotations"]
+            ["controller.kubernetes.io/pod-deletion-cost"]
+            .clone()
+    };
+    assert_eq!(
+        (cost(0), cost(1), cost(2)),
+        (Value::Null, json!("-1000"), json!("-1000"))
+    );
+    assert_eq!(
+        w.replicas("decode"),
+        3,
+        "scaled down before the drain finished"
+    );
+    assert_eq!(
+        w.status()["draining"][0]["pods"],
+        json!(["chat-decode-1", "chat-decode-2"])
+    );
+    // Still busy: nothing changes.
+    w.clock.advance(1.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("decode"), 3);
+    // Done: replicas go down and the drain is reported.
+    w.router.in_flight.lock().unwrap()[2].1 = 0;
+    w.clock.advance(1.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("decode"), 1);
+    assert_eq!(w.events("ScaledDown").len(), 1);
+    assert!(w.status().get("draining").is_none());
+}
+
+#[tokio::test]
+async fn a_drain_that_never_ends_is_cut_at_the_timeout() {
+    let w = world();
+    w.create(
+        spec(json!({"planner": {"policy": "static", "drainTimeoutSeconds": 10}})),
+        Some(json!({"decode": {"desired": 2, "ready": 2, "pending": 0, "unschedulable": 0, "summary": "2/2"}})),
+    );
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.pod("decode", 1, true, "Running", OLD);
+    *w.router.in_flight.lock().unwrap() = vec![
+        ("http://10.0.2.0:50051".into(), 3),
+        ("http://10.0.2.1:50051".into(), 4),
+    ];
+    w.settle().await;
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("decode"), 2);
+    w.clock.advance(11.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("decode"), 1);
+    let ev = w.events("ScaledDown");
+    assert!(
+        ev[0]["note"].as_str().unwrap().contains("timed out"),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_fails_the_reconcile_and_the_retry_succeeds() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.reconcile().await.unwrap();
+    w.api
+        .fail(Method::PATCH, "/deployments/chat-prefill", 409, 1);
+    let err = w.reconcile().await.unwrap_err();
+    assert_eq!(err.kind(), "conflict");
+    let action = reconcile::error_policy(Arc::new(w.svc()), &err, w.ctx.clone());
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_millis(200))
+    );
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("prefill"), 1);
+}
+
+#[tokio::test]
+async fn deletion_removes_children_even_when_some_are_already_gone() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.settle().await;
+    w.api.remove(&format!("{DEPLOY}/chat-decode"));
+    w.api.remove("/api/v1/namespaces/ml/services/chat-prefill");
+    // kubectl delete: the finalizer holds the object with a deletionTimestamp.
+    let mut obj = w.api.get(SVC).unwrap();
+    obj["metadata"]["deletionTimestamp"] = json!(OLD);
+    w.api.put(SVC, obj);
+    w.reconcile().await.unwrap();
+    assert!(w.api.get(SVC).is_none(), "the finalizer was not removed");
+    assert!(w.api.list(DEPLOY).is_empty());
+    assert!(w.api.list("/api/v1/namespaces/ml/configmaps").is_empty());
+    assert!(w.ctx.targets(NS, "chat").is_none());
+}
+
+#[tokio::test]
+async fn pods_pending_past_the_timeout_are_reported_and_do_not_wedge_the_planner() {
+    let w = world();
+    w.create(
+        spec(json!({"planner": {"pendingTimeoutSeconds": 300}})),
+        Some(json!({"decode": {"desired": 2, "ready": 1, "pending": 1, "unschedulable": 0, "summary": "1/2"}})),
+    );
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    // Created long ago, still no node.
+    w.pod("decode", 1, false, "Pending", OLD);
+    w.settle().await;
+    let c = w.condition("CapacityConstrained");
+    assert_eq!(c["status"], "True", "{c}");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("1 decode pod(s) Pending")
+    );
+    assert_eq!(w.status()["decode"]["unschedulable"], 1);
+    assert_eq!(w.events("CapacityConstrained").len(), 1);
+    // The planner still decides (it does not wait for the stuck pod).
+    *w.router.load.lock().unwrap() = LoadReport {
+        interval_s: 30.0,
+        requests: 10,
+        mean_isl: Some(500.0),
+        mean_osl: Some(100.0),
+        ..Default::default()
+    };
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    let st = w.status();
+    assert!(st["lastDecision"].is_object(), "{st}");
+    assert!(
+        !st["lastDecision"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("reconfig_in_flight"),
+        "{st}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_changed_by_someone_else_are_put_back_with_an_event() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.settle().await;
+    let path = format!("{DEPLOY}/chat-decode");
+    let mut d = w.api.get(&path).unwrap();
+    d["spec"]["replicas"] = json!(5);
+    w.api.put(&path, d);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("decode"), 1);
+    let ev = w.events("ReplicasReverted");
+    assert_eq!(ev.len(), 1);
+    assert!(ev[0]["note"].as_str().unwrap().contains("scaled to 5"));
+}
+
+#[tokio::test]
+async fn a_router_that_cannot_be_read_degrades_the_service_but_keeps_it() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    *w.router.down.lock().unwrap() = true;
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.status()["phase"], "Degraded");
+    let c = w.condition("Degraded");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused"),
+        "{c}"
+    );
+    assert_eq!(w.replicas("decode"), 1);
+    *w.router.down.lock().unwrap() = false;
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.condition("Degraded")["status"], "False");
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_nothing_is_created() {
+    let w = world();
+    w.create(
+        spec(json!({"decode": {"minReplicas": 5, "maxReplicas": 2}, "planner": {"gpuBudget": 2}})),
+        None,
+    );
+    w.settle().await;
+    assert!(w.api.list(DEPLOY).is_empty());
+    assert_eq!(w.status()["phase"], "Invalid");
+    let msg = w.condition("Ready")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("minReplicas (5) must not exceed maxReplicas (2)"),
+        "{msg}"
+    );
+    assert!(msg.contains("gpuBudget (2)"), "{msg}");
+    assert_eq!(w.events("InvalidSpec").len(), 1);
+}
