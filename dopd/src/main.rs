@@ -1,7 +1,7 @@
 //! `dopd`: one binary, role subcommands.
 //!
-//! Planner commands (`forecast`, `plan`, `profile`, `sim`) and the worker (`worker`, `generate`);
-//! `operator`, `router` and `up` arrive with their crates.
+//! Planner commands (`forecast`, `plan`, `profile`, `sim`), the worker (`worker`, `generate`), the
+//! router and local mode (`router`, `up`), and the Kubernetes operator (`operator`, `crd`).
 
 mod cmd;
 mod plot;
@@ -41,6 +41,10 @@ enum Command {
     Router(cmd::router::RouterArgs),
     /// The whole system on this machine: router, prefill and decode workers, planner loop.
     Up(cmd::router::UpArgs),
+    /// The Kubernetes operator: reconciles DopdServices and resizes them with the planner.
+    Operator(cmd::operator::Args),
+    /// Print the DopdService CustomResourceDefinition (YAML).
+    Crd,
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +59,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cmd::worker::generate(a),
         Command::Router(a) => cmd::router::router(a),
         Command::Up(a) => cmd::router::up(a),
+        Command::Operator(a) => cmd::operator::run(a),
+        Command::Crd => cmd::operator::crd(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

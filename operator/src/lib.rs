@@ -11,5 +11,7 @@
 pub mod children;
 pub mod control;
 pub mod crd;
+pub mod lease;
 pub mod metrics;
 pub mod reconcile;
+pub mod run;

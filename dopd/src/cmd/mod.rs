@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod forecast;
 pub mod load;
+pub mod operator;
 pub mod plan;
 pub mod profile;
 pub mod router;
