@@ -34,7 +34,7 @@ pub struct Options {
 }
 
 async fn serve_http(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
-    use axum::http::StatusCode;
+    use axum::http::{StatusCode, header};
     use axum::routing::get;
     let m1 = metrics.clone();
     let m2 = metrics.clone();
@@ -46,7 +46,7 @@ async fn serve_http(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result
                 async move {
                     (
                         [(
-                            axum::http::header::CONTENT_TYPE,
+                            header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
                         m.render(),
