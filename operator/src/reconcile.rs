@@ -641,6 +641,9 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
             Err(e) => tracing::warn!(service = %name, "planner settings: {e}"),
         }
     }
+    // A shorter interval applies from now on.
+    let interval = f64::from(spec.planner.interval_seconds);
+    st.next_tick = st.next_tick.min(now + interval);
     // Bounds may have changed.
     for role in WorkerRole::ALL {
         let v = clamp(role, role_get(&st.target, role));

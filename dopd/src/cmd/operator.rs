@@ -46,6 +46,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .with_context(|| format!("--log {:?} is not a valid filter", a.log))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match a.log_format {
         LogFormat::Json => builder.json().init(),
