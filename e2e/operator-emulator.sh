@@ -131,6 +131,7 @@ k get dopdservices
 has "$(k get dopd smollm2 -o jsonpath='{.status.history}')" '"reason"' || fail "decision history"
 has "$(k get events.events.k8s.io -o json)" '"reason": *"Scaling"' || fail "Scaling event"
 has "$(k get dopd smollm2 -o jsonpath='{.status.forecast.meanIsl}')" 1500 || fail "forecast in status"
+has "$(curl -fsS "http://127.0.0.1:$rport/drained")" '"forecasts": \[[^]]*1500' || fail "the router got no forecast ISL"
 
 echo "== pods that find no GPU are reported, not waited for"
 # 4 prefill + 1 decode need 5 GPUs; 2 are left: one prefill pod stays Pending.

@@ -3,7 +3,8 @@
 
 GET /v1/dopd/load answers the load in the JSON file given by --load (re-read on every call, so a
 test changes the load by rewriting it); GET /v1/dopd/workers lists nothing busy; POST
-/v1/dopd/drain records the workers it was asked to drain (GET /drained lists them).
+/v1/dopd/drain records the workers it was asked to drain and POST /v1/dopd/forecast the mean ISLs
+it was sent (GET /drained lists both).
 """
 
 import argparse
@@ -36,13 +37,21 @@ async def main():
         drained.extend(body.get("workers", []))
         return web.json_response({"draining": []})
 
+    forecasts = []
+
+    async def forecast(request):
+        body = await request.json()
+        forecasts.append(body.get("mean_isl"))
+        return web.json_response({"threshold": body.get("mean_isl")})
+
     async def show(_):
-        return web.json_response({"drained": drained, "load_reads": reads["n"]})
+        return web.json_response({"drained": drained, "load_reads": reads["n"], "forecasts": forecasts})
 
     app = web.Application()
     app.router.add_get("/v1/dopd/load", load)
     app.router.add_get("/v1/dopd/workers", workers)
     app.router.add_post("/v1/dopd/drain", drain)
+    app.router.add_post("/v1/dopd/forecast", forecast)
     app.router.add_get("/drained", show)
     runner = web.AppRunner(app)
     await runner.setup()

@@ -30,6 +30,14 @@ pub trait RouterApi: Send + Sync {
         svc: &'a DopdService,
         api_key: Option<&'a str>,
     ) -> BoxFut<'a, Result<Vec<WorkerView>, String>>;
+    /// The forecast mean ISL of the next interval: the router's short/long threshold
+    /// (`POST /v1/dopd/forecast`).
+    fn set_forecast<'a>(
+        &'a self,
+        svc: &'a DopdService,
+        api_key: Option<&'a str>,
+        mean_isl: f64,
+    ) -> BoxFut<'a, Result<(), String>>;
     /// Stop routing to these workers (`POST /v1/dopd/drain`); unknown ones are not an error.
     fn drain<'a>(
         &'a self,
@@ -123,6 +131,24 @@ impl RouterApi for HttpRouter {
                 .call(self.client.get(&url), &format!("GET {url}"), api_key)
                 .await?;
             Ok(w.workers)
+        })
+    }
+
+    fn set_forecast<'a>(
+        &'a self,
+        svc: &'a DopdService,
+        api_key: Option<&'a str>,
+        mean_isl: f64,
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(async move {
+            let url = format!("{}/v1/dopd/forecast", self.base(svc));
+            let req = self
+                .client
+                .post(&url)
+                .json(&serde_json::json!({ "mean_isl": mean_isl }));
+            self.call::<serde_json::Value>(req, &format!("POST {url}"), api_key)
+                .await
+                .map(|_| ())
         })
     }
 

@@ -787,6 +787,15 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                     mean_isl: round2(f.isl.point),
                     mean_osl: round2(f.osl.point),
                 });
+                if let Some(f) = &d.forecast
+                    && f.isl.point.is_finite()
+                    && let Err(e) = ctx
+                        .router
+                        .set_forecast(&svc, key_api.as_deref(), f.isl.point)
+                        .await
+                {
+                    tracing::warn!(service = %name, "sending the forecast to the router: {e}");
+                }
                 let reason = reasons_text(&d);
                 let after_p = st
                     .drains

@@ -30,6 +30,7 @@ struct FakeRouter {
     in_flight: Mutex<Vec<(String, usize)>>,
     drained: Mutex<Vec<String>>,
     down: Mutex<bool>,
+    forecast_isl: Mutex<Option<f64>>,
 }
 
 impl FakeRouter {
@@ -76,6 +77,17 @@ impl RouterApi for FakeRouter {
         _: Option<&'a str>,
     ) -> BoxFut<'a, Result<Vec<WorkerView>, String>> {
         Box::pin(async move { Ok(self.views()) })
+    }
+    fn set_forecast<'a>(
+        &'a self,
+        _: &'a DopdService,
+        _: Option<&'a str>,
+        mean_isl: f64,
+    ) -> BoxFut<'a, Result<(), String>> {
+        Box::pin(async move {
+            *self.forecast_isl.lock().unwrap() = Some(mean_isl);
+            Ok(())
+        })
     }
     fn drain<'a>(
         &'a self,
@@ -285,6 +297,11 @@ async fn heavy_load_scales_up_with_an_event_and_history() {
     assert_eq!(st["history"].as_array().unwrap().len(), 1);
     assert_eq!(st["ratio"], format!("{p}:{d}"));
     assert_eq!(st["forecast"]["meanIsl"], 2000.0);
+    assert_eq!(
+        *w.router.forecast_isl.lock().unwrap(),
+        Some(2000.0),
+        "threshold not sent"
+    );
     assert_eq!(w.events("Scaling").len(), 1, "{:?}", w.api.list(EVENTS));
     assert_eq!(st["phase"], "Scaling");
     assert_eq!(w.condition("Scaling")["status"], "True");

@@ -116,6 +116,7 @@ pub fn app(r: Arc<Router>) -> Http {
         .route("/v1/dopd/load", get(load))
         .route("/v1/dopd/workers", get(workers).post(add_worker))
         .route("/v1/dopd/drain", post(drain))
+        .route("/v1/dopd/forecast", post(forecast))
         .with_state(r)
 }
 
@@ -511,6 +512,24 @@ async fn workers(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
     Json(json!({"workers": r.pool.views()})).into_response()
 }
 
+/// The planner's forecast for the next interval; its mean ISL becomes the short/long threshold.
+async fn forecast(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+    let out = async {
+        authorize(&r, &headers)?;
+        let v: Value = parse(&body)?;
+        let isl = v["mean_isl"]
+            .as_f64()
+            .filter(|x| x.is_finite() && *x >= 0.0)
+            .ok_or_else(|| {
+                ApiError::invalid("mean_isl", "send {\"mean_isl\": tokens (a number >= 0)}")
+            })?;
+        r.scheduler.set_forecast_mean_isl(isl);
+        Ok::<_, ApiError>(Json(json!({"threshold": r.scheduler.threshold()})).into_response())
+    }
+    .await;
+    out.unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn add_worker(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
     let out = async {
         authorize(&r, &headers)?;
@@ -646,5 +665,26 @@ mod tests {
             call(&r, None).await.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    #[tokio::test]
+    async fn the_planner_forecast_sets_the_short_long_threshold() {
+        let r = router(None, 8);
+        let post = |body: &'static str| {
+            app(r.clone()).oneshot(
+                Request::post("/v1/dopd/forecast")
+                    .header("content-type", "application/json")
+                    .body(Body::from(body))
+                    .expect("request"),
+            )
+        };
+        let resp = post(r#"{"mean_isl": 812.5}"#).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(json(resp).await["threshold"], 812.5);
+        assert_eq!(r.scheduler.threshold(), 812.5);
+        let resp = post(r#"{"mean_isl": -1}"#).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json(resp).await["error"]["param"], "mean_isl");
+        assert_eq!(r.scheduler.threshold(), 812.5);
     }
 }
