@@ -21,5 +21,7 @@ echo "== end to end: dopd up driven by the openai Python client"
 scripts/e2e-local.sh target/debug/dopd
 echo "== operator against the Kubernetes API emulator (kmock), driven by kubectl"
 e2e/operator-emulator.sh target/debug/dopd
+echo "== operator on a real cluster (skipped without one)"
+e2e/cluster.sh target/debug/dopd
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
