@@ -13,6 +13,7 @@
 //!   load planners).
 //! - [`routing`]: length-aware request classification and the short-request batch former.
 //! - [`planner`]: the tick API, `tick(now, observation) -> decision`, that ties it together.
+//! - [`stats`]: the nearest-rank quantile the router, the load generator and the benchmarks share.
 //! - [`trace`]: parsers for request traces (Azure CSV, Mooncake JSONL) and interval aggregation;
 //!   [`backtest`] scores forecasters on those series.
 //!
@@ -35,4 +36,5 @@ pub mod planner;
 pub mod profile;
 pub mod routing;
 pub mod sizing;
+pub mod stats;
 pub mod trace;

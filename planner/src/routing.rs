@@ -209,6 +209,121 @@ pub fn least_loaded(loads: &[f64]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// Where a request's prefill runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// On the decode instance that will generate (no KV transfer).
+    Local,
+    /// On a prefill instance; the KV blocks then move to a decode instance.
+    Disaggregated,
+    /// Wait in the short-request batcher; the batch's release decides.
+    Batch,
+}
+
+/// Why a request took its route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteReason {
+    UltraShort,
+    Long,
+    Short,
+    ShortTokenCap,
+    ShortWaitCap,
+    ShortDrain,
+    /// No prefill instance can take it: prefill locally rather than drop it.
+    NoPrefillWorker,
+    /// Its prefill instance failed and no other is left.
+    PrefillFailed,
+    /// Its worker failed; another of the same kind takes it.
+    Retry,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Disaggregated => "disaggregated",
+            Self::Batch => "batch",
+        }
+    }
+}
+
+impl RouteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UltraShort => "ultra_short",
+            Self::Long => "long",
+            Self::Short => "short",
+            Self::ShortTokenCap => "short_token_cap",
+            Self::ShortWaitCap => "short_wait_cap",
+            Self::ShortDrain => "short_drain",
+            Self::NoPrefillWorker => "no_prefill_worker",
+            Self::PrefillFailed => "prefill_failed",
+            Self::Retry => "retry",
+        }
+    }
+}
+
+/// The route of a newly classified request (paper §5): ultra-short prompts stay on the decode
+/// instance, long ones go to a prefill instance at once, short ones wait for a batch; without any
+/// prefill instance everything is prefilled locally.
+pub fn route(class: RequestClass, has_prefill: bool) -> (Route, RouteReason) {
+    match class {
+        _ if !has_prefill => (Route::Local, RouteReason::NoPrefillWorker),
+        RequestClass::UltraShort => (Route::Local, RouteReason::UltraShort),
+        RequestClass::Long => (Route::Disaggregated, RouteReason::Long),
+        RequestClass::Short => (Route::Batch, RouteReason::Short),
+    }
+}
+
+/// The route of a short request once its batch is released (`has_prefill`: an instance took it).
+pub fn route_batch(reason: FlushReason, has_prefill: bool) -> (Route, RouteReason) {
+    if !has_prefill {
+        return (Route::Local, RouteReason::NoPrefillWorker);
+    }
+    let why = match reason {
+        FlushReason::TokenCap => RouteReason::ShortTokenCap,
+        FlushReason::WaitCap => RouteReason::ShortWaitCap,
+        FlushReason::Drain => RouteReason::ShortDrain,
+    };
+    (Route::Disaggregated, why)
+}
+
+/// The route after the worker of `failed` failed before the first token: the same kind of worker
+/// when one is left (`prefill_left` counts the prefill instances not yet tried), else local.
+pub fn reroute(failed: Route, prefill_left: bool) -> (Route, RouteReason) {
+    if failed == Route::Disaggregated && !prefill_left {
+        (Route::Local, RouteReason::PrefillFailed)
+    } else if failed == Route::Batch {
+        (Route::Disaggregated, RouteReason::Retry)
+    } else {
+        (failed, RouteReason::Retry)
+    }
+}
+
+/// Weight of the newest prompt in the running mean ISL used until a forecast arrives.
+pub const RUNNING_ISL_WEIGHT: f64 = 0.05;
+
+/// The running mean ISL after a prompt of `isl` tokens (NaN before the first).
+pub fn running_mean_isl(old: f64, isl: u32) -> f64 {
+    if old.is_finite() {
+        (1.0 - RUNNING_ISL_WEIGHT) * old + RUNNING_ISL_WEIGHT * f64::from(isl)
+    } else {
+        f64::from(isl)
+    }
+}
+
+/// The short/long threshold: the planner's forecast mean ISL when there is one, else the running
+/// mean (NaN: no threshold, everything above ultra-short is long).
+pub fn threshold(forecast_mean_isl: f64, running_mean_isl: f64) -> f64 {
+    if forecast_mean_isl.is_finite() {
+        forecast_mean_isl
+    } else {
+        running_mean_isl
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,5 +409,63 @@ mod tests {
         assert_eq!(least_loaded(&[3.0, 1.0, 1.0]), Some(1));
         assert_eq!(least_loaded(&[f64::NAN, 2.0]), Some(1));
         assert_eq!(least_loaded(&[]), None);
+    }
+
+    #[test]
+    fn routes_follow_the_class_and_fall_back_to_local() {
+        assert_eq!(
+            route(RequestClass::UltraShort, true),
+            (Route::Local, RouteReason::UltraShort)
+        );
+        assert_eq!(
+            route(RequestClass::Long, true),
+            (Route::Disaggregated, RouteReason::Long)
+        );
+        assert_eq!(
+            route(RequestClass::Short, true),
+            (Route::Batch, RouteReason::Short)
+        );
+        for c in [
+            RequestClass::UltraShort,
+            RequestClass::Short,
+            RequestClass::Long,
+        ] {
+            assert_eq!(
+                route(c, false),
+                (Route::Local, RouteReason::NoPrefillWorker)
+            );
+        }
+        assert_eq!(
+            route_batch(FlushReason::WaitCap, true),
+            (Route::Disaggregated, RouteReason::ShortWaitCap)
+        );
+        assert_eq!(
+            route_batch(FlushReason::TokenCap, false),
+            (Route::Local, RouteReason::NoPrefillWorker)
+        );
+        assert_eq!(
+            reroute(Route::Disaggregated, false),
+            (Route::Local, RouteReason::PrefillFailed)
+        );
+        assert_eq!(
+            reroute(Route::Disaggregated, true),
+            (Route::Disaggregated, RouteReason::Retry)
+        );
+        assert_eq!(
+            reroute(Route::Local, false),
+            (Route::Local, RouteReason::Retry)
+        );
+    }
+
+    #[test]
+    fn the_threshold_is_the_forecast_else_a_running_mean() {
+        let mut m = f64::NAN;
+        assert!(threshold(f64::NAN, m).is_nan());
+        m = running_mean_isl(m, 100);
+        assert_eq!(m, 100.0);
+        m = running_mean_isl(m, 300);
+        assert!((m - 110.0).abs() < 1e-9);
+        assert_eq!(threshold(f64::NAN, m), m);
+        assert_eq!(threshold(512.0, m), 512.0);
     }
 }

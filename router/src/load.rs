@@ -34,13 +34,8 @@ pub fn quantiles(v: &mut [f64]) -> Option<Quantiles> {
     if v.is_empty() {
         return None;
     }
-    v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
-    Some(Quantiles {
-        p50: at(0.5),
-        p90: at(0.9),
-        p99: at(0.99),
-    })
+    let [p50, p90, p99] = dopd_planner::stats::quantiles(v, [0.5, 0.9, 0.99]);
+    Some(Quantiles { p50, p90, p99 })
 }
 
 /// The answer of `GET /v1/dopd/load`: everything `dopd_planner::Observation` needs.

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dopd_planner::routing::{FlushReason, RequestClass, RoutingConfig, ShortBatcher, classify};
+use dopd_planner::routing::{self, FlushReason, Route, RoutingConfig, ShortBatcher, classify};
 use dopd_worker::service::proto::{self, generate_event::Event as Ev};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
@@ -123,22 +123,18 @@ impl Scheduler {
     /// The short/long threshold now: the planner's forecast, else a running mean of recent
     /// prompts (NaN before any: everything above ultra-short is long).
     pub fn threshold(&self) -> f64 {
-        let planned = f64::from_bits(self.planned_mean_isl.load(Ordering::Relaxed));
-        if planned.is_finite() {
-            planned
-        } else {
-            f64::from_bits(self.mean_isl.load(Ordering::Relaxed))
-        }
+        routing::threshold(
+            f64::from_bits(self.planned_mean_isl.load(Ordering::Relaxed)),
+            f64::from_bits(self.mean_isl.load(Ordering::Relaxed)),
+        )
     }
 
     fn observe_isl(&self, isl: u32) {
         let old = f64::from_bits(self.mean_isl.load(Ordering::Relaxed));
-        let new = if old.is_finite() {
-            0.95 * old + 0.05 * f64::from(isl)
-        } else {
-            f64::from(isl)
-        };
-        self.mean_isl.store(new.to_bits(), Ordering::Relaxed);
+        self.mean_isl.store(
+            routing::running_mean_isl(old, isl).to_bits(),
+            Ordering::Relaxed,
+        );
     }
 
     /// Schedules `job`; returns once its first piece is ready (so a failure before it can still
@@ -152,43 +148,28 @@ impl Scheduler {
         self.observe_isl(isl);
         let has_prefill = !self.pool.candidates(&[WorkerRole::Prefill], &[]).is_empty();
         // Short prompts wait for their batch first (once; retries go straight on).
-        let (mut route, mut reason, mut batch_prefill) = match class {
-            _ if !has_prefill => ("local", "no_prefill_worker", None),
-            RequestClass::UltraShort => ("local", "ultra_short", None),
-            RequestClass::Long => ("disaggregated", "long", None),
-            RequestClass::Short => {
-                let (tx, rx) = oneshot::channel();
-                let _ = self.batcher.send((isl, tx));
-                self.metrics.router_waiting.inc();
-                let rel = rx.await;
-                self.metrics.router_waiting.dec();
-                match rel {
-                    Ok(Release {
-                        reason,
-                        prefill: Some(p),
-                    }) => (
-                        "disaggregated",
-                        match reason {
-                            FlushReason::TokenCap => "short_token_cap",
-                            FlushReason::WaitCap => "short_wait_cap",
-                            FlushReason::Drain => "short_drain",
-                        },
-                        Some(p),
-                    ),
-                    _ => ("local", "no_prefill_worker", None),
-                }
-            }
-        };
-        let class_label = match class {
-            RequestClass::UltraShort => "ultra_short",
-            RequestClass::Short => "short",
-            RequestClass::Long => "long",
-        };
+        let (mut route, mut reason) = routing::route(class, has_prefill);
+        let mut batch_prefill = None;
+        if route == Route::Batch {
+            let (tx, rx) = oneshot::channel();
+            let _ = self.batcher.send((isl, tx));
+            self.metrics.router_waiting.inc();
+            let rel = rx.await;
+            self.metrics.router_waiting.dec();
+            let (flush, prefill) = match rel {
+                Ok(Release { reason, prefill }) => (reason, prefill),
+                Err(_) => (FlushReason::Drain, None),
+            };
+            (route, reason) = routing::route_batch(flush, prefill.is_some());
+            batch_prefill = prefill;
+        }
+        let class_label = class.as_str();
         let mut exclude: Vec<String> = Vec::new();
         let mut last_error = String::from("no worker available");
         for attempt in 0..=self.cfg.retries {
-            self.metrics.decision(class_label, route, reason);
-            let r = if route == "local" {
+            self.metrics
+                .decision(class_label, route.as_str(), reason.as_str());
+            let r = if route == Route::Local {
                 self.local(&job, &exclude).await
             } else {
                 self.disaggregated(&job, batch_prefill.take(), &exclude)
@@ -209,11 +190,8 @@ impl Scheduler {
                     exclude.push(worker);
                     last_error = why;
                     // After a failure the request no longer waits for a batch.
-                    if route == "disaggregated" && !self.any(&[WorkerRole::Prefill], &exclude) {
-                        (route, reason) = ("local", "prefill_failed");
-                    } else {
-                        reason = "retry";
-                    }
+                    (route, reason) =
+                        routing::reroute(route, self.any(&[WorkerRole::Prefill], &exclude));
                 }
             }
         }
@@ -518,7 +496,7 @@ async fn run_batcher(
     let mut b: ShortBatcher<oneshot::Sender<Release>> = ShortBatcher::new(&cfg);
     let t0 = Instant::now();
     let now = || t0.elapsed().as_secs_f64();
-    let release = |batch: dopd_planner::routing::Batch<oneshot::Sender<Release>>| {
+    let release = |batch: routing::Batch<oneshot::Sender<Release>>| {
         let prefill = pool.pick(&[WorkerRole::Prefill], &[]);
         for tx in batch.items {
             let _ = tx.send(Release {

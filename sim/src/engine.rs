@@ -724,21 +724,22 @@ impl Sim<'_> {
             self.send_to_decode(i, true);
             return;
         }
-        match routing::classify(r.isl, self.isl_threshold, &self.routing) {
-            RequestClass::UltraShort => {
-                self.reqs[i].route = Route::UltraShort;
-                self.send_to_decode(i, true);
-            }
-            RequestClass::Long => {
-                self.reqs[i].route = Route::Long;
-                self.dispatch_prefill(Batch {
-                    items: vec![i],
-                    tokens: u64::from(r.isl),
-                    reason: routing::FlushReason::Drain,
-                });
-            }
-            RequestClass::Short => {
-                self.reqs[i].route = Route::Short;
+        let class = routing::classify(r.isl, self.isl_threshold, &self.routing);
+        self.reqs[i].route = match class {
+            RequestClass::UltraShort => Route::UltraShort,
+            RequestClass::Short => Route::Short,
+            RequestClass::Long => Route::Long,
+        };
+        // The router's policy. Whether a prefill instance can take the request is decided when
+        // the prefill is dispatched (`dispatch_prefill`), as the router does for batches.
+        match routing::route(class, true).0 {
+            routing::Route::Local => self.send_to_decode(i, true),
+            routing::Route::Disaggregated => self.dispatch_prefill(Batch {
+                items: vec![i],
+                tokens: u64::from(r.isl),
+                reason: routing::FlushReason::Drain,
+            }),
+            routing::Route::Batch => {
                 for b in self.batcher.push(i, r.isl, self.now) {
                     self.dispatch_prefill(b);
                 }
@@ -761,11 +762,16 @@ impl Sim<'_> {
                 self.insts[k].queue.push_back(b.items);
                 self.kick(k);
             }
-            // No prefill instance at all: prefill on a decode instance instead (never drop).
-            None => b
-                .items
-                .into_iter()
-                .for_each(|i| self.send_to_decode(i, true)),
+            // No prefill instance at all: the routing policy prefills locally (never drops).
+            None => {
+                debug_assert_eq!(
+                    routing::route_batch(b.reason, false).0,
+                    routing::Route::Local
+                );
+                b.items
+                    .into_iter()
+                    .for_each(|i| self.send_to_decode(i, true));
+            }
         }
     }
 

@@ -123,12 +123,9 @@ pub async fn timed(
 
 /// Nearest-rank quantile `q` of `v` (NaN when empty).
 pub fn quantile(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+    dopd_planner::stats::nearest_rank(&s, q)
 }
 
 #[derive(Debug, clap::Args)]
