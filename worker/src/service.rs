@@ -329,6 +329,20 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_TRANSFER_DEADLINE: Duration = Duration::from_secs(5);
 
 impl WorkerService {
+    /// The KV of a live lease for sending (either transport), after the test hook's send delay.
+    async fn leased(&self, lease: u64, epoch: u64) -> Result<Arc<KvExport>, Status> {
+        let kv = self
+            .leases
+            .lock()
+            .map_err(|_| Status::internal("lease table poisoned"))?
+            .get(lease, epoch, Instant::now())
+            .map_err(|e| transfer_status(&e))?;
+        if !self.kv_send_delay.is_zero() {
+            tokio::time::sleep(self.kv_send_delay).await;
+        }
+        Ok(kv)
+    }
+
     pub fn new(
         engine: EngineHandle,
         info: WorkerInfo,
@@ -1176,15 +1190,7 @@ impl Worker for WorkerService {
         req: Rpc<proto::PullKvRequest>,
     ) -> Result<Response<Self::PullKvStream>, Status> {
         let r = req.into_inner();
-        let kv = self
-            .leases
-            .lock()
-            .map_err(|_| Status::internal("lease table poisoned"))?
-            .get(r.lease, r.epoch, Instant::now())
-            .map_err(|e| transfer_status(&e))?;
-        if !self.kv_send_delay.is_zero() {
-            tokio::time::sleep(self.kv_send_delay).await;
-        }
+        let kv = self.leased(r.lease, r.epoch).await?;
         let chunks: Vec<Result<proto::KvChunk, Status>> = kv
             .blocks
             .iter()
@@ -1228,20 +1234,12 @@ impl Worker for WorkerService {
             .ucx
             .clone()
             .ok_or_else(|| Status::failed_precondition("this worker has no UCX"))?;
-        let kv = self
-            .leases
-            .lock()
-            .map_err(|_| Status::internal("lease table poisoned"))?
-            .get(r.lease, r.epoch, Instant::now())
-            .map_err(|e| transfer_status(&e))?;
         let deadline = if r.deadline_ms > 0 {
             Duration::from_millis(u64::from(r.deadline_ms))
         } else {
             self.deadline
         };
-        if !self.kv_send_delay.is_zero() {
-            tokio::time::sleep(self.kv_send_delay).await;
-        }
+        let kv = self.leased(r.lease, r.epoch).await?;
         let sent = ucx
             .send(&r.ucx_address, r.tag, LeaseParts(kv), deadline)
             .await
