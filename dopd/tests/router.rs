@@ -4,52 +4,23 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
+mod common;
+
+use common::{MODEL, Proc};
+
 const NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
-
-/// A child process, killed on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Starts `dopd <args>` and returns it with the `host:port` after `marker` in its first line.
 fn start(args: &[&str], marker: &str) -> (Proc, String) {
-    assert!(
-        std::path::Path::new(MODEL).exists(),
-        "{MODEL} is missing — run scripts/setup.sh"
-    );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dopd"))
-        .args(args)
-        .env("UCX_TLS", "tcp")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("dopd starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("banner");
-    let addr = line
-        .split(marker)
-        .nth(1)
-        .and_then(|r| r.split(|c: char| c.is_whitespace() || c == '/').next())
-        .filter(|a| a.contains(':'))
-        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
-        .to_string();
-    (Proc(child), addr)
+    let (p, line) = common::spawn(args);
+    let addr = common::addr_after(&line, marker)
+        .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"));
+    (p, addr)
 }
 
 fn worker(role: &str) -> (Proc, String) {

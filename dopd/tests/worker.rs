@@ -4,39 +4,25 @@
 //! the middle of a transfer costs a local recompute, not the request. `dopd generate` is the
 //! client.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dopd_worker::service::proto::StatsResponse;
 
-const MODEL: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-);
+mod common;
+
+use common::{MODEL, Proc};
 
 /// A worker process, killed on drop.
 struct Worker {
-    child: Child,
+    proc: Proc,
     url: String,
     /// `host:port` of its metrics endpoint, when started with `--metrics-listen`.
     metrics: Option<String>,
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn worker(role: &str, extra: &[&str]) -> Worker {
-    assert!(
-        std::path::Path::new(MODEL).exists(),
-        "{MODEL} is missing — run scripts/setup.sh"
-    );
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dopd"));
-    cmd.args([
+    let mut args = vec![
         "worker",
         "--role",
         role,
@@ -46,35 +32,15 @@ fn worker(role: &str, extra: &[&str]) -> Worker {
         "127.0.0.1:0",
         "--kv-blocks",
         "256",
-    ])
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
-    if std::env::var_os("UCX_TLS").is_none() {
-        // Loopback TCP, as in CI (shared memory would also do on one machine).
-        cmd.env("UCX_TLS", "tcp");
-    }
-    let mut child = cmd.spawn().expect("dopd worker starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("piped"))
-        .read_line(&mut line)
-        .expect("reads the banner");
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .filter(|a| a.contains(':'))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    let metrics = line
-        .split("metrics on http://")
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .map(str::to_string);
+    ];
+    args.extend_from_slice(extra);
+    let (proc, line) = common::spawn(&args);
+    let addr = common::addr_after(&line, "listening on ")
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
     Worker {
-        child,
+        proc,
         url: format!("http://{addr}"),
-        metrics,
+        metrics: common::addr_after(&line, "metrics on http://"),
     }
 }
 
@@ -237,7 +203,7 @@ fn a_prefill_worker_killed_mid_transfer_costs_a_recompute_not_the_request() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(300));
-        let _ = pre.child.kill();
+        let _ = pre.proc.0.kill();
         let killed = Instant::now();
         let got = client.join().expect("client thread");
         eprintln!(
