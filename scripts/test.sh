@@ -5,14 +5,18 @@ cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
-# kubectl and helm from scripts/setup.sh when the machine has none.
-export PATH="$PWD/.bin:$PATH"
+# kubectl and helm from scripts/setup.sh when the machine has none; pip's --user scripts.
+export PATH="$PWD/.bin:$HOME/.local/bin:$PATH"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy --features cuda (the GPU build compiles; no GPU needed)"
 cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
+echo "== Helm chart: lint, template, schema validation, CRD and examples"
+scripts/chart-check.sh
+echo "== Dockerfile: lint, and the binaries it copies are the workspace's"
+scripts/docker-check.sh
 echo "== cargo test"
 # UCX tests run over loopback TCP unless the caller chose other transports.
 export UCX_TLS=${UCX_TLS:-tcp}

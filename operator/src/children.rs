@@ -93,8 +93,10 @@ pub struct Child {
     pub name: String,
     /// The full object to apply (its hash annotation included).
     pub body: Value,
-    /// Replicas of a worker Deployment, owned by the planner; excluded from the hash.
-    pub replicas: Option<(WorkerRole, u32)>,
+    /// Replicas of a Deployment the planner sizes; excluded from the hash.
+    pub replicas: Option<u32>,
+    /// The worker role whose replicas the DopdService owns (edits by others are reverted).
+    pub owner_role: Option<WorkerRole>,
 }
 
 /// Names of the children.
@@ -106,6 +108,9 @@ pub fn worker_name(svc: &str, role: WorkerRole) -> String {
 }
 pub fn config_name(svc: &str) -> String {
     format!("{svc}-config")
+}
+pub fn headroom_name(svc: &str, role: WorkerRole) -> String {
+    format!("{svc}-headroom-{}", role.as_str())
 }
 
 /// The standard labels of a component.
@@ -141,11 +146,13 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// Everything DOPD runs for `svc`, with worker replicas from `replicas`.
+/// Everything DOPD runs for `svc`, with worker replicas from `replicas` and, when
+/// `spec.headroom.enabled`, placeholder Deployments sized by `headroom`.
 pub fn children(
     svc: &DopdService,
     profile_yaml: &str,
     replicas: impl Fn(WorkerRole) -> u32,
+    headroom: impl Fn(WorkerRole) -> u32,
 ) -> Vec<Child> {
     let name = svc.metadata.name.clone().unwrap_or_default();
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
@@ -162,7 +169,7 @@ pub fn children(
                     child: &str,
                     component: &str,
                     mut body: Value,
-                    replicas: Option<(WorkerRole, u32)>| {
+                    replicas: Option<(Option<WorkerRole>, u32)>| {
         let extra = body["metadata"]["labels"].take();
         body["apiVersion"] = json!(api_version);
         body["kind"] = json!(format!("{kind:?}"));
@@ -186,7 +193,8 @@ pub fn children(
             kind,
             name: child.to_string(),
             body,
-            replicas,
+            replicas: replicas.map(|r| r.1),
+            owner_role: replicas.and_then(|r| r.0),
         });
     };
 
@@ -367,15 +375,17 @@ pub fn children(
         if let Some(c) = &r.capacity_type {
             node_selector["karpenter.sh/capacity-type"] = json!(c);
         }
+        let mut env = vec![
+            json!({"name": "RUST_LOG", "value": "info"}),
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        ];
+        env.extend(r.env.iter().map(|e| json!(e)));
         let container = json!({
             "name": "worker",
             "image": s.images.worker,
             "imagePullPolicy": s.images.pull_policy,
             "args": args,
-            "env": [
-                {"name": "RUST_LOG", "value": "info"},
-                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            ],
+            "env": env,
             "ports": [
                 {"name": "grpc", "containerPort": WORKER_PORT},
                 {"name": "metrics", "containerPort": WORKER_METRICS_PORT},
@@ -410,7 +420,7 @@ pub fn children(
                     },
                 },
             }}),
-            Some((role, replicas(role))),
+            Some((Some(role), replicas(role))),
         );
         let mut body = json!({"spec": {
             "clusterIP": "None",
@@ -428,6 +438,36 @@ pub fn children(
             json!({"spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(&name, comp)}}}),
             None,
         );
+        if s.headroom.enabled {
+            // Placeholders: a worker's resources and placement, a sleeping container, a low
+            // priority (real workers preempt them), no grace period.
+            let hcomp = format!("headroom-{comp}");
+            push(
+                Kind::Deployment,
+                "apps/v1",
+                &headroom_name(&name, role),
+                &hcomp,
+                json!({"spec": {
+                    "selector": {"matchLabels": selector(&name, &hcomp)},
+                    "template": {
+                        "metadata": {"labels": labels(&name, &hcomp)},
+                        "spec": {
+                            "priorityClassName": s.headroom.priority_class_name,
+                            "terminationGracePeriodSeconds": 0,
+                            "containers": [{
+                                "name": "placeholder",
+                                "image": s.headroom.image,
+                                "resources": resources,
+                                "securityContext": restricted(),
+                            }],
+                            "nodeSelector": node_selector,
+                            "tolerations": r.tolerations,
+                        },
+                    },
+                }}),
+                Some((None, headroom(role))),
+            );
+        }
     }
     out
 }
@@ -483,6 +523,7 @@ mod tests {
                 },
                 planner: Default::default(),
                 profile: Default::default(),
+                headroom: Default::default(),
             },
         );
         svc.metadata.namespace = Some("ml".into());
@@ -493,7 +534,7 @@ mod tests {
     #[test]
     fn children_are_typed_objects_with_owner_and_labels() {
         let svc = service();
-        let kids = children(&svc, "name: p\n", |_| 3);
+        let kids = children(&svc, "name: p\n", |_| 3, |_| 0);
         assert_eq!(kids.len(), 13);
         for c in &kids {
             assert_eq!(c.body["metadata"]["namespace"], "ml");
@@ -535,14 +576,14 @@ mod tests {
     #[test]
     fn replicas_do_not_change_the_hash_but_the_spec_does() {
         let svc = service();
-        let a = children(&svc, "p", |_| 1);
-        let b = children(&svc, "p", |_| 5);
+        let a = children(&svc, "p", |_| 1, |_| 0);
+        let b = children(&svc, "p", |_| 5, |_| 0);
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(applied_hash(&x.body), applied_hash(&y.body), "{}", x.name);
         }
         let mut svc2 = service();
         svc2.spec.images.worker = "other:1".into();
-        let c = children(&svc2, "p", |_| 1);
+        let c = children(&svc2, "p", |_| 1, |_| 0);
         let changed: Vec<&str> = a
             .iter()
             .zip(&c)
@@ -550,5 +591,52 @@ mod tests {
             .map(|(x, _)| x.name.as_str())
             .collect();
         assert_eq!(changed, ["chat-prefill", "chat-decode"]);
+    }
+
+    #[test]
+    fn headroom_placeholders_look_like_workers_at_low_priority() {
+        let mut svc = service();
+        assert!(
+            !children(&svc, "p", |_| 1, |_| 2)
+                .iter()
+                .any(|c| c.name.contains("headroom"))
+        );
+        svc.spec.headroom.enabled = true;
+        svc.spec.decode.capacity_type = Some("on-demand".into());
+        let kids = children(
+            &svc,
+            "p",
+            |_| 1,
+            |r| if r == WorkerRole::Decode { 2 } else { 0 },
+        );
+        let h = kids
+            .iter()
+            .find(|c| c.name == "chat-headroom-decode")
+            .expect("decode placeholders");
+        assert_eq!((h.replicas, h.owner_role), (Some(2), None));
+        let d: Deployment = serde_json::from_value(h.body.clone()).expect("a valid Deployment");
+        let pod = d.spec.template.spec.expect("pod spec");
+        assert_eq!(pod.priority_class_name.as_deref(), Some("dopd-headroom"));
+        let limits = pod.containers[0]
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .expect("limits");
+        assert_eq!(
+            limits.get("nvidia.com/gpu").map(|q| q.0.as_str()),
+            Some("1")
+        );
+        assert_eq!(
+            pod.node_selector
+                .expect("selector")
+                .get("karpenter.sh/capacity-type")
+                .map(String::as_str),
+            Some("on-demand")
+        );
+        // Their pods are not worker pods.
+        assert_eq!(
+            h.body["spec"]["selector"]["matchLabels"][ROLE_LABEL],
+            "headroom-decode"
+        );
     }
 }

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -79,6 +79,40 @@ pub struct DopdServiceSpec {
     pub planner: PlannerSpec,
     #[serde(default)]
     pub profile: ProfileSource,
+    #[serde(default)]
+    pub headroom: HeadroomSpec,
+}
+
+/// Placeholder pods that make the cluster autoscaler (or Karpenter) provision GPU nodes ahead of
+/// the forecast load: sized like a worker, at a low priority so real workers preempt them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadroomSpec {
+    #[serde(default)]
+    pub enabled: bool,
+    /// PriorityClass of the placeholders (the chart creates `dopd-headroom`, value -10).
+    #[serde(default = "default_headroom_class")]
+    pub priority_class_name: String,
+    /// Image of the placeholders (it only sleeps).
+    #[serde(default = "default_pause_image")]
+    pub image: String,
+}
+
+fn default_headroom_class() -> String {
+    "dopd-headroom".into()
+}
+fn default_pause_image() -> String {
+    "registry.k8s.io/pause:3.10".into()
+}
+
+impl Default for HeadroomSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            priority_class_name: default_headroom_class(),
+            image: default_pause_image(),
+        }
+    }
 }
 
 /// The model to serve.
@@ -180,6 +214,9 @@ pub struct RoleSpec {
     /// Extra `dopd worker` arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_args: Vec<String>,
+    /// Extra environment of the worker container (e.g. `UCX_TLS`, `UCX_NET_DEVICES`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
 }
 
 fn one() -> u32 {
@@ -201,6 +238,7 @@ impl Default for RoleSpec {
             capacity_type: None,
             kv_blocks: None,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -463,6 +501,9 @@ pub struct DopdServiceStatus {
     /// The latest decisions that changed a count, newest last (bounded by `planner.historyLimit`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<DecisionRecord>,
+    /// Placeholder pods kept for the autoscaler (when `spec.headroom.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headroom: Option<HeadroomStatus>,
     /// Scale-downs waiting for drained instances.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<DrainStatus>,
@@ -482,6 +523,16 @@ pub struct RoleStatus {
     pub unschedulable: u32,
     /// `ready/desired`, for `kubectl get`.
     pub summary: String,
+}
+
+/// Placeholders per role and the start-up horizon they cover.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HeadroomStatus {
+    pub prefill: u32,
+    pub decode: u32,
+    /// Instances the forecast's upper bound needs at the start-up horizon (prefill, decode).
+    pub upper: String,
 }
 
 /// The planner's forecast of the next interval.

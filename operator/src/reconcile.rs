@@ -32,11 +32,11 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::children::{self, Child, FIELD_MANAGER, WORKER_PORT, WorkerRole};
+use crate::children::{self, Child, FIELD_MANAGER, Kind, WORKER_PORT, WorkerRole};
 use crate::control::{Clock, RouterApi};
 use crate::crd::{
     DEFAULT_PRESET, DecisionRecord, DopdService, DopdServiceSpec, DopdServiceStatus, DrainStatus,
-    FINALIZER, ForecastStatus, RoleStatus,
+    FINALIZER, ForecastStatus, HeadroomStatus, RoleStatus,
 };
 use crate::metrics::{DecisionLabel, ForecastLabel, KindLabel, Metrics, ResultLabel, RoleLabel};
 
@@ -44,6 +44,8 @@ use crate::metrics::{DecisionLabel, ForecastLabel, KindLabel, Metrics, ResultLab
 pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Cost given to drained pods (lower goes first; unset is 0).
 pub const VICTIM_COST: &str = "-1000";
+/// Annotation the cluster autoscaler reads before evicting a pod to empty a node.
+pub const SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
 
 /// A reconcile failure.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,8 @@ struct SvcState {
     applied: PerRole<Option<u32>>,
     drains: Vec<Drain>,
     last_decision: Option<Decision>,
+    /// Placeholder pods per role (spec.headroom).
+    headroom: Option<dopd_planner::headroom::Headroom>,
 }
 
 /// A scale-down waiting for its pods to finish their requests.
@@ -168,6 +172,8 @@ pub struct PodInfo {
     pub ready: bool,
     /// Pending past the timeout.
     pub unschedulable: bool,
+    /// Marked `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`.
+    pub evict_protected: bool,
 }
 
 /// Counts of one role's pods.
@@ -250,10 +256,16 @@ async fn cleanup(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     let name = svc.name_any();
     let ns = svc.namespace().unwrap_or_default();
     ctx.take_state(&format!("{ns}/{name}"));
-    for c in children::children(&svc, "", |_| 0) {
+    let mut all = children::children(&svc, "", |_| 0, |_| 0);
+    all.retain(|c| !c.name.contains("-headroom-"));
+    let mut names: Vec<(Kind, String)> = all.into_iter().map(|c| (c.kind, c.name)).collect();
+    for role in WorkerRole::ALL {
+        names.push((Kind::Deployment, children::headroom_name(&name, role)));
+    }
+    for (kind, child) in names {
         let api: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), &ns, &c.kind.api_resource());
-        match api.delete(&c.name, &DeleteParams::background()).await {
+            Api::namespaced_with(ctx.client.clone(), &ns, &kind.api_resource());
+        match api.delete(&child, &DeleteParams::background()).await {
             Ok(_) => {
                 ctx.metrics.writes.inc();
             }
@@ -375,6 +387,12 @@ pub fn pod_infos(pods: &[Pod], pending_timeout_s: f64, now: Timestamp) -> Vec<Po
                     .map(|ip| format!("http://{ip}:{WORKER_PORT}")),
                 ready,
                 unschedulable: phase == "Pending" && age > pending_timeout_s,
+                evict_protected: p
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(SAFE_TO_EVICT))
+                    .is_some_and(|v| v == "false"),
             }
         })
         .collect()
@@ -628,6 +646,7 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                 },
                 drains: Vec::new(),
                 last_decision: None,
+                headroom: None,
             }
         }
     };
@@ -723,6 +742,29 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                     .iter()
                     .map(|w| (w.url.clone(), w.in_flight))
                     .collect();
+                // Busy workers must not be evicted by the autoscaler to empty a node; idle ones
+                // may be.
+                for p in pods.values().flatten() {
+                    let busy = p
+                        .url
+                        .as_ref()
+                        .and_then(|u| in_flight.get(u))
+                        .is_some_and(|n| *n > 0);
+                    if busy != p.evict_protected {
+                        let v = if busy { json!("false") } else { Value::Null };
+                        let patch = json!({"metadata": {"annotations": {SAFE_TO_EVICT: v}}});
+                        match pod_api
+                            .patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch))
+                            .await
+                        {
+                            Ok(_) => {
+                                ctx.metrics.writes.inc();
+                            }
+                            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
                 let before = st.target;
                 let mut moves = Vec::new();
                 for role in WorkerRole::ALL {
@@ -870,6 +912,22 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                 if changed {
                     status.history.push(rec);
                 }
+                st.headroom = match (&d.forecast, spec.headroom.enabled) {
+                    (Some(f), true) => Some(dopd_planner::headroom::plan(
+                        &profile,
+                        &cfg.sizing,
+                        f,
+                        d.kappa,
+                        f64::from(spec.planner.interval_seconds),
+                        // What will run: during a drain the Deployment keeps its old size.
+                        PerRole {
+                            prefill: after_p.max(st.applied.prefill.unwrap_or(0)),
+                            decode: after_d.max(st.applied.decode.unwrap_or(0)),
+                        },
+                    )),
+                    (None, true) => st.headroom,
+                    (_, false) => None,
+                };
                 st.last_decision = Some(d);
             }
         }
@@ -896,9 +954,25 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                     .unwrap_or(role_get(&st.target, role))
             })
     };
-    let desired = children::children(&svc, &profile_yaml, replicas_now);
+    let placeholders = |role: WorkerRole| {
+        st.headroom
+            .as_ref()
+            .map_or(0, |h| h.placeholders.get(role.planner()))
+    };
+    let desired = children::children(&svc, &profile_yaml, replicas_now, placeholders);
     for c in &desired {
         apply_child(ctx, &svc, &ns, c, &mut st.applied).await?;
+    }
+    if !spec.headroom.enabled {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &ns, &Kind::Deployment.api_resource());
+        for role in WorkerRole::ALL {
+            let n = children::headroom_name(&name, role);
+            if api.get_opt(&n).await?.is_some() {
+                api.delete(&n, &DeleteParams::background()).await?;
+                ctx.metrics.writes.inc();
+            }
+        }
     }
 
     // 6. Status.
@@ -939,6 +1013,11 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
         }
     }
     status.ratio = format!("{}:{}", st.target.prefill, st.target.decode);
+    status.headroom = st.headroom.as_ref().map(|h| HeadroomStatus {
+        prefill: h.placeholders.prefill,
+        decode: h.placeholders.decode,
+        upper: format!("{}:{}", h.upper.prefill, h.upper.decode),
+    });
     status.draining = st
         .drains
         .iter()
@@ -1114,12 +1193,9 @@ async fn apply_child(
         let body = serde_json::to_value(obj).unwrap_or(Value::Null);
         let same = children::applied_hash(&body) == children::applied_hash(&c.body);
         let have = body["spec"]["replicas"].as_u64().map(|v| v as u32);
-        let replicas_ok = match c.replicas {
-            Some((_, want)) => have == Some(want),
-            None => true,
-        };
+        let replicas_ok = c.replicas.is_none_or(|want| have == Some(want));
         write = !(same && replicas_ok);
-        if let (Some((role, want)), Some(have)) = (c.replicas, have) {
+        if let (Some(role), Some(want), Some(have)) = (c.owner_role, c.replicas, have) {
             let mine = applied.get(role.planner());
             if have != want && mine.is_some_and(|m| m != have) {
                 publish(
@@ -1147,7 +1223,7 @@ async fn apply_child(
         ctx.metrics.writes.inc();
         tracing::debug!(kind = ?c.kind, name = %c.name, "applied");
     }
-    if let Some((role, want)) = c.replicas {
+    if let (Some(role), Some(want)) = (c.owner_role, c.replicas) {
         match role {
             WorkerRole::Prefill => applied.prefill = Some(want),
             WorkerRole::Decode => applied.decode = Some(want),

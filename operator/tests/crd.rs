@@ -13,6 +13,14 @@ fn committed_crd_matches_the_generated_one() {
         committed == crd_yaml(),
         "crds/dopdservice.yaml is stale: run `cargo run -p dopd -- crd > crds/dopdservice.yaml`"
     );
+    let chart = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/dopd/crds/dopdservice.yaml"
+    );
+    assert!(
+        std::fs::read_to_string(chart).unwrap() == committed,
+        "charts/dopd/crds/dopdservice.yaml differs: cp crds/dopdservice.yaml charts/dopd/crds/"
+    );
 }
 
 #[test]

@@ -201,6 +201,26 @@ impl World {
         );
     }
 
+    /// Plays the ReplicaSet controller: ready pods for every worker Deployment's replicas.
+    fn follow(&self) {
+        for role in ["prefill", "decode"] {
+            let want = self.replicas(role) as usize;
+            let have: Vec<Value> = self
+                .api
+                .list(PODS)
+                .into_iter()
+                .filter(|p| p["metadata"]["labels"]["dopd.dev/role"] == role)
+                .collect();
+            for i in have.len()..want {
+                self.pod(role, i, true, "Running", OLD);
+            }
+            for p in have.iter().skip(want) {
+                let name = p["metadata"]["name"].as_str().unwrap();
+                self.api.remove(&format!("{PODS}/{name}"));
+            }
+        }
+    }
+
     fn condition(&self, type_: &str) -> Value {
         self.status()["conditions"]
             .as_array()
@@ -533,4 +553,78 @@ async fn an_invalid_spec_is_reported_and_nothing_is_created() {
     );
     assert!(msg.contains("gpuBudget (2)"), "{msg}");
     assert_eq!(w.events("InvalidSpec").len(), 1);
+}
+
+#[tokio::test]
+async fn headroom_follows_the_forecast_upper_bound_within_the_budget() {
+    let w = world();
+    w.create(
+        spec(json!({"headroom": {"enabled": true},
+                    "prefill": {"maxReplicas": 8}, "decode": {"maxReplicas": 8},
+                    "planner": {"gpuBudget": 12},
+                    "profile": {"preset": "llama-3.3-70b-fp8-h100"}})),
+        None,
+    );
+    w.settle().await;
+    let hd = |role: &str| {
+        w.api
+            .get(&format!("{DEPLOY}/chat-headroom-{role}"))
+            .map(|d| d["spec"]["replicas"].as_u64().unwrap())
+    };
+    assert_eq!((hd("prefill"), hd("decode")), (Some(0), Some(0)));
+    // A noisy load: the forecast's upper bound sits well above its point.
+    let mut most = 0;
+    for (i, n) in [80u64, 400, 120, 380, 90, 420, 100, 390, 110, 410]
+        .into_iter()
+        .enumerate()
+    {
+        w.follow();
+        *w.router.load.lock().unwrap() = LoadReport {
+            interval_s: 30.0,
+            requests: n,
+            mean_isl: Some(1000.0),
+            mean_osl: Some(250.0),
+            ..Default::default()
+        };
+        w.clock.advance(31.0);
+        w.reconcile().await.unwrap();
+        let (p, d) = (w.replicas("prefill"), w.replicas("decode"));
+        let (hp, hdd) = (hd("prefill").unwrap(), hd("decode").unwrap());
+        assert!(
+            p + d + hp + hdd <= 12,
+            "tick {i}: {p}+{d} workers and {hp}+{hdd} placeholders exceed 12 GPUs"
+        );
+        most = most.max(hp + hdd);
+    }
+    assert!(most > 0, "no headroom under a noisy load: {}", w.status());
+    assert!(w.status()["headroom"]["upper"].is_string());
+    // Turned off: the placeholders go.
+    let mut obj = w.api.get(SVC).unwrap();
+    obj["spec"]["headroom"]["enabled"] = json!(false);
+    w.api.put(SVC, obj);
+    w.reconcile().await.unwrap();
+    assert_eq!((hd("prefill"), hd("decode")), (None, None));
+}
+
+#[tokio::test]
+async fn busy_workers_are_protected_from_autoscaler_eviction_and_idle_ones_are_not() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    let protected = |role: &str| {
+        w.api.get(&format!("{PODS}/chat-{role}-0")).unwrap()["metadata"]["annotations"]
+            ["cluster-autoscaler.kubernetes.io/safe-to-evict"]
+            .clone()
+    };
+    *w.router.in_flight.lock().unwrap() = vec![("http://10.0.2.0:50051".into(), 3)];
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(protected("decode"), json!("false"));
+    assert_eq!(protected("prefill"), Value::Null);
+    w.router.in_flight.lock().unwrap()[0].1 = 0;
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(protected("decode"), Value::Null);
 }

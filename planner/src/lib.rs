@@ -11,6 +11,8 @@
 //!   context), KV capacity), validated on load, plus an analytic roofline generator with presets.
 //! - [`sizing`]: DOPD's P/D sizing (paper §3.2) and the two comparison planners (Dynamo's SLA and
 //!   load planners).
+//! - [`headroom`]: placeholder pods for the cluster autoscaler, from the forecast's upper bound
+//!   over the start-up horizon, within the budget.
 //! - [`routing`]: length-aware request classification and the short-request batch former.
 //! - [`planner`]: the tick API, `tick(now, observation) -> decision`, that ties it together.
 //! - [`stats`]: the nearest-rank quantile the router, the load generator and the benchmarks share.
@@ -31,6 +33,7 @@
 
 pub mod backtest;
 pub mod forecast;
+pub mod headroom;
 mod linalg;
 pub mod planner;
 pub mod profile;
