@@ -494,6 +494,28 @@ async fn publish(ctx: &Ctx, svc: &DopdService, type_: EventType, reason: &str, n
     }
 }
 
+/// Sets (or, with null, removes) one annotation of a pod; a pod already gone is fine.
+async fn annotate_pod(
+    ctx: &Ctx,
+    pods: &Api<Pod>,
+    name: &str,
+    key: &str,
+    value: Value,
+) -> Result<(), Error> {
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    match pods
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            ctx.metrics.writes.inc();
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn patch_status(
     ctx: &Ctx,
     svc: &DopdService,
@@ -752,17 +774,7 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                         .is_some_and(|n| *n > 0);
                     if busy != p.evict_protected {
                         let v = if busy { json!("false") } else { Value::Null };
-                        let patch = json!({"metadata": {"annotations": {SAFE_TO_EVICT: v}}});
-                        match pod_api
-                            .patch(&p.name, &PatchParams::default(), &Patch::Merge(&patch))
-                            .await
-                        {
-                            Ok(_) => {
-                                ctx.metrics.writes.inc();
-                            }
-                            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                            Err(e) => return Err(e.into()),
-                        }
+                        annotate_pod(ctx, &pod_api, &p.name, SAFE_TO_EVICT, v).await?;
                     }
                 }
                 let before = st.target;
@@ -777,18 +789,8 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
                         let rp = pods.get(&role).map_or(&[][..], |v| v);
                         let victims = pick_victims(rp, &in_flight, (cur - want) as usize);
                         for v in &victims {
-                            let patch =
-                                json!({"metadata": {"annotations": {DELETION_COST: VICTIM_COST}}});
-                            match pod_api
-                                .patch(&v.name, &PatchParams::default(), &Patch::Merge(&patch))
-                                .await
-                            {
-                                Ok(_) => {
-                                    ctx.metrics.writes.inc();
-                                }
-                                Err(kube::Error::Api(s)) if s.is_not_found() => {}
-                                Err(e) => return Err(e.into()),
-                            }
+                            annotate_pod(ctx, &pod_api, &v.name, DELETION_COST, json!(VICTIM_COST))
+                                .await?;
                         }
                         let urls: Vec<String> =
                             victims.iter().filter_map(|v| v.url.clone()).collect();
