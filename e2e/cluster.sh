@@ -79,5 +79,12 @@ echo
     --duration 60s --rate-scale 0.05 --isl-scale 0.25 --osl-scale 0.1 || true
 kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.lastDecision}{"\n"}{.status.history}{"\n"}'
 [[ -n "$(kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.lastDecision.reason}')" ]] || { echo "FAIL: no planner decision"; exit 1; }
+# The CPU profile wants more prefill than one instance under any load: a count must have moved.
+for _ in $(seq 1 36); do
+    [[ -n "$(kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.history[0].time}')" ]] && break
+    sleep 5
+done
+[[ -n "$(kubectl -n "$ns" get dopd e2e -o jsonpath='{.status.history[0].time}')" ]] || { echo "FAIL: the planner never scaled"; exit 1; }
+kubectl -n "$ns" get dopd e2e
 kubectl -n "$ns" get events --field-selector involvedObject.name=e2e
 echo "PASS: the operator ran a DopdService on a real cluster"
