@@ -494,6 +494,37 @@ async fn publish(ctx: &Ctx, svc: &DopdService, type_: EventType, reason: &str, n
     }
 }
 
+/// Reports a problem that stops the reconcile: a Warning Event (once per message), the phase, one
+/// condition (`(type, status)`) with `reason` and `msg`, the role counts kept from before.
+async fn stop_with(
+    ctx: &Ctx,
+    svc: &DopdService,
+    mut status: DopdServiceStatus,
+    phase: &str,
+    condition: (&str, bool),
+    reason: &str,
+    msg: String,
+) -> Result<(), Error> {
+    let old = svc.status.clone().unwrap_or_default();
+    let repeated = old.phase == phase && old.conditions.iter().any(|c| c.message == msg);
+    if !repeated {
+        publish(ctx, svc, EventType::Warning, reason, msg.clone()).await;
+    }
+    status.phase = phase.into();
+    status.prefill = old.prefill.clone();
+    status.decode = old.decode.clone();
+    set_condition(
+        &mut status.conditions,
+        &old.conditions,
+        condition.0,
+        condition.1,
+        reason,
+        msg,
+        status.observed_generation,
+    );
+    patch_status(ctx, svc, status).await
+}
+
 /// Sets (or, with null, removes) one annotation of a pod; a pod already gone is fine.
 async fn annotate_pod(
     ctx: &Ctx,
@@ -565,50 +596,24 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     // 1. The spec and the profile.
     if let Err(errs) = spec.validate() {
         let msg = errs.join("; ");
-        if old.phase != "Invalid" || !old.conditions.iter().any(|c| c.message == msg) {
-            publish(ctx, &svc, EventType::Warning, "InvalidSpec", msg.clone()).await;
-        }
-        status.phase = "Invalid".into();
-        status.prefill = old.prefill.clone();
-        status.decode = old.decode.clone();
-        set_condition(
-            &mut status.conditions,
-            &old.conditions,
-            "Ready",
-            false,
-            "InvalidSpec",
-            msg,
-            generation,
-        );
-        patch_status(ctx, &svc, status).await?;
+        let (phase, cond) = ("Invalid", "Ready");
+        stop_with(ctx, &svc, status, phase, (cond, false), "InvalidSpec", msg).await?;
         return Ok(Action::await_change());
     }
     let profile = match resolve_profile(ctx, &ns, spec).await {
         Ok(p) => p,
         Err(msg) => {
-            if !old.conditions.iter().any(|c| c.message == msg) {
-                publish(
-                    ctx,
-                    &svc,
-                    EventType::Warning,
-                    "ProfileUnavailable",
-                    msg.clone(),
-                )
-                .await;
-            }
-            status.phase = "Degraded".into();
-            status.prefill = old.prefill.clone();
-            status.decode = old.decode.clone();
-            set_condition(
-                &mut status.conditions,
-                &old.conditions,
-                "Degraded",
-                true,
+            let (phase, cond) = ("Degraded", "Degraded");
+            stop_with(
+                ctx,
+                &svc,
+                status,
+                phase,
+                (cond, true),
                 "ProfileUnavailable",
                 msg,
-                generation,
-            );
-            patch_status(ctx, &svc, status).await?;
+            )
+            .await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
