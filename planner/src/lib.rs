@@ -15,6 +15,10 @@
 //!   over the start-up horizon, within the budget.
 //! - [`routing`]: length-aware request classification and the short-request batch former.
 //! - [`planner`]: the tick API, `tick(now, observation) -> decision`, that ties it together.
+//! - [`control`]: the control loop around the planner that the simulator, local mode and the
+//!   operator share: observation from cumulative [`load`] readings and instance states, tick
+//!   timing, routing threshold, headroom and the scale plan (which instances to drain first),
+//!   behind an observer and an actuator trait.
 //! - [`stats`]: the nearest-rank quantile the router, the load generator and the benchmarks share.
 //! - [`trace`]: parsers for request traces (Azure CSV, Mooncake JSONL) and interval aggregation;
 //!   [`backtest`] scores forecasters on those series.
@@ -32,9 +36,11 @@
 //! ```
 
 pub mod backtest;
+pub mod control;
 pub mod forecast;
 pub mod headroom;
 mod linalg;
+pub mod load;
 pub mod planner;
 pub mod profile;
 pub mod routing;

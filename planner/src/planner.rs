@@ -36,8 +36,9 @@ pub struct ReplicaState {
     pub pending: u32,
 }
 
-/// What happened during the last interval. Filled by the router's load endpoint in production
-/// and by the simulator in replay.
+/// What happened during the last interval. Built by the control loop
+/// ([`crate::control::Controller`]), the same way for the router's readings and the simulator's;
+/// the meaning of every field is documented in [`crate::control`].
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Observation {
@@ -51,10 +52,18 @@ pub struct Observation {
     pub mean_osl: Option<f64>,
     /// Mean observed TTFT, seconds.
     pub ttft_s: Option<f64>,
+    /// P90 of the observed TTFT, seconds.
+    pub ttft_p90_s: Option<f64>,
     /// Mean observed inter-token latency, seconds.
     pub itl_s: Option<f64>,
+    /// P90 of the observed per-request inter-token latency, seconds.
+    pub itl_p90_s: Option<f64>,
     /// Mean request duration (arrival to last token), seconds.
     pub request_duration_s: Option<f64>,
+    /// Requests that finished in the interval.
+    pub finished: f64,
+    /// Requests that ended without finishing in the interval.
+    pub failed: f64,
     /// Requests waiting for prefill, all instances together.
     pub prefill_queue_depth: f64,
     /// Mean fraction of KV blocks in use over decode instances, 0..1.

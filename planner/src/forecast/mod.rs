@@ -71,7 +71,7 @@ impl Forecast {
 }
 
 /// The common interface of all forecasters.
-pub trait Forecaster: Send + std::fmt::Debug {
+pub trait Forecaster: Send + Sync + std::fmt::Debug {
     /// Short name used on the command line and in metrics.
     fn name(&self) -> &'static str;
     /// Adds the latest interval's value. Non-finite values are skipped and counted.
