@@ -3,15 +3,17 @@
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, VecDeque};
 
-use dopd_planner::planner::{
-    ConfigError, Observation, Planner, PlannerConfig, PolicyKind, ReplicaState,
+use dopd_planner::control::{
+    Actuator, ControlConfig, Controller, Instance, InstanceState, Orders, Snapshot,
 };
+use dopd_planner::load::{LoadReading, LoadTotals};
+use dopd_planner::planner::{ConfigError, Planner, PlannerConfig, PolicyKind, ReplicaState};
 use dopd_planner::profile::{PerRole, Profile, Role};
 use dopd_planner::routing::{self, Batch, RequestClass, RoutingConfig, ShortBatcher};
 use dopd_planner::sizing::{Replicas, SizingInput};
 use serde::{Deserialize, Serialize};
 
-use crate::report::{self, IntervalPoint, RequestRecord, Route, SimResult};
+use crate::report::{self, ControlStep, IntervalPoint, RequestRecord, Route, SimResult};
 use crate::workload::SimRequest;
 
 /// The scaling policy of a run.
@@ -87,6 +89,9 @@ pub struct SimConfig {
     /// Force DOPD's length-aware routing on (or off) whatever the policy (`None`: on for DOPD and
     /// the oracle only). With a static policy this isolates the routing's effect.
     pub length_aware_routing: Option<bool>,
+    /// Keep every step of the control loop (what it observed, the orders it gave) in
+    /// [`SimResult::control`], to replay them through another loop.
+    pub record_control: bool,
 }
 
 impl Default for SimConfig {
@@ -106,6 +111,7 @@ impl Default for SimConfig {
                 decode: 1,
             },
             length_aware_routing: None,
+            record_control: false,
         }
     }
 }
@@ -137,6 +143,7 @@ enum Ev {
     KvArrived(usize),
     StepDone(usize),
     Ready(usize),
+    /// The control loop's next tick.
     Tick,
 }
 
@@ -254,24 +261,13 @@ struct Req {
     blocks: u64,
 }
 
-/// Per-interval accumulators for the planner's observation.
-#[derive(Debug, Default)]
-struct IntervalAcc {
-    arrivals: u64,
-    isl_sum: f64,
-    osl_sum: f64,
-    ttft_sum: f64,
-    ttft_n: u64,
-    tpot_sum: f64,
-    tpot_n: u64,
-    dur_sum: f64,
-    dur_n: u64,
-}
-
 struct Sim<'a> {
     cfg: &'a SimConfig,
     profile: &'a Profile,
-    planner: Option<Planner>,
+    /// The shared control loop (none for aggregated serving, which has no planner).
+    ctrl: Option<Controller>,
+    /// When the one live tick event fires.
+    tick_at: Option<f64>,
     routing: RoutingConfig,
     batcher: ShortBatcher<usize>,
     reqs: Vec<Req>,
@@ -285,7 +281,8 @@ struct Sim<'a> {
     batch_deadline_at: Option<f64>,
     /// Forecast mean ISL: the long/short threshold.
     isl_threshold: f64,
-    acc: IntervalAcc,
+    /// What a router would count (see `dopd_planner::load`).
+    totals: LoadTotals,
     records: Vec<RequestRecord>,
     intervals: Vec<IntervalPoint>,
     gpus_now: u32,
@@ -297,7 +294,7 @@ struct Sim<'a> {
     finished: usize,
     /// True next-interval workloads for the oracle, by tick index.
     oracle: Vec<SizingInput>,
-    ticks: usize,
+    control: Vec<ControlStep>,
 }
 
 /// Runs `requests` (sorted by arrival) through a cluster described by `profile` and `cfg`.
@@ -351,9 +348,19 @@ pub fn simulate_with_progress(
         };
         initial = replicas;
     }
-    let planner = match cfg.policy {
+    let ctrl = match cfg.policy {
         PolicySpec::Aggregated { .. } => None,
-        _ => Some(Planner::new(profile.clone(), planner_cfg)?),
+        _ => Some(Controller::new(
+            Planner::new(profile.clone(), planner_cfg)?,
+            ControlConfig {
+                interval_s: cfg.interval_s,
+                // Simulated requests always finish: a drain is never cut short.
+                drain_timeout_s: f64::INFINITY,
+                headroom: false,
+                paused: false,
+            },
+            initial,
+        )),
     };
     let routing = if cfg
         .length_aware_routing
@@ -370,7 +377,8 @@ pub fn simulate_with_progress(
     let mut sim = Sim {
         cfg,
         profile,
-        planner,
+        ctrl,
+        tick_at: None,
         batcher: ShortBatcher::new(&routing),
         routing,
         reqs: requests
@@ -392,7 +400,7 @@ pub fn simulate_with_progress(
         initial,
         batch_deadline_at: None,
         isl_threshold: f64::INFINITY,
-        acc: IntervalAcc::default(),
+        totals: LoadTotals::new(1),
         records: Vec::with_capacity(requests.len()),
         intervals: Vec::new(),
         gpus_now: 0,
@@ -412,7 +420,7 @@ pub fn simulate_with_progress(
         } else {
             Vec::new()
         },
-        ticks: 0,
+        control: Vec::new(),
     };
     sim.run(progress);
     if sim.finished != sim.reqs.len() {
@@ -439,6 +447,7 @@ pub fn simulate_with_progress(
         records: sim.records,
         intervals: sim.intervals,
         gpu_seconds_integral: sim.gpu_integral,
+        control: sim.control,
     })
 }
 
@@ -545,9 +554,8 @@ impl Sim<'_> {
         for _ in 0..initial.decode {
             self.launch(decode_kind, true);
         }
-        if self.planner.is_some() {
-            self.push(self.cfg.interval_s, Ev::Tick);
-        }
+        // The loop's first step takes its baseline reading and schedules the first tick.
+        self.control();
         while let Some(Entry { t, ev, .. }) = self.heap.pop() {
             // Everything served: the run ends at the last finish, whatever is still scheduled.
             if self.finished == self.reqs.len() {
@@ -585,10 +593,10 @@ impl Sim<'_> {
                     }
                 }
                 Ev::Tick => {
-                    self.tick();
-                    // Keep ticking while work remains and something else can still happen.
-                    if self.finished < self.reqs.len() && !self.heap.is_empty() {
-                        self.push(self.now + self.cfg.interval_s, Ev::Tick);
+                    // Only the latest scheduled tick counts.
+                    if self.tick_at == Some(t) {
+                        self.tick_at = None;
+                        self.control();
                     }
                 }
             }
@@ -716,9 +724,7 @@ impl Sim<'_> {
 
     fn arrive(&mut self, i: usize) {
         let r = self.reqs[i].r;
-        self.acc.arrivals += 1;
-        self.acc.isl_sum += f64::from(r.isl);
-        self.acc.osl_sum += f64::from(r.osl);
+        self.totals.arrive(r.isl);
         if self.decode_kind() == Kind::Aggregated {
             self.reqs[i].route = Route::Aggregated;
             self.send_to_decode(i, true);
@@ -815,9 +821,10 @@ impl Sim<'_> {
         }
     }
 
+    /// A draining instance that has become idle: the control loop retires it.
     fn maybe_retire(&mut self, k: usize) {
         if self.insts[k].state == State::Draining && self.insts[k].idle() {
-            self.stop(k, self.now);
+            self.control();
         }
     }
 
@@ -839,8 +846,7 @@ impl Sim<'_> {
         let q = &mut self.reqs[i];
         q.first_token = Some(self.now);
         q.generated = 1;
-        self.acc.ttft_sum += self.now - q.r.arrival_s;
-        self.acc.ttft_n += 1;
+        self.totals.first_token(self.now - q.r.arrival_s);
     }
 
     fn kv_arrived(&mut self, i: usize) {
@@ -963,12 +969,11 @@ impl Sim<'_> {
         } else {
             0.0
         };
-        self.acc.dur_sum += self.now - q.r.arrival_s;
-        self.acc.dur_n += 1;
-        if q.r.osl > 1 {
-            self.acc.tpot_sum += tpot;
-            self.acc.tpot_n += 1;
-        }
+        self.totals.finish(
+            q.r.osl,
+            (q.r.osl > 1).then_some(tpot),
+            self.now - q.r.arrival_s,
+        );
         self.records.push(RequestRecord {
             id: i,
             arrival_s: q.r.arrival_s,
@@ -998,136 +1003,168 @@ impl Sim<'_> {
         c
     }
 
-    fn observation(&self) -> Observation {
-        let a = &self.acc;
-        let mean = |s: f64, n: u64| (n > 0).then(|| s / n as f64);
-        let ready_decode: Vec<&Inst> = self
-            .insts
-            .iter()
-            .filter(|i| i.role() == Role::Decode && i.state == State::Ready)
-            .collect();
-        let kv = if ready_decode.is_empty() {
-            0.0
-        } else {
-            ready_decode
-                .iter()
-                .map(|i| i.blocks_used as f64 / self.profile.kv.blocks as f64)
-                .sum::<f64>()
-                / ready_decode.len() as f64
-        };
-        let queued: usize = self
-            .insts
-            .iter()
-            .filter(|i| i.kind == Kind::Prefill)
-            .map(|i| i.queue.iter().map(Vec::len).sum::<usize>())
-            .sum::<usize>()
-            + self.batcher.len();
-        Observation {
-            interval_s: self.cfg.interval_s,
-            requests: a.arrivals as f64,
-            mean_isl: mean(a.isl_sum, a.arrivals),
-            mean_osl: mean(a.osl_sum, a.arrivals),
-            ttft_s: mean(a.ttft_sum, a.ttft_n),
-            itl_s: mean(a.tpot_sum, a.tpot_n),
-            request_duration_s: mean(a.dur_sum, a.dur_n),
-            prefill_queue_depth: queued as f64,
-            kv_usage: kv,
-            replicas: self.counts(),
+    /// The instances as the control loop sees them.
+    fn instances(&self) -> Vec<Instance> {
+        let mut out = Vec::new();
+        for (k, i) in self.insts.iter().enumerate() {
+            let state = match i.state {
+                State::Stopped => continue,
+                State::Pending if i.retiring => InstanceState::Draining,
+                State::Starting if i.retiring => InstanceState::Draining,
+                State::Pending => InstanceState::Pending,
+                State::Starting => InstanceState::Starting,
+                State::Ready => InstanceState::Ready,
+                State::Draining => InstanceState::Draining,
+            };
+            let held = i.queue.iter().map(Vec::len).sum::<usize>()
+                + i.current.len()
+                + i.waiting.len()
+                + i.running.len();
+            out.push(Instance {
+                id: k.to_string(),
+                role: i.role(),
+                state,
+                in_flight: Some(held as u32),
+                work: self.load(i),
+                queued: i.queue.iter().map(Vec::len).sum::<usize>() as u32,
+                kv_usage: (i.role() == Role::Decode)
+                    .then(|| i.blocks_used as f64 / self.profile.kv.blocks as f64),
+                created: k as f64,
+            });
         }
+        out
     }
 
-    fn tick(&mut self) {
-        let obs = self.observation();
-        let oracle_next = self.oracle.get(self.ticks + 1).copied();
-        self.ticks += 1;
-        let now = self.now;
-        let Some(planner) = self.planner.as_mut() else {
-            return;
-        };
-        let d = match (&self.cfg.policy, oracle_next) {
-            (PolicySpec::Oracle, Some(next)) => planner.tick_with_known_next(now, &obs, next),
-            (PolicySpec::Oracle, None) => {
-                planner.tick_with_known_next(now, &obs, SizingInput::new(0.0, 0.0, 0.0))
-            }
-            _ => planner.tick(now, &obs),
-        };
-        if let Some(t) = planner.isl_threshold() {
-            self.isl_threshold = t;
-        }
-        if matches!(self.cfg.policy, PolicySpec::Oracle)
-            && let Some(next) = oracle_next.filter(|n| n.isl > 0.0)
-        {
-            self.isl_threshold = next.isl;
-        }
-        self.apply(Role::Prefill, d.target.prefill);
-        self.apply(Role::Decode, d.target.decode);
-        let c = self.counts();
-        self.intervals.push(IntervalPoint {
-            t_s: now,
-            requests: obs.requests,
-            forecast_requests: d.forecast.map(|f| f.requests.point),
-            target_prefill: d.target.prefill,
-            target_decode: d.target.decode,
-            ready_prefill: c.prefill.ready,
-            ready_decode: c.decode.ready,
-            gpus: self.gpus_now,
+    fn snapshot(&self) -> Snapshot {
+        let known_next = matches!(self.cfg.policy, PolicySpec::Oracle).then(|| {
+            let k = (self.now / self.cfg.interval_s).round() as usize;
+            self.oracle
+                .get(k)
+                .copied()
+                .unwrap_or(SizingInput::new(0.0, 0.0, 0.0))
         });
-        self.acc = IntervalAcc::default();
+        Snapshot {
+            load: Some(LoadReading {
+                totals: self.totals.clone(),
+                router_waiting: self.batcher.len() as u64,
+            }),
+            instances: self.instances(),
+            known_next,
+        }
     }
 
-    /// Brings the active instances of `role` to `target`: launch, cancel starting ones, or drain.
-    fn apply(&mut self, role: Role, target: u32) {
-        let kind = if role == Role::Prefill {
+    /// Runs the control loop now (it ticks when a tick is due) and carries out its orders; again
+    /// while a drained instance is already idle, so it is retired at once.
+    fn control(&mut self) {
+        for _ in 0..2 {
+            let Some(mut ctrl) = self.ctrl.take() else {
+                return;
+            };
+            let snapshot = self.snapshot();
+            let mut orders = Orders::default();
+            let report = ctrl.step(self.now, &snapshot, &mut orders);
+            let next = ctrl.next_tick();
+            self.ctrl = Some(ctrl);
+            orders.apply(self);
+            if let Some(t) = &report.tick {
+                let c = self.counts();
+                self.intervals.push(IntervalPoint {
+                    t_s: t.at,
+                    requests: t.observation.requests,
+                    forecast_requests: t.decision.forecast.map(|f| f.requests.point),
+                    target_prefill: t.decision.target.prefill,
+                    target_decode: t.decision.target.decode,
+                    ready_prefill: c.prefill.ready,
+                    ready_decode: c.decode.ready,
+                    gpus: self.gpus_now,
+                });
+            }
+            if self.cfg.record_control {
+                self.control.push(ControlStep {
+                    at: self.now,
+                    snapshot,
+                    orders,
+                    decision: report.tick.map(|t| t.decision),
+                });
+            }
+            // Keep ticking while work remains and something else can still happen.
+            if let Some(n) = next
+                && self.tick_at != Some(n)
+                && self.finished < self.reqs.len()
+                && !self.heap.is_empty()
+            {
+                self.tick_at = Some(n);
+                self.push(n, Ev::Tick);
+            }
+            let drained_idle = self
+                .insts
+                .iter()
+                .any(|i| i.state == State::Draining && i.idle());
+            if !drained_idle {
+                return;
+            }
+        }
+    }
+
+    fn kind_of(&self, role: Role) -> Kind {
+        if role == Role::Prefill {
             Kind::Prefill
         } else {
             self.decode_kind()
-        };
-        let active: Vec<usize> = (0..self.insts.len())
-            .filter(|&k| self.insts[k].kind == kind && self.insts[k].active())
-            .collect();
-        let n = active.len() as u32;
-        if target > n {
-            for _ in n..target {
-                self.launch(kind, false);
-            }
-            return;
         }
-        let mut excess = (n - target) as usize;
-        // Cancel pending instances first, then starting ones (newest first), then drain the least
-        // loaded ready ones.
-        let newest_in = |state: State| -> Vec<usize> {
-            active
-                .iter()
-                .rev()
-                .copied()
-                .filter(|&k| self.insts[k].state == state)
-                .collect()
-        };
-        let mut starting = newest_in(State::Pending);
-        starting.extend(newest_in(State::Starting));
-        for k in starting.into_iter().take(excess) {
-            // A starting instance may already hold queued work: it finishes starting, serves
-            // that work and leaves.
+    }
+
+    fn ids(&self, ids: &[String]) -> Vec<usize> {
+        ids.iter()
+            .filter_map(|id| id.parse::<usize>().ok())
+            .filter(|&k| k < self.insts.len())
+            .collect()
+    }
+}
+
+/// The simulator is the control loop's actuator: it launches, drains and stops its instances.
+impl Actuator for Sim<'_> {
+    fn set_count(&mut self, role: Role, serving: u32, _draining: u32) {
+        let kind = self.kind_of(role);
+        let active = self
+            .insts
+            .iter()
+            .filter(|i| i.kind == kind && i.active())
+            .count() as u32;
+        for _ in active..serving {
+            self.launch(kind, false);
+        }
+    }
+
+    fn drain(&mut self, _role: Role, ids: &[String]) {
+        for k in self.ids(ids) {
+            match self.insts[k].state {
+                State::Ready => self.insts[k].state = State::Draining,
+                // A starting instance already holding work finishes starting, serves that work
+                // and leaves.
+                State::Pending | State::Starting => self.insts[k].retiring = true,
+                State::Draining | State::Stopped => {}
+            }
+        }
+    }
+
+    fn retire(&mut self, _role: Role, ids: &[String]) {
+        for k in self.ids(ids) {
+            if self.insts[k].state == State::Stopped {
+                continue;
+            }
             if self.insts[k].idle() {
                 self.stop(k, self.now);
             } else {
-                self.insts[k].retiring = true;
-            }
-            excess -= 1;
-        }
-        let mut ready: Vec<(usize, f64)> = active
-            .iter()
-            .copied()
-            .filter(|&k| self.insts[k].state == State::Ready)
-            .map(|k| (k, self.load(&self.insts[k])))
-            .collect();
-        ready.sort_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)));
-        for (k, _) in ready.into_iter().take(excess) {
-            self.insts[k].state = State::Draining;
-            if self.insts[k].idle() {
-                self.stop(k, self.now);
+                // Work is never dropped: an instance told to stop with work left drains it first.
+                debug_assert!(false, "instance {k} retired while holding work");
+                self.drain(Role::Decode, &[k.to_string()]);
             }
         }
+    }
+
+    fn set_routing_threshold(&mut self, isl: f64) {
+        self.isl_threshold = isl;
     }
 }
 

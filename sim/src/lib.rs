@@ -20,10 +20,13 @@
 //! - **Routing**: the planner crate's [`classify`](dopd_planner::routing::classify) and
 //!   [`ShortBatcher`](dopd_planner::routing::ShortBatcher); instances chosen by least outstanding
 //!   work among ready ones (starting ones only when none is ready).
-//! - **Scaling**: every `interval_s` the planner ticks on the interval's observation; the
-//!   simulator applies its target: new instances serve after the profile's start-up time; removed
-//!   ones are cancelled if still starting, otherwise drained (no new work, finish what they
-//!   hold). No request is dropped. GPU-seconds run from launch to stop.
+//! - **Scaling**: the shared control loop ([`dopd_planner::control::Controller`], the one the
+//!   operator and `dopd up` run) observes the simulator the way it observes a router and its
+//!   workers (cumulative counts, instance states) and ticks every `interval_s`; the simulator is
+//!   its actuator: new instances serve after the profile's start-up time; victims are cancelled
+//!   if still starting and idle, otherwise drained (no new work, finish what they hold) and
+//!   stopped when the loop sees them idle. No request is dropped. GPU-seconds run from launch to
+//!   stop.
 //!
 //! ```
 //! use dopd_planner::profile::{PerRole, Profile};
@@ -51,5 +54,5 @@ mod workload;
 pub use engine::{
     PolicySpec, SimConfig, SimError, search_static, simulate, simulate_with_progress,
 };
-pub use report::{IntervalPoint, RequestRecord, Route, SimResult, Summary};
+pub use report::{ControlStep, IntervalPoint, RequestRecord, Route, SimResult, Summary};
 pub use workload::{Arrivals, Lengths, SimRequest, SyntheticSpec, Window, from_trace, synthetic};

@@ -1,6 +1,8 @@
 //! What a simulation produces: per-request records, a time series per planner interval, and a
 //! summary.
 
+use dopd_planner::control::{Orders, Snapshot};
+use dopd_planner::planner::Decision;
 use serde::{Deserialize, Serialize};
 
 /// How a request was served.
@@ -98,6 +100,19 @@ pub struct SimResult {
     /// ∫ GPUs dt sampled at every change of the GPU count (equals `summary.gpu_seconds`; kept as
     /// an independent check).
     pub gpu_seconds_integral: f64,
+    /// Every step of the control loop, when `SimConfig::record_control` is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control: Vec<ControlStep>,
+}
+
+/// One step of the control loop in a run: what it observed and what it ordered.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControlStep {
+    pub at: f64,
+    pub snapshot: Snapshot,
+    pub orders: Orders,
+    /// The planner's decision, when the step ticked.
+    pub decision: Option<Decision>,
 }
 
 /// Linear-interpolation percentile of sorted data (`q` in 0..=1).
