@@ -93,7 +93,7 @@ k get priorityclass dopd-headroom >/dev/null || fail "the chart's PriorityClass"
 # (The emulator runs no containers: the operator below is the same binary, run as a process.)
 
 echo "== operator (two replicas, leader election) and a fake router"
-echo '{"interval_s": 2, "requests": 0}' >"$work/load.json"
+echo '{"requests_per_s": 0}' >"$work/load.json"
 python3 "$root/e2e/emulator/fake_router.py" --load "$work/load.json" --port-file "$work/rport" >"$work/router.log" 2>&1 &
 pids+=($!)
 wait_for 30 "the fake router" test -s "$work/rport"
@@ -135,8 +135,8 @@ has "$table" "smollm2 +smollm2 +1/1 +1/1 +1:1 +Running" || fail "live values in 
 echo "== heavy load scales up"
 k patch dopd smollm2 --type merge -p \
     '{"spec":{"planner":{"intervalSeconds":2,"scaleDownStabilizationSeconds":0,"gpuBudget":8,"pendingTimeoutSeconds":3},"profile":{"preset":"smollm2-135m-cpu"}}}'
-# 20 requests of 1500 tokens every 2 s: the CPU profile wants 4 prefill and 1 decode instances.
-echo '{"interval_s": 2, "requests": 20, "finished": 20, "mean_isl": 1500, "mean_osl": 200}' >"$work/load.json"
+# 10 requests of 1500 tokens a second: the CPU profile wants 4 prefill and 1 decode instances.
+echo '{"requests_per_s": 10, "mean_isl": 1500, "mean_osl": 200}' >"$work/load.json"
 total() { echo $(($(k get deploy smollm2-prefill -o jsonpath='{.spec.replicas}') + $(k get deploy smollm2-decode -o jsonpath='{.spec.replicas}'))); }
 wait_for 90 "a scale-up" bash -c "[[ \$($(declare -f k total); total) -gt 2 ]]"
 k get dopdservices
@@ -154,7 +154,7 @@ has "$(k get events.events.k8s.io -o json)" '"reason": *"CapacityConstrained"' |
 [[ $(k get dopd smollm2 -o jsonpath='{.status.prefill.unschedulable}') -ge 1 ]] || fail "unschedulable count"
 
 echo "== idle load drains, then scales down"
-echo '{"interval_s": 2, "requests": 0}' >"$work/load.json"
+echo '{"requests_per_s": 0}' >"$work/load.json"
 wait_for 120 "a scale-down to 1:1" bash -c "[[ \$($(declare -f k total); total) -eq 2 ]]"
 has "$(curl -fsS "http://127.0.0.1:$rport/drained")" '"http://127\.0\.0\.[0-9]+:50051"' || fail "the router was not asked to drain"
 has "$(k get events.events.k8s.io -o json)" '"reason": *"ScaledDown"' || fail "ScaledDown event"

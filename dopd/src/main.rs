@@ -40,7 +40,7 @@ enum Command {
     /// The OpenAI-compatible router in front of a list of workers.
     Router(cmd::router::RouterArgs),
     /// The whole system on this machine: router, prefill and decode workers, planner loop.
-    Up(cmd::router::UpArgs),
+    Up(cmd::up::UpArgs),
     /// The Kubernetes operator: reconciles DopdServices and resizes them with the planner.
     Operator(cmd::operator::Args),
     /// Print the DopdService CustomResourceDefinition (YAML).
@@ -58,7 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Generate(a) => cmd::worker::generate(a),
         Command::Router(a) => cmd::router::router(a),
-        Command::Up(a) => cmd::router::up(a),
+        Command::Up(a) => cmd::up::up(a),
         Command::Operator(a) => cmd::operator::run(a),
         Command::Crd => cmd::operator::crd(),
     };

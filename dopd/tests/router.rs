@@ -266,17 +266,25 @@ fn the_openai_api_routes_by_length_and_reports_load() {
     assert_eq!(s, 200);
     let load: Value = serde_json::from_str(&b).expect("JSON");
     // Three requests were scheduled (the invalid ones never reached a worker).
-    assert_eq!(load["requests"].as_u64(), Some(3), "{load}");
+    assert_eq!(load["arrived"].as_u64(), Some(3), "{load}");
     assert_eq!(load["finished"].as_u64(), Some(3), "{load}");
     assert_eq!(load["failed"].as_u64(), Some(0), "{load}");
-    assert!(load["mean_isl"].as_f64() > Some(1.0) && load["ttft_s"]["p50"].as_f64() > Some(0.0));
+    assert!(load["prompt_tokens"].as_u64() > Some(3), "{load}");
+    assert_eq!(load["ttft_s"]["count"].as_u64(), Some(3), "{load}");
     assert_eq!(load["workers"].as_array().map(Vec::len), Some(2));
-    // The next read covers only what came after.
+    // Counts since the start: reading again (anyone may) changes nothing.
     let (_, b) = get(&addr, "/v1/dopd/load");
-    assert_eq!(
-        serde_json::from_str::<Value>(&b).expect("JSON")["requests"],
-        0
-    );
+    let again: Value = serde_json::from_str(&b).expect("JSON");
+    for k in [
+        "epoch",
+        "arrived",
+        "prompt_tokens",
+        "finished",
+        "output_tokens",
+        "ttft_s",
+    ] {
+        assert_eq!(again[k], load[k], "{k}");
+    }
 
     // Draining the only decode worker: no new work goes there.
     let (s, v) = post(&addr, "/v1/dopd/drain", json!({"workers": [dec]}));

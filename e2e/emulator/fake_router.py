@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A stand-in for the DOPD router's planner endpoints, for operator tests without workers.
 
-GET /v1/dopd/load answers the load in the JSON file given by --load (re-read on every call, so a
-test changes the load by rewriting it); GET /v1/dopd/workers lists nothing busy; POST
+GET /v1/dopd/load answers cumulative counts, like the router: requests arrive (and finish) at the
+rate in the JSON file given by --load, `{"requests_per_s": R, "mean_isl": I, "mean_osl": O}`,
+re-read on every call so a test changes the load by rewriting it. The counts depend only on the
+time, never on how often they are read. GET /v1/dopd/workers lists nothing busy; POST
 /v1/dopd/drain records the workers it was asked to drain and POST /v1/dopd/forecast the mean ISLs
 it was sent (GET /drained lists both).
 """
@@ -10,23 +12,39 @@ it was sent (GET /drained lists both).
 import argparse
 import asyncio
 import json
+import time
 
 import aiohttp.web as web
 
 
 async def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--load", required=True, help="JSON file with the LoadReport to serve")
+    ap.add_argument("--load", required=True, help="JSON file with the request rate and lengths to serve")
     ap.add_argument("--port-file", required=True)
     a = ap.parse_args()
     drained = []
     reads = {"n": 0}
+    start = time.monotonic()
+    totals = {"epoch": int(time.time() * 1000), "arrived": 0, "prompt_tokens": 0, "finished": 0,
+              "failed": 0, "output_tokens": 0, "duration_s": 0.0}
+    clock = {"last": start, "owed": 0.0}
 
     async def load(_):
         with open(a.load) as f:
-            report = json.load(f)
+            rate = json.load(f)
+        now = time.monotonic()
+        clock["owed"] += float(rate.get("requests_per_s", 0)) * (now - clock["last"])
+        clock["last"] = now
+        n = int(clock["owed"])
+        clock["owed"] -= n
+        isl, osl = int(rate.get("mean_isl", 0)), int(rate.get("mean_osl", 0))
+        totals["arrived"] += n
+        totals["prompt_tokens"] += n * isl
+        totals["finished"] += n
+        totals["output_tokens"] += n * osl
+        totals["duration_s"] += n * 1.0
         reads["n"] += 1
-        return web.json_response(report)
+        return web.json_response({**totals, "router_waiting": 0, "uptime_s": now - start, "workers": []})
 
     async def workers(_):
         return web.json_response({"workers": []})

@@ -475,7 +475,11 @@ class Adapter:
                 return status(400, "BadRequest", "the body must be an object")
             new = merge(base, body)
         is_crd_kind = self.crd_version(gv, plural)[1] is not None or plural in ("deployments", "pods")
-        if sub == "status":
+        if sub == "status" and "apply-patch" in ctype and old:
+            # Server-side apply by the status's one field manager: fields it no longer sends are
+            # removed, so the applied status is the whole status.
+            new = {**base, "status": (body or {}).get("status")}
+        elif sub == "status":
             new = {**base, "status": new.get("status")} if old else new
         elif is_crd_kind and old is not None:
             # The status subresource: writes to the main resource leave status alone.

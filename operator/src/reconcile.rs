@@ -1,30 +1,37 @@
-//! Reconciling one `DopdService`: children, the planner loop, drain-safe scale-down and status.
+//! Reconciling one `DopdService`: children, the shared control loop, drain-safe scale-down and
+//! status.
 //!
 //! One reconcile:
-//! 1. checks the spec (the schema's rules, again) and resolves the profile;
-//! 2. lists the worker pods: ready, starting, and Pending past `pendingTimeoutSeconds`
-//!    (unschedulable: reported as capacity-constrained, never waited for);
-//! 3. finishes drains whose pods have no requests left (or whose time is up) by lowering replicas;
-//! 4. when the interval has passed, reads the router's load, runs the planner tick and applies
-//!    its targets: up at once, down by draining chosen pods first (least in-flight work, marked
-//!    with `controller.kubernetes.io/pod-deletion-cost` so the ReplicaSet removes exactly them);
+//! 1. checks the spec (the schema's rules, again) and resolves the profile ([`prepare`]);
+//! 2. lists the worker pods and reads the router ([`observe`]);
+//! 3. steps the control loop (`dopd_planner::control::Controller`, the one the simulator and
+//!    `dopd up` run) on the pods as instances ([`crate::observe`]): it ticks when the interval has
+//!    passed, names the pods to drain or retire, and ends drains whose pods hold no requests;
+//! 4. carries out its orders: victims get `controller.kubernetes.io/pod-deletion-cost` so the
+//!    ReplicaSet removes exactly them, drains and the routing threshold go to the router; busy
+//!    workers are guarded against autoscaler eviction ([`carry_out`], [`protect`]);
 //! 5. applies the children that differ from what is in the cluster (server-side apply, one field
-//!    manager) and puts back replica counts someone else changed, with an Event;
-//! 6. writes the status when it changed.
+//!    manager), worker replicas being the loop's targets plus the pods still draining, and puts
+//!    back replica counts someone else changed, with an Event ([`apply_children`]);
+//! 6. writes the status with server-side apply when it changed ([`crate::status`]).
 //!
-//! The operator keeps the planner (forecasters, correction factors) in memory per DopdService;
-//! the targets live in `status`, so a new leader carries on from them.
+//! The operator keeps the loop (forecasters, correction factors, drains) in memory per
+//! DopdService; the targets live in `status`, so a new leader carries on from them and adopts the
+//! drains the router still reports.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dopd_planner::planner::{Decision, Observation, Planner, PlannerConfig, ReplicaState};
+use dopd_planner::control::{
+    ControlConfig, Controller, InstanceState, Order, Orders, Retired, Snapshot, StepReport,
+    TickReport,
+};
+use dopd_planner::planner::{Planner, PlannerConfig};
 use dopd_planner::profile::{PerRole, Profile, roofline};
 use dopd_planner::sizing::Replicas;
+use dopd_router::load::LoadSnapshot;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -32,20 +39,12 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::children::{self, Child, FIELD_MANAGER, Kind, WORKER_PORT, WorkerRole};
-use crate::control::{Clock, RouterApi};
-use crate::crd::{
-    DEFAULT_PRESET, DecisionRecord, DopdService, DopdServiceSpec, DopdServiceStatus, DrainStatus,
-    FINALIZER, ForecastStatus, HeadroomStatus, RoleStatus,
-};
+use crate::children::{self, Child, FIELD_MANAGER, Kind, WorkerRole};
+use crate::control::{Clock, RouterApi, RouterError};
+use crate::crd::{DEFAULT_PRESET, DopdService, DopdServiceSpec, DopdServiceStatus, FINALIZER};
 use crate::metrics::{DecisionLabel, ForecastLabel, KindLabel, Metrics, ResultLabel, RoleLabel};
-
-/// Annotation the ReplicaSet controller reads to choose which pods to remove first.
-pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
-/// Cost given to drained pods (lower goes first; unset is 0).
-pub const VICTIM_COST: &str = "-1000";
-/// Annotation the cluster autoscaler reads before evicting a pod to empty a node.
-pub const SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
+use crate::observe::{self, DELETION_COST, PodInfo, SAFE_TO_EVICT, VICTIM_COST};
+use crate::status;
 
 /// A reconcile failure.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +53,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    #[error("planner settings: {0}")]
+    Planner(#[from] dopd_planner::planner::ConfigError),
 }
 
 impl Error {
@@ -66,6 +67,7 @@ impl Error {
             Self::Kube(kube::Error::Api(_)) => "api",
             Self::Kube(_) => "transport",
             Self::Finalizer(_) => "finalizer",
+            Self::Planner(_) => "planner",
         }
     }
 }
@@ -131,72 +133,39 @@ impl Ctx {
         }
     }
 
-    /// The planner's current targets for a service (tests, debugging).
+    /// The control loop's current targets for a service (tests, debugging).
     pub fn targets(&self, namespace: &str, name: &str) -> Option<Replicas> {
         let m = self.state.lock().ok()?;
-        m.get(&format!("{namespace}/{name}")).map(|s| s.target)
+        m.get(&format!("{namespace}/{name}"))
+            .map(|s| s.ctrl.target())
     }
 }
 
 /// What the operator remembers per DopdService between reconciles.
 struct SvcState {
-    planner: Planner,
+    ctrl: Controller,
     /// Hash of the planner's config and profile: a change rebuilds the planner.
     planner_key: u64,
-    next_tick: f64,
-    target: Replicas,
     /// Replicas this operator last wrote per role (to tell its own changes from others').
     applied: PerRole<Option<u32>>,
-    drains: Vec<Drain>,
-    last_decision: Option<Decision>,
-    /// Placeholder pods per role (spec.headroom).
-    headroom: Option<dopd_planner::headroom::Headroom>,
 }
 
-/// A scale-down waiting for its pods to finish their requests.
-#[derive(Clone, Debug)]
-struct Drain {
-    role: WorkerRole,
-    pods: Vec<String>,
-    urls: Vec<String>,
-    target: u32,
-    started: f64,
-    started_at: String,
+/// What a reconcile works from, once the spec checked out.
+struct Prepared {
+    ns: String,
+    name: String,
+    profile: Profile,
+    profile_yaml: String,
+    planner: PlannerConfig,
+    control: ControlConfig,
+    planner_key: u64,
+    api_key: Option<String>,
 }
 
-/// A worker pod as the reconciler sees it.
-#[derive(Clone, Debug)]
-pub struct PodInfo {
-    pub name: String,
-    pub url: Option<String>,
-    pub ready: bool,
-    /// Pending past the timeout.
-    pub unschedulable: bool,
-    /// Marked `cluster-autoscaler.kubernetes.io/safe-to-evict: "false"`.
-    pub evict_protected: bool,
-}
-
-/// Counts of one role's pods.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PodCounts {
-    pub ready: u32,
-    pub pending: u32,
-    pub unschedulable: u32,
-}
-
-fn role_get(r: &Replicas, role: WorkerRole) -> u32 {
-    r.get(role.planner())
-}
-
-fn role_set(r: &mut Replicas, role: WorkerRole, v: u32) {
-    match role {
-        WorkerRole::Prefill => r.prefill = v,
-        WorkerRole::Decode => r.decode = v,
-    }
-}
-
-fn now_rfc3339() -> String {
-    Timestamp::now().to_string()
+/// What a reconcile saw of the cluster and the router.
+struct Seen {
+    pods: Vec<PodInfo>,
+    load: Result<LoadSnapshot, RouterError>,
 }
 
 /// Entry point for the controller: the finalizer wraps apply and cleanup.
@@ -222,20 +191,18 @@ pub async fn reconcile(svc: Arc<DopdService>, ctx: Arc<Ctx>) -> Result<Action, E
         .reconcile_seconds
         .observe(started.elapsed().as_secs_f64());
     let result = match &res {
-        Ok(_) => "ok".to_string(),
+        Ok(_) => "ok",
         Err(e) => {
-            ctx.metrics
-                .errors
-                .get_or_create(&KindLabel {
-                    kind: e.kind().into(),
-                })
-                .inc();
-            "error".to_string()
+            let kind = e.kind().into();
+            ctx.metrics.errors.get_or_create(&KindLabel { kind }).inc();
+            "error"
         }
     };
     ctx.metrics
         .reconciles
-        .get_or_create(&ResultLabel { result })
+        .get_or_create(&ResultLabel {
+            result: result.into(),
+        })
         .inc();
     res
 }
@@ -251,7 +218,7 @@ pub fn error_policy(svc: Arc<DopdService>, err: &Error, _ctx: Arc<Ctx>) -> Actio
 }
 
 /// Deletion: remove the children (owner references would too, given a garbage collector) and
-/// forget the planner state. Children already gone are fine.
+/// forget the loop's state. Children already gone are fine.
 async fn cleanup(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     let name = svc.name_any();
     let ns = svc.namespace().unwrap_or_default();
@@ -266,10 +233,8 @@ async fn cleanup(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
         let api: Api<DynamicObject> =
             Api::namespaced_with(ctx.client.clone(), &ns, &kind.api_resource());
         match api.delete(&child, &DeleteParams::background()).await {
-            Ok(_) => {
-                ctx.metrics.writes.inc();
-            }
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            Ok(_) => ctx.metrics.writes.inc(),
+            Err(kube::Error::Api(s)) if s.is_not_found() => 0,
             Err(e) => return Err(e.into()),
         };
     }
@@ -316,6 +281,16 @@ pub fn planner_config(spec: &DopdServiceSpec) -> PlannerConfig {
     // Pods stuck Pending are not waited for longer than this.
     c.max_reconfig_wait_s = f64::from(p.pending_timeout_seconds);
     c
+}
+
+/// The control loop's own settings from a spec.
+pub fn control_config(spec: &DopdServiceSpec) -> ControlConfig {
+    ControlConfig {
+        interval_s: f64::from(spec.planner.interval_seconds.max(1)),
+        drain_timeout_s: f64::from(spec.planner.drain_timeout_seconds),
+        headroom: spec.headroom.enabled,
+        paused: spec.planner.paused,
+    }
 }
 
 /// The profile a spec names, with GPUs per instance from the spec.
@@ -365,118 +340,6 @@ async fn api_key(ctx: &Ctx, ns: &str, spec: &DopdServiceSpec) -> Option<String> 
     String::from_utf8(bytes).ok()
 }
 
-/// The worker pods of each role.
-pub fn pod_infos(pods: &[Pod], pending_timeout_s: f64, now: Timestamp) -> Vec<PodInfo> {
-    pods.iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .map(|p| {
-            let status = p.status.as_ref();
-            let ready = status
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
-            let age = p
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map_or(0.0, |t| (now - t.0).get_seconds() as f64);
-            PodInfo {
-                name: p.name_any(),
-                url: status
-                    .and_then(|s| s.pod_ip.as_ref())
-                    .map(|ip| format!("http://{ip}:{WORKER_PORT}")),
-                ready,
-                unschedulable: phase == "Pending" && age > pending_timeout_s,
-                evict_protected: p
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(SAFE_TO_EVICT))
-                    .is_some_and(|v| v == "false"),
-            }
-        })
-        .collect()
-}
-
-pub fn counts(pods: &[PodInfo]) -> PodCounts {
-    let mut c = PodCounts::default();
-    for p in pods {
-        if p.ready {
-            c.ready += 1;
-        } else {
-            c.pending += 1;
-            if p.unschedulable {
-                c.unschedulable += 1;
-            }
-        }
-    }
-    c
-}
-
-/// The `n` pods to remove: pods that are not ready first (they hold no requests), then the least
-/// in-flight work per the router, then by name (deterministic).
-pub fn pick_victims<'a>(
-    pods: &'a [PodInfo],
-    in_flight: &HashMap<String, usize>,
-    n: usize,
-) -> Vec<&'a PodInfo> {
-    let mut v: Vec<&PodInfo> = pods.iter().collect();
-    v.sort_by_key(|p| {
-        let load = p
-            .url
-            .as_ref()
-            .and_then(|u| in_flight.get(u))
-            .copied()
-            .unwrap_or(0);
-        (p.ready, load, p.name.clone())
-    });
-    v.truncate(n);
-    v
-}
-
-fn reasons_text(d: &Decision) -> String {
-    let tags: Vec<String> = d
-        .reasons
-        .iter()
-        .filter_map(|r| {
-            serde_json::to_value(r)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(String::from))
-        })
-        .collect();
-    if tags.is_empty() {
-        "no change needed".into()
-    } else {
-        tags.join(", ")
-    }
-}
-
-/// Sets a condition, keeping its transition time when its status does not change.
-fn set_condition(
-    conds: &mut Vec<Condition>,
-    old: &[Condition],
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-) {
-    let status = if on { "True" } else { "False" };
-    let last = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| Time(Timestamp::now()));
-    conds.push(Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: last,
-        observed_generation: generation,
-    });
-}
-
 async fn publish(ctx: &Ctx, svc: &DopdService, type_: EventType, reason: &str, note: String) {
     tracing::info!(service = %svc.name_any(), reason, "{note}");
     let ev = Event {
@@ -487,11 +350,12 @@ async fn publish(ctx: &Ctx, svc: &DopdService, type_: EventType, reason: &str, n
         secondary: None,
     };
     match ctx.recorder.publish(&ev, &svc.object_ref(&())).await {
-        Ok(()) => {
-            ctx.metrics.writes.inc();
+        Ok(()) => ctx.metrics.writes.inc(),
+        Err(e) => {
+            tracing::warn!("cannot record an Event: {e}");
+            0
         }
-        Err(e) => tracing::warn!("cannot record an Event: {e}"),
-    }
+    };
 }
 
 /// Reports a problem that stops the reconcile: a Warning Event (once per message), the phase, one
@@ -499,7 +363,6 @@ async fn publish(ctx: &Ctx, svc: &DopdService, type_: EventType, reason: &str, n
 async fn stop_with(
     ctx: &Ctx,
     svc: &DopdService,
-    mut status: DopdServiceStatus,
     phase: &str,
     condition: (&str, bool),
     reason: &str,
@@ -510,17 +373,24 @@ async fn stop_with(
     if !repeated {
         publish(ctx, svc, EventType::Warning, reason, msg.clone()).await;
     }
-    status.phase = phase.into();
-    status.prefill = old.prefill.clone();
-    status.decode = old.decode.clone();
-    set_condition(
+    let mut status = DopdServiceStatus {
+        observed_generation: svc.metadata.generation,
+        model: svc.spec.served_name(),
+        phase: phase.into(),
+        prefill: old.prefill.clone(),
+        decode: old.decode.clone(),
+        ..Default::default()
+    };
+    let generation = status.observed_generation;
+    let wall = ctx.clock.wall();
+    status::set_condition(
         &mut status.conditions,
         &old.conditions,
-        condition.0,
-        condition.1,
+        condition,
         reason,
         msg,
-        status.observed_generation,
+        generation,
+        wall,
     );
     patch_status(ctx, svc, status).await
 }
@@ -547,6 +417,7 @@ async fn annotate_pod(
     }
 }
 
+/// Writes the status with server-side apply (the operator owns all of it), when it changed.
 async fn patch_status(
     ctx: &Ctx,
     svc: &DopdService,
@@ -557,630 +428,408 @@ async fn patch_status(
     }
     let api: Api<DopdService> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    // A merge patch keeps keys it does not mention: fields now empty are sent as null.
-    let mut new = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
-    if let (Some(old), Some(n)) = (
-        svc.status
-            .as_ref()
-            .and_then(|s| serde_json::to_value(s).ok()),
-        new.as_object_mut(),
-    ) && let Some(old) = old.as_object()
-    {
-        for k in old.keys() {
-            n.entry(k.clone()).or_insert(Value::Null);
-        }
-    }
+    let body = json!({
+        "apiVersion": DopdService::api_version(&()),
+        "kind": DopdService::kind(&()),
+        "status": status,
+    });
     api.patch_status(
         &svc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": new })),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
     )
     .await?;
     ctx.metrics.writes.inc();
     Ok(())
 }
 
-async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
-    let name = svc.name_any();
-    let ns = svc.namespace().unwrap_or_default();
-    let key = format!("{ns}/{name}");
+/// The spec checked, the profile resolved; or the action to return when the reconcile must stop
+/// here (the problem already reported).
+async fn prepare(ctx: &Ctx, svc: &DopdService) -> Result<Result<Prepared, Action>, Error> {
     let spec = &svc.spec;
-    let generation = svc.metadata.generation;
-    let old = svc.status.clone().unwrap_or_default();
-    let mut status = DopdServiceStatus {
-        observed_generation: generation,
-        model: spec.served_name(),
-        ..Default::default()
-    };
-
-    // 1. The spec and the profile.
+    let ns = svc.namespace().unwrap_or_default();
     if let Err(errs) = spec.validate() {
         let msg = errs.join("; ");
-        let (phase, cond) = ("Invalid", "Ready");
-        stop_with(ctx, &svc, status, phase, (cond, false), "InvalidSpec", msg).await?;
-        return Ok(Action::await_change());
+        stop_with(ctx, svc, "Invalid", ("Ready", false), "InvalidSpec", msg).await?;
+        return Ok(Err(Action::await_change()));
     }
     let profile = match resolve_profile(ctx, &ns, spec).await {
         Ok(p) => p,
         Err(msg) => {
-            let (phase, cond) = ("Degraded", "Degraded");
-            stop_with(
-                ctx,
-                &svc,
-                status,
-                phase,
-                (cond, true),
-                "ProfileUnavailable",
-                msg,
-            )
-            .await?;
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            let cond = ("Degraded", true);
+            stop_with(ctx, svc, "Degraded", cond, "ProfileUnavailable", msg).await?;
+            return Ok(Err(Action::requeue(Duration::from_secs(30))));
         }
     };
     let profile_yaml = serde_yaml::to_string(&profile).unwrap_or_default();
-    let cfg = planner_config(spec);
-    let planner_key = children::fnv1a(
-        format!(
-            "{}{}",
-            serde_json::to_string(&cfg).unwrap_or_default(),
-            profile_yaml
-        )
-        .as_bytes(),
-    );
-    let key_api = api_key(ctx, &ns, spec).await;
+    let planner = planner_config(spec);
+    let cfg_json = serde_json::to_string(&planner).unwrap_or_default();
+    let planner_key = children::fnv1a(format!("{cfg_json}{profile_yaml}").as_bytes());
+    Ok(Ok(Prepared {
+        name: svc.name_any(),
+        api_key: api_key(ctx, &ns, spec).await,
+        ns,
+        profile,
+        profile_yaml,
+        control: control_config(spec),
+        planner,
+        planner_key,
+    }))
+}
 
-    // 2. Pods.
-    let now = ctx.clock.now();
-    let pending_timeout = f64::from(spec.planner.pending_timeout_seconds);
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut pods: BTreeMap<WorkerRole, Vec<PodInfo>> = BTreeMap::new();
+/// Lists the worker pods and reads the router.
+async fn observe(ctx: &Ctx, svc: &DopdService, p: &Prepared) -> Result<Seen, Error> {
+    let timeout = f64::from(svc.spec.planner.pending_timeout_seconds);
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.ns);
+    let mut pods = Vec::new();
     for role in WorkerRole::ALL {
-        let lp = ListParams::default().labels(&children::selector_string(&name, role.as_str()));
-        let list = pod_api.list(&lp).await?;
-        pods.insert(
+        let lp = ListParams::default().labels(&children::selector_string(&p.name, role.as_str()));
+        let list = api.list(&lp).await?;
+        pods.extend(observe::pod_infos(
+            &list.items,
             role,
-            pod_infos(&list.items, pending_timeout, Timestamp::now()),
-        );
+            timeout,
+            ctx.clock.wall(),
+        ));
     }
-    let count = |role: WorkerRole| counts(pods.get(&role).map_or(&[][..], |v| v));
+    let load = ctx.router.load(svc, p.api_key.as_deref()).await;
+    Ok(Seen { pods, load })
+}
 
-    // The remembered state, or a fresh one carrying on from the status.
-    let clamp = |role: WorkerRole, v: u32| {
-        let r = role.spec(spec);
-        v.clamp(r.min_replicas, r.max_replicas)
-    };
+/// The remembered loop, or a new one carrying on from the status; planner and loop settings
+/// brought up to date with the spec.
+fn state_for(ctx: &Ctx, svc: &DopdService, p: &Prepared, now: f64) -> Result<SvcState, Error> {
+    let key = format!("{}/{}", p.ns, p.name);
     let mut st = match ctx.take_state(&key) {
         Some(s) => s,
         None => {
-            let planner = Planner::new(profile.clone(), cfg.clone())
-                .map_err(|e| Error::Finalizer(format!("planner settings: {e}")))?;
-            let from_status = |r: &RoleStatus, role: WorkerRole| {
-                clamp(role, if r.desired > 0 { r.desired } else { 0 })
-            };
-            let target = PerRole {
-                prefill: from_status(&old.prefill, WorkerRole::Prefill),
-                decode: from_status(&old.decode, WorkerRole::Decode),
-            };
+            let old = svc.status.clone().unwrap_or_default();
             let known = svc.status.is_some() && old.decode.desired > 0;
-            SvcState {
-                planner,
-                planner_key,
-                next_tick: now + f64::from(spec.planner.interval_seconds),
-                target,
-                applied: PerRole {
-                    prefill: known.then_some(target.prefill),
-                    decode: known.then_some(target.decode),
-                },
-                drains: Vec::new(),
-                last_decision: None,
-                headroom: None,
-            }
-        }
-    };
-    if st.planner_key != planner_key {
-        match Planner::new(profile.clone(), cfg.clone()) {
-            Ok(p) => {
-                st.planner = p;
-                st.planner_key = planner_key;
-                st.next_tick = now.min(st.next_tick);
-            }
-            Err(e) => tracing::warn!(service = %name, "planner settings: {e}"),
-        }
-    }
-    // A shorter interval applies from now on.
-    let interval = f64::from(spec.planner.interval_seconds);
-    st.next_tick = st.next_tick.min(now + interval);
-    // Bounds may have changed.
-    for role in WorkerRole::ALL {
-        let v = clamp(role, role_get(&st.target, role));
-        role_set(&mut st.target, role, v);
-    }
-
-    let mut load_error: Option<String> = None;
-
-    // 3. Drains.
-    if !st.drains.is_empty() {
-        let in_flight: Result<HashMap<String, usize>, String> = ctx
-            .router
-            .workers(&svc, key_api.as_deref())
-            .await
-            .map(|ws| ws.into_iter().map(|w| (w.url, w.in_flight)).collect());
-        let timeout = f64::from(spec.planner.drain_timeout_seconds);
-        let mut keep = Vec::new();
-        for d in std::mem::take(&mut st.drains) {
-            let busy: usize = match &in_flight {
-                Ok(m) => d.urls.iter().filter_map(|u| m.get(u)).sum(),
-                Err(_) => usize::MAX,
+            // Zero (unknown) is raised to the minimum by the loop.
+            let target = PerRole {
+                prefill: old.prefill.desired,
+                decode: old.decode.desired,
             };
-            let timed_out = now - d.started >= timeout;
-            if busy == 0 || timed_out {
-                let note = if busy == 0 {
-                    format!(
-                        "{} drained ({} pods idle); {} replicas -> {}",
-                        d.role.as_str(),
-                        d.pods.len(),
-                        d.role.as_str(),
-                        d.target
-                    )
-                } else {
-                    format!(
-                        "{} drain timed out after {timeout:.0} s with requests still in flight; {} replicas -> {}",
-                        d.role.as_str(),
-                        d.role.as_str(),
-                        d.target
-                    )
-                };
-                let kind = if busy == 0 {
-                    EventType::Normal
-                } else {
-                    EventType::Warning
-                };
-                publish(ctx, &svc, kind, "ScaledDown", note).await;
-                role_set(&mut st.target, d.role, d.target);
-            } else {
-                keep.push(d);
+            let planner = Planner::new(p.profile.clone(), p.planner.clone())?;
+            let ctrl = Controller::new(planner, p.control.clone(), target);
+            let applied = ctrl.target();
+            SvcState {
+                ctrl,
+                planner_key: p.planner_key,
+                applied: PerRole {
+                    prefill: known.then_some(applied.prefill),
+                    decode: known.then_some(applied.decode),
+                },
             }
         }
-        st.drains = keep;
-    }
-
-    // 4. The planner.
-    if !spec.planner.paused && st.drains.is_empty() && now >= st.next_tick {
-        st.next_tick = now + f64::from(spec.planner.interval_seconds);
-        match ctx.router.load(&svc, key_api.as_deref()).await {
-            Err(e) => load_error = Some(e),
-            Ok(report) => {
-                let replicas = PerRole {
-                    prefill: ReplicaState {
-                        ready: count(WorkerRole::Prefill).ready,
-                        pending: count(WorkerRole::Prefill).pending
-                            - count(WorkerRole::Prefill).unschedulable,
-                    },
-                    decode: ReplicaState {
-                        ready: count(WorkerRole::Decode).ready,
-                        pending: count(WorkerRole::Decode).pending
-                            - count(WorkerRole::Decode).unschedulable,
-                    },
-                };
-                let obs: Observation = report.observation(replicas);
-                let d = st.planner.tick(now, &obs);
-                let in_flight: HashMap<String, usize> = report
-                    .workers
-                    .iter()
-                    .map(|w| (w.url.clone(), w.in_flight))
-                    .collect();
-                // Busy workers must not be evicted by the autoscaler to empty a node; idle ones
-                // may be.
-                for p in pods.values().flatten() {
-                    let busy = p
-                        .url
-                        .as_ref()
-                        .and_then(|u| in_flight.get(u))
-                        .is_some_and(|n| *n > 0);
-                    if busy != p.evict_protected {
-                        let v = if busy { json!("false") } else { Value::Null };
-                        annotate_pod(ctx, &pod_api, &p.name, SAFE_TO_EVICT, v).await?;
-                    }
-                }
-                let before = st.target;
-                let mut moves = Vec::new();
-                for role in WorkerRole::ALL {
-                    let cur = role_get(&st.target, role);
-                    let want = clamp(role, role_get(&d.target, role));
-                    if want > cur {
-                        role_set(&mut st.target, role, want);
-                        moves.push(format!("{} {cur} -> {want}", role.as_str()));
-                    } else if want < cur {
-                        let rp = pods.get(&role).map_or(&[][..], |v| v);
-                        let victims = pick_victims(rp, &in_flight, (cur - want) as usize);
-                        for v in &victims {
-                            annotate_pod(ctx, &pod_api, &v.name, DELETION_COST, json!(VICTIM_COST))
-                                .await?;
-                        }
-                        let urls: Vec<String> =
-                            victims.iter().filter_map(|v| v.url.clone()).collect();
-                        if !urls.is_empty()
-                            && let Err(e) = ctx.router.drain(&svc, key_api.as_deref(), &urls).await
-                        {
-                            tracing::warn!(service = %name, "drain request failed: {e}");
-                        }
-                        let names: Vec<String> = victims.iter().map(|v| v.name.clone()).collect();
-                        moves.push(format!(
-                            "{} {cur} -> {want} after draining {}",
-                            role.as_str(),
-                            if names.is_empty() {
-                                "nothing".to_string()
-                            } else {
-                                names.join(", ")
-                            }
-                        ));
-                        if urls.is_empty() {
-                            // Nothing to wait for (pods not ready or not there).
-                            role_set(&mut st.target, role, want);
-                        } else {
-                            st.drains.push(Drain {
-                                role,
-                                pods: names,
-                                urls,
-                                target: want,
-                                started: now,
-                                started_at: now_rfc3339(),
-                            });
-                        }
-                    }
-                }
-                let changed = !moves.is_empty();
-                let fc = d.forecast.as_ref().map(|f| ForecastStatus {
-                    requests: round2(f.requests.point),
-                    requests_upper: round2(f.requests.upper),
-                    mean_isl: round2(f.isl.point),
-                    mean_osl: round2(f.osl.point),
-                });
-                if let Some(f) = &d.forecast
-                    && f.isl.point.is_finite()
-                    && let Err(e) = ctx
-                        .router
-                        .set_forecast(&svc, key_api.as_deref(), f.isl.point)
-                        .await
-                {
-                    tracing::warn!(service = %name, "sending the forecast to the router: {e}");
-                }
-                let reason = reasons_text(&d);
-                let after_p = st
-                    .drains
-                    .iter()
-                    .find(|x| x.role == WorkerRole::Prefill)
-                    .map_or(st.target.prefill, |x| x.target);
-                let after_d = st
-                    .drains
-                    .iter()
-                    .find(|x| x.role == WorkerRole::Decode)
-                    .map_or(st.target.decode, |x| x.target);
-                let note = format!(
-                    "{} (prefill:decode {after_p}:{after_d}); last {:.0} s: {} requests, ISL {}, OSL {}; forecast: {}; reasons: {reason}",
-                    if changed {
-                        moves.join(", ")
-                    } else {
-                        format!(
-                            "keep prefill {} and decode {}",
-                            before.prefill, before.decode
-                        )
-                    },
-                    report.interval_s,
-                    report.requests,
-                    report.mean_isl.map_or("-".into(), |v| format!("{v:.0}")),
-                    report.mean_osl.map_or("-".into(), |v| format!("{v:.0}")),
-                    fc.as_ref().map_or("-".into(), |f| format!(
-                        "{:.1} requests, ISL {:.0}, OSL {:.0}",
-                        f.requests, f.mean_isl, f.mean_osl
-                    )),
-                );
-                publish(
-                    ctx,
-                    &svc,
-                    EventType::Normal,
-                    if changed { "Scaling" } else { "Planned" },
-                    note,
-                )
-                .await;
-                ctx.metrics
-                    .decisions
-                    .get_or_create(&DecisionLabel {
-                        namespace: ns.clone(),
-                        service: name.clone(),
-                        changed: changed.to_string(),
-                    })
-                    .inc();
-                if let Some(f) = &fc {
-                    for (q, v) in [
-                        ("requests", f.requests),
-                        ("mean_isl", f.mean_isl),
-                        ("mean_osl", f.mean_osl),
-                    ] {
-                        ctx.metrics
-                            .forecast
-                            .get_or_create(&ForecastLabel {
-                                namespace: ns.clone(),
-                                service: name.clone(),
-                                quantity: q.into(),
-                            })
-                            .set(v);
-                    }
-                }
-                let rec = DecisionRecord {
-                    time: now_rfc3339(),
-                    prefill: after_p,
-                    decode: after_d,
-                    reason,
-                };
-                status.last_decision = Some(rec.clone());
-                status.forecast = fc;
-                status.history = old.history.clone();
-                if changed {
-                    status.history.push(rec);
-                }
-                st.headroom = match (&d.forecast, spec.headroom.enabled) {
-                    (Some(f), true) => Some(dopd_planner::headroom::plan(
-                        &profile,
-                        &cfg.sizing,
-                        f,
-                        d.kappa,
-                        f64::from(spec.planner.interval_seconds),
-                        // What will run: during a drain the Deployment keeps its old size.
-                        PerRole {
-                            prefill: after_p.max(st.applied.prefill.unwrap_or(0)),
-                            decode: after_d.max(st.applied.decode.unwrap_or(0)),
-                        },
-                    )),
-                    (None, true) => st.headroom,
-                    (_, false) => None,
-                };
-                st.last_decision = Some(d);
+    };
+    if st.planner_key != p.planner_key {
+        match Planner::new(p.profile.clone(), p.planner.clone()) {
+            Ok(planner) => {
+                st.ctrl.replace_planner(planner);
+                st.planner_key = p.planner_key;
             }
+            Err(e) => tracing::warn!(service = %p.name, "planner settings: {e}"),
         }
-    } else {
-        status.last_decision = old.last_decision.clone();
-        status.forecast = old.forecast.clone();
-        status.history = old.history.clone();
     }
-    let limit = spec.planner.history_limit as usize;
-    if status.history.len() > limit {
-        let cut = status.history.len() - limit;
-        status.history.drain(..cut);
-    }
+    st.ctrl.set_config(p.control.clone(), now);
+    Ok(st)
+}
 
-    // 5. Children. Worker replicas stay up while their pods drain.
-    let replicas_now = |role: WorkerRole| {
-        st.drains
+/// The pods that are the named instances.
+fn pods_named<'a>(seen: &'a Seen, ids: &[String]) -> Vec<&'a PodInfo> {
+    seen.pods.iter().filter(|p| ids.contains(&p.name)).collect()
+}
+
+/// Carries out the loop's orders: victims are marked to go first when their Deployment shrinks,
+/// drains and the routing threshold go to the router. (Counts and placeholders are applied with
+/// the children.)
+async fn carry_out(
+    ctx: &Ctx,
+    svc: &DopdService,
+    p: &Prepared,
+    seen: &Seen,
+    orders: &Orders,
+) -> Result<(), Error> {
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.ns);
+    let key = p.api_key.as_deref();
+    for order in &orders.0 {
+        match order {
+            Order::Drain { ids, .. } | Order::Retire { ids, .. } => {
+                for pod in pods_named(seen, ids).into_iter().filter(|p| !p.victim) {
+                    let cost = json!(VICTIM_COST);
+                    annotate_pod(ctx, &pod_api, &pod.name, DELETION_COST, cost).await?;
+                }
+                if let Order::Drain { ids, .. } = order {
+                    let urls: Vec<String> = pods_named(seen, ids)
+                        .into_iter()
+                        .filter_map(|p| p.url.clone())
+                        .collect();
+                    if let Err(e) = ctx.router.drain(svc, key, &urls).await {
+                        tracing::warn!(service = %p.name, "drain request failed: {e}");
+                    }
+                }
+            }
+            Order::RoutingThreshold { isl } => {
+                if let Err(e) = ctx.router.set_threshold(svc, key, *isl).await {
+                    tracing::warn!(service = %p.name, "sending the routing threshold: {e}");
+                }
+            }
+            Order::SetCount { .. } | Order::Placeholders { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Busy workers must not be evicted by the autoscaler to empty a node; idle ones may be.
+async fn protect(ctx: &Ctx, p: &Prepared, seen: &Seen) -> Result<(), Error> {
+    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.ns);
+    for (name, busy) in observe::eviction_changes(&seen.pods, seen.load.as_ref().ok()) {
+        let v = if busy { json!("false") } else { Value::Null };
+        annotate_pod(ctx, &pod_api, &name, SAFE_TO_EVICT, v).await?;
+    }
+    Ok(())
+}
+
+/// One tick's Event note: what moved and why.
+fn tick_note(t: &TickReport, ctrl: &Controller) -> String {
+    let mut moves = Vec::new();
+    for role in WorkerRole::ALL {
+        let r = role.planner();
+        let (from, to) = (t.before.get(r), t.decision.target.get(r));
+        if from == to {
+            continue;
+        }
+        let victims: Vec<&str> = t
+            .drained
             .iter()
-            .find(|d| d.role == role)
-            .map_or(role_get(&st.target, role), |_| {
-                // During a drain the Deployment keeps its size; the target applies afterwards.
-                st.applied
-                    .get(role.planner())
-                    .unwrap_or(role_get(&st.target, role))
-            })
-    };
-    let placeholders = |role: WorkerRole| {
-        st.headroom
-            .as_ref()
-            .map_or(0, |h| h.placeholders.get(role.planner()))
-    };
-    let desired = children::children(&svc, &profile_yaml, replicas_now, placeholders);
-    for c in &desired {
-        apply_child(ctx, &svc, &ns, c, &mut st.applied).await?;
+            .chain(&t.retired)
+            .filter(|(vr, _)| *vr == r)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let after = match victims.is_empty() {
+            true => String::new(),
+            false => format!(" after draining {}", victims.join(", ")),
+        };
+        moves.push(format!("{} {from} -> {to}{after}", role.as_str()));
     }
-    if !spec.headroom.enabled {
+    let target = ctrl.target();
+    let what = match moves.is_empty() {
+        true => format!(
+            "keep prefill {} and decode {}",
+            t.before.prefill, t.before.decode
+        ),
+        false => moves.join(", "),
+    };
+    let o = &t.observation;
+    let num = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    let fc = status::forecast(t).map_or("-".into(), |f| {
+        let (r, i, s) = (f.requests, f.mean_isl, f.mean_osl);
+        format!("{r:.1} requests, ISL {i:.0}, OSL {s:.0}")
+    });
+    format!(
+        "{what} (prefill:decode {}:{}); last {:.0} s: {} requests, ISL {}, OSL {}; forecast: {fc}; reasons: {}",
+        target.prefill,
+        target.decode,
+        o.interval_s,
+        o.requests,
+        num(o.mean_isl),
+        num(o.mean_osl),
+        status::reasons_text(&t.decision),
+    )
+}
+
+/// Events and metrics for what the step did.
+async fn announce(ctx: &Ctx, svc: &DopdService, p: &Prepared, st: &SvcState, r: &StepReport) {
+    let held = st.ctrl.held();
+    for role in WorkerRole::ALL {
+        let done: Vec<&Retired> = r
+            .retired
+            .iter()
+            .filter(|x| x.role == role.planner())
+            .collect();
+        if done.is_empty() {
+            continue;
+        }
+        let names: Vec<&str> = done.iter().map(|x| x.id.as_str()).collect();
+        let late = done.iter().any(|x| x.timed_out);
+        let (kind, how) = match late {
+            true => (
+                EventType::Warning,
+                "drain timed out with requests still in flight",
+            ),
+            false => (EventType::Normal, "drained (no requests left)"),
+        };
+        let (role_s, n) = (role.as_str(), held.get(role.planner()));
+        let note = format!(
+            "{role_s} {}: {how}; {role_s} replicas -> {n}",
+            names.join(", ")
+        );
+        publish(ctx, svc, kind, "ScaledDown", note).await;
+    }
+    let Some(t) = &r.tick else {
+        return;
+    };
+    let reason = if t.changed() { "Scaling" } else { "Planned" };
+    publish(ctx, svc, EventType::Normal, reason, tick_note(t, &st.ctrl)).await;
+    let label = DecisionLabel {
+        namespace: p.ns.clone(),
+        service: p.name.clone(),
+        changed: t.changed().to_string(),
+    };
+    ctx.metrics.decisions.get_or_create(&label).inc();
+    if let Some(f) = status::forecast(t) {
+        for (q, v) in [
+            ("requests", f.requests),
+            ("mean_isl", f.mean_isl),
+            ("mean_osl", f.mean_osl),
+        ] {
+            let label = ForecastLabel {
+                namespace: p.ns.clone(),
+                service: p.name.clone(),
+                quantity: q.into(),
+            };
+            ctx.metrics.forecast.get_or_create(&label).set(v);
+        }
+    }
+}
+
+/// Applies the children: worker replicas are the loop's targets plus the pods still draining,
+/// placeholders its headroom. Headroom Deployments go when headroom is off.
+async fn apply_children(
+    ctx: &Ctx,
+    svc: &DopdService,
+    p: &Prepared,
+    st: &mut SvcState,
+) -> Result<(), Error> {
+    let held = st.ctrl.held();
+    let placeholders = st.ctrl.headroom().map(|h| h.placeholders);
+    let desired = children::children(
+        svc,
+        &p.profile_yaml,
+        |role| held.get(role.planner()),
+        |role| placeholders.map_or(0, |h| h.get(role.planner())),
+    );
+    for c in &desired {
+        apply_child(ctx, svc, &p.ns, c, &mut st.applied).await?;
+    }
+    if !svc.spec.headroom.enabled {
         let api: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), &ns, &Kind::Deployment.api_resource());
+            Api::namespaced_with(ctx.client.clone(), &p.ns, &Kind::Deployment.api_resource());
         for role in WorkerRole::ALL {
-            let n = children::headroom_name(&name, role);
+            let n = children::headroom_name(&p.name, role);
             if api.get_opt(&n).await?.is_some() {
                 api.delete(&n, &DeleteParams::background()).await?;
                 ctx.metrics.writes.inc();
             }
         }
     }
+    Ok(())
+}
 
-    // 6. Status.
-    let mut any_pending = false;
-    let mut constrained = Vec::new();
-    for role in WorkerRole::ALL {
-        let c = count(role);
-        let desired = role_get(&st.target, role);
-        any_pending |= c.pending > 0 || c.ready != desired;
-        if c.unschedulable > 0 {
-            constrained.push(format!(
-                "{} {} pod(s) Pending for more than {pending_timeout:.0} s",
-                c.unschedulable,
-                role.as_str()
-            ));
-        }
-        let rs = RoleStatus {
-            ready: c.ready,
-            desired,
-            pending: c.pending,
-            unschedulable: c.unschedulable,
-            summary: format!("{}/{desired}", c.ready),
+/// Role gauges, and when to come back: soon while something moves, else at the next tick.
+fn wrap_up(ctx: &Ctx, p: &Prepared, st: &SvcState, s: &DopdServiceStatus, now: f64) -> Action {
+    for (role, rs) in [("prefill", &s.prefill), ("decode", &s.decode)] {
+        let label = RoleLabel {
+            namespace: p.ns.clone(),
+            service: p.name.clone(),
+            role: role.into(),
         };
-        for (m, v) in [
-            (&ctx.metrics.desired, desired),
-            (&ctx.metrics.ready, c.ready),
-        ] {
-            m.get_or_create(&RoleLabel {
-                namespace: ns.clone(),
-                service: name.clone(),
-                role: role.as_str().into(),
-            })
-            .set(i64::from(v));
-        }
-        match role {
-            WorkerRole::Prefill => status.prefill = rs,
-            WorkerRole::Decode => status.decode = rs,
-        }
+        ctx.metrics
+            .desired
+            .get_or_create(&label)
+            .set(i64::from(rs.desired));
+        ctx.metrics
+            .ready
+            .get_or_create(&label)
+            .set(i64::from(rs.ready));
     }
-    status.ratio = format!("{}:{}", st.target.prefill, st.target.decode);
-    status.headroom = st.headroom.as_ref().map(|h| HeadroomStatus {
-        prefill: h.placeholders.prefill,
-        decode: h.placeholders.decode,
-        upper: format!("{}:{}", h.upper.prefill, h.upper.decode),
-    });
-    status.draining = st
-        .drains
-        .iter()
-        .map(|d| DrainStatus {
-            role: d.role.as_str().into(),
-            pods: d.pods.clone(),
-            target: d.target,
-            started: d.started_at.clone(),
-        })
-        .collect();
-    let all_ready = !any_pending && st.drains.is_empty();
-    let degraded = load_error.is_some() && !spec.planner.paused;
-    status.phase = if degraded {
-        "Degraded"
-    } else if count(WorkerRole::Decode).ready == 0 {
-        "Pending"
-    } else if !all_ready {
-        "Scaling"
-    } else {
-        "Running"
-    }
-    .into();
-    let conds = &mut status.conditions;
-    set_condition(
-        conds,
-        &old.conditions,
-        "Ready",
-        all_ready,
-        if all_ready { "AllReady" } else { "Progressing" },
-        format!(
-            "prefill {}/{}, decode {}/{} ready",
-            count(WorkerRole::Prefill).ready,
-            st.target.prefill,
-            count(WorkerRole::Decode).ready,
-            st.target.decode
-        ),
-        generation,
-    );
-    let scaling_msg = if !st.drains.is_empty() {
-        format!(
-            "draining {} before scaling down",
-            status
-                .draining
-                .iter()
-                .flat_map(|d| d.pods.clone())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    } else if any_pending {
-        "waiting for pods to become ready".into()
-    } else {
-        "replicas match the planner's targets".into()
+    let busy = ctx.settings.busy_requeue.as_secs_f64();
+    // A tick already due (the router could not be read) is retried at the busy pace.
+    let until_tick = st
+        .ctrl
+        .next_tick()
+        .map(|t| t - now)
+        .filter(|d| *d > 0.0)
+        .unwrap_or(busy);
+    let wait = match s.phase.as_str() {
+        "Running" => until_tick,
+        _ => busy.min(until_tick),
     };
-    set_condition(
-        conds,
-        &old.conditions,
-        "Scaling",
-        !all_ready,
-        if !st.drains.is_empty() {
-            "Draining"
-        } else if any_pending {
-            "PodsStarting"
-        } else {
-            "Stable"
-        },
-        scaling_msg,
-        generation,
-    );
-    // A failed load read keeps its message until the next successful one.
-    let load_msg = match &load_error {
-        Some(e) => Some(format!("cannot read the router's load: {e}")),
-        None if st.next_tick > now && st.last_decision.is_none() => old
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Degraded" && c.status == "True")
-            .map(|c| c.message.clone()),
-        None => None,
+    Action::requeue(Duration::from_secs_f64(wait.max(0.2)))
+}
+
+async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
+    let p = match prepare(ctx, &svc).await? {
+        Ok(p) => p,
+        Err(action) => return Ok(action),
     };
+    let seen = observe(ctx, &svc, &p).await?;
+    let now = ctx.clock.now();
+    let mut st = state_for(ctx, &svc, &p, now)?;
+    let load = seen.load.as_ref().ok();
+    let snapshot = Snapshot {
+        load: load.map(|l| l.reading.clone()),
+        instances: observe::instances(&seen.pods, load),
+        known_next: None,
+    };
+    let mut orders = Orders::default();
+    let report = st.ctrl.step(now, &snapshot, &mut orders);
+    carry_out(ctx, &svc, &p, &seen, &orders).await?;
+    announce(ctx, &svc, &p, &st, &report).await;
+    protect(ctx, &p, &seen).await?;
+    apply_children(ctx, &svc, &p, &mut st).await?;
+    let load_error = match (&seen.load, report.load_unavailable) {
+        (Err(e), true) => Some(e.to_string()),
+        _ => None,
+    };
+    let old = svc.status.clone().unwrap_or_default();
     if let Some(e) = &load_error
-        && !old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "Degraded" && c.status == "True")
+        && !status::is_on(&old.conditions, "Degraded")
     {
         publish(ctx, &svc, EventType::Warning, "LoadUnavailable", e.clone()).await;
     }
-    set_condition(
-        conds,
-        &old.conditions,
-        "Degraded",
-        load_msg.is_some(),
-        if load_msg.is_some() {
-            "LoadUnavailable"
-        } else {
-            "AsExpected"
-        },
-        load_msg.unwrap_or_else(|| "the planner reads the router's load".into()),
-        generation,
-    );
-    if !constrained.is_empty()
-        && !old
-            .conditions
-            .iter()
-            .any(|c| c.type_ == "CapacityConstrained" && c.status == "True")
-    {
-        publish(
-            ctx,
-            &svc,
-            EventType::Warning,
-            "CapacityConstrained",
-            format!(
-                "{}; they count against the GPU budget and the planner no longer waits for them",
-                constrained.join(", ")
-            ),
-        )
-        .await;
-    }
-    set_condition(
-        conds,
-        &old.conditions,
-        "CapacityConstrained",
-        !constrained.is_empty(),
-        if constrained.is_empty() {
-            "Schedulable"
-        } else {
-            "PodsUnschedulable"
-        },
-        if constrained.is_empty() {
-            "every pod found a node".into()
-        } else {
-            format!(
-                "{}; counted against the GPU budget, not waited for",
-                constrained.join(", ")
-            )
-        },
-        generation,
-    );
-    patch_status(ctx, &svc, status).await?;
-
-    let busy = !st.drains.is_empty() || any_pending;
-    let until_tick = (st.next_tick - now).max(0.5);
-    let wait = if busy {
-        ctx.settings.busy_requeue.as_secs_f64().min(until_tick)
-    } else {
-        until_tick
+    let pods: Vec<(PodInfo, InstanceState)> = seen
+        .pods
+        .iter()
+        .zip(&snapshot.instances)
+        .map(|(p, i)| (p.clone(), i.state))
+        .collect();
+    let inputs = status::Inputs {
+        spec: &svc.spec,
+        generation: svc.metadata.generation,
+        old: &old,
+        ctrl: &st.ctrl,
+        pods: &pods,
+        tick: report.tick.as_ref(),
+        load_error: load_error.as_deref(),
+        now,
+        wall: ctx.clock.wall(),
     };
-    ctx.put_state(key, st);
-    Ok(Action::requeue(Duration::from_secs_f64(wait)))
+    let new = status::build(&inputs);
+    warn_constrained(ctx, &svc, &old, &inputs).await;
+    let action = wrap_up(ctx, &p, &st, &new, now);
+    patch_status(ctx, &svc, new).await?;
+    ctx.put_state(format!("{}/{}", p.ns, p.name), st);
+    Ok(action)
 }
 
-fn round2(v: f64) -> f64 {
-    if v.is_finite() {
-        (v * 100.0).round() / 100.0
-    } else {
-        0.0
+/// A Warning Event when pods first stay Pending past the timeout.
+async fn warn_constrained(
+    ctx: &Ctx,
+    svc: &DopdService,
+    old: &DopdServiceStatus,
+    i: &status::Inputs<'_>,
+) {
+    let constrained = status::constrained(i);
+    if constrained.is_empty() || status::is_on(&old.conditions, "CapacityConstrained") {
+        return;
     }
+    let note = format!(
+        "{}; they count against the GPU budget and the planner no longer waits for them",
+        constrained.join(", ")
+    );
+    publish(ctx, svc, EventType::Warning, "CapacityConstrained", note).await;
 }
 
 /// Applies `c` unless the cluster already has it as wanted. A worker Deployment whose replica
@@ -1205,18 +854,12 @@ async fn apply_child(
         if let (Some(role), Some(want), Some(have)) = (c.owner_role, c.replicas, have) {
             let mine = applied.get(role.planner());
             if have != want && mine.is_some_and(|m| m != have) {
-                publish(
-                    ctx,
-                    svc,
-                    EventType::Warning,
-                    "ReplicasReverted",
-                    format!(
-                        "Deployment {} was scaled to {have} outside the operator; set back to {want}. The DopdService owns worker replicas: change spec.{}.minReplicas/maxReplicas or spec.planner instead",
-                        c.name,
-                        role.as_str()
-                    ),
-                )
-                .await;
+                let note = format!(
+                    "Deployment {} was scaled to {have} outside the operator; set back to {want}. The DopdService owns worker replicas: change spec.{}.minReplicas/maxReplicas or spec.planner instead",
+                    c.name,
+                    role.as_str()
+                );
+                publish(ctx, svc, EventType::Warning, "ReplicasReverted", note).await;
             }
         }
     }

@@ -8,11 +8,12 @@ mod fake;
 
 use std::sync::{Arc, Mutex};
 
-use dopd_operator::control::{BoxFut, ManualClock, RouterApi};
+use dopd_operator::control::{BoxFut, ManualClock, RouterApi, RouterError};
 use dopd_operator::crd::DopdService;
 use dopd_operator::metrics::Metrics;
 use dopd_operator::reconcile::{self, Ctx, Settings};
-use dopd_router::load::LoadReport;
+use dopd_planner::load::LoadTotals;
+use dopd_router::load::LoadSnapshot;
 use dopd_router::pool::{WorkerRole, WorkerView};
 use fake::Fake;
 use http::Method;
@@ -24,9 +25,10 @@ const DEPLOY: &str = "/apis/apps/v1/namespaces/ml/deployments";
 const PODS: &str = "/api/v1/namespaces/ml/pods";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
 
+/// A router whose counts only grow, like the real one's.
 #[derive(Default)]
 struct FakeRouter {
-    load: Mutex<LoadReport>,
+    totals: Mutex<LoadTotals>,
     in_flight: Mutex<Vec<(String, usize)>>,
     drained: Mutex<Vec<String>>,
     down: Mutex<bool>,
@@ -34,7 +36,18 @@ struct FakeRouter {
 }
 
 impl FakeRouter {
+    /// `n` requests of `isl` prompt tokens arrive and finish with `osl` output tokens.
+    fn serve(&self, n: u64, isl: u32, osl: u32) {
+        let mut t = self.totals.lock().unwrap();
+        for _ in 0..n {
+            t.arrive(isl);
+            t.first_token(0.2);
+            t.finish(osl, Some(0.02), 0.2 + 0.02 * f64::from(osl));
+        }
+    }
+
     fn views(&self) -> Vec<WorkerView> {
+        let drained = self.drained.lock().unwrap().clone();
         self.in_flight
             .lock()
             .unwrap()
@@ -44,7 +57,7 @@ impl FakeRouter {
                 worker_id: url.clone(),
                 role: WorkerRole::Decode,
                 healthy: true,
-                draining: false,
+                draining: drained.contains(url),
                 in_flight: *n,
                 outstanding_tokens: 0,
                 kv_blocks_used: None,
@@ -61,29 +74,21 @@ impl RouterApi for FakeRouter {
         &'a self,
         _: &'a DopdService,
         _: Option<&'a str>,
-    ) -> BoxFut<'a, Result<LoadReport, String>> {
+    ) -> BoxFut<'a, Result<LoadSnapshot, RouterError>> {
         Box::pin(async move {
             if *self.down.lock().unwrap() {
-                return Err("connection refused".into());
+                return Err(RouterError::Unavailable("connection refused".into()));
             }
-            let mut r = self.load.lock().unwrap().clone();
-            r.workers = self.views();
-            Ok(r)
+            let totals = self.totals.lock().unwrap().clone();
+            Ok(LoadSnapshot::new(totals, 0, 1.0, self.views()))
         })
     }
-    fn workers<'a>(
-        &'a self,
-        _: &'a DopdService,
-        _: Option<&'a str>,
-    ) -> BoxFut<'a, Result<Vec<WorkerView>, String>> {
-        Box::pin(async move { Ok(self.views()) })
-    }
-    fn set_forecast<'a>(
+    fn set_threshold<'a>(
         &'a self,
         _: &'a DopdService,
         _: Option<&'a str>,
         mean_isl: f64,
-    ) -> BoxFut<'a, Result<(), String>> {
+    ) -> BoxFut<'a, Result<(), RouterError>> {
         Box::pin(async move {
             *self.forecast_isl.lock().unwrap() = Some(mean_isl);
             Ok(())
@@ -94,7 +99,7 @@ impl RouterApi for FakeRouter {
         _: &'a DopdService,
         _: Option<&'a str>,
         workers: &'a [String],
-    ) -> BoxFut<'a, Result<(), String>> {
+    ) -> BoxFut<'a, Result<(), RouterError>> {
         Box::pin(async move {
             self.drained.lock().unwrap().extend(workers.iter().cloned());
             Ok(())
@@ -201,20 +206,34 @@ impl World {
         );
     }
 
-    /// Plays the ReplicaSet controller: ready pods for every worker Deployment's replicas.
+    /// Plays the ReplicaSet controller: ready pods for every worker Deployment's replicas; when
+    /// there are too many, the lowest `pod-deletion-cost` goes first.
     fn follow(&self) {
         for role in ["prefill", "decode"] {
             let want = self.replicas(role) as usize;
-            let have: Vec<Value> = self
+            let mut have: Vec<Value> = self
                 .api
                 .list(PODS)
                 .into_iter()
                 .filter(|p| p["metadata"]["labels"]["dopd.dev/role"] == role)
                 .collect();
-            for i in have.len()..want {
-                self.pod(role, i, true, "Running", OLD);
+            let mut i = 0;
+            while have.len() < want {
+                let name = format!("chat-{role}-{i}");
+                if !have.iter().any(|p| p["metadata"]["name"] == name.as_str()) {
+                    self.pod(role, i, true, "Running", OLD);
+                    have.push(json!({"metadata": {"name": name}}));
+                }
+                i += 1;
             }
-            for p in have.iter().skip(want) {
+            let cost = |p: &Value| {
+                p["metadata"]["annotations"]["controller.kubernetes.io/pod-deletion-cost"]
+                    .as_str()
+                    .and_then(|c| c.parse::<i64>().ok())
+                    .unwrap_or(0)
+            };
+            have.sort_by_key(cost);
+            for p in have.iter().take(have.len().saturating_sub(want)) {
                 let name = p["metadata"]["name"].as_str().unwrap();
                 self.api.remove(&format!("{PODS}/{name}"));
             }
@@ -300,14 +319,7 @@ async fn heavy_load_scales_up_with_an_event_and_history() {
     w.pod("prefill", 0, true, "Running", OLD);
     w.pod("decode", 0, true, "Running", OLD);
     w.settle().await;
-    *w.router.load.lock().unwrap() = LoadReport {
-        interval_s: 30.0,
-        requests: 3000,
-        finished: 3000,
-        mean_isl: Some(2000.0),
-        mean_osl: Some(400.0),
-        ..Default::default()
-    };
+    w.router.serve(3000, 2000, 400);
     w.clock.advance(31.0);
     w.reconcile().await.unwrap();
     let (p, d) = (w.replicas("prefill"), w.replicas("decode"));
@@ -371,17 +383,39 @@ async fn scale_down_drains_the_least_busy_pods_first() {
         w.status()["draining"][0]["pods"],
         json!(["chat-decode-1", "chat-decode-2"])
     );
-    // Still busy: nothing changes.
+    // The idle one goes at the next look; the busy one stays.
     w.clock.advance(1.0);
     w.reconcile().await.unwrap();
-    assert_eq!(w.replicas("decode"), 3);
+    assert_eq!(w.replicas("decode"), 2);
+    assert_eq!(w.status()["draining"][0]["pods"], json!(["chat-decode-2"]));
+    let ev = w.events("ScaledDown");
+    assert!(
+        ev[0]["note"].as_str().unwrap().contains("chat-decode-1"),
+        "{ev:?}"
+    );
     // Done: replicas go down and the drain is reported.
     w.router.in_flight.lock().unwrap()[2].1 = 0;
     w.clock.advance(1.0);
     w.reconcile().await.unwrap();
     assert_eq!(w.replicas("decode"), 1);
-    assert_eq!(w.events("ScaledDown").len(), 1);
+    // The Event recorder folds the second ScaledDown into the first one's series.
+    let ev = w.events("ScaledDown");
+    assert_eq!(
+        (ev.len(), &ev[0]["series"]["count"]),
+        (1, &json!(2)),
+        "{ev:?}"
+    );
     assert!(w.status().get("draining").is_none());
+    // The pods the ReplicaSet removes next are exactly the drained ones.
+    w.follow();
+    let left: Vec<Value> = w
+        .api
+        .list(PODS)
+        .into_iter()
+        .filter(|p| p["metadata"]["labels"]["dopd.dev/role"] == "decode")
+        .map(|p| p["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(left, [json!("chat-decode-0")]);
 }
 
 #[tokio::test]
@@ -471,13 +505,7 @@ async fn pods_pending_past_the_timeout_are_reported_and_do_not_wedge_the_planner
     assert_eq!(w.status()["decode"]["unschedulable"], 1);
     assert_eq!(w.events("CapacityConstrained").len(), 1);
     // The planner still decides (it does not wait for the stuck pod).
-    *w.router.load.lock().unwrap() = LoadReport {
-        interval_s: 30.0,
-        requests: 10,
-        mean_isl: Some(500.0),
-        mean_osl: Some(100.0),
-        ..Default::default()
-    };
+    w.router.serve(10, 500, 100);
     w.clock.advance(31.0);
     w.reconcile().await.unwrap();
     let st = w.status();
@@ -579,13 +607,7 @@ async fn headroom_follows_the_forecast_upper_bound_within_the_budget() {
         .enumerate()
     {
         w.follow();
-        *w.router.load.lock().unwrap() = LoadReport {
-            interval_s: 30.0,
-            requests: n,
-            mean_isl: Some(1000.0),
-            mean_osl: Some(250.0),
-            ..Default::default()
-        };
+        w.router.serve(n, 1000, 250);
         w.clock.advance(31.0);
         w.reconcile().await.unwrap();
         let (p, d) = (w.replicas("prefill"), w.replicas("decode"));

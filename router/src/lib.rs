@@ -3,8 +3,8 @@
 //! An OpenAI-compatible HTTP API (`/v1/completions`, `/v1/chat/completions` with and without
 //! SSE streaming, `/v1/models`, `/health`, `/metrics`) in front of prefill, decode and mixed
 //! workers, with DOPD's length-aware scheduling ([`schedule`]), a worker registry with health
-//! checks ([`pool`]) and the interval aggregates the planner reads (`GET /v1/dopd/load`,
-//! [`load`]). Requests are tokenized here, so their prompt length is known before routing.
+//! checks ([`pool`]) and the cumulative counts the planner reads (`GET /v1/dopd/load`,
+//! [`load`]: read by any number of readers without changing them). Requests are tokenized here, so their prompt length is known before routing.
 //!
 //! Operational endpoints: `GET /v1/dopd/workers`, `POST /v1/dopd/workers {"url"}` (register),
 //! `POST /v1/dopd/drain {"workers": [url or worker id]}` (no new work; answers their in-flight
@@ -85,15 +85,24 @@ impl Router {
         })
     }
 
-    /// The interval aggregates (starts the next interval).
-    pub fn take_load(&self) -> load::LoadReport {
-        let waiting = self.starting.load(Ordering::Relaxed) as u64;
-        let views = self.pool.views();
-        self.scheduler
+    /// The counts since the router started, the requests waiting in it and every worker's
+    /// view. Reading changes nothing.
+    pub fn load(&self) -> load::LoadSnapshot {
+        // Requests held in the router itself (short batching); those sent to a worker count in
+        // its own queue.
+        let waiting = self.metrics.router_waiting.get().max(0) as u64;
+        let totals = self
+            .scheduler
             .load
             .lock()
-            .map(|mut l| l.take(Instant::now(), waiting, views.clone()))
-            .unwrap_or_else(|_| load::LoadWindow::default().take(Instant::now(), waiting, views))
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        load::LoadSnapshot::new(
+            totals,
+            waiting,
+            self.started.elapsed().as_secs_f64(),
+            self.pool.views(),
+        )
     }
 
     fn id(&self, prefix: &str) -> String {
@@ -502,7 +511,7 @@ async fn load(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&r, &headers) {
         return e.into_response();
     }
-    Json(r.take_load()).into_response()
+    Json(r.load()).into_response()
 }
 
 async fn workers(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
@@ -665,6 +674,122 @@ mod tests {
             call(&r, None).await.status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
+    }
+
+    async fn read_load(r: &Arc<Router>) -> load::LoadSnapshot {
+        let resp = app(r.clone())
+            .oneshot(
+                Request::get("/v1/dopd/load")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("infallible");
+        assert_eq!(resp.status(), StatusCode::OK);
+        serde_json::from_value(json(resp).await).expect("a load snapshot")
+    }
+
+    async fn send(r: &Arc<Router>, words: usize) {
+        let text = vec!["word"; words].join(" ");
+        let body = json!({"model": "m", "max_tokens": 4,
+                          "messages": [{"role": "user", "content": text}]});
+        let req = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .expect("request");
+        // No worker: admitted, counted, then failed.
+        let resp = app(r.clone()).oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    /// The planner's decisions over a scripted load, read through `GET /v1/dopd/load`, with or
+    /// without another client reading the endpoint in between.
+    async fn decisions(second_reader: bool) -> Vec<dopd_planner::sizing::Replicas> {
+        use dopd_planner::control::{ControlConfig, Controller, Instance, Order, Orders, Snapshot};
+        use dopd_planner::planner::{Planner, PlannerConfig};
+        use dopd_planner::profile::{PerRole, Profile, Role};
+        let r = router(None, 64);
+        let mut cfg = PlannerConfig {
+            predictor: dopd_planner::forecast::ForecasterKind::Last,
+            scale_down_stabilization_s: 0.0,
+            ..PlannerConfig::default()
+        };
+        cfg.sizing.gpu_budget = 16;
+        let profile = Profile::constant_latency(0.5, 0.05, 64, 16);
+        let one = PerRole {
+            prefill: 1,
+            decode: 1,
+        };
+        let mut c = Controller::new(
+            Planner::new(profile, cfg).expect("planner"),
+            ControlConfig::default(),
+            one,
+        );
+        let mut instances = vec![
+            Instance::ready("p0", Role::Prefill),
+            Instance::ready("d0", Role::Decode),
+        ];
+        let mut out = Vec::new();
+        for k in 0..6u32 {
+            for j in 0..(2 + 3 * (k % 3)) {
+                send(&r, 5 + 40 * j as usize).await;
+                if second_reader {
+                    read_load(&r).await;
+                }
+            }
+            let snap = Snapshot {
+                load: Some(read_load(&r).await.reading),
+                instances: instances.clone(),
+                known_next: None,
+            };
+            let mut orders = Orders::default();
+            let step = c.step(f64::from(k) * 10.0, &snap, &mut orders);
+            if let Some(t) = step.tick {
+                out.push(t.decision.target);
+            }
+            // Instances follow the orders at once.
+            for o in orders.0 {
+                match o {
+                    Order::SetCount { role, serving, .. } => {
+                        let have = instances.iter().filter(|i| i.role == role).count();
+                        for n in have..serving as usize {
+                            instances.push(Instance::ready(format!("{role}{n}"), role));
+                        }
+                    }
+                    Order::Drain { ids, .. } | Order::Retire { ids, .. } => {
+                        instances.retain(|i| !ids.contains(&i.id));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_second_reader_of_the_load_leaves_the_planners_decisions_unchanged() {
+        let alone = decisions(false).await;
+        assert_eq!(alone.len(), 5);
+        assert!(
+            alone.windows(2).any(|w| w[0] != w[1]),
+            "the scripted load should move the targets: {alone:?}"
+        );
+        assert_eq!(alone, decisions(true).await);
+    }
+
+    #[tokio::test]
+    async fn load_readings_are_cumulative_and_reading_changes_nothing() {
+        let r = router(None, 8);
+        send(&r, 3).await;
+        send(&r, 30).await;
+        let a = read_load(&r).await;
+        let b = read_load(&r).await;
+        assert_eq!(a.reading, b.reading);
+        let t = &a.reading.totals;
+        assert_eq!((t.arrived, t.failed, t.finished), (2, 2, 0));
+        assert!(t.prompt_tokens > 33, "{t:?}");
+        send(&r, 3).await;
+        assert_eq!(read_load(&r).await.reading.totals.arrived, 3);
     }
 
     #[tokio::test]

@@ -1,25 +1,16 @@
-//! Interval aggregates for the planner (`GET /v1/dopd/load`): what arrived and how it was served
-//! since the previous read, plus the queues and KV use of every worker now.
+//! The planner's input (`GET /v1/dopd/load`): the router's cumulative counts since it started
+//! ([`LoadTotals`]: arrivals, first tokens, finishes, failures, latency histograms), the requests
+//! it holds that are not streaming yet, and every worker's view (queue, KV use, requests in
+//! flight).
+//!
+//! Reading changes nothing, so any number of readers may read at any time; the control loop
+//! (`dopd_planner::control`) computes each interval from the difference of two readings.
 
-use std::time::Instant;
-
+use dopd_planner::control::Instance;
+use dopd_planner::load::{LoadReading, LoadTotals};
 use serde::{Deserialize, Serialize};
 
 use crate::pool::WorkerView;
-
-/// One finished (or failed) request.
-#[derive(Clone, Copy, Debug)]
-pub struct Finished {
-    pub isl: u32,
-    pub osl: u32,
-    /// Seconds from arrival to the first token (`None` when none came).
-    pub ttft_s: Option<f64>,
-    /// Mean seconds between later tokens (`None` with fewer than two tokens).
-    pub itl_s: Option<f64>,
-    /// Arrival to last token.
-    pub duration_s: f64,
-    pub ok: bool,
-}
 
 /// p50, p90 and p99 of a sample.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -38,137 +29,58 @@ pub fn quantiles(v: &mut [f64]) -> Option<Quantiles> {
     Some(Quantiles { p50, p90, p99 })
 }
 
-/// The answer of `GET /v1/dopd/load`: everything `dopd_planner::Observation` needs.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// The answer of `GET /v1/dopd/load`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct LoadReport {
-    /// Seconds since the previous read (or since the router started).
-    pub interval_s: f64,
-    /// Requests that arrived in the interval.
-    pub requests: u64,
-    /// Of those finished in the interval: how many, how many failed.
-    pub finished: u64,
-    pub failed: u64,
-    pub mean_isl: Option<f64>,
-    pub mean_osl: Option<f64>,
-    pub mean_ttft_s: Option<f64>,
-    pub mean_itl_s: Option<f64>,
-    pub mean_duration_s: Option<f64>,
-    pub ttft_s: Option<Quantiles>,
-    pub itl_s: Option<Quantiles>,
-    /// Requests in the router not yet streaming (admission and short batching), now.
-    pub router_waiting: u64,
-    /// Requests waiting in prefill-capable workers' queues, now.
-    pub prefill_queue_depth: u64,
-    /// Mean fraction of KV blocks in use over decode-capable workers, now.
-    pub kv_usage: f64,
+pub struct LoadSnapshot {
+    #[serde(flatten)]
+    pub reading: LoadReading,
+    /// Seconds since the router started.
+    pub uptime_s: f64,
     pub workers: Vec<WorkerView>,
 }
 
-/// Accumulates between reads.
-#[derive(Debug)]
-pub struct LoadWindow {
-    since: Instant,
-    arrived: u64,
-    done: Vec<Finished>,
-}
-
-impl Default for LoadWindow {
-    fn default() -> Self {
-        Self {
-            since: Instant::now(),
-            arrived: 0,
-            done: Vec::new(),
-        }
-    }
-}
-
-fn mean(v: impl Iterator<Item = f64>) -> Option<f64> {
-    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
-    (n > 0).then(|| s / n as f64)
-}
-
-impl LoadWindow {
-    pub fn arrived(&mut self) {
-        self.arrived += 1;
-    }
-
-    pub fn finished(&mut self, f: Finished) {
-        self.done.push(f);
-    }
-
-    /// The interval's aggregates; starts the next interval.
-    pub fn take(
-        &mut self,
-        now: Instant,
+impl LoadSnapshot {
+    /// A snapshot of `totals`, with `router_waiting` requests admitted and not streaming yet.
+    pub fn new(
+        totals: LoadTotals,
         router_waiting: u64,
+        uptime_s: f64,
         workers: Vec<WorkerView>,
-    ) -> LoadReport {
-        let ok: Vec<&Finished> = self.done.iter().filter(|f| f.ok).collect();
-        let mut ttft: Vec<f64> = ok.iter().filter_map(|f| f.ttft_s).collect();
-        let mut itl: Vec<f64> = ok.iter().filter_map(|f| f.itl_s).collect();
-        let prefill_queue_depth = workers
-            .iter()
-            .filter(|w| w.role != crate::pool::WorkerRole::Decode)
-            .filter_map(|w| w.waiting)
-            .map(u64::from)
-            .sum();
-        let kv: Vec<f64> = workers
-            .iter()
-            .filter(|w| w.role != crate::pool::WorkerRole::Prefill)
-            .filter_map(|w| match (w.kv_blocks_used, w.kv_blocks_free) {
-                (Some(u), Some(f)) if u + f > 0 => Some(f64::from(u) / f64::from(u + f)),
-                _ => None,
-            })
-            .collect();
-        let r = LoadReport {
-            interval_s: now.duration_since(self.since).as_secs_f64(),
-            requests: self.arrived,
-            finished: self.done.len() as u64,
-            failed: self.done.iter().filter(|f| !f.ok).count() as u64,
-            mean_isl: mean(ok.iter().map(|f| f64::from(f.isl))),
-            mean_osl: mean(ok.iter().map(|f| f64::from(f.osl))),
-            mean_ttft_s: mean(ttft.iter().copied()),
-            mean_itl_s: mean(itl.iter().copied()),
-            mean_duration_s: mean(ok.iter().map(|f| f.duration_s)),
-            ttft_s: quantiles(&mut ttft),
-            itl_s: quantiles(&mut itl),
-            router_waiting,
-            prefill_queue_depth,
-            kv_usage: mean(kv.into_iter()).unwrap_or(0.0),
+    ) -> Self {
+        Self {
+            reading: LoadReading {
+                totals,
+                router_waiting,
+            },
+            uptime_s,
             workers,
-        };
-        self.since = now;
-        self.arrived = 0;
-        self.done.clear();
-        r
+        }
+    }
+
+    /// The view of the worker at `url`, if the router knows it.
+    pub fn worker(&self, url: &str) -> Option<&WorkerView> {
+        self.workers.iter().find(|w| w.url == url)
     }
 }
 
-impl LoadReport {
-    /// The planner's observation of this interval, with `replicas` as the caller counts them.
-    pub fn observation(
-        &self,
-        replicas: dopd_planner::profile::PerRole<dopd_planner::planner::ReplicaState>,
-    ) -> dopd_planner::planner::Observation {
-        dopd_planner::planner::Observation {
-            interval_s: self.interval_s,
-            requests: self.requests as f64,
-            mean_isl: self.mean_isl,
-            mean_osl: self.mean_osl,
-            ttft_s: self.mean_ttft_s,
-            itl_s: self.mean_itl_s,
-            request_duration_s: self.mean_duration_s,
-            prefill_queue_depth: (self.prefill_queue_depth + self.router_waiting) as f64,
-            kv_usage: self.kv_usage,
-            replicas,
-        }
-    }
+/// Fills what the router knows about a worker into the control loop's instance: requests in
+/// flight, outstanding tokens, queued prefills and KV use.
+pub fn fill_instance(inst: &mut Instance, v: &WorkerView) {
+    inst.in_flight = Some(u32::try_from(v.in_flight).unwrap_or(u32::MAX));
+    inst.work = v.outstanding_tokens as f64;
+    inst.queued = v.waiting.unwrap_or(0);
+    inst.kv_usage = match (v.kv_blocks_used, v.kv_blocks_free) {
+        (Some(u), Some(f)) if u + f > 0 => Some(f64::from(u) / f64::from(u + f)),
+        _ => None,
+    };
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::WorkerRole;
+    use dopd_planner::profile::Role;
 
     #[test]
     fn quantiles_are_nearest_rank() {
@@ -179,27 +91,36 @@ mod tests {
     }
 
     #[test]
-    fn a_window_reports_its_interval_and_starts_the_next() {
-        let mut w = LoadWindow::default();
-        for _ in 0..3 {
-            w.arrived();
-        }
-        let f = |isl, osl, ok| Finished {
-            isl,
-            osl,
-            ttft_s: Some(0.1),
-            itl_s: Some(0.02),
-            duration_s: 1.0,
-            ok,
+    fn a_workers_view_fills_its_instance() {
+        let v = WorkerView {
+            url: "http://w".into(),
+            worker_id: "w".into(),
+            role: WorkerRole::Decode,
+            healthy: true,
+            draining: false,
+            in_flight: 3,
+            outstanding_tokens: 700,
+            kv_blocks_used: Some(30),
+            kv_blocks_free: Some(90),
+            waiting: Some(2),
+            kv_degraded: None,
         };
-        w.finished(f(100, 10, true));
-        w.finished(f(300, 30, true));
-        w.finished(f(999, 0, false));
-        let r = w.take(Instant::now(), 2, vec![]);
-        assert_eq!((r.requests, r.finished, r.failed), (3, 3, 1));
-        assert_eq!((r.mean_isl, r.mean_osl), (Some(200.0), Some(20.0)));
-        assert_eq!(r.router_waiting, 2);
-        let next = w.take(Instant::now(), 0, vec![]);
-        assert_eq!((next.requests, next.finished, next.mean_isl), (0, 0, None));
+        let mut i = Instance::ready("w", Role::Decode);
+        fill_instance(&mut i, &v);
+        assert_eq!((i.in_flight, i.work, i.queued), (Some(3), 700.0, 2));
+        assert_eq!(i.kv_usage, Some(0.25));
+    }
+
+    #[test]
+    fn the_snapshot_is_flat_json() {
+        let mut t = LoadTotals::new(5);
+        t.arrive(10);
+        let s = LoadSnapshot::new(t, 2, 1.5, vec![]);
+        let v = serde_json::to_value(&s).expect("JSON");
+        assert_eq!(v["arrived"], 1);
+        assert_eq!(v["router_waiting"], 2);
+        assert_eq!(v["epoch"], 5);
+        let back: LoadSnapshot = serde_json::from_value(v).expect("back");
+        assert_eq!(back, s);
     }
 }

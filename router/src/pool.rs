@@ -78,6 +78,12 @@ impl WorkerEntry {
         self.stats.lock().ok().and_then(|s| s.clone())
     }
 
+    /// No new work for this worker (the router's side of a drain; `Pool::drain` also tells the
+    /// worker).
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// Takes the worker out of rotation until the health loop sees it serving again.
     pub fn mark_unhealthy(&self) {
         self.healthy.store(false, Ordering::Relaxed);
@@ -154,7 +160,7 @@ pub struct Pool {
 }
 
 /// A worker's public view (for `/v1/dopd/workers` and drain answers).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerView {
     pub url: String,
     pub worker_id: String,
@@ -287,7 +293,8 @@ impl Pool {
     }
 }
 
-fn view(w: &WorkerEntry) -> WorkerView {
+/// What the router knows of one worker.
+pub fn view(w: &WorkerEntry) -> WorkerView {
     let s = w.stats();
     WorkerView {
         url: w.url.clone(),

@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dopd_planner::load::LoadTotals;
 use dopd_planner::routing::{self, FlushReason, Route, RoutingConfig, ShortBatcher, classify};
 use dopd_worker::service::proto::{self, generate_event::Event as Ev};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
-use crate::load::{Finished, LoadWindow};
 use crate::metrics::Metrics;
 use crate::openai::{ApiError, Sampling};
 use crate::pool::{Charge, Pool, WorkerEntry, WorkerRole};
@@ -77,7 +77,8 @@ pub struct Scheduler {
     planned_mean_isl: AtomicU64,
     batcher: mpsc::UnboundedSender<(u32, oneshot::Sender<Release>)>,
     pub metrics: Arc<Metrics>,
-    pub load: Arc<Mutex<LoadWindow>>,
+    /// What the planner reads: counts since the router started (never reset).
+    pub load: Arc<Mutex<LoadTotals>>,
 }
 
 /// A short batch's release: why, and the prefill worker the whole batch goes to.
@@ -107,7 +108,7 @@ impl Scheduler {
             planned_mean_isl: AtomicU64::new(f64::NAN.to_bits()),
             batcher: tx,
             metrics,
-            load: Arc::default(),
+            load: Arc::new(Mutex::new(LoadTotals::new(epoch_ms()))),
             cfg,
         });
         tokio::spawn(run_batcher(rx, s.cfg.routing.clone(), pool));
@@ -142,7 +143,7 @@ impl Scheduler {
     pub async fn start(self: &Arc<Self>, job: Job) -> Result<mpsc::Receiver<Piece>, ApiError> {
         let isl = job.prompt_tokens.len() as u32;
         if let Ok(mut l) = self.load.lock() {
-            l.arrived();
+            l.arrive(isl);
         }
         let class = classify(isl, self.threshold(), &self.cfg.routing);
         self.observe_isl(isl);
@@ -210,17 +211,20 @@ impl Scheduler {
         !self.pool.candidates(roles, exclude).is_empty()
     }
 
-    fn record_failure(&self, job: &Job) {
+    fn record_failure(&self, _job: &Job) {
         if let Ok(mut l) = self.load.lock() {
-            l.finished(Finished {
-                isl: job.prompt_tokens.len() as u32,
-                osl: 0,
-                ttft_s: None,
-                itl_s: None,
-                duration_s: job.arrived.elapsed().as_secs_f64(),
-                ok: false,
-            });
+            l.fail();
         }
+    }
+
+    /// The first token of `job` is on its way to the client: its TTFT counts now.
+    fn first_token(&self, job: &Job) -> f64 {
+        let ttft = job.arrived.elapsed().as_secs_f64();
+        self.metrics.ttft.observe(ttft);
+        if let Ok(mut l) = self.load.lock() {
+            l.first_token(ttft);
+        }
+        ttft
     }
 
     fn request(job: &Job) -> proto::GenerateRequest {
@@ -306,7 +310,7 @@ impl Scheduler {
         if p.finish != proto::FinishReason::Unspecified as i32 {
             // The first token already ended the request.
             let (tx, rx) = mpsc::channel(4);
-            let ttft = job.arrived.elapsed().as_secs_f64();
+            let ttft = self.first_token(job);
             let _ = tx.try_send(Piece::Text(p.text));
             let _ = tx.try_send(Piece::Done {
                 finish_reason: p.finish,
@@ -354,6 +358,7 @@ impl Scheduler {
         if let Some(t) = first_text {
             tokens = 1;
             first_at = Some(Instant::now());
+            self.first_token(job);
             let _ = tx.send(Piece::Text(t)).await;
         }
         if first_at.is_none() {
@@ -361,8 +366,8 @@ impl Scheduler {
             match stream.message().await {
                 Ok(Some(ev)) => {
                     first_at = Some(Instant::now());
+                    let ttft = self.first_token(job);
                     if forward(&tx, ev, &mut tokens).await {
-                        let ttft = job.arrived.elapsed().as_secs_f64();
                         self.finish(job, Some(ttft), None, tokens, true);
                         return Ok(rx);
                     }
@@ -422,22 +427,18 @@ impl Scheduler {
         Ok(rx)
     }
 
-    fn finish(&self, job: &Job, ttft: Option<f64>, itl: Option<f64>, osl: u32, ok: bool) {
-        if let Some(t) = ttft {
-            self.metrics.ttft.observe(t);
-        }
+    /// `job` ended: successfully with `osl` tokens, or not. (Its TTFT was counted when its first
+    /// token came.)
+    fn finish(&self, job: &Job, _ttft: Option<f64>, itl: Option<f64>, osl: u32, ok: bool) {
         if let Some(t) = itl {
             self.metrics.itl.observe(t);
         }
         if let Ok(mut l) = self.load.lock() {
-            l.finished(Finished {
-                isl: job.prompt_tokens.len() as u32,
-                osl,
-                ttft_s: ttft,
-                itl_s: itl,
-                duration_s: job.arrived.elapsed().as_secs_f64(),
-                ok,
-            });
+            if ok {
+                l.finish(osl, itl, job.arrived.elapsed().as_secs_f64());
+            } else {
+                l.fail();
+            }
         }
     }
 }
@@ -535,4 +536,11 @@ async fn run_batcher(
             }
         }
     }
+}
+
+/// This process's start in Unix milliseconds: the epoch of its load counters.
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
 }

@@ -6,6 +6,7 @@ pub mod plan;
 pub mod profile;
 pub mod router;
 pub mod sim;
+pub mod up;
 pub mod worker;
 
 use anyhow::{Context, bail};

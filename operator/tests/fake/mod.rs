@@ -2,7 +2,8 @@
 //! without a cluster (the pattern of kube-rs's controller tests, with state instead of a script).
 //!
 //! It stores objects by path, answers get, list (with label selectors), create, server-side
-//! apply (as a merge), merge and JSON patches (status subresource included), replace with
+//! apply (as a merge; on the status subresource, which one manager owns, as a replacement),
+//! merge and JSON patches (status subresource included), replace with
 //! resourceVersion checks, and delete (deletionTimestamp while finalizers remain). Faults can be
 //! injected per method and path. Every request is logged so tests can count writes.
 
@@ -275,6 +276,10 @@ impl Fake {
                     if let Err(e) = json_patch::patch(&mut v, &ops) {
                         return status(422, "Invalid", e.to_string());
                     }
+                } else if sub.as_deref() == Some("status") && ctype.contains("apply-patch") {
+                    // Server-side apply by the one manager of the status: fields it no longer
+                    // sends are removed, so the applied status is the whole status.
+                    v["status"] = data["status"].clone();
                 } else if sub.as_deref() == Some("status") {
                     merge(&mut v["status"], &data["status"]);
                 } else {
