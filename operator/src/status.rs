@@ -57,19 +57,9 @@ pub fn counts(pods: &[(PodInfo, InstanceState)], role: WorkerRole) -> PodCounts 
 
 /// The reasons of a decision, as their tags.
 pub fn reasons_text(d: &Decision) -> String {
-    let tags: Vec<String> = d
-        .reasons
-        .iter()
-        .filter_map(|r| {
-            serde_json::to_value(r)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(String::from))
-        })
-        .collect();
-    if tags.is_empty() {
-        "no change needed".into()
-    } else {
-        tags.join(", ")
+    match d.reason_tags() {
+        t if t.is_empty() => "no change needed".into(),
+        t => t,
     }
 }
 

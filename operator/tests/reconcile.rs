@@ -650,3 +650,38 @@ async fn busy_workers_are_protected_from_autoscaler_eviction_and_idle_ones_are_n
     w.reconcile().await.unwrap();
     assert_eq!(protected("decode"), Value::Null);
 }
+
+#[tokio::test]
+async fn a_new_leader_keeps_a_drain_in_progress_until_the_pod_is_idle() {
+    let w = world();
+    // The previous leader scaled decode from 2 to 1 and was draining chat-decode-1 when it left:
+    // its status says 1, the Deployment still has 2, the router still drains the pod.
+    w.create(
+        spec(json!({"planner": {"policy": "static"}})),
+        Some(json!({"prefill": {"desired": 1, "ready": 1, "pending": 0, "unschedulable": 0, "summary": "1/1"},
+                    "decode": {"desired": 1, "ready": 1, "pending": 0, "unschedulable": 0, "summary": "1/1"}})),
+    );
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.pod("decode", 1, true, "Running", OLD);
+    *w.router.in_flight.lock().unwrap() = vec![
+        ("http://10.0.2.0:50051".into(), 1),
+        ("http://10.0.2.1:50051".into(), 2),
+    ];
+    w.router
+        .drained
+        .lock()
+        .unwrap()
+        .push("http://10.0.2.1:50051".into());
+    w.settle().await;
+    assert_eq!(w.replicas("decode"), 2, "the draining pod was cut short");
+    assert_eq!(w.status()["draining"][0]["pods"], json!(["chat-decode-1"]));
+    assert_eq!(w.status()["decode"]["summary"], "1/1");
+    w.router.in_flight.lock().unwrap()[1].1 = 0;
+    w.clock.advance(1.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.replicas("decode"), 1);
+    w.follow();
+    assert!(w.api.get(&format!("{PODS}/chat-decode-1")).is_none());
+    assert!(w.api.get(&format!("{PODS}/chat-decode-0")).is_some());
+}

@@ -331,6 +331,22 @@ pub struct Decision {
     pub kappa: PerRole<f64>,
 }
 
+impl Decision {
+    /// The reasons' tags (`forecast`, `kv_capacity`, ...), comma-separated, for logs and Events.
+    pub fn reason_tags(&self) -> String {
+        let tags: Vec<String> = self
+            .reasons
+            .iter()
+            .filter_map(|r| {
+                serde_json::to_value(r)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(String::from))
+            })
+            .collect();
+        tags.join(", ")
+    }
+}
+
 /// The planner: forecasters, correction factors and the bookkeeping for hysteresis.
 #[derive(Debug)]
 pub struct Planner {

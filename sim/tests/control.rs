@@ -4,8 +4,9 @@
 
 use dopd_planner::control::{ControlConfig, Controller, Order, Orders};
 use dopd_planner::planner::{Planner, PlannerConfig, PolicyKind};
+use dopd_planner::profile::Profile;
 use dopd_planner::profile::roofline::RooflineSpec;
-use dopd_sim::{PolicySpec, SimConfig, SimRequest, simulate};
+use dopd_sim::{PolicySpec, SimConfig, SimRequest, SimResult, simulate};
 
 /// Quiet, a burst, a lull, a longer burst with longer prompts, silence, then a trickle.
 fn scripted() -> Vec<SimRequest> {
@@ -38,20 +39,26 @@ fn scripted() -> Vec<SimRequest> {
     out
 }
 
-#[test]
-fn the_simulator_and_the_loop_fed_its_observations_decide_the_same() {
+/// The run of `policy` on the scripted workload with every control step recorded.
+fn recorded(policy: PolicySpec) -> (Profile, SimConfig, SimResult) {
     let profile = RooflineSpec::llama33_70b_fp8_h100()
         .build()
         .expect("preset");
     let mut planner = PlannerConfig::default();
     planner.sizing.gpu_budget = 24;
     let cfg = SimConfig {
-        policy: PolicySpec::Dopd,
-        planner: planner.clone(),
+        policy,
+        planner,
         record_control: true,
         ..SimConfig::default()
     };
     let run = simulate(&scripted(), &profile, &cfg).expect("runs");
+    (profile, cfg, run)
+}
+
+#[test]
+fn the_simulator_and_the_loop_fed_its_observations_decide_the_same() {
+    let (profile, cfg, run) = recorded(PolicySpec::Dopd);
     let ticks = run.control.iter().filter(|s| s.decision.is_some()).count();
     assert!(ticks >= 30, "{ticks} ticks");
     // The run scaled both ways, and drained something.
@@ -71,6 +78,7 @@ fn the_simulator_and_the_loop_fed_its_observations_decide_the_same() {
     );
 
     // The same loop, outside the simulator, fed what the simulator observed.
+    let mut planner = cfg.planner.clone();
     planner.policy = PolicyKind::Dopd;
     let control = ControlConfig {
         interval_s: cfg.interval_s,
@@ -95,18 +103,7 @@ fn the_simulator_and_the_loop_fed_its_observations_decide_the_same() {
 
 #[test]
 fn the_oracle_sizes_for_the_true_next_interval_through_the_same_loop() {
-    let profile = RooflineSpec::llama33_70b_fp8_h100()
-        .build()
-        .expect("preset");
-    let mut planner = PlannerConfig::default();
-    planner.sizing.gpu_budget = 24;
-    let cfg = SimConfig {
-        policy: PolicySpec::Oracle,
-        planner,
-        record_control: true,
-        ..SimConfig::default()
-    };
-    let run = simulate(&scripted(), &profile, &cfg).expect("runs");
+    let (_, _, run) = recorded(PolicySpec::Oracle);
     // The tick before the burst (at 60 s) already sizes for it: the oracle knows the next
     // interval, the forecasting loop does not.
     let at = |t: f64| {

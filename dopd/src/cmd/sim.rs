@@ -87,6 +87,10 @@ pub struct Common {
     /// KV-transfer bandwidth between prefill and decode, GB/s (0: instantaneous).
     #[arg(long, default_value_t = 50.0)]
     kv_link_gbps: f64,
+    /// Prompts up to this many tokens are prefilled on the decode instance (DOPD's routing;
+    /// the paper's 511 by default; `dopd router` and `dopd up` use 32).
+    #[arg(long, default_value_t = 511)]
+    ultra_short_max_isl: u32,
     #[arg(long)]
     json: bool,
 }
@@ -148,6 +152,7 @@ fn setup(c: &Common) -> anyhow::Result<Setup> {
         ..SimConfig::default()
     };
     base.planner.sizing.gpu_budget = c.budget;
+    base.routing.ultra_short_max_isl = c.ultra_short_max_isl;
     Ok(Setup {
         requests,
         profile,

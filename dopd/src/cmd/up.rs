@@ -333,7 +333,8 @@ fn status_line(t: &TickReport, budget: u32) -> String {
         )
     });
     format!(
-        "dopd up: ready {}:{} (target {}:{}, ratio {:.2}, budget {budget}) | last {:.1}s: {} req, ISL {}, OSL {}, TTFT {}/{} ms (mean/p90) | next: {next}",
+        "dopd up: t={:.0}s ready {}:{} (target {}:{}, ratio {:.2}, budget {budget}) | last {:.1}s: {} req, ISL {}, OSL {}, TTFT {}/{} ms (mean/p90) | next: {next}",
+        t.at,
         r.prefill.ready,
         r.decode.ready,
         target.prefill,
@@ -520,7 +521,7 @@ async fn control_loop(
                 d.prefill,
                 b.decode,
                 d.decode,
-                reasons(t)
+                t.decision.reason_tags()
             );
         }
         let line = status_line(t, budget);
@@ -542,20 +543,6 @@ async fn stop_fleet(fleet: &Arc<Fleet>) {
     while fleet.with_procs(|p| !p.is_empty()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn reasons(t: &TickReport) -> String {
-    let tags: Vec<String> = t
-        .decision
-        .reasons
-        .iter()
-        .filter_map(|r| {
-            serde_json::to_value(r)
-                .ok()
-                .and_then(|v| v["reason"].as_str().map(String::from))
-        })
-        .collect();
-    tags.join(", ")
 }
 
 #[cfg(test)]
