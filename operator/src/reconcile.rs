@@ -2,17 +2,17 @@
 //! status.
 //!
 //! One reconcile:
-//! 1. checks the spec (the schema's rules, again) and resolves the profile ([`prepare`]);
-//! 2. lists the worker pods and reads the router ([`observe`]);
+//! 1. checks the spec (the schema's rules, again) and resolves the profile (`prepare`);
+//! 2. lists the worker pods and reads the router (`observe`);
 //! 3. steps the control loop (`dopd_planner::control::Controller`, the one the simulator and
 //!    `dopd up` run) on the pods as instances ([`crate::observe`]): it ticks when the interval has
 //!    passed, names the pods to drain or retire, and ends drains whose pods hold no requests;
 //! 4. carries out its orders: victims get `controller.kubernetes.io/pod-deletion-cost` so the
 //!    ReplicaSet removes exactly them, drains and the routing threshold go to the router; busy
-//!    workers are guarded against autoscaler eviction ([`carry_out`], [`protect`]);
+//!    workers are guarded against autoscaler eviction (`carry_out`, `protect`);
 //! 5. applies the children that differ from what is in the cluster (server-side apply, one field
 //!    manager), worker replicas being the loop's targets plus the pods still draining, and puts
-//!    back replica counts someone else changed, with an Event ([`apply_children`]);
+//!    back replica counts someone else changed, with an Event (`apply_children`);
 //! 6. writes the status with server-side apply when it changed ([`crate::status`]).
 //!
 //! The operator keeps the loop (forecasters, correction factors, drains) in memory per
