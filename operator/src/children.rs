@@ -520,6 +520,7 @@ mod tests {
                 slo: Slo {
                     ttft_ms: 2000,
                     tpot_ms: 100,
+                    ttft_per_token_ms: 0.0,
                 },
                 planner: Default::default(),
                 profile: Default::default(),

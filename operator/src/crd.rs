@@ -302,6 +302,15 @@ pub struct Slo {
     /// Time per output token (inter-token latency), milliseconds.
     #[schemars(range(min = 1, max = 60000))]
     pub tpot_ms: u32,
+    /// Length-aware TTFT: milliseconds allowed per prompt token on top of `ttftMs` (a fixed TTFT
+    /// cannot hold for very long prompts whatever the sizing). 0: a fixed TTFT SLO.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    #[schemars(range(min = 0.0, max = 1000.0))]
+    pub ttft_per_token_ms: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Planner settings.
@@ -314,8 +323,8 @@ pub struct PlannerSpec {
     pub interval_seconds: u32,
     /// Scaling policy.
     #[serde(default = "default_policy")]
-    #[x_kube(validation = Rule::new("self in ['dopd', 'dyn-sla', 'dyn-load', 'static']")
-        .message("planner.policy must be dopd, dyn-sla, dyn-load or static"))]
+    #[x_kube(validation = Rule::new("self in ['dopd', 'dopd-paper', 'dyn-sla', 'dyn-load', 'static']")
+        .message("planner.policy must be dopd, dopd-paper, dyn-sla, dyn-load or static"))]
     pub policy: String,
     /// Forecaster of the next interval's requests, ISL and OSL.
     #[serde(default = "default_predictor")]
@@ -636,7 +645,7 @@ impl DopdServiceSpec {
             .is_err()
         {
             errs.push(format!(
-                "spec.planner.policy {:?}: must be dopd, dyn-sla, dyn-load or static",
+                "spec.planner.policy {:?}: must be dopd, dopd-paper, dyn-sla, dyn-load or static",
                 self.planner.policy
             ));
         }

@@ -83,9 +83,13 @@ fn finite0(v: f64) -> f64 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PolicyKind {
-    /// DOPD: forecast, KV-bound decode, producer/consumer-balanced prefill (paper §3).
+    /// DOPD as this project runs it: SLO-aware sizing from a queueing model, closed on the
+    /// observed latencies, ready for bursts (see `crate::slo`).
     #[default]
     Dopd,
+    /// DOPD as the paper states it: forecast, KV-bound decode, producer/consumer-balanced prefill
+    /// (paper §3), kept for fidelity and ablation.
+    DopdPaper,
     /// Dynamo's SLA planner (throughput per GPU from the profile).
     DynSla,
     /// Dynamo's load planner (thresholds on KV usage and prefill queue).
@@ -99,11 +103,12 @@ impl std::str::FromStr for PolicyKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "dopd" => Ok(Self::Dopd),
+            "dopd-paper" => Ok(Self::DopdPaper),
             "dyn-sla" => Ok(Self::DynSla),
             "dyn-load" => Ok(Self::DynLoad),
             "static" => Ok(Self::Static),
             other => Err(format!(
-                "unknown policy {other:?}: expected dopd, dyn-sla, dyn-load or static"
+                "unknown policy {other:?}: expected dopd, dopd-paper, dyn-sla, dyn-load or static"
             )),
         }
     }
@@ -564,7 +569,7 @@ impl Planner {
                 let t = self.load_policy(current, obs, &mut reasons);
                 self.constrained(t, &mut reasons)
             }
-            PolicyKind::Dopd | PolicyKind::DynSla => {
+            PolicyKind::Dopd | PolicyKind::DopdPaper | PolicyKind::DynSla => {
                 let input = match known {
                     Some(k) => k,
                     None => {
@@ -609,7 +614,7 @@ impl Planner {
                     kappa_p: self.kappa.prefill,
                     ..input
                 };
-                let s = if self.cfg.policy == PolicyKind::Dopd {
+                let s = if self.cfg.policy != PolicyKind::DynSla {
                     sizing::size_dopd(&self.profile, &input, &self.cfg.sizing)
                 } else {
                     sizing::size_dyn_sla(&self.profile, &input, &self.cfg.sla, &self.cfg.sizing)
@@ -622,7 +627,10 @@ impl Planner {
         };
 
         // 5. Emergency scale-up on pressure, within the budget and the maximums.
-        if matches!(self.cfg.policy, PolicyKind::Dopd | PolicyKind::DynSla) {
+        if matches!(
+            self.cfg.policy,
+            PolicyKind::Dopd | PolicyKind::DopdPaper | PolicyKind::DynSla
+        ) {
             let all = PerRole {
                 prefill: true,
                 decode: true,

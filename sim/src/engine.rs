@@ -22,6 +22,8 @@ use crate::workload::SimRequest;
 pub enum PolicySpec {
     /// DOPD: forecasting planner plus length-aware routing.
     Dopd,
+    /// DOPD as the paper states its sizing, with the same routing.
+    DopdPaper,
     /// DOPD sizing fed the true next interval (the lower bound on GPUs for this planner).
     Oracle,
     /// Dynamo's SLA planner; every request prefilled remotely, one at a time.
@@ -39,6 +41,7 @@ impl PolicySpec {
     pub fn name(&self) -> String {
         match self {
             Self::Dopd => "dopd".into(),
+            Self::DopdPaper => "dopd-paper".into(),
             Self::Oracle => "oracle".into(),
             Self::DynSla => "dyn-sla".into(),
             Self::DynLoad => "dyn-load".into(),
@@ -52,6 +55,7 @@ impl PolicySpec {
     fn planner_kind(&self) -> PolicyKind {
         match self {
             Self::Dopd | Self::Oracle => PolicyKind::Dopd,
+            Self::DopdPaper => PolicyKind::DopdPaper,
             Self::DynSla => PolicyKind::DynSla,
             Self::DynLoad => PolicyKind::DynLoad,
             Self::Static { .. } | Self::Aggregated { .. } => PolicyKind::Static,
@@ -61,7 +65,7 @@ impl PolicySpec {
     /// DOPD's length-aware routing is part of DOPD; the baselines send every prompt to a
     /// prefill instance as it arrives.
     fn length_aware(&self) -> bool {
-        matches!(self, Self::Dopd | Self::Oracle)
+        matches!(self, Self::Dopd | Self::DopdPaper | Self::Oracle)
     }
 }
 
@@ -82,7 +86,10 @@ pub struct SimConfig {
     pub kv_link_latency_s: f64,
     /// Most prompt tokens a decode/aggregated step prefills (chunked prefill).
     pub prefill_chunk_tokens: u32,
+    /// TTFT SLO: `slo_ttft_s + slo_ttft_per_token_s × ISL` (the per-token allowance makes it
+    /// length-aware; 0 gives a fixed SLO).
     pub slo_ttft_s: f64,
+    pub slo_ttft_per_token_s: f64,
     pub slo_tpot_s: f64,
     /// Instances running (and ready) when the replay starts.
     pub initial: Replicas,
@@ -105,6 +112,7 @@ impl Default for SimConfig {
             kv_link_latency_s: 0.0005,
             prefill_chunk_tokens: 2048,
             slo_ttft_s: 2.0,
+            slo_ttft_per_token_s: 0.0,
             slo_tpot_s: 0.08,
             initial: PerRole {
                 prefill: 1,
@@ -435,13 +443,15 @@ pub fn simulate_with_progress(
         .map(|i| f64::from(i.gpus) * (i.stopped.unwrap_or(sim.now) - i.launched))
         .sum();
     sim.records.sort_by_key(|r| r.id);
-    let summary = report::summarize(
+    let mut summary = report::summarize(
         cfg.policy.name(),
         &sim.records,
         (cfg.slo_ttft_s, cfg.slo_tpot_s),
         gpu_seconds,
         sim.peak_gpus,
     );
+    summary.slo_ttft_per_token_s = cfg.slo_ttft_per_token_s;
+    summary.target_changes_per_hour = report::changes_per_hour(&sim.intervals, summary.duration_s);
     Ok(SimResult {
         summary,
         records: sim.records,
@@ -466,6 +476,7 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
         ("kv_link_bytes_per_s", cfg.kv_link_bytes_per_s),
         ("kv_link_latency_s", cfg.kv_link_latency_s),
         ("slo_ttft_s", cfg.slo_ttft_s),
+        ("slo_ttft_per_token_s", cfg.slo_ttft_per_token_s),
         ("slo_tpot_s", cfg.slo_tpot_s),
     ] {
         if !(v.is_finite() && v >= 0.0) {
@@ -983,7 +994,9 @@ impl Sim<'_> {
             ttft_s: ttft,
             tpot_s: tpot,
             finish_s: self.now,
-            met_slo: ttft <= self.cfg.slo_ttft_s && (q.r.osl <= 1 || tpot <= self.cfg.slo_tpot_s),
+            met_slo: ttft
+                <= self.cfg.slo_ttft_s + self.cfg.slo_ttft_per_token_s * f64::from(q.r.isl)
+                && (q.r.osl <= 1 || tpot <= self.cfg.slo_tpot_s),
         });
     }
 
@@ -1168,9 +1181,15 @@ impl Actuator for Sim<'_> {
     }
 }
 
-/// DistServe-style search for the best static split: every `N_P:N_D` (each at least 1) that fits
-/// `cfg.planner.sizing.gpu_budget`, ranked by SLO-meeting requests per second, then by fewer GPUs.
-/// Returns the winner and its run.
+/// DistServe-style search for the best static split: the `N_P:N_D` (each at least 1) that fits
+/// `cfg.planner.sizing.gpu_budget` with the most SLO-meeting requests per second, then the fewest
+/// GPUs. Returns the winner and its run.
+///
+/// For each decode count it runs the most prefill the budget leaves, then finds the fewest
+/// prefill instances with the same goodput by bisection (more prefill never serves fewer requests
+/// within SLO), so a budget of `G` GPUs costs about `G/g_D · log2(G)` runs instead of `G²/2`.
+/// Decode counts are tried in parallel, and the scan stops once three decode counts in a row
+/// fall short of the best even with all the prefill they can have.
 pub fn search_static(
     requests: &[SimRequest],
     profile: &Profile,
@@ -1178,29 +1197,73 @@ pub fn search_static(
 ) -> Result<(Replicas, SimResult), SimError> {
     let budget = cfg.planner.sizing.gpu_budget;
     let (g_p, g_d) = (profile.gpus.prefill.max(1), profile.gpus.decode.max(1));
+    let max_decode = budget.saturating_sub(g_p) / g_d;
+    let run = |prefill: u32, decode: u32| {
+        let replicas = PerRole { prefill, decode };
+        let run_cfg = SimConfig {
+            policy: PolicySpec::Static { replicas },
+            initial: replicas,
+            record_control: false,
+            ..cfg.clone()
+        };
+        simulate(requests, profile, &run_cfg).map(|r| (replicas, r))
+    };
+    let goodput = |r: &SimResult| r.summary.goodput_requests_per_s;
+    // The best split for `decode` decode instances.
+    let best_for = |decode: u32| -> Result<(Replicas, SimResult), SimError> {
+        let most = (budget - decode * g_d) / g_p;
+        let top = run(most, decode)?;
+        let want = goodput(&top.1) - 1e-12;
+        let (mut lo, mut hi, mut found) = (1, most, top);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let r = run(mid, decode)?;
+            if goodput(&r.1) >= want {
+                hi = mid;
+                found = r;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(found)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8) as u32;
     let mut best: Option<(Replicas, SimResult)> = None;
-    for n_d in 1..=budget.saturating_sub(g_p) / g_d {
-        for n_p in 1..=(budget - n_d * g_d) / g_p {
-            let replicas = PerRole {
-                prefill: n_p,
-                decode: n_d,
-            };
-            let run_cfg = SimConfig {
-                policy: PolicySpec::Static { replicas },
-                initial: replicas,
-                ..cfg.clone()
-            };
-            let r = simulate(requests, profile, &run_cfg)?;
+    let mut worse_in_a_row = 0;
+    let mut next = 1;
+    while next <= max_decode && worse_in_a_row < 3 {
+        let batch: Vec<u32> = (next..=max_decode.min(next + threads - 1)).collect();
+        next += batch.len() as u32;
+        let found: Vec<Result<(Replicas, SimResult), SimError>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|&d| sc.spawn(move || best_for(d)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or(Err(SimError::Invalid {
+                        field: "search",
+                        value: String::new(),
+                        reason: "a search thread panicked",
+                    }))
+                })
+                .collect()
+        });
+        for f in found {
+            let (replicas, r) = f?;
             let better = best.as_ref().is_none_or(|(b, br)| {
-                let (g, bg) = (
-                    r.summary.goodput_requests_per_s,
-                    br.summary.goodput_requests_per_s,
-                );
+                let (g, bg) = (goodput(&r), goodput(br));
                 g > bg + 1e-12
                     || ((g - bg).abs() <= 1e-12 && replicas.gpus(profile) < b.gpus(profile))
             });
             if better {
                 best = Some((replicas, r));
+                worse_in_a_row = 0;
+            } else {
+                worse_in_a_row += 1;
             }
         }
     }

@@ -70,6 +70,9 @@ pub struct Summary {
     /// First arrival to last finish, seconds.
     pub duration_s: f64,
     pub slo_ttft_s: f64,
+    /// Per-token TTFT allowance (length-aware SLO), seconds per prompt token.
+    #[serde(default)]
+    pub slo_ttft_per_token_s: f64,
     pub slo_tpot_s: f64,
     /// Fraction of requests meeting both SLOs.
     pub slo_attainment: f64,
@@ -89,6 +92,24 @@ pub struct Summary {
     pub peak_gpus: u32,
     /// Mean GPUs held over the run.
     pub mean_gpus: f64,
+    /// Ticks that changed a target, per hour of the run (0 without a planner).
+    #[serde(default)]
+    pub target_changes_per_hour: f64,
+}
+
+/// Ticks whose targets differ from the previous tick's, per hour of `duration_s`.
+pub(crate) fn changes_per_hour(intervals: &[IntervalPoint], duration_s: f64) -> f64 {
+    let changes = intervals
+        .windows(2)
+        .filter(|w| {
+            (w[0].target_prefill, w[0].target_decode) != (w[1].target_prefill, w[1].target_decode)
+        })
+        .count();
+    if duration_s > 0.0 {
+        changes as f64 * 3600.0 / duration_s
+    } else {
+        0.0
+    }
 }
 
 /// Everything a run produces.
@@ -161,6 +182,7 @@ pub(crate) fn summarize(
         requests: records.len(),
         duration_s: duration,
         slo_ttft_s: slo.0,
+        slo_ttft_per_token_s: 0.0,
         slo_tpot_s: slo.1,
         slo_attainment: if records.is_empty() {
             0.0
@@ -183,6 +205,7 @@ pub(crate) fn summarize(
         } else {
             0.0
         },
+        target_changes_per_hour: 0.0,
     }
 }
 

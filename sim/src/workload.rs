@@ -54,6 +54,82 @@ pub enum Arrivals {
     /// Gamma gaps with mean `1/rate` and coefficient of variation `cv` (shape `1/cv²`): `cv > 1`
     /// is bursty (BurstGPT fits shape ≈ 0.25, i.e. cv = 2).
     Gamma { rate: f64, cv: f64 },
+    /// Poisson arrivals whose rate swings between `low` and `high` requests per second like a
+    /// sine of period `period_s`, starting at `low` (the load shape of Dynamo's planner reports).
+    Sine { low: f64, high: f64, period_s: f64 },
+    /// A flash crowd: Poisson arrivals at `rate`, times `factor` from `start_s` for
+    /// `duration_s`.
+    Flash {
+        rate: f64,
+        factor: f64,
+        start_s: f64,
+        duration_s: f64,
+    },
+}
+
+/// An arrival rate as a function of time.
+type RateFn = Box<dyn Fn(f64) -> f64>;
+
+impl Arrivals {
+    /// The arrival rate at time `t` of the time-varying patterns, and its maximum.
+    fn varying(&self) -> Option<(RateFn, f64)> {
+        match *self {
+            Self::Sine {
+                low,
+                high,
+                period_s,
+            } => Some((
+                Box::new(move |t: f64| {
+                    low + (high - low) * (1.0 - (std::f64::consts::TAU * t / period_s).cos()) / 2.0
+                }),
+                high.max(low),
+            )),
+            Self::Flash {
+                rate,
+                factor,
+                start_s,
+                duration_s,
+            } => Some((
+                Box::new(move |t: f64| {
+                    if t >= start_s && t < start_s + duration_s {
+                        rate * factor
+                    } else {
+                        rate
+                    }
+                }),
+                rate * factor.max(1.0),
+            )),
+            Self::Poisson { .. } | Self::Gamma { .. } => None,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let pos = |v: f64| v > 0.0 && v.is_finite();
+        let ok = match *self {
+            Self::Poisson { rate } => pos(rate),
+            Self::Gamma { rate, cv } => pos(rate) && pos(cv),
+            Self::Sine {
+                low,
+                high,
+                period_s,
+            } => low >= 0.0 && pos(high) && high >= low && pos(period_s),
+            Self::Flash {
+                rate,
+                factor,
+                start_s,
+                duration_s,
+            } => {
+                pos(rate) && pos(factor) && start_s >= 0.0 && start_s.is_finite() && pos(duration_s)
+            }
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "arrivals: {self:?}: rates, factors and periods must be finite and > 0 (sine: 0 <= low <= high)"
+            ))
+        }
+    }
 }
 
 /// Length distribution (tokens, at least 1).
@@ -131,24 +207,25 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Vec<SimRequest>, String> {
     use rand::SeedableRng;
     use rand_distr::Distribution;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
+    spec.arrivals.check()?;
+    // Time-varying rates: candidates at the peak rate, each kept with probability rate(t)/peak
+    // (thinning), so arrivals are Poisson at rate(t).
+    let varying = spec.arrivals.varying();
     let gap: Box<dyn Fn(&mut rand_chacha::ChaCha8Rng) -> f64> = match spec.arrivals {
         Arrivals::Poisson { rate } => {
-            if !(rate > 0.0 && rate.is_finite()) {
-                return Err(format!("arrivals: poisson needs a rate > 0, got {rate}"));
-            }
             let d =
                 rand_distr::Exp::new(rate).map_err(|e| format!("arrivals: rate {rate}: {e}"))?;
             Box::new(move |r| d.sample(r))
         }
         Arrivals::Gamma { rate, cv } => {
-            if !(rate > 0.0 && rate.is_finite() && cv > 0.0 && cv.is_finite()) {
-                return Err(format!(
-                    "arrivals: gamma needs rate > 0 and cv > 0, got {rate}, {cv}"
-                ));
-            }
             let shape = 1.0 / (cv * cv);
             let d = rand_distr::Gamma::new(shape, 1.0 / (rate * shape))
                 .map_err(|e| format!("arrivals: {e}"))?;
+            Box::new(move |r| d.sample(r))
+        }
+        Arrivals::Sine { .. } | Arrivals::Flash { .. } => {
+            let peak = varying.as_ref().map_or(1.0, |v| v.1);
+            let d = rand_distr::Exp::new(peak).map_err(|e| format!("arrivals: {e}"))?;
             Box::new(move |r| d.sample(r))
         }
     };
@@ -156,12 +233,18 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Vec<SimRequest>, String> {
     let osl = LenSampler::new(&spec.osl, "osl")?;
     let mut t = 0.0;
     let mut out = Vec::with_capacity(spec.requests);
-    for _ in 0..spec.requests {
-        out.push(SimRequest {
-            arrival_s: t,
-            isl: isl.sample(&mut rng),
-            osl: osl.sample(&mut rng),
-        });
+    while out.len() < spec.requests {
+        let keep = match &varying {
+            Some((rate, peak)) => rand::Rng::random::<f64>(&mut rng) * peak < rate(t),
+            None => true,
+        };
+        if keep {
+            out.push(SimRequest {
+                arrival_s: t,
+                isl: isl.sample(&mut rng),
+                osl: osl.sample(&mut rng),
+            });
+        }
         t += gap(&mut rng);
     }
     Ok(out)
@@ -229,6 +312,42 @@ mod tests {
         let b = synthetic(&spec(Arrivals::Gamma { rate: 5.0, cv: 2.0 })).expect("valid");
         assert!((cv_of_gaps(&p) - 1.0).abs() < 0.1);
         assert!((cv_of_gaps(&b) - 2.0).abs() < 0.3, "{}", cv_of_gaps(&b));
+    }
+
+    #[test]
+    fn a_sine_load_swings_between_its_rates_and_a_flash_crowd_multiplies_its_base() {
+        let w = synthetic(&spec(Arrivals::Sine {
+            low: 1.0,
+            high: 24.0,
+            period_s: 600.0,
+        }))
+        .expect("valid");
+        let count = |w: &[SimRequest], from: f64, to: f64| {
+            w.iter()
+                .filter(|r| r.arrival_s >= from && r.arrival_s < to)
+                .count() as f64
+        };
+        // Around the trough (t = 0, 600, ...) about 1 req/s, around the peak (300) about 24.
+        let trough = count(&w, 570.0, 630.0) / 60.0;
+        let peak = count(&w, 270.0, 330.0) / 60.0;
+        assert!(trough < 3.0 && peak > 18.0, "trough {trough}, peak {peak}");
+        let f = synthetic(&spec(Arrivals::Flash {
+            rate: 4.0,
+            factor: 5.0,
+            start_s: 600.0,
+            duration_s: 120.0,
+        }))
+        .expect("valid");
+        let base = count(&f, 0.0, 600.0) / 600.0;
+        let crowd = count(&f, 600.0, 720.0) / 120.0;
+        assert!((base - 4.0).abs() < 0.5, "{base}");
+        assert!((crowd / base - 5.0).abs() < 1.0, "{crowd} vs {base}");
+        let bad = Arrivals::Sine {
+            low: 5.0,
+            high: 1.0,
+            period_s: 60.0,
+        };
+        assert!(synthetic(&spec(bad)).is_err());
     }
 
     #[test]

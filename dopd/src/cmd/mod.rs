@@ -5,6 +5,7 @@ pub mod operator;
 pub mod plan;
 pub mod profile;
 pub mod router;
+pub mod scoreboard;
 pub mod sim;
 pub mod up;
 pub mod worker;

@@ -28,7 +28,7 @@ pub enum Command {
     Compare {
         #[command(flatten)]
         common: Common,
-        /// Comma-separated policies: dopd, oracle, dyn-sla, dyn-load, static:NPxND (e.g.
+        /// Comma-separated policies: dopd, dopd-paper, oracle, dyn-sla, dyn-load, static:NPxND (e.g.
         /// static:3x1), dopd-static:NPxND (fixed counts with DOPD's length-aware routing),
         /// static:search (the best static split for the budget, as DistServe would),
         /// aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
@@ -43,6 +43,9 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         plot_dir: Option<PathBuf>,
     },
+    /// Run every row of a suite under every policy and print one table: SLO attainment and
+    /// GPU-seconds per policy, DOPD's target changes per hour, and the acceptance checks.
+    Scoreboard(super::scoreboard::Args),
 }
 
 #[derive(Debug, clap::Args)]
@@ -53,55 +56,58 @@ pub struct Common {
         required_unless_present = "synthetic",
         conflicts_with = "synthetic"
     )]
-    trace: Option<PathBuf>,
+    pub(super) trace: Option<PathBuf>,
     /// A seeded synthetic workload (YAML: seed, requests, arrivals, isl, osl; see
     /// examples/workloads/).
     #[arg(long, value_name = "FILE.yaml")]
-    synthetic: Option<PathBuf>,
+    pub(super) synthetic: Option<PathBuf>,
     /// Profile file (YAML or JSON); without it, --preset builds a roofline profile.
     #[arg(long)]
-    profile: Option<PathBuf>,
+    pub(super) profile: Option<PathBuf>,
     #[arg(long, default_value = "llama-3.3-70b-fp8-h100")]
-    preset: String,
+    pub(super) preset: String,
     /// GPU budget.
     #[arg(long, default_value_t = 8)]
-    budget: u32,
+    pub(super) budget: u32,
     /// Planner interval.
     #[arg(long, default_value = "10s")]
-    interval: String,
+    pub(super) interval: String,
     /// Replay faster (2 = twice the request rate).
     #[arg(long, default_value_t = 1.0)]
-    rate_scale: f64,
+    pub(super) rate_scale: f64,
     /// Start of the replayed window, seconds after the first request.
     #[arg(long, default_value_t = 0.0)]
-    window_start: f64,
+    pub(super) window_start: f64,
     /// End of the replayed window, seconds after the first request.
     #[arg(long)]
-    window_end: Option<f64>,
-    /// TTFT SLO, seconds.
+    pub(super) window_end: Option<f64>,
+    /// TTFT SLO, seconds (plus `--slo-ttft-per-token` for each prompt token).
     #[arg(long, default_value_t = 2.0)]
-    slo_ttft: f64,
+    pub(super) slo_ttft: f64,
+    /// Length-aware TTFT SLO: seconds allowed per prompt token on top of `--slo-ttft`.
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) slo_ttft_per_token: f64,
     /// TPOT SLO, seconds.
     #[arg(long, default_value_t = 0.08)]
-    slo_tpot: f64,
+    pub(super) slo_tpot: f64,
     /// KV-transfer bandwidth between prefill and decode, GB/s (0: instantaneous).
     #[arg(long, default_value_t = 50.0)]
-    kv_link_gbps: f64,
+    pub(super) kv_link_gbps: f64,
     /// Prompts up to this many tokens are prefilled on the decode instance (DOPD's routing;
     /// the paper's 511 by default; `dopd router` and `dopd up` use 32).
     #[arg(long, default_value_t = 511)]
-    ultra_short_max_isl: u32,
+    pub(super) ultra_short_max_isl: u32,
     #[arg(long)]
-    json: bool,
+    pub(super) json: bool,
 }
 
-struct Setup {
+pub(super) struct Setup {
     requests: Vec<SimRequest>,
     profile: Profile,
     base: SimConfig,
 }
 
-fn setup(c: &Common) -> anyhow::Result<Setup> {
+pub(super) fn setup(c: &Common) -> anyhow::Result<Setup> {
     if !(c.rate_scale.is_finite() && c.rate_scale > 0.0) {
         bail!(
             "--rate-scale must be a positive number, got {}",
@@ -147,6 +153,7 @@ fn setup(c: &Common) -> anyhow::Result<Setup> {
     let mut base = SimConfig {
         interval_s: super::parse_duration_s(&c.interval)?,
         slo_ttft_s: c.slo_ttft,
+        slo_ttft_per_token_s: c.slo_ttft_per_token,
         slo_tpot_s: c.slo_tpot,
         kv_link_bytes_per_s: c.kv_link_gbps * 1e9,
         ..SimConfig::default()
@@ -165,6 +172,7 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
     let mut cfg = s.base.clone();
     cfg.policy = match name {
         "dopd" => PolicySpec::Dopd,
+        "dopd-paper" => PolicySpec::DopdPaper,
         "oracle" => PolicySpec::Oracle,
         "dyn-sla" => PolicySpec::DynSla,
         "dyn-load" => PolicySpec::DynLoad,
@@ -226,7 +234,7 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
     Ok(cfg)
 }
 
-fn run_one(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimResult> {
+pub(super) fn run_one(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimResult> {
     if name == "static:search" {
         let (best, mut r) = search_static(&s.requests, &s.profile, &s.base)?;
         r.summary.policy = format!("static:{}x{} (search)", best.prefill, best.decode);
@@ -278,6 +286,7 @@ fn print_row(r: &SimResult) {
 
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
+        Command::Scoreboard(a) => return super::scoreboard::run(a),
         Command::Run {
             common,
             policy,
