@@ -66,13 +66,15 @@ pub trait RouterApi: Send + Sync {
         svc: &'a DopdService,
         api_key: Option<&'a str>,
     ) -> BoxFut<'a, Result<LoadSnapshot, RouterError>>;
-    /// The short/long threshold for the next interval, a mean prompt length
+    /// The short/long threshold for the next interval, a mean prompt length, and the largest
+    /// prompt to prefill on a decode worker when the planner derives it
     /// (`POST /v1/dopd/forecast`).
     fn set_threshold<'a>(
         &'a self,
         svc: &'a DopdService,
         api_key: Option<&'a str>,
         mean_isl: f64,
+        ultra_short_max_isl: Option<u32>,
     ) -> BoxFut<'a, Result<(), RouterError>>;
     /// Stop routing to these workers (`POST /v1/dopd/drain`); unknown ones are not an error.
     fn drain<'a>(
@@ -164,13 +166,14 @@ impl RouterApi for HttpRouter {
         svc: &'a DopdService,
         api_key: Option<&'a str>,
         mean_isl: f64,
+        ultra_short_max_isl: Option<u32>,
     ) -> BoxFut<'a, Result<(), RouterError>> {
         Box::pin(async move {
             let url = format!("{}/v1/dopd/forecast", self.base(svc));
-            let req = self
-                .client
-                .post(&url)
-                .json(&serde_json::json!({ "mean_isl": mean_isl }));
+            let req = self.client.post(&url).json(&serde_json::json!({
+                "mean_isl": mean_isl,
+                "ultra_short_max_isl": ultra_short_max_isl,
+            }));
             self.call::<serde_json::Value>(req, format!("POST {url}"), api_key)
                 .await
                 .map(|_| ())

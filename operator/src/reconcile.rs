@@ -8,7 +8,7 @@
 //!    `dopd up` run) on the pods as instances ([`crate::observe`]): it ticks when the interval has
 //!    passed, names the pods to drain or retire, and ends drains whose pods hold no requests;
 //! 4. carries out its orders: victims get `controller.kubernetes.io/pod-deletion-cost` so the
-//!    ReplicaSet removes exactly them, drains and the routing threshold go to the router; busy
+//!    ReplicaSet removes exactly them, drains and the routing thresholds go to the router; busy
 //!    workers are guarded against autoscaler eviction (`carry_out`, `protect`);
 //! 5. applies the children that differ from what is in the cluster (server-side apply, one field
 //!    manager), worker replicas being the loop's targets plus the pods still draining, and puts
@@ -264,6 +264,11 @@ pub fn planner_config(spec: &DopdServiceSpec) -> PlannerConfig {
     c.forecast.window = p.window as usize;
     c.sla.ttft_s = f64::from(spec.slo.ttft_ms) / 1000.0;
     c.sla.itl_s = f64::from(spec.slo.tpot_ms) / 1000.0;
+    c.slo = dopd_planner::slo::SloTargets {
+        ttft_s: c.sla.ttft_s,
+        ttft_per_token_s: spec.slo.ttft_per_token_ms.max(0.0) / 1000.0,
+        tpot_s: c.sla.itl_s,
+    };
     c.sizing.min_replicas = PerRole {
         prefill: spec.prefill.min_replicas,
         decode: spec.decode.min_replicas,
@@ -570,13 +575,25 @@ async fn carry_out(
                     }
                 }
             }
-            Order::RoutingThreshold { isl } => {
-                if let Err(e) = ctx.router.set_threshold(svc, key, *isl).await {
-                    tracing::warn!(service = %p.name, "sending the routing threshold: {e}");
-                }
-            }
-            Order::SetCount { .. } | Order::Placeholders { .. } => {}
+            Order::SetCount { .. }
+            | Order::Placeholders { .. }
+            | Order::RoutingThreshold { .. }
+            | Order::BypassThreshold { .. } => {}
         }
+    }
+    // The routing thresholds go together, in one request.
+    let isl = orders.0.iter().find_map(|o| match o {
+        Order::RoutingThreshold { isl } => Some(*isl),
+        _ => None,
+    });
+    let bypass = orders.0.iter().find_map(|o| match o {
+        Order::BypassThreshold { max_isl } => Some(*max_isl),
+        _ => None,
+    });
+    if let Some(isl) = isl
+        && let Err(e) = ctx.router.set_threshold(svc, key, isl, bypass).await
+    {
+        tracing::warn!(service = %p.name, "sending the routing thresholds: {e}");
     }
     Ok(())
 }

@@ -95,3 +95,18 @@ fn examples_parse_and_validate() {
     }
     assert!(n >= 2, "expected examples/*.yaml");
 }
+
+#[test]
+fn slo_reaches_the_planner_with_its_per_token_allowance() {
+    let svc: DopdService = serde_yaml::from_str(
+        "apiVersion: dopd.dev/v1alpha1\nkind: DopdService\nmetadata: {name: x}\nspec:\n  model: {source: /models/x.gguf}\n  slo: {ttftMs: 1500, tpotMs: 60, ttftPerTokenMs: 0.25}\n  planner: {gpuBudget: 4}\n",
+    )
+    .unwrap();
+    let c = dopd_operator::reconcile::planner_config(&svc.spec);
+    assert_eq!(c.slo.ttft_s, 1.5);
+    assert_eq!(c.slo.tpot_s, 0.06);
+    assert_eq!(c.slo.ttft_per_token_s, 0.00025);
+    // A 4,000-token prompt is allowed one more second.
+    assert!((c.slo.ttft_at(4000.0) - 2.5).abs() < 1e-9);
+    assert!(c.validate().is_ok());
+}

@@ -88,6 +88,7 @@ impl RouterApi for FakeRouter {
         _: &'a DopdService,
         _: Option<&'a str>,
         mean_isl: f64,
+        _bypass: Option<u32>,
     ) -> BoxFut<'a, Result<(), RouterError>> {
         Box::pin(async move {
             *self.forecast_isl.lock().unwrap() = Some(mean_isl);

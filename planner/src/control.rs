@@ -142,6 +142,9 @@ pub trait Actuator {
     fn set_placeholders(&mut self, _placeholders: Replicas) {}
     /// The router's short/long threshold (a mean prompt length, tokens).
     fn set_routing_threshold(&mut self, _isl: f64) {}
+    /// The largest prompt the router prefills on a decode instance (tokens), when the planner
+    /// derives it.
+    fn set_bypass_threshold(&mut self, _max_isl: u32) {}
 }
 
 /// An observation taken ahead of the step (for adapters that read asynchronously).
@@ -187,6 +190,9 @@ pub enum Order {
     RoutingThreshold {
         isl: f64,
     },
+    BypassThreshold {
+        max_isl: u32,
+    },
 }
 
 /// An actuator that records its calls, to be carried out afterwards (asynchronously, or by a
@@ -220,6 +226,9 @@ impl Actuator for Orders {
     fn set_routing_threshold(&mut self, isl: f64) {
         self.0.push(Order::RoutingThreshold { isl });
     }
+    fn set_bypass_threshold(&mut self, max_isl: u32) {
+        self.0.push(Order::BypassThreshold { max_isl });
+    }
 }
 
 impl Orders {
@@ -236,6 +245,7 @@ impl Orders {
                 Order::Retire { role, ids } => a.retire(*role, ids),
                 Order::Placeholders { placeholders } => a.set_placeholders(*placeholders),
                 Order::RoutingThreshold { isl } => a.set_routing_threshold(*isl),
+                Order::BypassThreshold { max_isl } => a.set_bypass_threshold(*max_isl),
             }
         }
     }
@@ -301,6 +311,9 @@ pub struct TickReport {
     pub headroom: Option<Headroom>,
     /// The short/long threshold handed to the router.
     pub routing_threshold: Option<f64>,
+    /// The bypass threshold handed to the router (when the planner derives it).
+    #[serde(default)]
+    pub bypass_threshold: Option<u32>,
 }
 
 impl TickReport {
@@ -591,6 +604,9 @@ impl Controller {
         if let Some(t) = threshold {
             actuator.set_routing_threshold(t);
         }
+        if let Some(b) = self.planner.bypass_threshold() {
+            actuator.set_bypass_threshold(b);
+        }
         if self.cfg.headroom {
             if let Some(f) = &decision.forecast {
                 let d = self.draining();
@@ -622,6 +638,7 @@ impl Controller {
             retired,
             headroom: self.headroom,
             routing_threshold: threshold,
+            bypass_threshold: self.planner.bypass_threshold(),
         }
     }
 
@@ -720,6 +737,11 @@ pub fn observation(
         request_duration_s: d.mean_duration_s(),
         finished: d.finished as f64,
         failed: d.failed as f64,
+        isl_sq_mean: d.mean_isl_sq(),
+        osl_sq_mean: d.mean_osl_sq(),
+        ttft_hist: d.ttft_s.clone(),
+        itl_hist: d.itl_s.clone(),
+        isl_hist: d.prompt_lengths.clone(),
         prefill_queue_depth: (reading.router_waiting + queued) as f64,
         kv_usage: if kv.is_empty() {
             0.0

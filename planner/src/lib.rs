@@ -45,5 +45,6 @@ pub mod planner;
 pub mod profile;
 pub mod routing;
 pub mod sizing;
+pub mod slo;
 pub mod stats;
 pub mod trace;

@@ -29,13 +29,20 @@ pub fn latency_bounds_s() -> &'static [f64] {
     })
 }
 
+/// Upper bounds (tokens) of the length histogram buckets: 1 to about a million tokens, four
+/// buckets per doubling. A last, unbounded bucket holds the rest.
+pub fn length_bounds() -> &'static [f64] {
+    static BOUNDS: std::sync::OnceLock<Vec<f64>> = std::sync::OnceLock::new();
+    BOUNDS.get_or_init(|| (0..=80).map(|k| 2f64.powf(f64::from(k) / 4.0)).collect())
+}
+
 /// A cumulative histogram of latencies over [`latency_bounds_s`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Histogram {
     /// Observations per bucket (not cumulative); one more entry than there are bounds.
     pub counts: Vec<u64>,
-    /// Sum of every observation, seconds.
+    /// Sum of every observation.
     pub sum: f64,
     /// Number of observations.
     pub count: u64,
@@ -43,40 +50,40 @@ pub struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            counts: vec![0; latency_bounds_s().len() + 1],
-            sum: 0.0,
-            count: 0,
-        }
+        Self::empty(latency_bounds_s())
     }
 }
 
 impl Histogram {
-    /// Adds one observation; non-finite or negative values are ignored.
-    pub fn observe(&mut self, v: f64) {
+    fn empty(bounds: &[f64]) -> Self {
+        Self {
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe_in(&mut self, bounds: &[f64], v: f64) {
         if !(v.is_finite() && v >= 0.0) {
             return;
         }
-        if self.counts.len() != latency_bounds_s().len() + 1 {
-            *self = Self::default();
+        if self.counts.len() != bounds.len() + 1 {
+            *self = Self::empty(bounds);
         }
-        let k = latency_bounds_s().partition_point(|b| *b < v);
+        let k = bounds.partition_point(|b| *b < v);
         self.counts[k] += 1;
         self.sum += v;
         self.count += 1;
     }
 
-    /// Whether the bucket layout is the one this build uses.
-    fn well_formed(&self) -> bool {
-        self.counts.len() == latency_bounds_s().len() + 1
+    fn well_formed_in(&self, bounds: &[f64]) -> bool {
+        self.counts.len() == bounds.len() + 1
             && self.counts.iter().sum::<u64>() == self.count
             && self.sum.is_finite()
     }
 
-    /// What was added since `earlier` (`None` when the two cannot be compared: different layouts,
-    /// or counts that went down).
-    pub fn since(&self, earlier: &Histogram) -> Option<Histogram> {
-        if !self.well_formed() || !earlier.well_formed() {
+    fn since_in(&self, earlier: &Histogram, bounds: &[f64]) -> Option<Histogram> {
+        if !self.well_formed_in(bounds) || !earlier.well_formed_in(bounds) {
             return None;
         }
         let mut counts = Vec::with_capacity(self.counts.len());
@@ -90,18 +97,10 @@ impl Histogram {
         })
     }
 
-    /// The mean observation (`None` when empty).
-    pub fn mean(&self) -> Option<f64> {
-        (self.count > 0).then(|| self.sum / self.count as f64)
-    }
-
-    /// Quantile `q` (0..=1), interpolated linearly inside the bucket that holds the nearest rank;
-    /// the unbounded bucket answers its lower bound. `None` when empty or malformed.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        if self.count == 0 || !self.well_formed() {
+    fn quantile_in(&self, bounds: &[f64], q: f64) -> Option<f64> {
+        if self.count == 0 || !self.well_formed_in(bounds) {
             return None;
         }
-        let bounds = latency_bounds_s();
         let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
         let mut below = 0u64;
         for (k, &n) in self.counts.iter().enumerate() {
@@ -117,6 +116,64 @@ impl Histogram {
         }
         None
     }
+
+    /// Adds one observation; non-finite or negative values are ignored.
+    pub fn observe(&mut self, v: f64) {
+        self.observe_in(latency_bounds_s(), v);
+    }
+
+    /// What was added since `earlier` (`None` when the two cannot be compared: different layouts,
+    /// or counts that went down).
+    pub fn since(&self, earlier: &Histogram) -> Option<Histogram> {
+        self.since_in(earlier, latency_bounds_s())
+    }
+
+    /// The mean observation (`None` when empty).
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// Quantile `q` (0..=1), interpolated linearly inside the bucket that holds the nearest rank;
+    /// the unbounded bucket answers its lower bound. `None` when empty or malformed.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.quantile_in(latency_bounds_s(), q)
+    }
+}
+
+/// A cumulative histogram of lengths in tokens over [`length_bounds`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LengthHistogram(pub Histogram);
+
+impl Default for LengthHistogram {
+    fn default() -> Self {
+        Self(Histogram::empty(length_bounds()))
+    }
+}
+
+impl LengthHistogram {
+    pub fn observe(&mut self, tokens: f64) {
+        self.0.observe_in(length_bounds(), tokens);
+    }
+
+    pub fn since(&self, earlier: &LengthHistogram) -> Option<LengthHistogram> {
+        self.0.since_in(&earlier.0, length_bounds()).map(Self)
+    }
+
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        self.0.quantile_in(length_bounds(), q)
+    }
+
+    /// Share of the observations in each bucket (`None` when empty or malformed).
+    pub fn shares(&self) -> Option<Vec<f64>> {
+        (self.0.count > 0 && self.0.well_formed_in(length_bounds())).then(|| {
+            self.0
+                .counts
+                .iter()
+                .map(|&n| n as f64 / self.0.count as f64)
+                .collect()
+        })
+    }
 }
 
 /// Everything counted since the source started. See the module docs for what each field counts.
@@ -129,14 +186,17 @@ pub struct LoadTotals {
     pub epoch: u64,
     /// Requests admitted.
     pub arrived: u64,
-    /// Prompt tokens of the admitted requests.
+    /// Prompt tokens of the admitted requests, the sum of their squares, and their distribution.
     pub prompt_tokens: u64,
+    pub prompt_tokens_sq: f64,
+    pub prompt_lengths: LengthHistogram,
     /// Requests that finished successfully.
     pub finished: u64,
     /// Requests that ended without finishing.
     pub failed: u64,
-    /// Output tokens of the requests that finished successfully.
+    /// Output tokens of the requests that finished successfully, and the sum of their squares.
     pub output_tokens: u64,
+    pub output_tokens_sq: f64,
     /// Sum of the durations (arrival to last token) of the requests that finished, seconds.
     pub duration_s: f64,
     /// Time to first token, one observation per first token delivered.
@@ -157,6 +217,8 @@ impl LoadTotals {
     pub fn arrive(&mut self, isl: u32) {
         self.arrived += 1;
         self.prompt_tokens += u64::from(isl);
+        self.prompt_tokens_sq += f64::from(isl).powi(2);
+        self.prompt_lengths.observe(f64::from(isl));
     }
 
     /// A request's first token reached the client `ttft_s` after it arrived.
@@ -169,6 +231,7 @@ impl LoadTotals {
     pub fn finish(&mut self, osl: u32, itl_s: Option<f64>, duration_s: f64) {
         self.finished += 1;
         self.output_tokens += u64::from(osl);
+        self.output_tokens_sq += f64::from(osl).powi(2);
         if duration_s.is_finite() && duration_s >= 0.0 {
             self.duration_s += duration_s;
         }
@@ -196,9 +259,12 @@ impl LoadTotals {
             finished: self.finished - base.finished,
             failed: self.failed - base.failed,
             output_tokens: self.output_tokens - base.output_tokens,
+            prompt_tokens_sq: (self.prompt_tokens_sq - base.prompt_tokens_sq).max(0.0),
+            output_tokens_sq: (self.output_tokens_sq - base.output_tokens_sq).max(0.0),
             duration_s: (self.duration_s - base.duration_s).max(0.0),
             ttft_s: self.ttft_s.since(&base.ttft_s),
             itl_s: self.itl_s.since(&base.itl_s),
+            prompt_lengths: self.prompt_lengths.since(&base.prompt_lengths),
         }
     }
 
@@ -221,10 +287,13 @@ pub struct LoadDelta {
     pub finished: u64,
     pub failed: u64,
     pub output_tokens: u64,
+    pub prompt_tokens_sq: f64,
+    pub output_tokens_sq: f64,
     pub duration_s: f64,
     /// `None` when the histograms could not be compared.
     pub ttft_s: Option<Histogram>,
     pub itl_s: Option<Histogram>,
+    pub prompt_lengths: Option<LengthHistogram>,
 }
 
 impl LoadDelta {
@@ -236,6 +305,16 @@ impl LoadDelta {
     /// Mean output length of the requests that finished.
     pub fn mean_osl(&self) -> Option<f64> {
         (self.finished > 0).then(|| self.output_tokens as f64 / self.finished as f64)
+    }
+
+    /// Mean squared prompt length of the requests that arrived.
+    pub fn mean_isl_sq(&self) -> Option<f64> {
+        (self.arrived > 0).then(|| self.prompt_tokens_sq / self.arrived as f64)
+    }
+
+    /// Mean squared output length of the requests that finished.
+    pub fn mean_osl_sq(&self) -> Option<f64> {
+        (self.finished > 0).then(|| self.output_tokens_sq / self.finished as f64)
     }
 
     /// Mean duration of the requests that finished.

@@ -22,10 +22,12 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use crate::forecast::{Forecast, ForecastConfig, Forecaster, ForecasterKind};
+use crate::headroom;
 use crate::profile::{PerRole, Profile, Role};
 use crate::sizing::{
     self, BudgetRule, Reason, Replicas, Signal, Sizing, SizingConfig, SizingInput, SlaTargets,
 };
+use crate::slo::{self, SloPolicy, SloSizing, SloTargets, Tracker};
 
 /// Replica counts of one role as the actuator sees them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +66,18 @@ pub struct Observation {
     pub finished: f64,
     /// Requests that ended without finishing in the interval.
     pub failed: f64,
+    /// Mean squared prompt length of the requests that arrived (with `mean_isl`, their spread).
+    pub isl_sq_mean: Option<f64>,
+    /// Mean squared output length of the requests that finished.
+    pub osl_sq_mean: Option<f64>,
+    /// The interval's TTFT and ITL histograms (for the share of requests over an SLO).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_hist: Option<crate::load::Histogram>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub itl_hist: Option<crate::load::Histogram>,
+    /// The interval's prompt lengths (the requests that arrived).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isl_hist: Option<crate::load::LengthHistogram>,
     /// Requests waiting for prefill, all instances together.
     pub prefill_queue_depth: f64,
     /// Mean fraction of KV blocks in use over decode instances, 0..1.
@@ -172,6 +186,10 @@ pub struct PlannerConfig {
     pub forecast: ForecastConfig,
     pub sizing: SizingConfig,
     pub sla: SlaTargets,
+    /// The service's SLOs (the `dopd` policy sizes for them).
+    pub slo: SloTargets,
+    /// Settings of the `dopd` policy's SLO-aware sizing, closed loop and hysteresis.
+    pub slo_policy: SloPolicy,
     pub load: LoadThresholds,
     pub emergency: EmergencyConfig,
     /// Counts used by the static policy.
@@ -198,6 +216,8 @@ impl Default for PlannerConfig {
             forecast: ForecastConfig::default(),
             sizing: SizingConfig::default(),
             sla: SlaTargets::default(),
+            slo: SloTargets::default(),
+            slo_policy: SloPolicy::default(),
             load: LoadThresholds::default(),
             emergency: EmergencyConfig::default(),
             static_replicas: PerRole {
@@ -259,10 +279,40 @@ impl PlannerConfig {
             }
         }
         for (field, v) in [
+            ("slo.ttft_per_token_s", self.slo.ttft_per_token_s),
+            ("slo_policy.hold_startups", self.slo_policy.hold_startups),
+            (
+                "slo_policy.kv_link_bytes_per_s",
+                self.slo_policy.kv_link_bytes_per_s,
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, v.to_string(), "must be finite and >= 0");
+            }
+        }
+        for (field, v) in [
+            ("slo_policy.miss_budget", self.slo_policy.miss_budget),
+            ("slo_policy.ttft_target", self.slo_policy.ttft_target),
+            ("slo_policy.tpot_target", self.slo_policy.tpot_target),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                return bad(field, v.to_string(), "must be in (0, 1]");
+            }
+        }
+        if !(self.slo_policy.max_correction >= 1.0 && self.slo_policy.max_correction.is_finite()) {
+            return bad(
+                "slo_policy.max_correction",
+                self.slo_policy.max_correction.to_string(),
+                "must be finite and >= 1",
+            );
+        }
+        for (field, v) in [
             ("default_isl", self.default_isl),
             ("default_osl", self.default_osl),
             ("sla.itl_s", self.sla.itl_s),
             ("sla.ttft_s", self.sla.ttft_s),
+            ("slo.ttft_s", self.slo.ttft_s),
+            ("slo.tpot_s", self.slo.tpot_s),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 return bad(field, v.to_string(), "must be finite and > 0");
@@ -332,6 +382,10 @@ pub struct Decision {
     pub reasons: Vec<Reason>,
     pub forecast: Option<WorkloadForecast>,
     pub sizing: Option<Sizing>,
+    /// The SLO-aware sizing (the `dopd` policy): what the SLOs need and the predicted latencies
+    /// at the chosen counts and at one instance fewer per role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<SloSizing>,
     /// Current correction factors (observed / profiled latency).
     pub kappa: PerRole<f64>,
 }
@@ -371,6 +425,10 @@ pub struct Planner {
     queue_history: VecDeque<f64>,
     last_now: Option<f64>,
     isl_threshold: Option<f64>,
+    /// What the `dopd` policy learns from the observations.
+    tracker: Tracker,
+    /// The bypass threshold of the last SLO-aware sizing.
+    bypass: Option<u32>,
 }
 
 impl Planner {
@@ -397,6 +455,8 @@ impl Planner {
             queue_history: VecDeque::new(),
             last_now: None,
             isl_threshold: None,
+            tracker: Tracker::default(),
+            bypass: None,
             cfg,
         })
     }
@@ -405,6 +465,17 @@ impl Planner {
     /// of the last tick that forecast, else the last observed mean ISL; `None` before any request.
     pub fn isl_threshold(&self) -> Option<f64> {
         self.isl_threshold
+    }
+
+    /// The largest prompt to prefill on a decode instance (the `dopd` policy derives it from the
+    /// profile and the decode load); `None` when the routing's fixed setting applies.
+    pub fn bypass_threshold(&self) -> Option<u32> {
+        self.bypass
+    }
+
+    /// What the `dopd` policy has learned (spreads, burstiness, corrections).
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
     }
 
     pub fn config(&self) -> &PlannerConfig {
@@ -472,6 +543,10 @@ impl Planner {
                 self.kappa.decode = clamp(k);
             }
         }
+        if self.cfg.policy == PolicyKind::Dopd {
+            self.tracker
+                .observe(obs, &self.cfg.slo, &self.cfg.slo_policy);
+        }
         let ready_p = f64::from(obs.replicas.prefill.ready.max(1));
         self.queue_history
             .push_back(finite0(obs.prefill_queue_depth) / ready_p);
@@ -508,29 +583,37 @@ impl Planner {
         };
         let current = self.issued.unwrap_or(running);
         let mut reasons = Vec::new();
-        let decision =
-            |target: Replicas, reasons: Vec<Reason>, forecast, sizing, this: &mut Self| {
-                let changed = target != current;
-                if changed || this.issued.is_none() {
-                    this.issued = Some(target);
-                    this.issued_at = now;
-                }
-                Decision {
-                    at: now,
-                    policy: this.cfg.policy,
-                    target,
-                    changed,
-                    reasons,
-                    forecast,
-                    sizing,
-                    kappa: this.kappa,
-                }
-            };
+        let slo_policy = self.cfg.policy == PolicyKind::Dopd;
+        let decision = |target: Replicas,
+                        reasons: Vec<Reason>,
+                        forecast,
+                        sizing,
+                        slo: Option<SloSizing>,
+                        this: &mut Self| {
+            let changed = target != current;
+            if changed || this.issued.is_none() {
+                this.issued = Some(target);
+                this.issued_at = now;
+            }
+            Decision {
+                at: now,
+                policy: this.cfg.policy,
+                target,
+                changed,
+                reasons,
+                forecast,
+                sizing,
+                slo,
+                kappa: this.kappa,
+            }
+        };
 
         // 2. A change still landing: hold — except for an emergency on a role whose own change
         // has landed (pressure must not wait out someone else's slow start).
+        // (The SLO-aware policy sizes from the workload, not from the counts, so it never needs
+        // to wait for a change to land: the hysteresis below keeps it from undoing one.)
         let pending = r.prefill.pending.saturating_add(r.decode.pending);
-        if let Some(issued) = self.issued {
+        if let Some(issued) = self.issued.filter(|_| !slo_policy) {
             let waited = now - self.issued_at;
             if (pending > 0 || ready != issued) && waited < self.cfg.max_reconfig_wait_s {
                 reasons.push(Reason::ReconfigInFlight { waited_s: waited });
@@ -542,34 +625,50 @@ impl Planner {
                     decode: r.decode.pending == 0 && ready.decode == issued.decode,
                 };
                 let target = self.emergency(issued, issued, ready, landed, obs, &mut reasons);
-                return decision(target, reasons, None, None, self);
+                return decision(target, reasons, None, None, None, self);
             }
         }
 
         // 3. Idle: no arrivals for a while and nothing left in flight (decoding requests hold KV).
         let idle_s = now - self.last_request_at.or(self.started_at).unwrap_or(now);
         let drained = finite0(obs.prefill_queue_depth) == 0.0 && finite0(obs.kv_usage) < 0.01;
+        // The SLO-aware policy waits out its hysteresis too: a quiet spell shorter than that is
+        // cheaper to sit through than to restart from.
+        let idle_after = if slo_policy {
+            self.cfg
+                .idle_after_s
+                .max(self.hold_windows().prefill.min(self.hold_windows().decode))
+        } else {
+            self.cfg.idle_after_s
+        };
         if self.cfg.idle_after_s > 0.0
-            && idle_s >= self.cfg.idle_after_s
+            && idle_s >= idle_after
             && drained
             && self.cfg.policy != PolicyKind::Static
         {
             reasons.push(Reason::Idle { idle_s });
             let target = self.cfg.sizing.min_replicas;
             self.desired_history.clear();
-            return decision(target, reasons, None, None, self);
+            return decision(target, reasons, None, None, None, self);
         }
 
         // 4. Policy.
         let mut forecast = None;
         let mut sizing_out = None;
+        let mut slo_out = None;
         let mut desired = match self.cfg.policy {
+            PolicyKind::Dopd => {
+                let (t, f, s) = self.slo_desired(obs, known, &mut reasons);
+                forecast = f;
+                slo_out = Some(s);
+                t
+            }
             PolicyKind::Static => self.constrained(self.cfg.static_replicas, &mut reasons),
             PolicyKind::DynLoad => {
                 let t = self.load_policy(current, obs, &mut reasons);
                 self.constrained(t, &mut reasons)
             }
-            PolicyKind::Dopd | PolicyKind::DopdPaper | PolicyKind::DynSla => {
+            PolicyKind::DopdPaper | PolicyKind::DynSla => {
                 let input = match known {
                     Some(k) => k,
                     None => {
@@ -640,13 +739,23 @@ impl Planner {
 
         // 6. Scale-down stabilisation.
         self.remember_desired(now, desired);
-        if self.cfg.scale_down_stabilization_s > 0.0 {
+        let windows = self.hold_windows();
+        if windows.prefill > 0.0 || windows.decode > 0.0 {
+            let within = |t: f64, w: f64| now - t <= w;
             let peak = self
                 .desired_history
                 .iter()
-                .fold(desired, |m, (_, r)| PerRole {
-                    prefill: m.prefill.max(r.prefill),
-                    decode: m.decode.max(r.decode),
+                .fold(desired, |m, (t, r)| PerRole {
+                    prefill: if within(*t, windows.prefill) {
+                        m.prefill.max(r.prefill)
+                    } else {
+                        m.prefill
+                    },
+                    decode: if within(*t, windows.decode) {
+                        m.decode.max(r.decode)
+                    } else {
+                        m.decode
+                    },
                 });
             let mut held = desired;
             let mut held_reasons = Vec::new();
@@ -676,7 +785,196 @@ impl Planner {
                 reasons.extend(held_reasons);
             }
         }
-        decision(desired, reasons, forecast, sizing_out, self)
+        decision(desired, reasons, forecast, sizing_out, slo_out, self)
+    }
+
+    /// How long each role's scale-down waits (the largest count desired within it stays): the
+    /// SLO-aware policy prices it in start-ups, the others use `scale_down_stabilization_s`.
+    fn hold_windows(&self) -> PerRole<f64> {
+        // Bursty arrivals (an index of dispersion well above Poisson's 1) come back: the quieter
+        // spells between them are sat through rather than restarted from, up to eight times
+        // longer.
+        let k = self.cfg.slo_policy.hold_startups * (self.tracker.dispersion / 2.0).clamp(1.0, 8.0);
+        if self.cfg.policy == PolicyKind::Dopd && k > 0.0 {
+            PerRole {
+                prefill: k * self.profile.startup_s.prefill,
+                decode: k * self.profile.startup_s.decode,
+            }
+        } else {
+            PerRole {
+                prefill: self.cfg.scale_down_stabilization_s,
+                decode: self.cfg.scale_down_stabilization_s,
+            }
+        }
+    }
+
+    /// The `dopd` policy: the counts the SLOs need for the forecast (its upper bound over each
+    /// role's start-up horizon when burst-ready), corrected by observed misses, within minimums,
+    /// maximums and the budget.
+    fn slo_desired(
+        &mut self,
+        obs: &Observation,
+        known: Option<SizingInput>,
+        reasons: &mut Vec<Reason>,
+    ) -> (Replicas, Option<WorkloadForecast>, SloSizing) {
+        let interval = if obs.interval_s > 0.0 {
+            obs.interval_s
+        } else {
+            10.0
+        };
+        let f = match known {
+            Some(k) => {
+                let exact = |v: f64| Forecast {
+                    point: v,
+                    lower: v,
+                    upper: v,
+                };
+                WorkloadForecast {
+                    requests: exact(k.requests),
+                    isl: exact(k.isl),
+                    osl: exact(k.osl),
+                }
+            }
+            None => {
+                let f = self.forecast();
+                let held = self.requests.len();
+                if held < self.warmup_len() {
+                    reasons.push(Reason::Warmup { observations: held });
+                }
+                if f.isl.point > 0.0 {
+                    self.isl_threshold = Some(f.isl.point);
+                }
+                f
+            }
+        };
+        // Lengths: the oracle's truth, else the count-weighted recent means (steadier than a
+        // forecast of one interval's mean), else the defaults.
+        let t = &self.tracker;
+        let (isl, osl) = match known {
+            Some(k) => (k.isl, k.osl),
+            None => (
+                t.isl.unwrap_or(self.cfg.default_isl),
+                t.osl.unwrap_or(self.cfg.default_osl),
+            ),
+        };
+        let p = &self.cfg.slo_policy;
+        // Burst readiness: a rising trend is carried over the role's start-up horizon, so the
+        // instances asked for now serve the load that will be there when they are up.
+        let trend = if known.is_none() {
+            t.trend().max(0.0)
+        } else {
+            0.0
+        };
+        // And what the forecast has recently missed over that horizon (its surges) is provisioned
+        // for too: the instances a surge needs cannot be started once it has come.
+        let surge = if known.is_none() && p.burst_ready {
+            t.surge()
+        } else {
+            0.0
+        };
+        let rate = |startup: f64| {
+            let h = headroom::horizon_intervals(startup, interval);
+            let r = if p.burst_ready {
+                (f.requests.point + trend * f64::from(h)).max(f.requests.point * (1.0 + surge))
+            } else {
+                f.requests.point
+            };
+            r / interval
+        };
+        let h_p = headroom::horizon_intervals(self.profile.startup_s.prefill, interval);
+        self.tracker.record_forecast(f.requests.point, h_p);
+        let t = &self.tracker;
+        // The profile is trusted for service times (observed latencies include queueing, which
+        // the model adds itself); the closed loop corrects what the model misses.
+        let one = PerRole {
+            prefill: 1.0,
+            decode: 1.0,
+        };
+        // A backlog in front of prefill is load too: the instances asked for now should clear it
+        // within the start-up horizon, on top of the arrivals.
+        let backlog =
+            finite0(obs.prefill_queue_depth) / self.profile.startup_s.prefill.max(interval);
+        let w = slo::Workload {
+            rate_p: rate(self.profile.startup_s.prefill) + backlog,
+            rate_d: rate(self.profile.startup_s.decode),
+            rate_now: f.requests.point / interval,
+            isl,
+            isl_cv2: t.isl_cv2,
+            osl,
+            osl_cv2: t.osl_cv2,
+            dispersion: t.dispersion,
+            kappa: one,
+            transfer_s_per_token: if p.kv_link_bytes_per_s > 0.0 {
+                self.profile.kv.bytes_per_token as f64 / p.kv_link_bytes_per_s
+            } else {
+                0.0
+            },
+            decode_concurrency: t.decode_concurrency,
+            isl_shares: t.isl_shares.clone(),
+        };
+        let extra = PerRole {
+            prefill: t.extra.prefill.round() as u32,
+            decode: t.extra.decode.round() as u32,
+        };
+        let c = &self.cfg.sizing;
+        let bounds = slo::Bounds {
+            min: c.min_replicas,
+            max: c.max_replicas,
+            budget: c.gpu_budget,
+            current: self.issued,
+        };
+        let s = slo::size(
+            &self.profile,
+            &w,
+            &self.cfg.slo,
+            p,
+            p.fixed_bypass_isl,
+            extra,
+            &bounds,
+        );
+        reasons.push(Reason::Forecast {
+            requests: f.requests.point,
+            isl,
+            osl,
+        });
+        reasons.push(Reason::SloNeed {
+            prefill: s.need.prefill,
+            decode: s.need.decode,
+            rate_p: w.rate_p,
+            rate_d: w.rate_d,
+            bypass_max_isl: s.bypass_max_isl,
+            ttft_s: s.at_need.ttft_s,
+            tpot_s: s.at_need.tpot_s,
+        });
+        for (role, x) in [(Role::Prefill, extra.prefill), (Role::Decode, extra.decode)] {
+            if x > 0 {
+                reasons.push(Reason::SloCorrection { role, extra: x });
+            }
+        }
+        for role in [Role::Prefill, Role::Decode] {
+            let (n, got) = (s.need.get(role), s.target.get(role));
+            let min = c.min_replicas.get(role);
+            if got < n && c.max_replicas.get(role).is_some_and(|m| got >= m) {
+                reasons.push(Reason::MaxReplicas { role, max: got });
+            } else if got > n && got == min {
+                reasons.push(Reason::MinReplicas { role, min });
+            }
+        }
+        if s.need.gpus(&self.profile) > c.gpu_budget && s.target != s.need {
+            reasons.push(Reason::Budget {
+                wanted_gpus: s.need.gpus(&self.profile),
+                budget: c.gpu_budget,
+            });
+        }
+        let tr = &mut self.tracker;
+        tr.decode_concurrency = (s.decode_concurrency / f64::from(s.target.decode.max(1))).max(1.0);
+        tr.bound = PerRole {
+            prefill: s.target.prefill < s.need.prefill,
+            decode: s.target.decode < s.need.decode,
+        };
+        tr.last_target = s.target;
+        self.bypass = Some(s.bypass_max_isl);
+        (s.target, Some(f), s)
     }
 
     /// Observations after which a forecast is model-based rather than a repeat of the last value.
@@ -689,7 +987,8 @@ impl Planner {
     }
 
     fn remember_desired(&mut self, now: f64, desired: Replicas) {
-        let window = self.cfg.scale_down_stabilization_s;
+        let w = self.hold_windows();
+        let window = w.prefill.max(w.decode);
         self.desired_history.push_back((now, desired));
         while self
             .desired_history
@@ -879,7 +1178,7 @@ mod tests {
 
     #[test]
     fn an_emergency_is_not_blocked_by_another_roles_slow_start() {
-        let c = with_budget(cfg(PolicyKind::Dopd), 100);
+        let c = with_budget(cfg(PolicyKind::DopdPaper), 100);
         let mut p = Planner::new_ok(profile(), c);
         let one = ONE;
         let t = p.tick(0.0, &obs(300.0, one)).target;
@@ -907,7 +1206,7 @@ mod tests {
     fn no_idle_shrink_while_requests_still_decode() {
         let c = PlannerConfig {
             scale_down_stabilization_s: 100.0,
-            ..cfg(PolicyKind::Dopd)
+            ..cfg(PolicyKind::DopdPaper)
         };
         let mut p = Planner::new_ok(profile(), c);
         let t = p.tick(0.0, &obs(300.0, ONE)).target;
@@ -959,7 +1258,7 @@ mod tests {
 
     #[test]
     fn a_landed_scale_up_is_not_undone_at_once() {
-        let c = with_budget(cfg(PolicyKind::Dopd), 100);
+        let c = with_budget(cfg(PolicyKind::DopdPaper), 100);
         let mut p = Planner::new_ok(profile(), c);
         let one = ONE;
         let big = p.tick(0.0, &obs(2000.0, one)).target;
@@ -1022,7 +1321,7 @@ mod tests {
     fn first_tick_sizes_from_the_observation() {
         let c = PlannerConfig {
             predictor: ForecasterKind::Arima,
-            ..cfg(PolicyKind::Dopd)
+            ..cfg(PolicyKind::DopdPaper)
         };
         let mut p = Planner::new_ok(profile(), c);
         let d = p.tick(0.0, &obs(300.0, ONE));
@@ -1038,7 +1337,7 @@ mod tests {
 
     #[test]
     fn holds_while_a_change_is_in_flight() {
-        let mut p = Planner::new_ok(profile(), cfg(PolicyKind::Dopd));
+        let mut p = Planner::new_ok(profile(), cfg(PolicyKind::DopdPaper));
         let one = ONE;
         let d = p.tick(0.0, &obs(300.0, one));
         assert_ne!(d.target, one);
@@ -1058,7 +1357,7 @@ mod tests {
 
     #[test]
     fn gives_up_waiting_after_the_reconfig_timeout() {
-        let mut c = cfg(PolicyKind::Dopd);
+        let mut c = cfg(PolicyKind::DopdPaper);
         c.max_reconfig_wait_s = 30.0;
         let mut p = Planner::new_ok(profile(), c);
         let one = ONE;
@@ -1076,7 +1375,7 @@ mod tests {
         // A long stabilisation window keeps the forecast-driven scale-down out of the way.
         let c = PlannerConfig {
             scale_down_stabilization_s: 100.0,
-            ..cfg(PolicyKind::Dopd)
+            ..cfg(PolicyKind::DopdPaper)
         };
         let mut p = Planner::new_ok(profile(), c);
         let d = p.tick(0.0, &obs(300.0, ONE));
@@ -1101,7 +1400,7 @@ mod tests {
 
     #[test]
     fn scale_down_waits_for_the_stabilisation_window() {
-        let mut c = cfg(PolicyKind::Dopd);
+        let mut c = cfg(PolicyKind::DopdPaper);
         c.scale_down_stabilization_s = 30.0;
         c.sizing.gpu_budget = 100;
         let mut p = Planner::new_ok(profile(), c);
@@ -1119,7 +1418,7 @@ mod tests {
 
     #[test]
     fn emergency_adds_a_decode_instance_on_kv_pressure() {
-        let mut c = cfg(PolicyKind::Dopd);
+        let mut c = cfg(PolicyKind::DopdPaper);
         c.sizing.gpu_budget = 100;
         let mut p = Planner::new_ok(profile(), c);
         let t = p.tick(0.0, &obs(10.0, ONE)).target;
@@ -1159,7 +1458,7 @@ mod tests {
 
     #[test]
     fn the_routing_threshold_follows_the_isl_forecast() {
-        let mut p = Planner::new_ok(profile(), cfg(PolicyKind::Dopd));
+        let mut p = Planner::new_ok(profile(), cfg(PolicyKind::DopdPaper));
         assert_eq!(p.isl_threshold(), None);
         let mut o = obs(100.0, ONE);
         o.mean_isl = Some(1500.0);
@@ -1173,7 +1472,7 @@ mod tests {
 
     #[test]
     fn oracle_input_bypasses_the_forecasters() {
-        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::DopdPaper), 100));
         let d =
             p.tick_with_known_next(0.0, &obs(1.0, ONE), SizingInput::new(2000.0, 1000.0, 245.0));
         assert!(d.forecast.is_none());

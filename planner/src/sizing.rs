@@ -89,6 +89,21 @@ pub enum Reason {
     ReconfigInFlight { waited_s: f64 },
     /// Not enough history to forecast: the last values were used.
     Warmup { observations: usize },
+    /// Counts the SLOs need (the `dopd` policy's queueing model): the arrival rates each role was
+    /// sized for, the bypass threshold, and the predicted TTFT (of a mean prompt at the
+    /// miss-budget quantile) and TPOT at those counts.
+    SloNeed {
+        prefill: u32,
+        decode: u32,
+        rate_p: f64,
+        rate_d: f64,
+        bypass_max_isl: u32,
+        ttft_s: f64,
+        tpot_s: f64,
+    },
+    /// Instances added to a role because its observed latencies missed the SLO while the model
+    /// said it had enough.
+    SloCorrection { role: Role, extra: u32 },
 }
 
 /// A pressure signal watched by the emergency and load-threshold rules.

@@ -209,10 +209,12 @@ proptest! {
         let mut c = Cluster::new(one, startup, 2);
         c.kv_usage = kv;
         let load = |c: &mut Cluster, _k: u32| c.serve(requests, isl, osl, ttft, 0.03);
-        let warm = run(&mut ctrl, &mut c, 0, 30, load);
+        // Warm-up: the forecasters' history, the learned spreads and the scale-down hold (six
+        // start-ups of 45 s) all fit in ten minutes.
+        let warm = run(&mut ctrl, &mut c, 0, 60, load);
         prop_assert!(warm.iter().any(|r| r.tick.is_some()));
         let settled = ctrl.target();
-        for r in run(&mut ctrl, &mut c, 30, 20, load) {
+        for r in run(&mut ctrl, &mut c, 60, 30, load) {
             if let Some(t) = r.tick {
                 prop_assert_eq!(t.decision.target, settled, "moved at {} s: {:?}", t.at, t.decision.reasons);
             }

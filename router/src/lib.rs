@@ -521,7 +521,8 @@ async fn workers(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
     Json(json!({"workers": r.pool.views()})).into_response()
 }
 
-/// The planner's forecast for the next interval; its mean ISL becomes the short/long threshold.
+/// The planner's forecast for the next interval; its mean ISL becomes the short/long threshold,
+/// and `ultra_short_max_isl` (optional) the largest prompt prefilled on a decode worker.
 async fn forecast(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
     let out = async {
         authorize(&r, &headers)?;
@@ -532,8 +533,30 @@ async fn forecast(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes)
             .ok_or_else(|| {
                 ApiError::invalid("mean_isl", "send {\"mean_isl\": tokens (a number >= 0)}")
             })?;
+        let bypass = match &v["ultra_short_max_isl"] {
+            Value::Null => None,
+            b => Some(
+                b.as_u64()
+                    .and_then(|b| u32::try_from(b).ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "ultra_short_max_isl",
+                            "the largest prompt prefilled on a decode worker: a whole number of tokens",
+                        )
+                    })?,
+            ),
+        };
         r.scheduler.set_forecast_mean_isl(isl);
-        Ok::<_, ApiError>(Json(json!({"threshold": r.scheduler.threshold()})).into_response())
+        if let Some(b) = bypass {
+            r.scheduler.set_ultra_short_max_isl(b);
+        }
+        Ok::<_, ApiError>(
+            Json(json!({
+                "threshold": r.scheduler.threshold(),
+                "ultra_short_max_isl": r.scheduler.ultra_short_max_isl(),
+            }))
+            .into_response(),
+        )
     }
     .await;
     out.unwrap_or_else(IntoResponse::into_response)
@@ -709,7 +732,10 @@ mod tests {
         use dopd_planner::planner::{Planner, PlannerConfig};
         use dopd_planner::profile::{PerRole, Profile, Role};
         let r = router(None, 64);
+        // The paper's sizing follows a load this small (the SLO-aware one rightly keeps one
+        // instance per role for it); either reads the same observations.
         let mut cfg = PlannerConfig {
+            policy: dopd_planner::planner::PolicyKind::DopdPaper,
             predictor: dopd_planner::forecast::ForecasterKind::Last,
             scale_down_stabilization_s: 0.0,
             ..PlannerConfig::default()

@@ -75,6 +75,8 @@ pub struct Scheduler {
     /// The forecast mean ISL (f64 bits): set by the planner loop; until then a running mean.
     mean_isl: AtomicU64,
     planned_mean_isl: AtomicU64,
+    /// The largest prompt prefilled on a decode worker (the planner may move it).
+    ultra_short: std::sync::atomic::AtomicU32,
     batcher: mpsc::UnboundedSender<(u32, oneshot::Sender<Release>)>,
     pub metrics: Arc<Metrics>,
     /// What the planner reads: counts since the router started (never reset).
@@ -106,6 +108,7 @@ impl Scheduler {
             pool: pool.clone(),
             mean_isl: AtomicU64::new(f64::NAN.to_bits()),
             planned_mean_isl: AtomicU64::new(f64::NAN.to_bits()),
+            ultra_short: std::sync::atomic::AtomicU32::new(cfg.routing.ultra_short_max_isl),
             batcher: tx,
             metrics,
             load: Arc::new(Mutex::new(LoadTotals::new(epoch_ms()))),
@@ -119,6 +122,16 @@ impl Scheduler {
     pub fn set_forecast_mean_isl(&self, isl: f64) {
         self.planned_mean_isl
             .store(isl.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The planner's bypass threshold: prompts up to `max_isl` tokens run whole on a decode
+    /// worker.
+    pub fn set_ultra_short_max_isl(&self, max_isl: u32) {
+        self.ultra_short.store(max_isl, Ordering::Relaxed);
+    }
+
+    pub fn ultra_short_max_isl(&self) -> u32 {
+        self.ultra_short.load(Ordering::Relaxed)
     }
 
     /// The short/long threshold now: the planner's forecast, else a running mean of recent
@@ -145,7 +158,11 @@ impl Scheduler {
         if let Ok(mut l) = self.load.lock() {
             l.arrive(isl);
         }
-        let class = classify(isl, self.threshold(), &self.cfg.routing);
+        let routing = RoutingConfig {
+            ultra_short_max_isl: self.ultra_short_max_isl(),
+            ..self.cfg.routing.clone()
+        };
+        let class = classify(isl, self.threshold(), &routing);
         self.observe_isl(isl);
         let has_prefill = !self.pool.candidates(&[WorkerRole::Prefill], &[]).is_empty();
         // Short prompts wait for their batch first (once; retries go straight on).

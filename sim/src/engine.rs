@@ -99,6 +99,9 @@ pub struct SimConfig {
     /// Keep every step of the control loop (what it observed, the orders it gave) in
     /// [`SimResult::control`], to replay them through another loop.
     pub record_control: bool,
+    /// Warm-up: requests arriving before this are served but not scored, and GPUs count from
+    /// here (so dynamic policies are measured running, not on a cold start from `initial`).
+    pub score_from_s: f64,
 }
 
 impl Default for SimConfig {
@@ -120,6 +123,7 @@ impl Default for SimConfig {
             },
             length_aware_routing: None,
             record_control: false,
+            score_from_s: 0.0,
         }
     }
 }
@@ -305,6 +309,31 @@ struct Sim<'a> {
     control: Vec<ControlStep>,
 }
 
+/// The planner's settings for a run: `cfg.planner` with the run's policy, SLOs, KV link and
+/// routing (what a loop outside the simulator needs to decide the same).
+pub fn planner_config(cfg: &SimConfig) -> PlannerConfig {
+    let mut planner_cfg = cfg.planner.clone();
+    planner_cfg.policy = cfg.policy.planner_kind();
+    // The planner sizes for the run's SLOs, KV link and routing.
+    planner_cfg.slo = dopd_planner::slo::SloTargets {
+        ttft_s: cfg.slo_ttft_s,
+        ttft_per_token_s: cfg.slo_ttft_per_token_s,
+        tpot_s: cfg.slo_tpot_s,
+    };
+    planner_cfg.slo_policy.kv_link_bytes_per_s = cfg.kv_link_bytes_per_s;
+    let bypass_on = cfg
+        .length_aware_routing
+        .unwrap_or(cfg.policy.length_aware())
+        && cfg.routing.ultra_short_bypass;
+    planner_cfg.slo_policy.fixed_bypass_isl = if bypass_on {
+        cfg.routing.ultra_short_max_isl
+    } else {
+        0
+    };
+    planner_cfg.slo_policy.bypass_from_profile &= bypass_on;
+    planner_cfg
+}
+
 /// Runs `requests` (sorted by arrival) through a cluster described by `profile` and `cfg`.
 pub fn simulate(
     requests: &[SimRequest],
@@ -339,8 +368,7 @@ pub fn simulate_with_progress(
             });
         }
     }
-    let mut planner_cfg = cfg.planner.clone();
-    planner_cfg.policy = cfg.policy.planner_kind();
+    let mut planner_cfg = planner_config(cfg);
     let mut initial = cfg.initial;
     if let PolicySpec::Static { replicas } = cfg.policy {
         // Static means static: start with the counts, and let no budget or bound change them.
@@ -437,21 +465,36 @@ pub fn simulate_with_progress(
             total: sim.reqs.len(),
         });
     }
+    // What is scored starts after the warm-up: requests arriving from then, GPUs held from then.
+    let from = cfg.score_from_s;
     let gpu_seconds: f64 = sim
         .insts
         .iter()
-        .map(|i| f64::from(i.gpus) * (i.stopped.unwrap_or(sim.now) - i.launched))
+        .map(|i| f64::from(i.gpus) * (i.stopped.unwrap_or(sim.now) - i.launched.max(from)).max(0.0))
         .sum();
     sim.records.sort_by_key(|r| r.id);
+    let scored: Vec<RequestRecord> = sim
+        .records
+        .iter()
+        .filter(|r| r.arrival_s >= from)
+        .copied()
+        .collect();
     let mut summary = report::summarize(
         cfg.policy.name(),
-        &sim.records,
+        &scored,
         (cfg.slo_ttft_s, cfg.slo_tpot_s),
         gpu_seconds,
         sim.peak_gpus,
     );
     summary.slo_ttft_per_token_s = cfg.slo_ttft_per_token_s;
-    summary.target_changes_per_hour = report::changes_per_hour(&sim.intervals, summary.duration_s);
+    summary.score_from_s = from;
+    let ticks: Vec<IntervalPoint> = sim
+        .intervals
+        .iter()
+        .filter(|p| p.t_s >= from)
+        .copied()
+        .collect();
+    summary.target_changes_per_hour = report::changes_per_hour(&ticks, summary.duration_s);
     Ok(SimResult {
         summary,
         records: sim.records,
@@ -478,6 +521,7 @@ fn validate(cfg: &SimConfig) -> Result<(), SimError> {
         ("slo_ttft_s", cfg.slo_ttft_s),
         ("slo_ttft_per_token_s", cfg.slo_ttft_per_token_s),
         ("slo_tpot_s", cfg.slo_tpot_s),
+        ("score_from_s", cfg.score_from_s),
     ] {
         if !(v.is_finite() && v >= 0.0) {
             return bad(field, v, "must be finite and >= 0");
@@ -1179,11 +1223,17 @@ impl Actuator for Sim<'_> {
     fn set_routing_threshold(&mut self, isl: f64) {
         self.isl_threshold = isl;
     }
+
+    fn set_bypass_threshold(&mut self, max_isl: u32) {
+        self.routing.ultra_short_max_isl = max_isl;
+    }
 }
 
 /// DistServe-style search for the best static split: the `N_P:N_D` (each at least 1) that fits
-/// `cfg.planner.sizing.gpu_budget` with the most SLO-meeting requests per second, then the fewest
-/// GPUs. Returns the winner and its run.
+/// `cfg.planner.sizing.gpu_budget` with the most requests meeting both SLOs, then the fewest
+/// GPUs. (A count, not a rate: a rate over the run's duration would reward a split whose last
+/// request ends a moment sooner, e.g. with several idle decode instances.) Returns the winner and
+/// its run.
 ///
 /// For each decode count it runs the most prefill the budget leaves, then finds the fewest
 /// prefill instances with the same goodput by bisection (more prefill never serves fewer requests
@@ -1208,12 +1258,17 @@ pub fn search_static(
         };
         simulate(requests, profile, &run_cfg).map(|r| (replicas, r))
     };
-    let goodput = |r: &SimResult| r.summary.goodput_requests_per_s;
+    let goodput = |r: &SimResult| {
+        r.records
+            .iter()
+            .filter(|x| x.met_slo && x.arrival_s >= cfg.score_from_s)
+            .count() as f64
+    };
     // The best split for `decode` decode instances.
     let best_for = |decode: u32| -> Result<(Replicas, SimResult), SimError> {
         let most = (budget - decode * g_d) / g_p;
         let top = run(most, decode)?;
-        let want = goodput(&top.1) - 1e-12;
+        let want = goodput(&top.1) - 0.5;
         let (mut lo, mut hi, mut found) = (1, most, top);
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
@@ -1256,13 +1311,15 @@ pub fn search_static(
             let (replicas, r) = f?;
             let better = best.as_ref().is_none_or(|(b, br)| {
                 let (g, bg) = (goodput(&r), goodput(br));
-                g > bg + 1e-12
-                    || ((g - bg).abs() <= 1e-12 && replicas.gpus(profile) < b.gpus(profile))
+                g > bg + 0.5 || ((g - bg).abs() <= 0.5 && replicas.gpus(profile) < b.gpus(profile))
             });
+            // Stop only on splits that serve fewer, or as many with more GPUs, than a best that
+            // serves something (a run of splits serving nothing says nothing).
+            let best_serves = best.as_ref().is_some_and(|(_, br)| goodput(br) > 0.5);
             if better {
                 best = Some((replicas, r));
                 worse_in_a_row = 0;
-            } else {
+            } else if best_serves {
                 worse_in_a_row += 1;
             }
         }

@@ -52,7 +52,8 @@ mod report;
 mod workload;
 
 pub use engine::{
-    PolicySpec, SimConfig, SimError, search_static, simulate, simulate_with_progress,
+    PolicySpec, SimConfig, SimError, planner_config, search_static, simulate,
+    simulate_with_progress,
 };
 pub use report::{ControlStep, IntervalPoint, RequestRecord, Route, SimResult, Summary};
 pub use workload::{Arrivals, Lengths, SimRequest, SyntheticSpec, Window, from_trace, synthetic};

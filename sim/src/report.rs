@@ -95,6 +95,9 @@ pub struct Summary {
     /// Ticks that changed a target, per hour of the run (0 without a planner).
     #[serde(default)]
     pub target_changes_per_hour: f64,
+    /// Scored from this time on (the warm-up before it is not scored).
+    #[serde(default)]
+    pub score_from_s: f64,
 }
 
 /// Ticks whose targets differ from the previous tick's, per hour of `duration_s`.
@@ -206,6 +209,7 @@ pub(crate) fn summarize(
             0.0
         },
         target_changes_per_hour: 0.0,
+        score_from_s: 0.0,
     }
 }
 

@@ -16,7 +16,7 @@ fn scripted() -> Vec<SimRequest> {
         (60.0, 12.0, 1200, 250),
         (40.0, 2.0, 600, 150),
         (80.0, 16.0, 2500, 300),
-        (70.0, 0.0, 0, 0),
+        (420.0, 0.0, 0, 0),
         (60.0, 0.5, 400, 100),
     ];
     let mut out = Vec::new();
@@ -46,6 +46,8 @@ fn recorded(policy: PolicySpec) -> (Profile, SimConfig, SimResult) {
         .expect("preset");
     let mut planner = PlannerConfig::default();
     planner.sizing.gpu_budget = 24;
+    // A short scale-down hold, so that this short script sees both directions.
+    planner.slo_policy.hold_startups = 1.0;
     let cfg = SimConfig {
         policy,
         planner,
@@ -78,8 +80,8 @@ fn the_simulator_and_the_loop_fed_its_observations_decide_the_same() {
     );
 
     // The same loop, outside the simulator, fed what the simulator observed.
-    let mut planner = cfg.planner.clone();
-    planner.policy = PolicyKind::Dopd;
+    let planner = dopd_sim::planner_config(&cfg);
+    assert_eq!(planner.policy, PolicyKind::Dopd);
     let control = ControlConfig {
         interval_s: cfg.interval_s,
         drain_timeout_s: f64::INFINITY,

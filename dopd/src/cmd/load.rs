@@ -154,6 +154,10 @@ pub struct LoadArgs {
     /// TTFT SLO for attainment and goodput.
     #[arg(long, default_value = "2s")]
     pub ttft_slo: String,
+    /// Per-prompt-token TTFT allowance: a request's TTFT SLO is `--ttft-slo` plus this times its
+    /// prompt length (e.g. "0.2ms"; default none).
+    #[arg(long)]
+    pub ttft_slo_per_token: Option<String>,
     /// TPOT SLO.
     #[arg(long, default_value = "200ms")]
     pub tpot_slo: String,
@@ -197,6 +201,10 @@ pub fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
     }
     let ttft_slo = super::parse_duration_s(&a.ttft_slo).context("--ttft-slo")?;
     let tpot_slo = super::parse_duration_s(&a.tpot_slo).context("--tpot-slo")?;
+    let ttft_per_token = match &a.ttft_slo_per_token {
+        Some(v) => super::parse_duration_s(v).context("--ttft-slo-per-token")?,
+        None => 0.0,
+    };
     let limit = a
         .duration
         .as_deref()
@@ -269,9 +277,12 @@ pub fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
         .filter(|t| t.completion_tokens > 1)
         .map(|t| t.tpot_s)
         .collect();
-    let good = ok
+    let good = timings
         .iter()
-        .filter(|t| t.ttft_s <= ttft_slo && t.tpot_s <= tpot_slo)
+        .zip(&plan)
+        .filter(|(t, p)| {
+            t.ok && t.ttft_s <= ttft_slo + ttft_per_token * f64::from(p.1) && t.tpot_s <= tpot_slo
+        })
         .count();
     let report = LoadReport {
         requests: timings.len(),
@@ -318,8 +329,13 @@ pub fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
         ms(report.tpot_p90_s),
         ms(report.tpot_p99_s)
     );
+    let per_token = a
+        .ttft_slo_per_token
+        .as_ref()
+        .map(|v| format!(" + {v} per prompt token"))
+        .unwrap_or_default();
     println!(
-        "SLO (TTFT {}, TPOT {}) attainment {:.1}%, goodput {:.2} req/s, {:.1} output tok/s",
+        "SLO (TTFT {}{per_token}, TPOT {}) attainment {:.1}%, goodput {:.2} req/s, {:.1} output tok/s",
         a.ttft_slo,
         a.tpot_slo,
         100.0 * report.slo_attainment,

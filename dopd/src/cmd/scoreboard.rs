@@ -48,6 +48,8 @@ struct RowSettings {
     interval: Option<String>,
     kv_link_gbps: Option<f64>,
     rate_scale: Option<f64>,
+    /// Seconds served but not scored at the start (every policy alike).
+    warmup: Option<f64>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -96,6 +98,7 @@ fn common(row: &Row, d: &RowSettings, base: &Path) -> anyhow::Result<Common> {
         rate_scale: s.rate_scale.or(d.rate_scale).unwrap_or(1.0),
         window_start: 0.0,
         window_end: None,
+        warmup: s.warmup.or(d.warmup).unwrap_or(0.0),
         slo_ttft: s.slo_ttft.or(d.slo_ttft).unwrap_or(2.0),
         slo_ttft_per_token: s.slo_ttft_per_token.or(d.slo_ttft_per_token).unwrap_or(0.0),
         slo_tpot: s.slo_tpot.or(d.slo_tpot).unwrap_or(0.08),

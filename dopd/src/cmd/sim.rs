@@ -32,7 +32,10 @@ pub enum Command {
         /// static:3x1), dopd-static:NPxND (fixed counts with DOPD's length-aware routing),
         /// static:search (the best static split for the budget, as DistServe would),
         /// aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
-        /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman.
+        /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman, dopd-open-loop
+        /// (no SLO-miss correction), dopd-no-trend (no burst readiness), dopd-no-hold (a 30 s
+        /// scale-down window instead of one priced in start-ups), dopd-fixed-bypass (the
+        /// routing's fixed ultra-short threshold instead of one from the profile).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -81,6 +84,10 @@ pub struct Common {
     /// End of the replayed window, seconds after the first request.
     #[arg(long)]
     pub(super) window_end: Option<f64>,
+    /// Warm-up: requests arriving in the first seconds are served but not scored, and GPUs
+    /// count from then on.
+    #[arg(long, default_value_t = 0.0)]
+    pub(super) warmup: f64,
     /// TTFT SLO, seconds (plus `--slo-ttft-per-token` for each prompt token).
     #[arg(long, default_value_t = 2.0)]
     pub(super) slo_ttft: f64,
@@ -155,6 +162,7 @@ pub(super) fn setup(c: &Common) -> anyhow::Result<Setup> {
         slo_ttft_s: c.slo_ttft,
         slo_ttft_per_token_s: c.slo_ttft_per_token,
         slo_tpot_s: c.slo_tpot,
+        score_from_s: c.warmup,
         kv_link_bytes_per_s: c.kv_link_gbps * 1e9,
         ..SimConfig::default()
     };
@@ -189,6 +197,22 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-no-batching" => {
             cfg.routing.short_batching = false;
+            PolicySpec::Dopd
+        }
+        "dopd-open-loop" => {
+            cfg.planner.slo_policy.closed_loop = false;
+            PolicySpec::Dopd
+        }
+        "dopd-no-trend" => {
+            cfg.planner.slo_policy.burst_ready = false;
+            PolicySpec::Dopd
+        }
+        "dopd-no-hold" => {
+            cfg.planner.slo_policy.hold_startups = 0.0;
+            PolicySpec::Dopd
+        }
+        "dopd-fixed-bypass" => {
+            cfg.planner.slo_policy.bypass_from_profile = false;
             PolicySpec::Dopd
         }
         "dopd-last" => {
