@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/experiments.md: every table under docs/experiments/ and every plot under
-# docs/img/e*/ (a few minutes on 2 cores). Run from the repository root after scripts/setup.sh.
+# docs/img/e*/ (about ten minutes on 2 cores). Run from the repository root after scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p dopd
@@ -19,16 +19,16 @@ echo "== E2: DOPD vs aggregated at 8 GPUs, rising rate (conversation trace)"
 for s in 1 2 3 4; do
   echo "-- rate scale $s" >> "$out/e2-conv.txt"
   "$dopd" sim compare --trace traces/AzureLLMInferenceTrace_conv.csv --budget 8 --rate-scale "$s" \
-    --policies dopd,aggregated,static:search >> "$out/e2-conv.txt"
+    --policies dopd-paper,aggregated,static:search >> "$out/e2-conv.txt"
 done
 "$dopd" sim compare --trace traces/AzureLLMInferenceTrace_conv.csv --budget 8 --rate-scale 2 \
-  --policies dopd,aggregated --plot-dir docs/img/e2 > /dev/null
+  --policies dopd-paper,aggregated --plot-dir docs/img/e2 > /dev/null
 
 : > "$out/e2-code.txt"
 for s in 0.25 0.5 1; do
   echo "-- rate scale $s" >> "$out/e2-code.txt"
   "$dopd" sim compare --trace traces/AzureLLMInferenceTrace_code.csv --budget 8 --rate-scale "$s" \
-    --policies dopd,aggregated,static:search >> "$out/e2-code.txt"
+    --policies dopd-paper,aggregated,static:search >> "$out/e2-code.txt"
 done
 
 echo "== E3: fixed 1P+1D, with and without DOPD's length-aware routing"
@@ -46,6 +46,12 @@ done
 
 echo "== E4: bursty workload from 1P+1D"
 "$dopd" sim compare --synthetic examples/workloads/bursty.yaml --budget 8 \
-  --policies dopd,oracle,dyn-sla,dyn-load,dopd-last,dopd-no-bypass,dopd-no-batching \
+  --policies dopd-paper,oracle,dyn-sla,dyn-load \
   --plot-dir docs/img/e4 > "$out/e4.txt"
-echo "done: $out/*.txt and docs/img/e*/"
+echo "== The scoreboard: every policy on every row of examples/scoreboard/suite.yaml"
+"$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml --out "$out/scoreboard.md" > /dev/null
+echo "== Ablations of dopd's mechanisms, same rows"
+"$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml \
+  --policies dopd,dopd-open-loop,dopd-no-trend,dopd-no-hold,dopd-fixed-bypass,dopd-no-bypass,dopd-last,static:search \
+  --out "$out/ablations.md" > /dev/null
+echo "done: $out/*.txt, $out/*.md and docs/img/e*/"
