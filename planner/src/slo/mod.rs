@@ -1,0 +1,796 @@
+//! SLO-aware sizing: how many prefill and decode instances keep the TTFT and TPOT SLOs for a
+//! forecast workload, from a queueing model of each role on the performance profile.
+//!
+//! **Prefill** is a multi-server queue. Requests arrive at rate `λ_P` (those the router does not
+//! prefill on decode instances), each needs `S(ISL) = κ_P·TTFT(ISL)` of one instance. With `c`
+//! instances and offered load `a = λ_P·E[S]`, a request waits with the Erlang-C probability
+//! `C(c, a)`, and a wait longer than `t` has probability
+//! `C(c, a)·exp(−(c − a)·t / (β·E[S]))`, where `β = (C_a² + C_s²)/2` stretches the M/M/c tail for
+//! burstier arrivals and more variable service (Kingman's correction). A request of length `x`
+//! meets its TTFT SLO when its wait is below its slack `T_TTFT(x) − S(x) − transfer(x)`. Prefill
+//! gets the fewest instances whose expected share of misses, over the prompt-length distribution
+//! (log-normal with the observed mean and variance), is within its miss budget.
+//!
+//! **Decode** holds each request's KV blocks (`ISL + OSL` tokens) for `OSL·t` seconds, `t` the
+//! time per output token; concurrency follows Little's law, solved with the profile's
+//! `κ_D·TPOT(n, ctx)` (slowed by the prompts the instance prefills itself) as a fixed point. A full
+//! KV cache delays admissions rather than failing them, so the cache is a queue too: its servers
+//! are the sequences that fit, each held `OSL·t`. Decode gets the fewest instances whose TPOT is
+//! within the target and whose share of requests waiting for KV longer than half their TTFT
+//! allowance is within the miss budget.
+//!
+//! **Bypass.** A prompt is prefilled on a decode instance only when a decode step carrying its
+//! prefill still meets the TPOT SLO at the current decode load: the threshold follows the profile
+//! and the load instead of a fixed 511 tokens.
+//!
+//! Everything here is a pure function of its inputs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::profile::{PerRole, Profile};
+use crate::sizing::{MAX_INSTANCES, Replicas};
+
+/// The service's SLOs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SloTargets {
+    /// TTFT, seconds: `ttft_s + ttft_per_token_s · ISL` (a per-token allowance makes it
+    /// length-aware).
+    pub ttft_s: f64,
+    pub ttft_per_token_s: f64,
+    /// Time per output token, seconds.
+    pub tpot_s: f64,
+}
+
+impl Default for SloTargets {
+    fn default() -> Self {
+        Self {
+            ttft_s: 2.0,
+            ttft_per_token_s: 0.0,
+            tpot_s: 0.08,
+        }
+    }
+}
+
+impl SloTargets {
+    /// The TTFT SLO of a prompt of `isl` tokens.
+    pub fn ttft_at(&self, isl: f64) -> f64 {
+        self.ttft_s + self.ttft_per_token_s * isl.max(0.0)
+    }
+}
+
+/// Settings of the SLO-aware policy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SloPolicy {
+    /// Share of requests each role may let miss its SLO by queueing (the rest of the miss budget
+    /// is for what no count fixes).
+    pub miss_budget: f64,
+    /// Size so the modelled TTFT stays within this fraction of the SLO (headroom for what the
+    /// model does not see).
+    pub ttft_target: f64,
+    /// Size so the modelled TPOT stays within this fraction of the SLO.
+    pub tpot_target: f64,
+    /// Largest prompt ever prefilled on a decode instance, tokens.
+    pub max_bypass_isl: u32,
+    /// Most of their time decode instances spend prefilling bypassed prompts.
+    pub max_local_prefill_share: f64,
+    /// Derive the bypass threshold from the profile and the load (off: the routing config's
+    /// fixed threshold).
+    pub bypass_from_profile: bool,
+    /// Size each role for the load at the end of its start-up horizon when arrivals trend up
+    /// (off: the next interval's forecast).
+    pub burst_ready: bool,
+    /// A role shrinks only after its surplus has lasted this many of its start-ups (0: the
+    /// planner's `scale_down_stabilization_s`).
+    pub hold_startups: f64,
+    /// Add instances to a role whose observed latencies miss the SLO while the model says it has
+    /// enough (off: open loop).
+    pub closed_loop: bool,
+    /// Most the closed loop may raise a role's count, as a factor of its last target.
+    pub max_correction: f64,
+    /// The bypass threshold when it is not derived (the routing's fixed setting).
+    pub fixed_bypass_isl: u32,
+    /// KV link bandwidth between prefill and decode, bytes/s (0: transfers not modelled).
+    pub kv_link_bytes_per_s: f64,
+}
+
+impl Default for SloPolicy {
+    fn default() -> Self {
+        Self {
+            miss_budget: 0.005,
+            ttft_target: 0.9,
+            tpot_target: 0.85,
+            max_bypass_isl: 2048,
+            max_local_prefill_share: 0.3,
+            bypass_from_profile: true,
+            burst_ready: true,
+            hold_startups: 3.0,
+            closed_loop: true,
+            max_correction: 1.25,
+            fixed_bypass_isl: 511,
+            kv_link_bytes_per_s: 0.0,
+        }
+    }
+}
+
+/// What the sizing knows of the next interval's workload.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Arrival rate to size prefill for, requests per second.
+    pub rate_p: f64,
+    /// Arrival rate to size decode for.
+    pub rate_d: f64,
+    /// The next interval's arrival rate (without readiness for what comes later): when the
+    /// budget cannot hold the need, it is split to serve this load best.
+    #[serde(default)]
+    pub rate_now: f64,
+    /// Mean prompt length and its squared coefficient of variation.
+    pub isl: f64,
+    pub isl_cv2: f64,
+    /// Mean output length and its squared coefficient of variation.
+    pub osl: f64,
+    pub osl_cv2: f64,
+    /// Index of dispersion of arrivals (variance over mean of counts; 1 for Poisson).
+    pub dispersion: f64,
+    /// Observed over profiled latency, per role.
+    pub kappa: PerRole<f64>,
+    /// KV transfer seconds per prompt token (0: not modelled).
+    pub transfer_s_per_token: f64,
+    /// Decode concurrency per instance now (reported; the bypass threshold is derived from the
+    /// workload instead, so that it cannot feed back on itself).
+    pub decode_concurrency: f64,
+    /// The measured prompt-length distribution (shares of the length histogram's buckets), when
+    /// there is one; else a log-normal with `isl` and `isl_cv2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isl_shares: Option<Vec<f64>>,
+}
+
+impl Workload {
+    fn isl_dist(&self) -> LengthDist {
+        LengthDist::new(self.isl_shares.as_deref(), self.isl, self.isl_cv2)
+    }
+}
+
+/// The model's prediction for a count of instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// Share of prefilled requests expected to miss the TTFT SLO by waiting.
+    pub ttft_miss: f64,
+    /// TTFT of a mean-length prompt at the miss-budget quantile of waits, seconds.
+    pub ttft_s: f64,
+    /// Time per output token at the instances' concurrency, seconds.
+    pub tpot_s: f64,
+    /// Probability that the KV demand exceeds the decode instances' capacity.
+    pub kv_overflow: f64,
+}
+
+/// An SLO-aware sizing and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SloSizing {
+    /// Counts the SLOs need (with the closed loop's extra instances; before minimums, maximums
+    /// and the budget).
+    pub need: Replicas,
+    /// Counts to run: the need within the minimums, maximums and the budget.
+    pub target: Replicas,
+    /// Prompts up to this many tokens are prefilled on decode instances.
+    pub bypass_max_isl: u32,
+    /// Share of requests that bypass prefill.
+    pub bypass_share: f64,
+    /// Prefill's offered load (instances' worth of work) and decode's concurrency.
+    pub prefill_load: f64,
+    pub decode_concurrency: f64,
+    /// Share of prefilled requests whose own prefill exceeds their TTFT SLO (no count helps).
+    pub infeasible_share: f64,
+    /// Predictions at `target`, and with one instance fewer of each role.
+    pub at_need: Prediction,
+    pub one_fewer: PerRole<Option<Prediction>>,
+}
+
+mod dist;
+mod tracker;
+
+pub use dist::{LengthDist, Lengths, normal_cdf, normal_quantile};
+pub use tracker::{Tracker, share_above};
+
+// === queues ===
+
+/// Erlang C: probability that an arrival waits, `c` servers, offered load `a` Erlangs (1 when the
+/// queue is unstable).
+pub fn erlang_c(c: u32, a: f64) -> f64 {
+    if !(a > 0.0) {
+        return 0.0;
+    }
+    let cf = f64::from(c);
+    if a >= cf {
+        return 1.0;
+    }
+    // Erlang B by recursion (stable), then C.
+    let mut b = 1.0;
+    for k in 1..=c {
+        b = a * b / (f64::from(k) + a * b);
+    }
+    let p = cf * b / (cf - a * (1.0 - b));
+    p.clamp(0.0, 1.0)
+}
+
+/// `P(wait > t)` in a `c`-server queue with offered load `a`, mean service `s`, and tail
+/// stretch `beta`.
+pub fn wait_tail(c: u32, a: f64, s: f64, beta: f64, t: f64) -> f64 {
+    let cf = f64::from(c);
+    if a >= cf {
+        return 1.0;
+    }
+    if t <= 0.0 {
+        return erlang_c(c, a).max(if a > 0.0 { 1e-12 } else { 0.0 });
+    }
+    erlang_c(c, a) * (-(cf - a) * t / (beta.max(0.1) * s.max(1e-9))).exp()
+}
+
+/// Seconds the prefill of `isl` tokens takes on one instance per the profile, extended linearly
+/// past the profiled range (as the simulator does).
+pub fn prefill_time(profile: &Profile, isl: f64) -> f64 {
+    let max = profile.max_isl();
+    if isl <= max || profile.prefill.isl.len() < 2 {
+        profile.ttft(isl)
+    } else {
+        profile.ttft(max) * isl / max
+    }
+}
+
+// === the sizing ===
+
+/// Prompts of up to how many tokens a decode instance running `n` sequences of context `ctx`
+/// can prefill inside one step and still meet the TPOT target: the largest `L` on the profile's
+/// grid (and `cap`) with `κ_P·TTFT(L) + κ_D·TPOT(n, ctx) <= target`.
+pub fn bypass_threshold(
+    profile: &Profile,
+    kappa: PerRole<f64>,
+    n: f64,
+    ctx: f64,
+    target: f64,
+    cap: u32,
+) -> u32 {
+    let step = kappa.decode * profile.tpot(n.max(1.0), ctx);
+    let fits = |l: f64| kappa.prefill * prefill_time(profile, l) + step <= target;
+    if !fits(1.0) {
+        return 0;
+    }
+    // Bisection on an increasing prefill time.
+    let (mut lo, mut hi) = (1u32, cap.max(1));
+    if fits(f64::from(hi)) {
+        return hi;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(f64::from(mid)) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+fn ceil_count(x: f64) -> u32 {
+    if !(x > 0.0) {
+        0
+    } else {
+        x.ceil().min(f64::from(MAX_INSTANCES)) as u32
+    }
+}
+
+/// The prefill side for `c` instances: share of requests missing by waiting, the TTFT of a
+/// mean prompt at the miss-budget quantile, and the share that cannot meet it at all.
+struct PrefillModel<'a> {
+    profile: &'a Profile,
+    slo: &'a SloTargets,
+    policy: &'a SloPolicy,
+    w: &'a Workload,
+    lengths: LengthDist,
+    bypass: f64,
+    rate: f64,
+    mean_s: f64,
+    beta: f64,
+    points: Vec<f64>,
+}
+
+impl<'a> PrefillModel<'a> {
+    fn new(
+        profile: &'a Profile,
+        slo: &'a SloTargets,
+        policy: &'a SloPolicy,
+        w: &'a Workload,
+        bypass: u32,
+    ) -> Self {
+        let lengths = w.isl_dist();
+        let from = f64::from(bypass);
+        let points = lengths.points_above(from, 16);
+        let service = |x: f64| w.kappa.prefill * prefill_time(profile, x);
+        let mean_s = points.iter().map(|&x| service(x)).sum::<f64>() / points.len() as f64;
+        let s2 = points.iter().map(|&x| service(x).powi(2)).sum::<f64>() / points.len() as f64;
+        let cs2 = if mean_s > 0.0 {
+            (s2 / (mean_s * mean_s) - 1.0).max(0.0)
+        } else {
+            0.0
+        };
+        Self {
+            profile,
+            slo,
+            policy,
+            w,
+            bypass: lengths.cdf(from),
+            rate: w.rate_p.max(0.0) * (1.0 - lengths.cdf(from)),
+            lengths,
+            mean_s,
+            beta: (w.dispersion.max(1.0) + cs2) / 2.0,
+            points,
+        }
+    }
+
+    fn service(&self, x: f64) -> f64 {
+        self.w.kappa.prefill * prefill_time(self.profile, x)
+    }
+
+    fn slack(&self, x: f64) -> f64 {
+        self.policy.ttft_target * self.slo.ttft_at(x)
+            - self.service(x)
+            - self.w.transfer_s_per_token * x
+    }
+
+    fn load(&self) -> f64 {
+        self.rate * self.mean_s
+    }
+
+    fn infeasible(&self) -> f64 {
+        let n = self.points.len() as f64;
+        self.points
+            .iter()
+            .filter(|&&x| self.slack(x) <= 0.0)
+            .count() as f64
+            / n
+    }
+
+    /// Share of the feasible requests expected to wait past their slack with `c` instances (an
+    /// overloaded queue serves about `c/a` of its demand in time).
+    fn miss(&self, c: u32) -> f64 {
+        let a = self.load();
+        if a >= f64::from(c) {
+            return 1.0 - f64::from(c) / a * 0.5;
+        }
+        let feasible: Vec<f64> = self
+            .points
+            .iter()
+            .copied()
+            .filter(|&x| self.slack(x) > 0.0)
+            .collect();
+        if feasible.is_empty() {
+            return 0.0;
+        }
+        feasible
+            .iter()
+            .map(|&x| wait_tail(c, a, self.mean_s, self.beta, self.slack(x)))
+            .sum::<f64>()
+            / feasible.len() as f64
+    }
+
+    /// TTFT of a mean-length prompt at the miss-budget quantile of its wait.
+    fn ttft(&self, c: u32) -> f64 {
+        let a = self.load();
+        let cf = f64::from(c);
+        let x = self.lengths.mean().max(1.0);
+        let base = self.service(x) + self.w.transfer_s_per_token * x;
+        if a >= cf {
+            return f64::INFINITY;
+        }
+        let pw = erlang_c(c, a);
+        let eps = self.policy.miss_budget.max(1e-6);
+        let wait = if pw <= eps {
+            0.0
+        } else {
+            (pw / eps).ln() * self.beta * self.mean_s / (cf - a)
+        };
+        base + wait
+    }
+
+    /// Fewest instances within the miss budget (or, when no wait is affordable, keeping the mean
+    /// wait under a quarter of a service), stable at 90% utilisation at most.
+    fn needed(&self) -> u32 {
+        let a = self.load();
+        if !(a > 0.0) {
+            return 0;
+        }
+        let mut c = ceil_count(a / 0.9).max(1);
+        while c < MAX_INSTANCES {
+            let ok = if self.infeasible() >= 1.0 {
+                let cf = f64::from(c);
+                erlang_c(c, a) * self.beta * self.mean_s / (cf - a) <= 0.25 * self.mean_s
+            } else {
+                self.miss(c) <= self.policy.miss_budget
+            };
+            if ok {
+                return c;
+            }
+            c += 1;
+        }
+        c
+    }
+}
+
+/// The decode side: for `n_d` instances, the time per output token, the KV overflow probability
+/// and whether both meet the targets.
+#[derive(Clone, Copy)]
+struct DecodeModel<'a> {
+    profile: &'a Profile,
+    slo: &'a SloTargets,
+    policy: &'a SloPolicy,
+    w: &'a Workload,
+    /// Mean context during decode, tokens.
+    ctx: f64,
+    /// KV tokens one request reserves (rounded up to blocks), mean and second moment.
+    kv_mean: f64,
+    kv_m2: f64,
+    /// Local prefill seconds per second of arrivals (bypassed prompts).
+    local_prefill: f64,
+    /// Arrivals reaching decode, requests per second.
+    rate: f64,
+}
+
+impl<'a> DecodeModel<'a> {
+    fn new(
+        profile: &'a Profile,
+        slo: &'a SloTargets,
+        policy: &'a SloPolicy,
+        w: &'a Workload,
+        bypass: u32,
+    ) -> Self {
+        let block = f64::from(profile.kv.block_size.max(1));
+        let isl = w.isl_dist();
+        let (im, om) = (w.isl.max(1.0), w.osl.max(1.0));
+        let (i2, o2) = (im * im * (1.0 + w.isl_cv2), om * om * (1.0 + w.osl_cv2));
+        // Reserved tokens X = ISL + OSL (+ half a block lost to rounding).
+        let kv_mean = im + om + block / 2.0;
+        let kv_m2 = i2 + o2 + 2.0 * im * om + block * kv_mean;
+        let from = f64::from(bypass);
+        let cost = isl.expect_below(from, &|x| w.kappa.prefill * prefill_time(profile, x));
+        Self {
+            profile,
+            slo,
+            policy,
+            w,
+            ctx: im + om / 2.0,
+            kv_mean,
+            kv_m2,
+            local_prefill: w.rate_d.max(0.0) * cost,
+            rate: w.rate_d.max(0.0),
+        }
+    }
+
+    /// Time per output token at `n_d` instances and the concurrency that implies (a fixed point
+    /// of Little's law and the profile).
+    fn operating_point(&self, n_d: u32) -> (f64, f64) {
+        let nd = f64::from(n_d.max(1));
+        let busy = (self.local_prefill / nd).min(0.95);
+        let osl = self.w.osl.max(1.0);
+        let mut t = self.w.kappa.decode * self.profile.tpot(1.0, self.ctx) / (1.0 - busy);
+        let mut conc = 0.0;
+        for _ in 0..8 {
+            conc = self.rate * osl * t;
+            t = self.w.kappa.decode * self.profile.tpot((conc / nd).max(1.0), self.ctx)
+                / (1.0 - busy);
+        }
+        (t, conc)
+    }
+
+    /// Share of requests that wait for KV space longer than half their TTFT allowance at `n_d`
+    /// instances. A full KV cache does not fail a request: it waits for a running sequence to
+    /// finish and free its blocks. So the cache is a queue whose servers are the sequences that
+    /// fit (capacity over the mean reservation), each held for OSL x TPOT seconds.
+    fn overflow(&self, n_d: u32, t: f64) -> f64 {
+        let cap = f64::from(n_d) * self.profile.kv.tokens() as f64;
+        let osl = self.w.osl.max(1.0);
+        let conc = self.rate * osl * t;
+        if !(conc > 0.0) {
+            return 0.0;
+        }
+        // Reservations vary: the sequences that fit are fewer than capacity over the mean by
+        // about one standard deviation of their sum.
+        let slots_mean = cap / self.kv_mean;
+        let sd_one = (self.kv_m2 - self.kv_mean * self.kv_mean).max(0.0).sqrt();
+        let slots = (cap - sd_one * slots_mean.sqrt()) / self.kv_mean;
+        if conc >= slots {
+            return 1.0 - slots.max(0.0) / conc * 0.5;
+        }
+        let c = slots.floor().min(f64::from(u32::MAX / 2)) as u32;
+        let beta = (self.w.dispersion.max(1.0) + self.w.osl_cv2) / 2.0;
+        let slack = 0.5 * self.slo.ttft_at(self.w.isl.max(1.0));
+        wait_tail(c, conc, osl * t, beta, slack)
+    }
+
+    /// The same decode side when only a share of the arrivals reaches it (an overloaded prefill
+    /// passes on what it serves).
+    fn throttled(&self, share: f64) -> Self {
+        Self {
+            rate: self.rate * share.clamp(0.0, 1.0),
+            ..*self
+        }
+    }
+
+    fn predict(&self, n_d: u32) -> (f64, f64) {
+        let (t, _) = self.operating_point(n_d);
+        (t, self.overflow(n_d, t))
+    }
+
+    fn ok(&self, n_d: u32) -> bool {
+        let (t, overflow) = self.predict(n_d);
+        t <= self.policy.tpot_target * self.slo.tpot_s && overflow <= self.policy.miss_budget
+    }
+
+    fn needed(&self) -> u32 {
+        if !(self.rate > 0.0) {
+            return 0;
+        }
+        // Grow geometrically, then bisect on the first count that meets both targets.
+        let mut hi = 1u32;
+        while !self.ok(hi) && hi < MAX_INSTANCES / 2 {
+            hi *= 2;
+        }
+        let mut lo = hi / 2;
+        if lo == 0 {
+            return hi;
+        }
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if self.ok(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        hi
+    }
+}
+
+/// Where the counts must stay: minimums, maximums and a GPU budget.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bounds {
+    pub min: Replicas,
+    pub max: PerRole<Option<u32>>,
+    pub budget: u32,
+    /// The counts running now: when the budget binds, a split is changed only for a clearly
+    /// better one (each change costs a start-up).
+    pub current: Option<Replicas>,
+}
+
+/// The counts the SLOs need for workload `w` (plus `extra`, the closed loop's instances), the
+/// counts to run within `bounds`, and the bypass threshold (`fixed_bypass` when the policy does
+/// not derive it). When the need does not fit the budget, the budget is split to miss the fewest
+/// requests the model predicts.
+///
+/// A derived bypass threshold is chosen with the counts: from the thresholds a decode step can
+/// carry (see [`bypass_threshold`]), with decode instances spending at most
+/// `max_local_prefill_share` of their time prefilling, the one that needs the fewest GPUs,
+/// larger ones first on ties. When the need does not fit the budget even without bypass, there
+/// is none.
+pub fn size(
+    profile: &Profile,
+    w: &Workload,
+    slo: &SloTargets,
+    policy: &SloPolicy,
+    fixed_bypass: u32,
+    extra: Replicas,
+    bounds: &Bounds,
+) -> SloSizing {
+    if !policy.bypass_from_profile {
+        return size_at(profile, w, slo, policy, fixed_bypass, extra, bounds).0;
+    }
+    let top = max_bypass(profile, w, slo, policy);
+    // Under a budget that cannot hold the need, decode instances are needed for decoding: the
+    // roles stay apart (a local prefill slows every sequence on its instance).
+    let plain = size_at(profile, w, slo, policy, 0, extra, bounds).0;
+    if plain.target != plain.need {
+        return plain;
+    }
+    let mut best: Option<(SloSizing, f64)> = None;
+    for k in (0..=4u32).rev() {
+        let l = top * k / 4;
+        let (s, miss) = size_at(profile, w, slo, policy, l, extra, bounds);
+        let fits = s.target == s.need;
+        let better = match &best {
+            None => true,
+            Some((b, bm)) => {
+                let b_fits = b.target == b.need;
+                match (fits, b_fits) {
+                    (true, false) => true,
+                    (false, true) => false,
+                    (true, true) => s.need.gpus(profile) < b.need.gpus(profile),
+                    (false, false) => miss < bm - 1e-9,
+                }
+            }
+        };
+        if better {
+            best = Some((s, miss));
+        }
+    }
+    best.map(|b| b.0)
+        .unwrap_or_else(|| size_at(profile, w, slo, policy, 0, extra, bounds).0)
+}
+
+/// The largest bypass threshold a decode step can carry at the decode load the SLOs call for
+/// without any bypass, with decode instances spending at most `max_local_prefill_share` of their
+/// time prefilling (a function of the workload alone, so it cannot feed back on itself).
+fn max_bypass(profile: &Profile, w: &Workload, slo: &SloTargets, policy: &SloPolicy) -> u32 {
+    let ctx = w.isl.max(1.0) + w.osl.max(1.0) / 2.0;
+    let plain = DecodeModel::new(profile, slo, policy, w, 0);
+    let d0 = plain.needed().max(1);
+    let n = plain.operating_point(d0).1 / f64::from(d0);
+    let one_step = bypass_threshold(profile, w.kappa, n, ctx, slo.tpot_s, policy.max_bypass_isl);
+    let step = w.kappa.decode * profile.tpot(n.max(1.0), ctx);
+    let share = (1.0 - step / (policy.tpot_target * slo.tpot_s))
+        .min(policy.max_local_prefill_share)
+        .max(0.0);
+    let dist = w.isl_dist();
+    let busy = |l: u32| {
+        w.rate_d.max(0.0)
+            * dist.expect_below(f64::from(l), &|x| {
+                w.kappa.prefill * prefill_time(profile, x)
+            })
+            / f64::from(d0)
+    };
+    let (mut lo, mut hi) = (0u32, one_step);
+    if busy(hi) <= share {
+        lo = hi;
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if busy(mid) <= share {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The sizing at one bypass threshold, and the share of requests the model expects to miss at
+/// its target.
+fn size_at(
+    profile: &Profile,
+    w: &Workload,
+    slo: &SloTargets,
+    policy: &SloPolicy,
+    bypass: u32,
+    extra: Replicas,
+    bounds: &Bounds,
+) -> (SloSizing, f64) {
+    let pre = PrefillModel::new(profile, slo, policy, w, bypass);
+    let dec = DecodeModel::new(profile, slo, policy, w, bypass);
+    let base = Replicas {
+        prefill: pre.needed(),
+        decode: dec.needed(),
+    };
+    let need = Replicas {
+        prefill: base.prefill.saturating_add(extra.prefill),
+        decode: base.decode.saturating_add(extra.decode),
+    };
+    let predict = |p: u32, d: u32| {
+        let (tpot, overflow) = dec.predict(d.max(1));
+        Prediction {
+            ttft_miss: if p == 0 { 1.0 } else { pre.miss(p) },
+            ttft_s: if p == 0 { f64::INFINITY } else { pre.ttft(p) },
+            tpot_s: tpot,
+            kv_overflow: overflow,
+        }
+    };
+    // Share of all requests the model expects to miss at (p, d) under the next interval's load.
+    // An overloaded prefill passes on only what it serves, so decode is judged at that rate.
+    let now = Workload {
+        rate_p: w.rate_now.min(w.rate_p),
+        rate_d: w.rate_now.min(w.rate_d),
+        ..w.clone()
+    };
+    let pre_now = PrefillModel::new(profile, slo, policy, &now, bypass);
+    let dec_now = DecodeModel::new(profile, slo, policy, &now, bypass);
+    let miss = |p: u32, d: u32| {
+        let (pre, dec) = (&pre_now, &dec_now);
+        let a = pre.load();
+        let through = if a > f64::from(p) {
+            f64::from(p) / a
+        } else {
+            1.0
+        };
+        let share = pre.bypass + (1.0 - pre.bypass) * through;
+        let (tpot, overflow) = dec.throttled(share).predict(d.max(1));
+        let at = Prediction {
+            ttft_miss: if p == 0 { 1.0 } else { pre.miss(p) },
+            ttft_s: 0.0,
+            tpot_s: tpot,
+            kv_overflow: overflow,
+        };
+        let ttft = (1.0 - pre.bypass) * at.ttft_miss.min(1.0);
+        let ratio = at.tpot_s / slo.tpot_s;
+        let tpot = if ratio <= policy.tpot_target {
+            0.0
+        } else {
+            ((ratio - policy.tpot_target) / (1.0 - policy.tpot_target).max(1e-6)).min(1.0)
+        };
+        // A request that waits for KV space is late only if its output is too short to make up
+        // the wait: count half of the overflow.
+        1.0 - (1.0 - ttft) * (1.0 - tpot.max(0.5 * at.kv_overflow))
+    };
+    let target = fit(profile, need, bounds, &miss);
+    let (p, d) = (target.prefill.max(1), target.decode.max(1));
+    let at_target = miss(p, d);
+    let sizing = SloSizing {
+        need,
+        target,
+        bypass_max_isl: bypass,
+        bypass_share: pre.bypass,
+        prefill_load: pre.load(),
+        decode_concurrency: dec.operating_point(d).1,
+        infeasible_share: pre.infeasible(),
+        at_need: predict(p, d),
+        one_fewer: PerRole {
+            prefill: (p > 1).then(|| predict(p - 1, d)),
+            decode: (d > 1).then(|| predict(p, d - 1)),
+        },
+    };
+    (sizing, at_target)
+}
+
+/// `need` within `bounds`: clamped to the minimums and maximums, and when that exceeds the
+/// budget, the split of the budget (neither role above its need) with the fewest predicted
+/// misses, then the fewest GPUs.
+fn fit(profile: &Profile, need: Replicas, b: &Bounds, miss: &dyn Fn(u32, u32) -> f64) -> Replicas {
+    let clamp =
+        |v: u32, min: u32, max: Option<u32>| v.max(min).min(max.unwrap_or(u32::MAX).max(min));
+    let r = Replicas {
+        prefill: clamp(need.prefill, b.min.prefill, b.max.prefill),
+        decode: clamp(need.decode, b.min.decode, b.max.decode),
+    };
+    if r.gpus(profile) <= b.budget || b.min.gpus(profile) > b.budget {
+        return if b.min.gpus(profile) > b.budget {
+            b.min
+        } else {
+            r
+        };
+    }
+    let (g_p, g_d) = (profile.gpus.prefill.max(1), profile.gpus.decode.max(1));
+    let mut best: Option<(f64, Replicas)> = None;
+    let top_d = r
+        .decode
+        .min(b.budget.saturating_sub(b.min.prefill * g_p) / g_d);
+    for d in b.min.decode..=top_d {
+        let p = r.prefill.min((b.budget - d * g_d) / g_p);
+        if p < b.min.prefill {
+            continue;
+        }
+        let cand = Replicas {
+            prefill: p,
+            decode: d,
+        };
+        let m = miss(p, d);
+        let better = best.as_ref().is_none_or(|(bm, bc)| {
+            m < bm - 1e-9 || ((m - bm).abs() <= 1e-9 && cand.gpus(profile) < bc.gpus(profile))
+        });
+        if better {
+            best = Some((m, cand));
+        }
+    }
+    match (best, b.current) {
+        (Some((m, c)), Some(cur))
+            if cur.gpus(profile) <= b.budget
+                && cur.prefill >= b.min.prefill
+                && cur.decode >= b.min.decode
+                && miss(cur.prefill, cur.decode) <= m + 0.002 =>
+        {
+            let _ = c;
+            cur
+        }
+        (Some((_, c)), _) => c,
+        (None, _) => b.min,
+    }
+}
+
+#[cfg(test)]
+mod tests;

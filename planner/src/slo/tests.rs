@@ -1,0 +1,276 @@
+//! Tests of the SLO-aware sizing and the tracker.
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::profile::roofline::RooflineSpec;
+
+fn profile() -> Profile {
+    RooflineSpec::llama33_70b_fp8_h100().build().unwrap()
+}
+
+fn open() -> Bounds {
+    Bounds {
+        min: Replicas::default(),
+        max: PerRole {
+            prefill: None,
+            decode: None,
+        },
+        budget: u32::MAX,
+        current: None,
+    }
+}
+
+/// The sizing with no bounds and no closed-loop extra.
+fn sized(p: &Profile, w: &Workload, slo: &SloTargets, pol: &SloPolicy, bypass: u32) -> SloSizing {
+    size(p, w, slo, pol, bypass, Replicas::default(), &open())
+}
+
+fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
+    Workload {
+        rate_p: rate,
+        rate_d: rate,
+        rate_now: rate,
+        isl,
+        isl_cv2: 0.5,
+        osl,
+        osl_cv2: 0.5,
+        dispersion: 1.0,
+        kappa: PerRole {
+            prefill: 1.0,
+            decode: 1.0,
+        },
+        transfer_s_per_token: 0.0,
+        decode_concurrency: 16.0,
+        isl_shares: None,
+    }
+}
+
+#[test]
+fn surges_are_learned_from_what_the_forecast_missed() {
+    let (slo, pol) = (SloTargets::default(), SloPolicy::default());
+    let obs = |n: f64| crate::planner::Observation {
+        interval_s: 10.0,
+        requests: n,
+        ..Default::default()
+    };
+    // A steady load that the forecast (100 per interval) gets right: no surge, even with
+    // Poisson-sized noise.
+    let mut t = Tracker::default();
+    for k in 0..60 {
+        t.observe(&obs(if k % 2 == 0 { 110.0 } else { 92.0 }), &slo, &pol);
+        t.record_forecast(100.0, 4);
+    }
+    assert_eq!(t.surge(), 0.0);
+    // Every eighth interval starts four at half as much again, which a forecast of 100 does
+    // not see coming: the surge is learned.
+    let mut t = Tracker::default();
+    for k in 0..120 {
+        t.observe(&obs(if k % 8 < 4 { 150.0 } else { 100.0 }), &slo, &pol);
+        t.record_forecast(100.0, 4);
+    }
+    let s = t.surge();
+    assert!(s > 0.25 && s < 0.5, "{s}");
+}
+
+#[test]
+fn a_full_kv_cache_delays_rather_than_fails() {
+    let (p, slo, pol) = (profile(), SloTargets::default(), SloPolicy::default());
+    let w = workload(20.0, 1200.0, 200.0);
+    let d = DecodeModel::new(&p, &slo, &pol, &w, 0);
+    let (t, conc) = d.operating_point(1);
+    let slots = p.kv.tokens() as f64 / d.kv_mean;
+    // Near but below the sequences that fit: a short wait for blocks, rarely past the
+    // allowance.
+    let near = d.throttled(0.85 * slots / conc);
+    assert!(near.overflow(1, t) < 0.05, "{}", near.overflow(1, t));
+    // Past them the queue grows without bound.
+    let over = d.throttled(1.0).overflow(1, 1.5 * slots / (20.0 * 200.0));
+    assert!(over > 0.5, "{over}");
+    // More instances never overflow more.
+    let mut last = 1.0;
+    for n in 1..6 {
+        let o = d.overflow(n, t);
+        assert!(o <= last + 1e-12, "{n}: {o} > {last}");
+        last = o;
+    }
+}
+
+#[test]
+fn the_normal_distribution_is_right_to_many_digits() {
+    assert!((normal_cdf(0.0) - 0.5).abs() < 1e-7);
+    assert!((normal_cdf(1.959_964) - 0.975).abs() < 1e-6);
+    assert!((normal_quantile(0.975) - 1.959_964).abs() < 1e-5);
+    assert!((normal_quantile(0.01) + 2.326_348).abs() < 1e-5);
+    for p in [0.001, 0.2, 0.5, 0.9, 0.999] {
+        assert!((normal_cdf(normal_quantile(p)) - p).abs() < 1e-6, "{p}");
+    }
+}
+
+#[test]
+fn log_normal_lengths_keep_their_mean() {
+    let l = Lengths::new(1000.0, 0.8);
+    let pts = l.points_above(0.0, 400);
+    let mean = pts.iter().sum::<f64>() / pts.len() as f64;
+    assert!((mean - 1000.0).abs() / 1000.0 < 0.03, "{mean}");
+    assert!((l.partial_mean(1e12) - 1000.0).abs() < 1e-6);
+    assert!(l.cdf(l.quantile(0.3)) - 0.3 < 1e-6);
+    let fixed = Lengths::new(500.0, 0.0);
+    assert_eq!((fixed.cdf(499.0), fixed.cdf(500.0)), (0.0, 1.0));
+}
+
+#[test]
+fn erlang_c_matches_known_values() {
+    // One server: P(wait) = utilisation.
+    assert!((erlang_c(1, 0.7) - 0.7).abs() < 1e-12);
+    // Two servers, 1 Erlang: 1/3.
+    assert!((erlang_c(2, 1.0) - 1.0 / 3.0).abs() < 1e-12);
+    // Unstable and idle.
+    assert_eq!(erlang_c(3, 3.5), 1.0);
+    assert_eq!(erlang_c(3, 0.0), 0.0);
+    // More servers never wait more.
+    assert!(erlang_c(10, 8.0) > erlang_c(11, 8.0));
+}
+
+#[test]
+fn more_load_needs_more_instances_and_none_need_none() {
+    let p = profile();
+    let slo = SloTargets::default();
+    let pol = SloPolicy::default();
+    let mut last = Replicas::default();
+    for rate in [0.5, 2.0, 8.0, 32.0] {
+        let s = size(
+            &p,
+            &workload(rate, 2000.0, 300.0),
+            &slo,
+            &pol,
+            511,
+            Replicas::default(),
+            &open(),
+        );
+        assert!(
+            s.need.prefill >= last.prefill && s.need.decode >= last.decode,
+            "{s:?}"
+        );
+        assert!(s.at_need.ttft_miss <= pol.miss_budget, "{s:?}");
+        assert!(s.at_need.tpot_s <= pol.tpot_target * slo.tpot_s, "{s:?}");
+        last = s.need;
+    }
+    assert!(last.prefill >= 8, "{last:?}");
+    let idle = size(
+        &p,
+        &workload(0.0, 2000.0, 300.0),
+        &slo,
+        &pol,
+        511,
+        Replicas::default(),
+        &open(),
+    );
+    assert_eq!(idle.need, Replicas::default());
+}
+
+#[test]
+fn an_over_budget_need_is_split_to_miss_the_fewest() {
+    let p = profile();
+    let slo = SloTargets::default();
+    let pol = SloPolicy::default();
+    let w = workload(40.0, 2000.0, 300.0);
+    let free = sized(&p, &w, &slo, &pol, 511);
+    let budget = free.need.gpus(&p) / 2;
+    let b = Bounds {
+        min: PerRole {
+            prefill: 1,
+            decode: 1,
+        },
+        max: PerRole {
+            prefill: None,
+            decode: None,
+        },
+        budget,
+        current: None,
+    };
+    let s = size(&p, &w, &slo, &pol, 511, Replicas::default(), &b);
+    assert!(s.target.gpus(&p) <= budget, "{s:?}");
+    assert!(s.target.prefill <= s.need.prefill && s.target.decode <= s.need.decode);
+    // Neither role is starved to nothing while the other keeps everything.
+    assert!(s.target.prefill > 1 && s.target.decode > 1, "{s:?}");
+}
+
+#[test]
+fn one_fewer_instance_would_break_an_slo() {
+    let p = profile();
+    let slo = SloTargets::default();
+    let pol = SloPolicy::default();
+    let s = size(
+        &p,
+        &workload(20.0, 3000.0, 400.0),
+        &slo,
+        &pol,
+        511,
+        Replicas::default(),
+        &open(),
+    );
+    let fewer_p = s.one_fewer.prefill.unwrap();
+    assert!(fewer_p.ttft_miss > pol.miss_budget, "{s:?}");
+    let fewer_d = s.one_fewer.decode.unwrap();
+    assert!(
+        fewer_d.tpot_s > pol.tpot_target * slo.tpot_s || fewer_d.kv_overflow > pol.miss_budget,
+        "{s:?}"
+    );
+}
+
+#[test]
+fn prefill_is_sized_by_queueing_not_by_throughput_alone() {
+    // 4 Erlangs of prefill work: throughput alone says 4 instances; a 2 s TTFT with 1 s
+    // prompts leaves 1 s of slack, which needs more.
+    let p = profile();
+    let isl = 8000.0;
+    let rate = 4.0 / prefill_time(&p, isl);
+    let mut w = workload(rate, isl, 200.0);
+    w.isl_cv2 = 0.0;
+    let s = sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 0);
+    assert!(s.need.prefill > 5, "{s:?}");
+    // Burstier arrivals need more.
+    w.dispersion = 4.0;
+    let b = sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 0);
+    assert!(b.need.prefill > s.need.prefill, "{b:?} vs {s:?}");
+}
+
+#[test]
+fn the_bypass_follows_the_decode_load() {
+    let p = profile();
+    let one = PerRole {
+        prefill: 1.0,
+        decode: 1.0,
+    };
+    let light = bypass_threshold(&p, one, 8.0, 1000.0, 0.08, 2048);
+    let heavy = bypass_threshold(&p, one, 512.0, 1000.0, 0.08, 2048);
+    assert!(light > 256, "{light}");
+    assert!(heavy < light, "{heavy} vs {light}");
+    // A step already over the SLO takes nothing.
+    assert_eq!(bypass_threshold(&p, one, 2045.0, 16384.0, 0.08, 2048), 0);
+    // In a sizing, the threshold follows the load per decode instance the SLOs call for.
+    let s = |rate: f64| {
+        let w = workload(rate, 1000.0, 800.0);
+        sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 511)
+    };
+    assert!(
+        s(50.0).bypass_max_isl <= s(0.5).bypass_max_isl,
+        "{:?}",
+        s(50.0)
+    );
+}
+
+#[test]
+fn a_length_aware_slo_makes_long_prompts_feasible() {
+    let p = profile();
+    let mut w = workload(0.5, 20_000.0, 300.0);
+    w.isl_cv2 = 1.0;
+    let fixed = sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 511);
+    assert!(fixed.infeasible_share > 0.4, "{fixed:?}");
+    let aware = SloTargets {
+        ttft_per_token_s: 0.0002,
+        ..SloTargets::default()
+    };
+    let s = sized(&p, &w, &aware, &SloPolicy::default(), 511);
+    assert!(s.infeasible_share < 0.1, "{s:?}");
+}
