@@ -1,0 +1,195 @@
+//! The `dopd` policy's side of the planner: the SLO-aware sizing of each tick (`crate::slo`)
+//! fed from the forecast and the tracker, and its start-up-priced scale-down hold.
+
+use super::*;
+
+impl Planner {
+    /// How long each role's scale-down waits (the largest count desired within it stays): the
+    /// SLO-aware policy prices it in start-ups, the others use `scale_down_stabilization_s`.
+    pub(super) fn hold_windows(&self) -> PerRole<f64> {
+        // Bursty arrivals (an index of dispersion well above Poisson's 1) come back: the quieter
+        // spells between them are sat through rather than restarted from, up to eight times
+        // longer.
+        let k = self.cfg.slo_policy.hold_startups * (self.tracker.dispersion / 2.0).clamp(1.0, 8.0);
+        if self.cfg.policy == PolicyKind::Dopd && k > 0.0 {
+            PerRole {
+                prefill: k * self.profile.startup_s.prefill,
+                decode: k * self.profile.startup_s.decode,
+            }
+        } else {
+            PerRole {
+                prefill: self.cfg.scale_down_stabilization_s,
+                decode: self.cfg.scale_down_stabilization_s,
+            }
+        }
+    }
+
+    /// The `dopd` policy: the counts the SLOs need for the forecast (its upper bound over each
+    /// role's start-up horizon when burst-ready), corrected by observed misses, within minimums,
+    /// maximums and the budget.
+    pub(super) fn slo_desired(
+        &mut self,
+        obs: &Observation,
+        known: Option<SizingInput>,
+        reasons: &mut Vec<Reason>,
+    ) -> (Replicas, Option<WorkloadForecast>, SloSizing) {
+        let interval = if obs.interval_s > 0.0 {
+            obs.interval_s
+        } else {
+            10.0
+        };
+        let f = match known {
+            Some(k) => {
+                let exact = |v: f64| Forecast {
+                    point: v,
+                    lower: v,
+                    upper: v,
+                };
+                WorkloadForecast {
+                    requests: exact(k.requests),
+                    isl: exact(k.isl),
+                    osl: exact(k.osl),
+                }
+            }
+            None => {
+                let f = self.forecast();
+                let held = self.requests.len();
+                if held < self.warmup_len() {
+                    reasons.push(Reason::Warmup { observations: held });
+                }
+                if f.isl.point > 0.0 {
+                    self.isl_threshold = Some(f.isl.point);
+                }
+                f
+            }
+        };
+        // Lengths: the oracle's truth, else the count-weighted recent means (steadier than a
+        // forecast of one interval's mean), else the defaults.
+        let t = &self.tracker;
+        let (isl, osl) = match known {
+            Some(k) => (k.isl, k.osl),
+            None => (
+                t.isl.unwrap_or(self.cfg.default_isl),
+                t.osl.unwrap_or(self.cfg.default_osl),
+            ),
+        };
+        let p = &self.cfg.slo_policy;
+        // Burst readiness: a rising trend is carried over the role's start-up horizon, so the
+        // instances asked for now serve the load that will be there when they are up.
+        let trend = if known.is_none() {
+            t.trend().max(0.0)
+        } else {
+            0.0
+        };
+        // And what the forecast has recently missed over that horizon (its surges) is provisioned
+        // for too: the instances a surge needs cannot be started once it has come.
+        let surge = if known.is_none() && p.burst_ready {
+            t.surge()
+        } else {
+            0.0
+        };
+        let rate = |startup: f64| {
+            let h = headroom::horizon_intervals(startup, interval);
+            let r = if p.burst_ready {
+                (f.requests.point + trend * f64::from(h)).max(f.requests.point * (1.0 + surge))
+            } else {
+                f.requests.point
+            };
+            r / interval
+        };
+        let h_p = headroom::horizon_intervals(self.profile.startup_s.prefill, interval);
+        self.tracker.record_forecast(f.requests.point, h_p);
+        let t = &self.tracker;
+        // The profile is trusted for service times (observed latencies include queueing, which
+        // the model adds itself); the closed loop corrects what the model misses.
+        let one = PerRole {
+            prefill: 1.0,
+            decode: 1.0,
+        };
+        // A backlog in front of prefill is load too: the instances asked for now should clear it
+        // within the start-up horizon, on top of the arrivals.
+        let backlog =
+            finite0(obs.prefill_queue_depth) / self.profile.startup_s.prefill.max(interval);
+        let w = slo::Workload {
+            rate_p: rate(self.profile.startup_s.prefill) + backlog,
+            rate_d: rate(self.profile.startup_s.decode),
+            rate_now: f.requests.point / interval,
+            isl,
+            isl_cv2: t.isl_cv2,
+            osl,
+            osl_cv2: t.osl_cv2,
+            dispersion: t.dispersion,
+            kappa: one,
+            transfer_s_per_token: if p.kv_link_bytes_per_s > 0.0 {
+                self.profile.kv.bytes_per_token as f64 / p.kv_link_bytes_per_s
+            } else {
+                0.0
+            },
+            decode_concurrency: t.decode_concurrency,
+            isl_shares: t.isl_shares.clone(),
+        };
+        let extra = PerRole {
+            prefill: t.extra.prefill.round() as u32,
+            decode: t.extra.decode.round() as u32,
+        };
+        let c = &self.cfg.sizing;
+        let bounds = slo::Bounds {
+            min: c.min_replicas,
+            max: c.max_replicas,
+            budget: c.gpu_budget,
+            current: self.issued,
+        };
+        let s = slo::size(
+            &self.profile,
+            &w,
+            &self.cfg.slo,
+            p,
+            p.fixed_bypass_isl,
+            extra,
+            &bounds,
+        );
+        reasons.push(Reason::Forecast {
+            requests: f.requests.point,
+            isl,
+            osl,
+        });
+        reasons.push(Reason::SloNeed {
+            prefill: s.need.prefill,
+            decode: s.need.decode,
+            rate_p: w.rate_p,
+            rate_d: w.rate_d,
+            bypass_max_isl: s.bypass_max_isl,
+            ttft_s: s.at_need.ttft_s,
+            tpot_s: s.at_need.tpot_s,
+        });
+        for (role, x) in [(Role::Prefill, extra.prefill), (Role::Decode, extra.decode)] {
+            if x > 0 {
+                reasons.push(Reason::SloCorrection { role, extra: x });
+            }
+        }
+        for role in [Role::Prefill, Role::Decode] {
+            let (n, got) = (s.need.get(role), s.target.get(role));
+            let min = c.min_replicas.get(role);
+            if got < n && c.max_replicas.get(role).is_some_and(|m| got >= m) {
+                reasons.push(Reason::MaxReplicas { role, max: got });
+            } else if got > n && got == min {
+                reasons.push(Reason::MinReplicas { role, min });
+            }
+        }
+        if s.need.gpus(&self.profile) > c.gpu_budget && s.target != s.need {
+            reasons.push(Reason::Budget {
+                wanted_gpus: s.need.gpus(&self.profile),
+                budget: c.gpu_budget,
+            });
+        }
+        let tr = &mut self.tracker;
+        tr.decode_concurrency = (s.decode_concurrency / f64::from(s.target.decode.max(1))).max(1.0);
+        tr.bound = PerRole {
+            prefill: s.target.prefill < s.need.prefill,
+            decode: s.target.decode < s.need.decode,
+        };
+        tr.last_target = s.target;
+        self.bypass = Some(s.bypass_max_isl);
+        (s.target, Some(f), s)
+    }
+}

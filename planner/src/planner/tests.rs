@@ -1,0 +1,328 @@
+//! Tests of the planner's tick.
+
+use super::*;
+use crate::profile::roofline::RooflineSpec;
+
+impl Planner {
+    fn new_ok(profile: Profile, cfg: PlannerConfig) -> Self {
+        Self::new(profile, cfg).expect("valid config")
+    }
+}
+
+#[test]
+fn bad_config_is_rejected_with_the_field_named() {
+    let c = PlannerConfig {
+        idle_after_s: f64::NAN,
+        ..Default::default()
+    };
+    let e = Planner::new(profile(), c).expect_err("NaN").to_string();
+    assert!(e.contains("idle_after_s"), "{e}");
+    let mut c = PlannerConfig::default();
+    c.sizing.min_replicas.decode = 0;
+    let e = Planner::new(profile(), c)
+        .expect_err("no decode")
+        .to_string();
+    assert!(e.contains("sizing.min_replicas.decode"), "{e}");
+}
+
+#[test]
+fn an_emergency_is_not_blocked_by_another_roles_slow_start() {
+    let c = with_budget(cfg(PolicyKind::DopdPaper), 100);
+    let mut p = Planner::new_ok(profile(), c);
+    let one = ONE;
+    let t = p.tick(0.0, &obs(300.0, one)).target;
+    // Decode has landed, prefill is still starting; KV pressure on decode.
+    let mut o = obs(
+        300.0,
+        PerRole {
+            prefill: 1,
+            decode: t.decode,
+        },
+    );
+    o.replicas.prefill.pending = t.prefill - 1;
+    o.kv_usage = 0.97;
+    let d = p.tick(10.0, &o);
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| matches!(r, Reason::ReconfigInFlight { .. }))
+    );
+    assert_eq!(d.target.decode, t.decode + 1, "{d:?}");
+    assert_eq!(d.target.prefill, t.prefill);
+}
+
+#[test]
+fn no_idle_shrink_while_requests_still_decode() {
+    let c = PlannerConfig {
+        scale_down_stabilization_s: 100.0,
+        ..cfg(PolicyKind::DopdPaper)
+    };
+    let mut p = Planner::new_ok(profile(), c);
+    let t = p.tick(0.0, &obs(300.0, ONE)).target;
+    for k in 1..=8 {
+        let mut o = obs(0.0, t);
+        o.kv_usage = 0.5;
+        let d = p.tick(f64::from(k) * 10.0, &o);
+        assert!(
+            !d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. })),
+            "{k}: {d:?}"
+        );
+    }
+}
+
+#[test]
+fn load_planner_respects_minimums_and_budget_from_any_start() {
+    let c = with_budget(cfg(PolicyKind::DynLoad), 8);
+    let mut p = Planner::new_ok(profile(), c);
+    let d = p.tick(
+        0.0,
+        &obs(
+            10.0,
+            PerRole {
+                prefill: 0,
+                decode: 0,
+            },
+        ),
+    );
+    assert_eq!(
+        d.target,
+        PerRole {
+            prefill: 1,
+            decode: 1
+        }
+    );
+    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::DynLoad), 8));
+    let d = p.tick(
+        0.0,
+        &obs(
+            10.0,
+            PerRole {
+                prefill: 10,
+                decode: 10,
+            },
+        ),
+    );
+    assert!(d.target.gpus(p.profile()) <= 8, "{d:?}");
+}
+
+#[test]
+fn a_landed_scale_up_is_not_undone_at_once() {
+    let c = with_budget(cfg(PolicyKind::DopdPaper), 100);
+    let mut p = Planner::new_ok(profile(), c);
+    let one = ONE;
+    let big = p.tick(0.0, &obs(2000.0, one)).target;
+    // Slow start: still landing at 10..40 s.
+    for k in 1..=4 {
+        let mut o = obs(10.0, one);
+        o.replicas.decode.pending = big.decode - 1;
+        p.tick(f64::from(k) * 10.0, &o);
+    }
+    // Lands at 50 s while the forecast has collapsed: held for the stabilisation window.
+    let d = p.tick(50.0, &obs(10.0, big));
+    assert_eq!(d.target, big, "{d:?}");
+}
+
+fn profile() -> Profile {
+    RooflineSpec::llama33_70b_fp8_h100()
+        .build()
+        .expect("preset")
+}
+
+fn obs(requests: f64, ready: Replicas) -> Observation {
+    Observation {
+        interval_s: 10.0,
+        requests,
+        mean_isl: Some(1000.0),
+        mean_osl: Some(245.0),
+        replicas: PerRole {
+            prefill: ReplicaState {
+                ready: ready.prefill,
+                pending: 0,
+            },
+            decode: ReplicaState {
+                ready: ready.decode,
+                pending: 0,
+            },
+        },
+        ..Default::default()
+    }
+}
+
+fn with_budget(mut c: PlannerConfig, gpus: u32) -> PlannerConfig {
+    c.sizing.gpu_budget = gpus;
+    c
+}
+
+const ONE: Replicas = PerRole {
+    prefill: 1,
+    decode: 1,
+};
+
+fn cfg(policy: PolicyKind) -> PlannerConfig {
+    PlannerConfig {
+        policy,
+        predictor: ForecasterKind::Last,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn first_tick_sizes_from_the_observation() {
+    let c = PlannerConfig {
+        predictor: ForecasterKind::Arima,
+        ..cfg(PolicyKind::DopdPaper)
+    };
+    let mut p = Planner::new_ok(profile(), c);
+    let d = p.tick(0.0, &obs(300.0, ONE));
+    assert!(d.changed);
+    assert!(d.target.gpus(p.profile()) <= 8);
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| matches!(r, Reason::KvCapacity { .. }))
+    );
+    assert!(d.reasons.iter().any(|r| matches!(r, Reason::Warmup { .. })));
+}
+
+#[test]
+fn holds_while_a_change_is_in_flight() {
+    let mut p = Planner::new_ok(profile(), cfg(PolicyKind::DopdPaper));
+    let one = ONE;
+    let d = p.tick(0.0, &obs(300.0, one));
+    assert_ne!(d.target, one);
+    // Next tick: still the old counts ready → in flight.
+    let d2 = p.tick(10.0, &obs(5.0, one));
+    assert!(!d2.changed);
+    assert_eq!(d2.target, d.target);
+    assert!(matches!(d2.reasons[0], Reason::ReconfigInFlight { .. }));
+    // Once it lands the planner plans again.
+    let d3 = p.tick(20.0, &obs(300.0, d.target));
+    assert!(
+        !d3.reasons
+            .iter()
+            .any(|r| matches!(r, Reason::ReconfigInFlight { .. }))
+    );
+}
+
+#[test]
+fn gives_up_waiting_after_the_reconfig_timeout() {
+    let mut c = cfg(PolicyKind::DopdPaper);
+    c.max_reconfig_wait_s = 30.0;
+    let mut p = Planner::new_ok(profile(), c);
+    let one = ONE;
+    p.tick(0.0, &obs(300.0, one));
+    let d = p.tick(40.0, &obs(300.0, one));
+    assert!(
+        !d.reasons
+            .iter()
+            .any(|r| matches!(r, Reason::ReconfigInFlight { .. }))
+    );
+}
+
+#[test]
+fn shrinks_to_minimum_after_idle() {
+    // A long stabilisation window keeps the forecast-driven scale-down out of the way.
+    let c = PlannerConfig {
+        scale_down_stabilization_s: 100.0,
+        ..cfg(PolicyKind::DopdPaper)
+    };
+    let mut p = Planner::new_ok(profile(), c);
+    let d = p.tick(0.0, &obs(300.0, ONE));
+    let t = d.target;
+    for k in 1..=4 {
+        let d = p.tick(f64::from(k) * 10.0, &obs(0.0, t));
+        assert!(
+            !d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. })),
+            "idle too early"
+        );
+    }
+    let last = p.tick(50.0, &obs(0.0, t));
+    assert_eq!(
+        last.target,
+        PerRole {
+            prefill: 1,
+            decode: 1
+        }
+    );
+    assert!(matches!(last.reasons[0], Reason::Idle { .. }));
+}
+
+#[test]
+fn scale_down_waits_for_the_stabilisation_window() {
+    let mut c = cfg(PolicyKind::DopdPaper);
+    c.scale_down_stabilization_s = 30.0;
+    c.sizing.gpu_budget = 100;
+    let mut p = Planner::new_ok(profile(), c);
+    let big = p.tick(0.0, &obs(2000.0, ONE)).target;
+    let d = p.tick(10.0, &obs(10.0, big));
+    assert_eq!(d.target, big, "{:?}", d.reasons);
+    assert!(
+        d.reasons
+            .iter()
+            .any(|r| matches!(r, Reason::Cooldown { .. }))
+    );
+    let d = p.tick(45.0, &obs(10.0, big));
+    assert!(d.target.decode < big.decode, "{:?}", d);
+}
+
+#[test]
+fn emergency_adds_a_decode_instance_on_kv_pressure() {
+    let mut c = cfg(PolicyKind::DopdPaper);
+    c.sizing.gpu_budget = 100;
+    let mut p = Planner::new_ok(profile(), c);
+    let t = p.tick(0.0, &obs(10.0, ONE)).target;
+    let mut o = obs(10.0, t);
+    o.kv_usage = 0.97;
+    let d = p.tick(10.0, &o);
+    assert_eq!(d.target.decode, t.decode + 1);
+    assert!(d.reasons.iter().any(|r| matches!(
+        r,
+        Reason::Emergency {
+            role: Role::Decode,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn load_planner_follows_thresholds_with_grace() {
+    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::DynLoad), 100));
+    let one = ONE;
+    let mut o = obs(10.0, one);
+    o.kv_usage = 0.95;
+    let d = p.tick(0.0, &o);
+    assert_eq!(
+        d.target,
+        PerRole {
+            prefill: 1,
+            decode: 2
+        }
+    );
+    // Grace period: high KV usage again does not add another decode instance right away.
+    let mut o = obs(10.0, d.target);
+    o.kv_usage = 0.95;
+    let d2 = p.tick(10.0, &o);
+    assert_eq!(d2.target.decode, 2);
+}
+
+#[test]
+fn the_routing_threshold_follows_the_isl_forecast() {
+    let mut p = Planner::new_ok(profile(), cfg(PolicyKind::DopdPaper));
+    assert_eq!(p.isl_threshold(), None);
+    let mut o = obs(100.0, ONE);
+    o.mean_isl = Some(1500.0);
+    p.tick(0.0, &o);
+    // The last-value forecaster forecasts the observed mean.
+    assert_eq!(p.isl_threshold(), Some(1500.0));
+    // An empty interval keeps the threshold.
+    p.tick(10.0, &obs(0.0, ONE));
+    assert_eq!(p.isl_threshold(), Some(1500.0));
+}
+
+#[test]
+fn oracle_input_bypasses_the_forecasters() {
+    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::DopdPaper), 100));
+    let d = p.tick_with_known_next(0.0, &obs(1.0, ONE), SizingInput::new(2000.0, 1000.0, 245.0));
+    assert!(d.forecast.is_none());
+    assert!(d.target.decode >= 9, "{:?}", d.target);
+}
