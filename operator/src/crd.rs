@@ -326,10 +326,11 @@ pub struct PlannerSpec {
     #[x_kube(validation = Rule::new("self in ['dopd', 'dopd-paper', 'dyn-sla', 'dyn-load', 'static']")
         .message("planner.policy must be dopd, dopd-paper, dyn-sla, dyn-load or static"))]
     pub policy: String,
-    /// Forecaster of the next interval's requests, ISL and OSL.
+    /// Forecaster of the next interval's requests, ISL and OSL: `best` (the one of the others
+    /// with the lowest recent error), `arima`, `kalman`, `ma` or `last`.
     #[serde(default = "default_predictor")]
-    #[x_kube(validation = Rule::new("self in ['arima', 'last', 'ma', 'kalman']")
-        .message("planner.predictor must be arima, last, ma or kalman"))]
+    #[x_kube(validation = Rule::new("self in ['best', 'arima', 'last', 'ma', 'kalman']")
+        .message("planner.predictor must be best, arima, last, ma or kalman"))]
     pub predictor: String,
     /// Observations the forecaster keeps.
     #[serde(default = "default_window")]
@@ -339,7 +340,8 @@ pub struct PlannerSpec {
     #[serde(default = "eight")]
     #[schemars(range(min = 1))]
     pub gpu_budget: u32,
-    /// Prompts up to this many tokens are prefilled on a decode instance.
+    /// Prompts up to this many tokens are prefilled on a decode instance (policy `dopd` starts
+    /// from this and derives the threshold from the profile and the decode load).
     #[serde(default = "default_ultra_short")]
     pub ultra_short_max_isl: u32,
     #[serde(default)]
@@ -372,7 +374,7 @@ fn default_policy() -> String {
     "dopd".into()
 }
 fn default_predictor() -> String {
-    "arima".into()
+    "best".into()
 }
 fn default_window() -> u32 {
     50
@@ -656,7 +658,7 @@ impl DopdServiceSpec {
             .is_err()
         {
             errs.push(format!(
-                "spec.planner.predictor {:?}: must be arima, last, ma or kalman",
+                "spec.planner.predictor {:?}: must be best, arima, last, ma or kalman",
                 self.planner.predictor
             ));
         }

@@ -40,6 +40,13 @@ pub struct DecisionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PredictorLabel {
+    pub namespace: String,
+    pub service: String,
+    pub predictor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForecastLabel {
     pub namespace: String,
     pub service: String,
@@ -54,6 +61,8 @@ pub struct Metrics {
     pub errors: Family<KindLabel, Counter>,
     pub decisions: Family<DecisionLabel, Counter>,
     pub forecast: Family<ForecastLabel, Gauge<f64, AtomicU64>>,
+    /// Decisions by the forecaster the scorecard chose (predictor `best`).
+    pub predictor: Family<PredictorLabel, Counter>,
     pub desired: Family<RoleLabel, Gauge>,
     pub ready: Family<RoleLabel, Gauge>,
     pub writes: Counter,
@@ -72,6 +81,7 @@ impl Default for Metrics {
         let errors = Family::<KindLabel, Counter>::default();
         let decisions = Family::<DecisionLabel, Counter>::default();
         let forecast = Family::<ForecastLabel, Gauge<f64, AtomicU64>>::default();
+        let predictor = Family::<PredictorLabel, Counter>::default();
         let desired = Family::<RoleLabel, Gauge>::default();
         let ready = Family::<RoleLabel, Gauge>::default();
         let writes = Counter::default();
@@ -102,6 +112,11 @@ impl Default for Metrics {
             forecast.clone(),
         );
         registry.register(
+            "planner_predictor_choices",
+            "Planner decisions by the forecaster whose recent error was lowest (predictor best)",
+            predictor.clone(),
+        );
+        registry.register(
             "desired_replicas",
             "Instances the planner wants, per role",
             desired.clone(),
@@ -124,6 +139,7 @@ impl Default for Metrics {
             errors,
             decisions,
             forecast,
+            predictor,
             desired,
             ready,
             writes,

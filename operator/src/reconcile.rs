@@ -29,7 +29,7 @@ use dopd_planner::control::{
 };
 use dopd_planner::planner::{Planner, PlannerConfig};
 use dopd_planner::profile::{PerRole, Profile, roofline};
-use dopd_planner::sizing::Replicas;
+use dopd_planner::sizing::{Reason, Replicas};
 use dopd_router::load::LoadSnapshot;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -42,7 +42,9 @@ use serde_json::{Value, json};
 use crate::children::{self, Child, FIELD_MANAGER, Kind, WorkerRole};
 use crate::control::{Clock, RouterApi, RouterError};
 use crate::crd::{DEFAULT_PRESET, DopdService, DopdServiceSpec, DopdServiceStatus, FINALIZER};
-use crate::metrics::{DecisionLabel, ForecastLabel, KindLabel, Metrics, ResultLabel, RoleLabel};
+use crate::metrics::{
+    DecisionLabel, ForecastLabel, KindLabel, Metrics, PredictorLabel, ResultLabel, RoleLabel,
+};
 use crate::observe::{self, DELETION_COST, PodInfo, SAFE_TO_EVICT, VICTIM_COST};
 use crate::status;
 
@@ -264,6 +266,11 @@ pub fn planner_config(spec: &DopdServiceSpec) -> PlannerConfig {
     c.forecast.window = p.window as usize;
     c.sla.ttft_s = f64::from(spec.slo.ttft_ms) / 1000.0;
     c.sla.itl_s = f64::from(spec.slo.tpot_ms) / 1000.0;
+    let routing = dopd_planner::routing::RoutingConfig {
+        ultra_short_max_isl: p.ultra_short_max_isl,
+        ..Default::default()
+    };
+    c.follow_routing(&routing, true);
     c.slo = dopd_planner::slo::SloTargets {
         ttft_s: c.sla.ttft_s,
         ttft_per_token_s: spec.slo.ttft_per_token_ms.max(0.0) / 1000.0,
@@ -695,6 +702,16 @@ async fn announce(ctx: &Ctx, svc: &DopdService, p: &Prepared, st: &SvcState, r: 
         changed: t.changed().to_string(),
     };
     ctx.metrics.decisions.get_or_create(&label).inc();
+    for r in &t.decision.reasons {
+        if let Reason::Predictor { chosen } = r {
+            let label = PredictorLabel {
+                namespace: p.ns.clone(),
+                service: p.name.clone(),
+                predictor: chosen.clone(),
+            };
+            ctx.metrics.predictor.get_or_create(&label).inc();
+        }
+    }
     if let Some(f) = status::forecast(t) {
         for (q, v) in [
             ("requests", f.requests),

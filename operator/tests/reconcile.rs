@@ -338,6 +338,13 @@ async fn heavy_load_scales_up_with_an_event_and_history() {
     assert_eq!(w.events("Scaling").len(), 1, "{:?}", w.api.list(EVENTS));
     assert_eq!(st["phase"], "Scaling");
     assert_eq!(w.condition("Scaling")["status"], "True");
+    // The default predictor is the scorecard; until its members are scored ARIMA answers, and
+    // the choice is counted.
+    let m = w.ctx.metrics.render();
+    assert!(
+        m.contains("planner_predictor_choices_total{") && m.contains("predictor=\"arima\""),
+        "{m}"
+    );
 }
 
 #[tokio::test]

@@ -609,11 +609,7 @@ impl Controller {
         }
         if self.cfg.headroom {
             if let Some(f) = &decision.forecast {
-                let d = self.draining();
-                let running = PerRole {
-                    prefill: self.target.prefill + d.prefill,
-                    decode: self.target.decode + d.decode,
-                };
+                let running = self.held();
                 let cfg = self.planner.config();
                 self.headroom = Some(headroom::plan(
                     self.planner.profile(),

@@ -78,7 +78,7 @@ impl Histogram {
 
     fn well_formed_in(&self, bounds: &[f64]) -> bool {
         self.counts.len() == bounds.len() + 1
-            && self.counts.iter().sum::<u64>() == self.count
+            && self.counts.iter().try_fold(0u64, |t, &n| t.checked_add(n)) == Some(self.count)
             && self.sum.is_finite()
     }
 
@@ -104,7 +104,7 @@ impl Histogram {
         let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
         let mut below = 0u64;
         for (k, &n) in self.counts.iter().enumerate() {
-            if n > 0 && below + n >= rank {
+            if n > 0 && below.saturating_add(n) >= rank {
                 let lo = if k == 0 { 0.0 } else { bounds[k - 1] };
                 let Some(&hi) = bounds.get(k) else {
                     return Some(lo);
@@ -112,7 +112,7 @@ impl Histogram {
                 let frac = (rank - below) as f64 / n as f64;
                 return Some(lo + (hi - lo) * frac);
             }
-            below += n;
+            below = below.saturating_add(n);
         }
         None
     }

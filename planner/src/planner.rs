@@ -212,7 +212,7 @@ impl Default for PlannerConfig {
     fn default() -> Self {
         Self {
             policy: PolicyKind::Dopd,
-            predictor: ForecasterKind::Arima,
+            predictor: ForecasterKind::Best,
             forecast: ForecastConfig::default(),
             sizing: SizingConfig::default(),
             sla: SlaTargets::default(),
@@ -248,6 +248,15 @@ pub enum ConfigError {
 }
 
 impl PlannerConfig {
+    /// Sizes for the routing the router runs: its fixed ultra-short threshold is the bypass
+    /// when the policy does not derive one, and a routing without the bypass (or without length
+    /// awareness) gets none derived either.
+    pub fn follow_routing(&mut self, routing: &crate::routing::RoutingConfig, length_aware: bool) {
+        let on = length_aware && routing.ultra_short_bypass;
+        self.slo_policy.fixed_bypass_isl = if on { routing.ultra_short_max_isl } else { 0 };
+        self.slo_policy.bypass_from_profile &= on;
+    }
+
     /// Checks every number the tick relies on; errors name the field and value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, value: String, reason| {
@@ -473,11 +482,6 @@ impl Planner {
         self.bypass
     }
 
-    /// What the `dopd` policy has learned (spreads, burstiness, corrections).
-    pub fn tracker(&self) -> &Tracker {
-        &self.tracker
-    }
-
     pub fn config(&self) -> &PlannerConfig {
         &self.cfg
     }
@@ -590,6 +594,20 @@ impl Planner {
                         sizing,
                         slo: Option<SloSizing>,
                         this: &mut Self| {
+            let mut reasons = reasons;
+            // Which forecaster answered, when one is chosen among several (the scorecard).
+            if let Some(at) = reasons
+                .iter()
+                .position(|r| matches!(r, Reason::Forecast { .. }))
+                && let Some(chosen) = this.requests.chosen()
+            {
+                reasons.insert(
+                    at + 1,
+                    Reason::Predictor {
+                        chosen: chosen.to_string(),
+                    },
+                );
+            }
             let changed = target != current;
             if changed || this.issued.is_none() {
                 this.issued = Some(target);
@@ -793,6 +811,8 @@ impl Planner {
         match self.cfg.predictor {
             ForecasterKind::Arima => self.cfg.forecast.arima.min_history,
             ForecasterKind::Kalman => 4,
+            // Until every member is scored it answers with ARIMA.
+            ForecasterKind::Best => self.cfg.forecast.arima.min_history,
             ForecasterKind::Last | ForecasterKind::MovingAverage => 1,
         }
     }

@@ -104,6 +104,8 @@ pub enum Reason {
     /// Instances added to a role because its observed latencies missed the SLO while the model
     /// said it had enough.
     SloCorrection { role: Role, extra: u32 },
+    /// The forecaster whose recent out-of-sample error was lowest answered (predictor `best`).
+    Predictor { chosen: String },
 }
 
 /// A pressure signal watched by the emergency and load-threshold rules.

@@ -12,23 +12,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::pool::WorkerView;
 
-/// p50, p90 and p99 of a sample.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Quantiles {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-}
-
-/// Nearest-rank quantiles (`None` for an empty sample).
-pub fn quantiles(v: &mut [f64]) -> Option<Quantiles> {
-    if v.is_empty() {
-        return None;
-    }
-    let [p50, p90, p99] = dopd_planner::stats::quantiles(v, [0.5, 0.9, 0.99]);
-    Some(Quantiles { p50, p90, p99 })
-}
-
 /// The answer of `GET /v1/dopd/load`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -81,14 +64,6 @@ mod tests {
     use super::*;
     use crate::pool::WorkerRole;
     use dopd_planner::profile::Role;
-
-    #[test]
-    fn quantiles_are_nearest_rank() {
-        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        let q = quantiles(&mut v).expect("non-empty");
-        assert_eq!((q.p50, q.p90, q.p99), (50.0, 90.0, 99.0));
-        assert_eq!(quantiles(&mut []), None);
-    }
 
     #[test]
     fn a_workers_view_fills_its_instance() {

@@ -321,16 +321,11 @@ pub fn planner_config(cfg: &SimConfig) -> PlannerConfig {
         tpot_s: cfg.slo_tpot_s,
     };
     planner_cfg.slo_policy.kv_link_bytes_per_s = cfg.kv_link_bytes_per_s;
-    let bypass_on = cfg
-        .length_aware_routing
-        .unwrap_or(cfg.policy.length_aware())
-        && cfg.routing.ultra_short_bypass;
-    planner_cfg.slo_policy.fixed_bypass_isl = if bypass_on {
-        cfg.routing.ultra_short_max_isl
-    } else {
-        0
-    };
-    planner_cfg.slo_policy.bypass_from_profile &= bypass_on;
+    planner_cfg.follow_routing(
+        &cfg.routing,
+        cfg.length_aware_routing
+            .unwrap_or(cfg.policy.length_aware()),
+    );
     planner_cfg
 }
 

@@ -31,7 +31,9 @@ pub struct FrontArgs {
     /// Require `Authorization: Bearer KEY` on /v1/* (default: the DOPD_API_KEY variable, if set).
     #[arg(long, env = "DOPD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Prompts up to this many tokens are prefilled on the decode worker (no KV transfer).
+    /// Prompts up to this many tokens are prefilled on the decode worker (no KV transfer). Under
+    /// `dopd up`'s planner (policy `dopd`) this is the starting value: the planner replaces it
+    /// with one derived from the profile and the decode load.
     #[arg(long, default_value_t = 32)]
     pub ultra_short_max_isl: u32,
     /// A short batch is sent once it holds this many prompt tokens...

@@ -32,7 +32,8 @@ pub enum Command {
         /// static:3x1), dopd-static:NPxND (fixed counts with DOPD's length-aware routing),
         /// static:search (the best static split for the budget, as DistServe would),
         /// aggregated or aggregated:N (N defaults to budget / decode GPUs), and the DOPD
-        /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman, dopd-open-loop
+        /// ablations dopd-no-bypass, dopd-no-batching, dopd-last, dopd-kalman, dopd-arima (ARIMA
+        /// alone instead of the forecaster scorecard), dopd-open-loop
         /// (no SLO-miss correction), dopd-no-trend (no burst readiness), dopd-no-hold (a 30 s
         /// scale-down window instead of one priced in start-ups), dopd-fixed-bypass (the
         /// routing's fixed ultra-short threshold instead of one from the profile).
@@ -180,10 +181,20 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
     let mut cfg = s.base.clone();
     cfg.policy = match name {
         "dopd" => PolicySpec::Dopd,
-        "dopd-paper" => PolicySpec::DopdPaper,
+        // The paper's method and its baselines forecast with ARIMA, as the paper ran them.
+        "dopd-paper" => {
+            cfg.planner.predictor = ForecasterKind::Arima;
+            PolicySpec::DopdPaper
+        }
         "oracle" => PolicySpec::Oracle,
-        "dyn-sla" => PolicySpec::DynSla,
-        "dyn-load" => PolicySpec::DynLoad,
+        "dyn-sla" => {
+            cfg.planner.predictor = ForecasterKind::Arima;
+            PolicySpec::DynSla
+        }
+        "dyn-load" => {
+            cfg.planner.predictor = ForecasterKind::Arima;
+            PolicySpec::DynLoad
+        }
         // Resolved in `run_one`; validated here.
         "static:search" => PolicySpec::Static {
             replicas: PerRole {
@@ -213,6 +224,10 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-fixed-bypass" => {
             cfg.planner.slo_policy.bypass_from_profile = false;
+            PolicySpec::Dopd
+        }
+        "dopd-arima" => {
+            cfg.planner.predictor = ForecasterKind::Arima;
             PolicySpec::Dopd
         }
         "dopd-last" => {

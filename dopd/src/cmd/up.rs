@@ -378,6 +378,11 @@ fn planner_config(a: &UpArgs, budget: u32, gpus: PerRole<u32>) -> PlannerConfig 
         c.slo.tpot_s = t;
         c.sla.itl_s = t;
     }
+    let routing = dopd_planner::routing::RoutingConfig {
+        ultra_short_max_isl: a.front.ultra_short_max_isl,
+        ..Default::default()
+    };
+    c.follow_routing(&routing, true);
     if a.no_planner {
         c.policy = PolicyKind::Static;
         c.static_replicas = PerRole {
@@ -416,10 +421,11 @@ pub fn up(a: UpArgs) -> anyhow::Result<()> {
     let budget = a
         .max_workers
         .unwrap_or_else(|| default_budget(&a.worker_args));
-    if a.prefill == 0 || a.decode == 0 || a.prefill + a.decode > budget {
+    let initial_workers = a.prefill.saturating_add(a.decode);
+    if a.prefill == 0 || a.decode == 0 || initial_workers > budget {
         bail!(
             "need at least one prefill and one decode worker, and --prefill + --decode ({}) within the worker budget ({budget}; --max-workers)",
-            a.prefill + a.decode
+            initial_workers
         );
     }
     let interval = super::parse_duration_s(&a.interval).context("--interval")?;

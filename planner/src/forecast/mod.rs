@@ -13,9 +13,11 @@
 //! | `ma`     | [`MovingAverage`]     | next = mean of the last `span` observations                   |
 //! | `arima`  | [`ArimaForecaster`]   | auto-ARIMA refitted on a sliding window (pmdarima defaults)   |
 //! | `kalman` | [`LocalLinearTrend`]  | local-linear-trend Kalman filter, noise ratios by likelihood  |
+//! | `best`   | [`Scorecard`]         | all of the above; answers with the lowest recent error        |
 
 mod arima;
 mod kalman;
+mod scorecard;
 
 use std::collections::VecDeque;
 
@@ -27,6 +29,7 @@ pub use arima::{
     fit_arima, is_invertible, is_stationary, kpss, loglike, min_root_modulus, ndiffs,
 };
 pub use kalman::LocalLinearTrend;
+pub use scorecard::Scorecard;
 
 /// z-value of a two-sided 95% normal interval.
 pub const Z95: f64 = 1.959_963_984_540_054;
@@ -86,6 +89,11 @@ pub trait Forecaster: Send + Sync + std::fmt::Debug {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// For a forecaster that chooses among others, the one whose forecast the last `predict`
+    /// returned.
+    fn chosen(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Forecaster names accepted by [`ForecasterKind::from_str`](std::str::FromStr).
@@ -97,10 +105,18 @@ pub enum ForecasterKind {
     MovingAverage,
     Arima,
     Kalman,
+    /// The scorecard: each of the others, the one with the lowest recent error answering.
+    Best,
 }
 
 impl ForecasterKind {
-    pub const ALL: [Self; 4] = [Self::Last, Self::MovingAverage, Self::Arima, Self::Kalman];
+    pub const ALL: [Self; 5] = [
+        Self::Last,
+        Self::MovingAverage,
+        Self::Arima,
+        Self::Kalman,
+        Self::Best,
+    ];
 
     pub fn as_str(&self) -> &'static str {
         match self {
@@ -108,6 +124,7 @@ impl ForecasterKind {
             Self::MovingAverage => "ma",
             Self::Arima => "arima",
             Self::Kalman => "kalman",
+            Self::Best => "best",
         }
     }
 
@@ -118,6 +135,10 @@ impl ForecasterKind {
             Self::MovingAverage => Box::new(MovingAverage::new(cfg.window, cfg.ma_span)),
             Self::Arima => Box::new(ArimaForecaster::new(cfg.window, cfg.arima.clone())),
             Self::Kalman => Box::new(LocalLinearTrend::new(cfg.window)),
+            Self::Best => Box::new(Scorecard::new(
+                &[Self::Arima, Self::Kalman, Self::MovingAverage, Self::Last],
+                cfg,
+            )),
         }
     }
 }
@@ -136,8 +157,9 @@ impl std::str::FromStr for ForecasterKind {
             "ma" | "moving-average" => Ok(Self::MovingAverage),
             "arima" => Ok(Self::Arima),
             "kalman" => Ok(Self::Kalman),
+            "best" | "scorecard" => Ok(Self::Best),
             other => Err(format!(
-                "unknown predictor {other:?}: expected arima, kalman, last or ma"
+                "unknown predictor {other:?}: expected arima, kalman, last, ma or best"
             )),
         }
     }

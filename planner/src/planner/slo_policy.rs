@@ -125,7 +125,6 @@ impl Planner {
             } else {
                 0.0
             },
-            decode_concurrency: t.decode_concurrency,
             isl_shares: t.isl_shares.clone(),
         };
         let extra = PerRole {
@@ -139,15 +138,7 @@ impl Planner {
             budget: c.gpu_budget,
             current: self.issued,
         };
-        let s = slo::size(
-            &self.profile,
-            &w,
-            &self.cfg.slo,
-            p,
-            p.fixed_bypass_isl,
-            extra,
-            &bounds,
-        );
+        let s = slo::size(&self.profile, &w, &self.cfg.slo, p, extra, &bounds);
         reasons.push(Reason::Forecast {
             requests: f.requests.point,
             isl,
@@ -183,7 +174,6 @@ impl Planner {
             });
         }
         let tr = &mut self.tracker;
-        tr.decode_concurrency = (s.decode_concurrency / f64::from(s.target.decode.max(1))).max(1.0);
         tr.bound = PerRole {
             prefill: s.target.prefill < s.need.prefill,
             decode: s.target.decode < s.need.decode,

@@ -137,9 +137,6 @@ pub struct Workload {
     pub kappa: PerRole<f64>,
     /// KV transfer seconds per prompt token (0: not modelled).
     pub transfer_s_per_token: f64,
-    /// Decode concurrency per instance now (reported; the bypass threshold is derived from the
-    /// workload instead, so that it cannot feed back on itself).
-    pub decode_concurrency: f64,
     /// The measured prompt-length distribution (shares of the length histogram's buckets), when
     /// there is one; else a log-normal with `isl` and `isl_cv2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -563,8 +560,8 @@ pub struct Bounds {
 }
 
 /// The counts the SLOs need for workload `w` (plus `extra`, the closed loop's instances), the
-/// counts to run within `bounds`, and the bypass threshold (`fixed_bypass` when the policy does
-/// not derive it). When the need does not fit the budget, the budget is split to miss the fewest
+/// counts to run within `bounds`, and the bypass threshold (`policy.fixed_bypass_isl` when the
+/// policy does not derive it). When the need does not fit the budget, the budget is split to miss the fewest
 /// requests the model predicts.
 ///
 /// A derived bypass threshold is chosen with the counts: from the thresholds a decode step can
@@ -577,43 +574,47 @@ pub fn size(
     w: &Workload,
     slo: &SloTargets,
     policy: &SloPolicy,
-    fixed_bypass: u32,
     extra: Replicas,
     bounds: &Bounds,
 ) -> SloSizing {
     if !policy.bypass_from_profile {
-        return size_at(profile, w, slo, policy, fixed_bypass, extra, bounds).0;
+        return size_at(
+            profile,
+            w,
+            slo,
+            policy,
+            policy.fixed_bypass_isl,
+            extra,
+            bounds,
+        )
+        .0;
     }
     let top = max_bypass(profile, w, slo, policy);
     // Under a budget that cannot hold the need, decode instances are needed for decoding: the
     // roles stay apart (a local prefill slows every sequence on its instance).
-    let plain = size_at(profile, w, slo, policy, 0, extra, bounds).0;
-    if plain.target != plain.need {
-        return plain;
+    let plain = size_at(profile, w, slo, policy, 0, extra, bounds);
+    if plain.0.target != plain.0.need {
+        return plain.0;
     }
-    let mut best: Option<(SloSizing, f64)> = None;
-    for k in (0..=4u32).rev() {
-        let l = top * k / 4;
-        let (s, miss) = size_at(profile, w, slo, policy, l, extra, bounds);
-        let fits = s.target == s.need;
-        let better = match &best {
-            None => true,
-            Some((b, bm)) => {
-                let b_fits = b.target == b.need;
-                match (fits, b_fits) {
-                    (true, false) => true,
-                    (false, true) => false,
-                    (true, true) => s.need.gpus(profile) < b.need.gpus(profile),
-                    (false, false) => miss < bm - 1e-9,
-                }
-            }
+    // Thresholds from the largest down to none; on a tie the larger one stays.
+    let mut best = size_at(profile, w, slo, policy, top, extra, bounds);
+    let rest = (1..=3u32)
+        .rev()
+        .map(|k| size_at(profile, w, slo, policy, top * k / 4, extra, bounds))
+        .chain(std::iter::once(plain));
+    for (s, miss) in rest {
+        let (b, bm) = (&best.0, best.1);
+        let better = match (s.target == s.need, b.target == b.need) {
+            (true, false) => true,
+            (false, true) => false,
+            (true, true) => s.need.gpus(profile) < b.need.gpus(profile),
+            (false, false) => miss < bm - 1e-9,
         };
         if better {
-            best = Some((s, miss));
+            best = (s, miss);
         }
     }
-    best.map(|b| b.0)
-        .unwrap_or_else(|| size_at(profile, w, slo, policy, 0, extra, bounds).0)
+    best.0
 }
 
 /// The largest bypass threshold a decode step can carry at the decode load the SLOs call for
@@ -778,13 +779,12 @@ fn fit(profile: &Profile, need: Replicas, b: &Bounds, miss: &dyn Fn(u32, u32) ->
         }
     }
     match (best, b.current) {
-        (Some((m, c)), Some(cur))
+        (Some((m, _)), Some(cur))
             if cur.gpus(profile) <= b.budget
                 && cur.prefill >= b.min.prefill
                 && cur.decode >= b.min.decode
                 && miss(cur.prefill, cur.decode) <= m + 0.002 =>
         {
-            let _ = c;
             cur
         }
         (Some((_, c)), _) => c,

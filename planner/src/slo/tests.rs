@@ -21,8 +21,8 @@ fn open() -> Bounds {
 }
 
 /// The sizing with no bounds and no closed-loop extra.
-fn sized(p: &Profile, w: &Workload, slo: &SloTargets, pol: &SloPolicy, bypass: u32) -> SloSizing {
-    size(p, w, slo, pol, bypass, Replicas::default(), &open())
+fn sized(p: &Profile, w: &Workload, slo: &SloTargets, pol: &SloPolicy) -> SloSizing {
+    size(p, w, slo, pol, Replicas::default(), &open())
 }
 
 fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
@@ -40,7 +40,6 @@ fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
             decode: 1.0,
         },
         transfer_s_per_token: 0.0,
-        decode_concurrency: 16.0,
         isl_shares: None,
     }
 }
@@ -143,7 +142,6 @@ fn more_load_needs_more_instances_and_none_need_none() {
             &workload(rate, 2000.0, 300.0),
             &slo,
             &pol,
-            511,
             Replicas::default(),
             &open(),
         );
@@ -161,7 +159,6 @@ fn more_load_needs_more_instances_and_none_need_none() {
         &workload(0.0, 2000.0, 300.0),
         &slo,
         &pol,
-        511,
         Replicas::default(),
         &open(),
     );
@@ -174,7 +171,7 @@ fn an_over_budget_need_is_split_to_miss_the_fewest() {
     let slo = SloTargets::default();
     let pol = SloPolicy::default();
     let w = workload(40.0, 2000.0, 300.0);
-    let free = sized(&p, &w, &slo, &pol, 511);
+    let free = sized(&p, &w, &slo, &pol);
     let budget = free.need.gpus(&p) / 2;
     let b = Bounds {
         min: PerRole {
@@ -188,7 +185,7 @@ fn an_over_budget_need_is_split_to_miss_the_fewest() {
         budget,
         current: None,
     };
-    let s = size(&p, &w, &slo, &pol, 511, Replicas::default(), &b);
+    let s = size(&p, &w, &slo, &pol, Replicas::default(), &b);
     assert!(s.target.gpus(&p) <= budget, "{s:?}");
     assert!(s.target.prefill <= s.need.prefill && s.target.decode <= s.need.decode);
     // Neither role is starved to nothing while the other keeps everything.
@@ -205,7 +202,6 @@ fn one_fewer_instance_would_break_an_slo() {
         &workload(20.0, 3000.0, 400.0),
         &slo,
         &pol,
-        511,
         Replicas::default(),
         &open(),
     );
@@ -227,11 +223,11 @@ fn prefill_is_sized_by_queueing_not_by_throughput_alone() {
     let rate = 4.0 / prefill_time(&p, isl);
     let mut w = workload(rate, isl, 200.0);
     w.isl_cv2 = 0.0;
-    let s = sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 0);
+    let s = sized(&p, &w, &SloTargets::default(), &SloPolicy::default());
     assert!(s.need.prefill > 5, "{s:?}");
     // Burstier arrivals need more.
     w.dispersion = 4.0;
-    let b = sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 0);
+    let b = sized(&p, &w, &SloTargets::default(), &SloPolicy::default());
     assert!(b.need.prefill > s.need.prefill, "{b:?} vs {s:?}");
 }
 
@@ -251,7 +247,7 @@ fn the_bypass_follows_the_decode_load() {
     // In a sizing, the threshold follows the load per decode instance the SLOs call for.
     let s = |rate: f64| {
         let w = workload(rate, 1000.0, 800.0);
-        sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 511)
+        sized(&p, &w, &SloTargets::default(), &SloPolicy::default())
     };
     assert!(
         s(50.0).bypass_max_isl <= s(0.5).bypass_max_isl,
@@ -265,12 +261,12 @@ fn a_length_aware_slo_makes_long_prompts_feasible() {
     let p = profile();
     let mut w = workload(0.5, 20_000.0, 300.0);
     w.isl_cv2 = 1.0;
-    let fixed = sized(&p, &w, &SloTargets::default(), &SloPolicy::default(), 511);
+    let fixed = sized(&p, &w, &SloTargets::default(), &SloPolicy::default());
     assert!(fixed.infeasible_share > 0.4, "{fixed:?}");
     let aware = SloTargets {
         ttft_per_token_s: 0.0002,
         ..SloTargets::default()
     };
-    let s = sized(&p, &w, &aware, &SloPolicy::default(), 511);
+    let s = sized(&p, &w, &aware, &SloPolicy::default());
     assert!(s.infeasible_share < 0.1, "{s:?}");
 }

@@ -24,8 +24,6 @@ pub struct Tracker {
     pub bound: PerRole<bool>,
     /// Each role's last target.
     pub last_target: Replicas,
-    /// Decode concurrency per instance at the last sizing.
-    pub decode_concurrency: f64,
     /// Mean prompt and output lengths over roughly the last `LENGTH_MEMORY` requests (steadier
     /// than one interval's mean, which a few long prompts can swing).
     pub isl: Option<f64>,
@@ -65,7 +63,6 @@ impl Default for Tracker {
                 decode: false,
             },
             last_target: Replicas::default(),
-            decode_concurrency: 1.0,
             isl: None,
             osl: None,
             isl_shares: None,
@@ -119,8 +116,7 @@ impl Tracker {
         }
         let mut v: Vec<f64> = self.surges.iter().copied().collect();
         v.sort_by(f64::total_cmp);
-        let k = ((v.len() as f64 * 0.9).ceil() as usize).clamp(1, v.len()) - 1;
-        v[k]
+        crate::stats::nearest_rank(&v, 0.9)
     }
 
     /// The arrival trend, requests per interval per interval: the least-squares slope of the
