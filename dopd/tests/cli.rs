@@ -175,7 +175,11 @@ fn forecast_backtests_every_predictor_on_all_three_series() {
     assert_eq!(v["requests"], 600);
     assert_eq!(v["intervals"], 12);
     let results = v["results"].as_array().expect("results");
-    assert_eq!(results.len(), 12, "3 series x 4 predictors");
+    assert_eq!(
+        results.len(),
+        15,
+        "3 series x 5 predictors (the scorecard among them)"
+    );
     for r in results {
         assert_eq!(r["scored"], 7, "{r}");
         assert!(r["rmse"].as_f64().expect("rmse").is_finite(), "{r}");

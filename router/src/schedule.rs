@@ -196,7 +196,7 @@ impl Scheduler {
             match r {
                 Ok(rx) => return Ok(rx),
                 Err(Failure::Client(e)) => {
-                    self.record_failure(&job);
+                    self.record_failure();
                     return Err(e);
                 }
                 Err(Failure::Retry { worker, dead, why }) => {
@@ -213,7 +213,7 @@ impl Scheduler {
                 }
             }
         }
-        self.record_failure(&job);
+        self.record_failure();
         Err(ApiError {
             retry_after: Some(1),
             ..ApiError::status(
@@ -228,20 +228,19 @@ impl Scheduler {
         !self.pool.candidates(roles, exclude).is_empty()
     }
 
-    fn record_failure(&self, _job: &Job) {
+    fn record_failure(&self) {
         if let Ok(mut l) = self.load.lock() {
             l.fail();
         }
     }
 
     /// The first token of `job` is on its way to the client: its TTFT counts now.
-    fn first_token(&self, job: &Job) -> f64 {
+    fn first_token(&self, job: &Job) {
         let ttft = job.arrived.elapsed().as_secs_f64();
         self.metrics.ttft.observe(ttft);
         if let Ok(mut l) = self.load.lock() {
             l.first_token(ttft);
         }
-        ttft
     }
 
     fn request(job: &Job) -> proto::GenerateRequest {
@@ -327,14 +326,14 @@ impl Scheduler {
         if p.finish != proto::FinishReason::Unspecified as i32 {
             // The first token already ended the request.
             let (tx, rx) = mpsc::channel(4);
-            let ttft = self.first_token(job);
+            self.first_token(job);
             let _ = tx.try_send(Piece::Text(p.text));
             let _ = tx.try_send(Piece::Done {
                 finish_reason: p.finish,
                 prompt_tokens: p.prompt_tokens.len() as u32,
                 completion_tokens: 1,
             });
-            self.finish(job, Some(ttft), None, 1, true);
+            self.finish(job, None, 1, true);
             return Ok(rx);
         }
         let charge = dec.charge(Self::cost(job));
@@ -371,21 +370,17 @@ impl Scheduler {
     ) -> Result<mpsc::Receiver<Piece>, Failure> {
         let (tx, rx) = mpsc::channel(64);
         let mut tokens = 0u32;
-        let mut first_at = None;
         if let Some(t) = first_text {
             tokens = 1;
-            first_at = Some(Instant::now());
             self.first_token(job);
             let _ = tx.send(Piece::Text(t)).await;
-        }
-        if first_at.is_none() {
+        } else {
             // Nothing reached the client yet: a failure here is retried elsewhere.
             match stream.message().await {
                 Ok(Some(ev)) => {
-                    first_at = Some(Instant::now());
-                    let ttft = self.first_token(job);
+                    self.first_token(job);
                     if forward(&tx, ev, &mut tokens).await {
-                        self.finish(job, Some(ttft), None, tokens, true);
+                        self.finish(job, None, tokens, true);
                         return Ok(rx);
                     }
                 }
@@ -399,7 +394,6 @@ impl Scheduler {
                 Err(s) => return Err(failure(&w, &s)),
             }
         }
-        let ttft = first_at.map(|t| t.duration_since(job.arrived).as_secs_f64());
         let me = self.clone();
         let job = job.clone();
         tokio::spawn(async move {
@@ -439,14 +433,14 @@ impl Scheduler {
                 }
             };
             let itl = (tokens > 1).then(|| started.elapsed().as_secs_f64() / f64::from(tokens - 1));
-            me.finish(&job, ttft, itl, tokens, ok);
+            me.finish(&job, itl, tokens, ok);
         });
         Ok(rx)
     }
 
     /// `job` ended: successfully with `osl` tokens, or not. (Its TTFT was counted when its first
     /// token came.)
-    fn finish(&self, job: &Job, _ttft: Option<f64>, itl: Option<f64>, osl: u32, ok: bool) {
+    fn finish(&self, job: &Job, itl: Option<f64>, osl: u32, ok: bool) {
         if let Some(t) = itl {
             self.metrics.itl.observe(t);
         }

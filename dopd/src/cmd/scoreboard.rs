@@ -80,31 +80,45 @@ fn common(row: &Row, d: &RowSettings, base: &Path) -> anyhow::Result<Common> {
             row.name
         );
     }
+    let def = cli_defaults()?;
     Ok(Common {
         trace: row.trace.as_ref().map(locate),
         synthetic: row.synthetic.as_ref().map(locate),
         profile: s.profile.clone().or(d.profile.clone()).map(|p| locate(&p)),
-        preset: s
-            .preset
-            .clone()
-            .or(d.preset.clone())
-            .unwrap_or_else(|| "llama-3.3-70b-fp8-h100".into()),
-        budget: s.budget.or(d.budget).unwrap_or(8),
+        preset: s.preset.clone().or(d.preset.clone()).unwrap_or(def.preset),
+        budget: s.budget.or(d.budget).unwrap_or(def.budget),
         interval: s
             .interval
             .clone()
             .or(d.interval.clone())
-            .unwrap_or_else(|| "10s".into()),
-        rate_scale: s.rate_scale.or(d.rate_scale).unwrap_or(1.0),
-        window_start: 0.0,
-        window_end: None,
-        warmup: s.warmup.or(d.warmup).unwrap_or(0.0),
-        slo_ttft: s.slo_ttft.or(d.slo_ttft).unwrap_or(2.0),
-        slo_ttft_per_token: s.slo_ttft_per_token.or(d.slo_ttft_per_token).unwrap_or(0.0),
-        slo_tpot: s.slo_tpot.or(d.slo_tpot).unwrap_or(0.08),
-        kv_link_gbps: s.kv_link_gbps.or(d.kv_link_gbps).unwrap_or(50.0),
-        ultra_short_max_isl: 511,
-        json: false,
+            .unwrap_or(def.interval),
+        rate_scale: s.rate_scale.or(d.rate_scale).unwrap_or(def.rate_scale),
+        warmup: s.warmup.or(d.warmup).unwrap_or(def.warmup),
+        slo_ttft: s.slo_ttft.or(d.slo_ttft).unwrap_or(def.slo_ttft),
+        slo_ttft_per_token: s
+            .slo_ttft_per_token
+            .or(d.slo_ttft_per_token)
+            .unwrap_or(def.slo_ttft_per_token),
+        slo_tpot: s.slo_tpot.or(d.slo_tpot).unwrap_or(def.slo_tpot),
+        kv_link_gbps: s
+            .kv_link_gbps
+            .or(d.kv_link_gbps)
+            .unwrap_or(def.kv_link_gbps),
+        ..def
+    })
+}
+
+/// `dopd sim`'s settings as its flags default them (read from the flags, not copied).
+fn cli_defaults() -> anyhow::Result<Common> {
+    #[derive(clap::Parser)]
+    struct Only {
+        #[command(flatten)]
+        c: Common,
+    }
+    let only = <Only as clap::Parser>::try_parse_from(["dopd sim", "--synthetic", "-"])?;
+    Ok(Common {
+        synthetic: None,
+        ..only.c
     })
 }
 
@@ -262,5 +276,25 @@ mod tests {
             settings: RowSettings::default(),
         };
         assert!(common(&bad, &suite.defaults, base).is_err());
+    }
+
+    #[test]
+    fn what_a_suite_leaves_out_is_dopd_sims_own_default() {
+        let row = Row {
+            name: "bare".into(),
+            trace: None,
+            synthetic: Some("w.yaml".into()),
+            settings: RowSettings {
+                budget: Some(3),
+                ..RowSettings::default()
+            },
+        };
+        let c = common(&row, &RowSettings::default(), Path::new("/s")).expect("a valid row");
+        assert_eq!(c.synthetic, Some(PathBuf::from("/s/w.yaml")));
+        assert_eq!(c.trace, None);
+        assert_eq!(c.budget, 3);
+        assert_eq!(c.preset, "llama-3.3-70b-fp8-h100");
+        assert_eq!((c.slo_ttft, c.slo_tpot, c.warmup), (2.0, 0.08, 0.0));
+        assert_eq!(c.ultra_short_max_isl, 511);
     }
 }
