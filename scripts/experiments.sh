@@ -52,6 +52,6 @@ echo "== The scoreboard: every policy on every row of examples/scoreboard/suite.
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml --out "$out/scoreboard.md" > /dev/null
 echo "== Ablations of dopd's mechanisms, same rows"
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml \
-  --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-no-hold,dopd-fixed-bypass,dopd-no-bypass,static:search \
+  --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-no-hold,dopd-no-kv-calibration,dopd-fixed-bypass,dopd-no-bypass,static:search \
   --out "$out/ablations.md" > /dev/null
 echo "done: $out/*.txt, $out/*.md and docs/img/e*/"

@@ -36,7 +36,9 @@ pub enum Command {
         /// alone instead of the forecaster scorecard), dopd-open-loop
         /// (no SLO-miss correction), dopd-no-trend (no burst readiness), dopd-no-hold (a 30 s
         /// scale-down window instead of one priced in start-ups), dopd-fixed-bypass (the
-        /// routing's fixed ultra-short threshold instead of one from the profile).
+        /// routing's fixed ultra-short threshold instead of one from the profile),
+        /// dopd-no-kv-calibration (decode concurrency from the tracked lengths alone, not
+        /// corrected by the measured KV occupancy).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -220,6 +222,10 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-no-hold" => {
             cfg.planner.slo_policy.hold_startups = 0.0;
+            PolicySpec::Dopd
+        }
+        "dopd-no-kv-calibration" => {
+            cfg.planner.slo_policy.kv_calibration = false;
             PolicySpec::Dopd
         }
         "dopd-fixed-bypass" => {

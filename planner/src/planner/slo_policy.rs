@@ -97,6 +97,42 @@ impl Planner {
             };
             r / interval
         };
+        // The decode instances' measured KV occupancy against the model's for the interval just
+        // served (arrivals at their observed rate, the counts that were ready, the bypass then in
+        // force), unless a backlog in front of prefill held arrivals back from decode.
+        let ready = obs.replicas.decode.ready;
+        if p.kv_calibration
+            && known.is_none()
+            && ready > 0
+            && finite0(obs.prefill_queue_depth) < 1.0
+        {
+            let served = slo::Workload {
+                rate_p: finite0(obs.requests) / interval,
+                rate_d: finite0(obs.requests) / interval,
+                rate_now: finite0(obs.requests) / interval,
+                isl,
+                isl_cv2: self.tracker.isl_cv2,
+                osl,
+                osl_cv2: self.tracker.osl_cv2,
+                dispersion: self.tracker.dispersion,
+                kappa: PerRole {
+                    prefill: 1.0,
+                    decode: 1.0,
+                },
+                transfer_s_per_token: 0.0,
+                isl_shares: self.tracker.isl_shares.clone(),
+                kv_scale: 1.0,
+            };
+            let modelled = slo::kv_occupancy(
+                &self.profile,
+                &served,
+                &self.cfg.slo,
+                p,
+                self.bypass.unwrap_or(0),
+                ready,
+            );
+            self.tracker.observe_kv(obs.kv_usage, modelled);
+        }
         let h_p = headroom::horizon_intervals(self.profile.startup_s.prefill, interval);
         self.tracker.record_forecast(f.requests.point, h_p);
         let t = &self.tracker;
@@ -126,6 +162,7 @@ impl Planner {
                 0.0
             },
             isl_shares: t.isl_shares.clone(),
+            kv_scale: t.kv_scale,
         };
         let extra = PerRole {
             prefill: t.extra.prefill.round() as u32,

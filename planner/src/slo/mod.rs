@@ -89,6 +89,10 @@ pub struct SloPolicy {
     pub closed_loop: bool,
     /// Most the closed loop may raise a role's count, as a factor of its last target.
     pub max_correction: f64,
+    /// Correct the decode model's concurrency by the measured KV occupancy (off: the model's
+    /// own estimate from the tracked lengths).
+    pub kv_calibration: bool,
+
     /// The bypass threshold when it is not derived (the routing's fixed setting).
     pub fixed_bypass_isl: u32,
     /// KV link bandwidth between prefill and decode, bytes/s (0: transfers not modelled).
@@ -108,6 +112,7 @@ impl Default for SloPolicy {
             hold_startups: 3.0,
             closed_loop: true,
             max_correction: 1.25,
+            kv_calibration: true,
             fixed_bypass_isl: 511,
             kv_link_bytes_per_s: 0.0,
         }
@@ -141,6 +146,15 @@ pub struct Workload {
     /// there is one; else a log-normal with `isl` and `isl_cv2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isl_shares: Option<Vec<f64>>,
+    /// Observed over modelled KV in use on the decode instances (1: the model as it is). Output
+    /// lengths are known only when requests finish, so the model's concurrency lags a change in
+    /// them; the cache's measured occupancy corrects it.
+    #[serde(default = "one")]
+    pub kv_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Workload {
@@ -431,6 +445,10 @@ struct DecodeModel<'a> {
     local_prefill: f64,
     /// Arrivals reaching decode, requests per second.
     rate: f64,
+    /// Observed over modelled KV occupancy.
+    scale: f64,
+    /// Share of requests prefilled here (bypassed).
+    local_share: f64,
 }
 
 impl<'a> DecodeModel<'a> {
@@ -460,6 +478,12 @@ impl<'a> DecodeModel<'a> {
             kv_m2,
             local_prefill: w.rate_d.max(0.0) * cost,
             rate: w.rate_d.max(0.0),
+            local_share: isl.cdf(from),
+            scale: if w.kv_scale.is_finite() && w.kv_scale > 0.0 {
+                w.kv_scale.clamp(KV_SCALE.0, KV_SCALE.1)
+            } else {
+                1.0
+            },
         }
     }
 
@@ -472,21 +496,24 @@ impl<'a> DecodeModel<'a> {
         let mut t = self.w.kappa.decode * self.profile.tpot(1.0, self.ctx) / (1.0 - busy);
         let mut conc = 0.0;
         for _ in 0..8 {
-            conc = self.rate * osl * t;
+            conc = self.rate * osl * t * self.scale;
             t = self.w.kappa.decode * self.profile.tpot((conc / nd).max(1.0), self.ctx)
                 / (1.0 - busy);
         }
         (t, conc)
     }
 
-    /// Share of requests that wait for KV space longer than half their TTFT allowance at `n_d`
-    /// instances. A full KV cache does not fail a request: it waits for a running sequence to
-    /// finish and free its blocks. So the cache is a queue whose servers are the sequences that
-    /// fit (capacity over the mean reservation), each held for OSL x TPOT seconds.
+    /// Share of requests that wait for KV space longer than they can afford at `n_d` instances.
+    /// A full KV cache does not fail a request: it waits for a running sequence to finish and
+    /// free its blocks. So the cache is a queue whose servers are the sequences that fit
+    /// (capacity over the mean reservation), each held for OSL x TPOT seconds. A request
+    /// prefilled elsewhere has streamed its first token already, so its wait stretches its time
+    /// per output token: it can afford `(OSL - 1)·(SLO - t)`. One prefilled here waits before its
+    /// first token: half its TTFT allowance.
     fn overflow(&self, n_d: u32, t: f64) -> f64 {
         let cap = f64::from(n_d) * self.profile.kv.tokens() as f64;
         let osl = self.w.osl.max(1.0);
-        let conc = self.rate * osl * t;
+        let conc = self.rate * osl * t * self.scale;
         if !(conc > 0.0) {
             return 0.0;
         }
@@ -495,13 +522,54 @@ impl<'a> DecodeModel<'a> {
         let slots_mean = cap / self.kv_mean;
         let sd_one = (self.kv_m2 - self.kv_mean * self.kv_mean).max(0.0).sqrt();
         let slots = (cap - sd_one * slots_mean.sqrt()) / self.kv_mean;
-        if conc >= slots {
-            return 1.0 - slots.max(0.0) / conc * 0.5;
-        }
-        let c = slots.floor().min(f64::from(u32::MAX / 2)) as u32;
+        let hold = osl * t * self.scale;
+        let c = slots.floor().clamp(0.0, f64::from(u32::MAX / 2));
+        // Beyond what fits, the cache serves `c / hold` requests a second and the rest queue:
+        // over the horizon it takes to add capacity (a decode start-up), the wait of an arrival
+        // grows linearly to `g·T`, `g` the excess over what is served. Within it, waits are
+        // those of a stable `c`-server queue.
+        let g = if conc >= c {
+            (conc - c) / c.max(1.0)
+        } else {
+            0.0
+        };
+        let horizon = self.profile.startup_s.decode.max(1.0);
+        let c = c as u32;
         let beta = (self.w.dispersion.max(1.0) + self.w.osl_cv2) / 2.0;
-        let slack = 0.5 * self.slo.ttft_at(self.w.isl.max(1.0));
-        wait_tail(c, conc, osl * t, beta, slack)
+        let late_by = |allowance: f64| {
+            if c == 0 {
+                1.0
+            } else if g > 0.0 {
+                (1.0 - allowance.max(0.0) / (g * horizon)).clamp(0.0, 1.0)
+            } else {
+                wait_tail(c, conc, hold, beta, allowance)
+            }
+        };
+        let local = self.local_share.clamp(0.0, 1.0);
+        let first = 0.5 * self.slo.ttft_at(self.w.isl.max(1.0));
+        let mut late = local * late_by(first);
+        if local < 1.0 {
+            let spare = (self.slo.tpot_s - t).max(0.0);
+            let outputs = Lengths::new(osl, self.w.osl_cv2);
+            const N: usize = 8;
+            let remote: f64 = (0..N)
+                .map(|k| {
+                    let o = outputs.quantile((k as f64 + 0.5) / N as f64).max(1.0);
+                    late_by((o - 1.0) * spare)
+                })
+                .sum::<f64>()
+                / N as f64;
+            late += (1.0 - local) * remote;
+        }
+        late
+    }
+
+    /// Modelled share of the KV cache in use at `n_d` instances (reservations of the running
+    /// sequences, the cache full at most).
+    fn occupancy(&self, n_d: u32) -> f64 {
+        let cap = f64::from(n_d.max(1)) * self.profile.kv.tokens() as f64;
+        let (_, conc) = self.operating_point(n_d);
+        (conc * self.kv_mean / cap.max(1.0)).min(1.0)
     }
 
     /// The same decode side when only a share of the arrivals reaches it (an overloaded prefill
@@ -546,6 +614,78 @@ impl<'a> DecodeModel<'a> {
         }
         hi
     }
+}
+
+/// The share of all requests the model expects to miss at a split of the instances, under one
+/// load.
+struct SplitMiss<'a> {
+    slo: &'a SloTargets,
+    policy: &'a SloPolicy,
+    pre: PrefillModel<'a>,
+    dec: DecodeModel<'a>,
+}
+
+impl<'a> SplitMiss<'a> {
+    fn new(
+        profile: &'a Profile,
+        slo: &'a SloTargets,
+        policy: &'a SloPolicy,
+        w: &'a Workload,
+        bypass: u32,
+    ) -> Self {
+        Self {
+            slo,
+            policy,
+            pre: PrefillModel::new(profile, slo, policy, w, bypass),
+            dec: DecodeModel::new(profile, slo, policy, w, bypass),
+        }
+    }
+
+    fn miss(&self, p: u32, d: u32) -> f64 {
+        let (pre, dec) = (&self.pre, &self.dec);
+        // An overloaded prefill passes on only what it serves, so decode is judged at that rate.
+        let a = pre.load();
+        let through = if a > f64::from(p) {
+            f64::from(p) / a
+        } else {
+            1.0
+        };
+        let share = pre.bypass + (1.0 - pre.bypass) * through;
+        let (tpot, overflow) = dec.throttled(share).predict(d.max(1));
+        let ttft_miss = if p == 0 { 1.0 } else { pre.miss(p) };
+        let ttft = (1.0 - pre.bypass) * ttft_miss.min(1.0);
+        let ratio = tpot / self.slo.tpot_s;
+        let target = self.policy.tpot_target;
+        let tpot = if ratio <= target {
+            0.0
+        } else {
+            ((ratio - target) / (1.0 - target).max(1e-6)).min(1.0)
+        };
+        // A request that waits for KV space is late only if its output is too short to make up
+        // the wait: count half of the overflow.
+        1.0 - (1.0 - ttft) * (1.0 - tpot.max(0.5 * overflow))
+    }
+}
+
+/// Bounds of the KV occupancy correction: the model is trusted within a factor of two.
+pub const KV_SCALE: (f64, f64) = (0.5, 2.0);
+
+/// The KV occupancy the model expects on `n_d` decode instances under workload `w` (arrivals
+/// at `w.rate_d`, prompts up to `bypass` tokens prefilled locally), with no correction: the
+/// reference the observed occupancy is compared with.
+pub fn kv_occupancy(
+    profile: &Profile,
+    w: &Workload,
+    slo: &SloTargets,
+    policy: &SloPolicy,
+    bypass: u32,
+    n_d: u32,
+) -> f64 {
+    let plain = Workload {
+        kv_scale: 1.0,
+        ..w.clone()
+    };
+    DecodeModel::new(profile, slo, policy, &plain, bypass).occupancy(n_d)
 }
 
 /// Where the counts must stay: minimums, maximums and a GPU budget.
@@ -683,42 +823,17 @@ fn size_at(
             kv_overflow: overflow,
         }
     };
-    // Share of all requests the model expects to miss at (p, d) under the next interval's load.
-    // An overloaded prefill passes on only what it serves, so decode is judged at that rate.
+    // Share of all requests the model expects to miss at (p, d). A split chosen now serves until
+    // instances started now are up, so it is judged over that horizon: half at the next
+    // interval's load, half at the load the roles are readied for.
     let now = Workload {
         rate_p: w.rate_now.min(w.rate_p),
         rate_d: w.rate_now.min(w.rate_d),
         ..w.clone()
     };
-    let pre_now = PrefillModel::new(profile, slo, policy, &now, bypass);
-    let dec_now = DecodeModel::new(profile, slo, policy, &now, bypass);
-    let miss = |p: u32, d: u32| {
-        let (pre, dec) = (&pre_now, &dec_now);
-        let a = pre.load();
-        let through = if a > f64::from(p) {
-            f64::from(p) / a
-        } else {
-            1.0
-        };
-        let share = pre.bypass + (1.0 - pre.bypass) * through;
-        let (tpot, overflow) = dec.throttled(share).predict(d.max(1));
-        let at = Prediction {
-            ttft_miss: if p == 0 { 1.0 } else { pre.miss(p) },
-            ttft_s: 0.0,
-            tpot_s: tpot,
-            kv_overflow: overflow,
-        };
-        let ttft = (1.0 - pre.bypass) * at.ttft_miss.min(1.0);
-        let ratio = at.tpot_s / slo.tpot_s;
-        let tpot = if ratio <= policy.tpot_target {
-            0.0
-        } else {
-            ((ratio - policy.tpot_target) / (1.0 - policy.tpot_target).max(1e-6)).min(1.0)
-        };
-        // A request that waits for KV space is late only if its output is too short to make up
-        // the wait: count half of the overflow.
-        1.0 - (1.0 - ttft) * (1.0 - tpot.max(0.5 * at.kv_overflow))
-    };
+    let at_now = SplitMiss::new(profile, slo, policy, &now, bypass);
+    let at_ready = SplitMiss::new(profile, slo, policy, w, bypass);
+    let miss = |p: u32, d: u32| 0.5 * (at_now.miss(p, d) + at_ready.miss(p, d));
     let target = fit(profile, need, bounds, &miss);
     let (p, d) = (target.prefill.max(1), target.decode.max(1));
     let at_target = miss(p, d);

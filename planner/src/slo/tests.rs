@@ -41,6 +41,7 @@ fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
         },
         transfer_s_per_token: 0.0,
         isl_shares: None,
+        kv_scale: 1.0,
     }
 }
 
@@ -269,4 +270,83 @@ fn a_length_aware_slo_makes_long_prompts_feasible() {
     };
     let s = sized(&p, &w, &aware, &SloPolicy::default());
     assert!(s.infeasible_share < 0.1, "{s:?}");
+}
+
+#[test]
+fn a_mild_kv_overload_is_absorbed_by_the_tpot_slack() {
+    let (p, slo, pol) = (profile(), SloTargets::default(), SloPolicy::default());
+    // Arrivals well past what one instance holds, throttled to the concurrency each case needs.
+    let w = workload(80.0, 1200.0, 200.0);
+    let d = DecodeModel::new(&p, &slo, &pol, &w, 0);
+    let slots = p.kv.tokens() as f64 / d.kv_mean;
+    let at = |over: f64| {
+        let share = (1..=1000)
+            .map(|k| f64::from(k) / 1000.0)
+            .find(|&s| d.throttled(s).operating_point(1).1 >= over * slots)
+            .unwrap();
+        let m = d.throttled(share);
+        (m, m.operating_point(1).0)
+    };
+    // A few percent past the sequences that fit: requests prefilled elsewhere have streamed
+    // their first token and wait within their time-per-token slack; most stay on time.
+    let (mild, t) = at(1.03);
+    let late = mild.overflow(1, t);
+    assert!(late < 0.25, "{late}");
+    // Twice past them, the queue outgrows any slack within a start-up.
+    let (heavy, t2) = at(2.0);
+    let heavy = heavy.overflow(1, t2);
+    assert!(heavy > 0.5 && heavy > late, "{heavy} vs {late}");
+    // Prompts prefilled on the instance wait before their first token: less slack.
+    let local = DecodeModel {
+        local_share: 1.0,
+        ..mild
+    };
+    assert!(
+        local.overflow(1, t) > late,
+        "{} vs {late}",
+        local.overflow(1, t)
+    );
+}
+
+#[test]
+fn the_measured_kv_occupancy_corrects_the_decode_model() {
+    let mut t = Tracker::default();
+    // The cache holds half again what the model expects.
+    for _ in 0..30 {
+        t.observe_kv(0.6, 0.4);
+    }
+    assert!((t.kv_scale - 1.5).abs() < 0.01, "{}", t.kv_scale);
+    // A saturated or idle cache says nothing; nonsense is ignored.
+    let before = t.kv_scale;
+    t.observe_kv(0.97, 0.4);
+    t.observe_kv(0.01, 0.4);
+    t.observe_kv(f64::NAN, 0.4);
+    t.observe_kv(0.5, f64::INFINITY);
+    assert_eq!(t.kv_scale, before);
+    // Far off, the correction stays within its bounds.
+    for _ in 0..60 {
+        t.observe_kv(0.8, 0.06);
+    }
+    assert!(t.kv_scale <= KV_SCALE.1 + 1e-12, "{}", t.kv_scale);
+    // A larger measured occupancy asks for more decode instances, a smaller one for fewer.
+    let (p, slo, pol) = (profile(), SloTargets::default(), SloPolicy::default());
+    let base = workload(60.0, 3000.0, 500.0);
+    let with = |scale: f64| {
+        let w = Workload {
+            kv_scale: scale,
+            ..base.clone()
+        };
+        sized(&p, &w, &slo, &pol).need.decode
+    };
+    assert!(with(2.0) > with(1.0), "{} vs {}", with(2.0), with(1.0));
+    assert!(with(0.5) < with(1.0), "{} vs {}", with(0.5), with(1.0));
+    // The reference the measurement is compared with is the uncorrected model.
+    let w = Workload {
+        kv_scale: 2.0,
+        ..base.clone()
+    };
+    assert_eq!(
+        kv_occupancy(&p, &w, &slo, &pol, 0, 4),
+        kv_occupancy(&p, &base, &slo, &pol, 0, 4)
+    );
 }

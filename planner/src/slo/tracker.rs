@@ -31,6 +31,8 @@ pub struct Tracker {
     /// The prompt-length distribution over the same memory (shares of the length histogram's
     /// buckets).
     pub isl_shares: Option<Vec<f64>>,
+    /// Observed over modelled KV occupancy of the decode instances (smoothed; 1 until measured).
+    pub kv_scale: f64,
     counts: std::collections::VecDeque<f64>,
     /// Arrival counts and the point forecasts made at the same ticks (newest last), for the
     /// forecast's surges.
@@ -66,6 +68,7 @@ impl Default for Tracker {
             isl: None,
             osl: None,
             isl_shares: None,
+            kv_scale: 1.0,
             counts: std::collections::VecDeque::new(),
             history: std::collections::VecDeque::new(),
             surges: std::collections::VecDeque::new(),
@@ -147,6 +150,21 @@ impl Tracker {
         } else {
             0.0
         }
+    }
+
+    /// Learns how the decode instances' measured KV occupancy compares with the model's
+    /// (`modelled`, for the interval's arrivals at the counts that served them). Only a cache
+    /// that is neither nearly empty nor saturated says how much the running sequences hold.
+    pub fn observe_kv(&mut self, observed: f64, modelled: f64) {
+        if !(observed.is_finite() && modelled.is_finite()) {
+            return;
+        }
+        if !(0.05..=0.9).contains(&observed) || !(0.05..=0.95).contains(&modelled) {
+            return;
+        }
+        let (lo, hi) = super::KV_SCALE;
+        let r = (observed / modelled).clamp(lo, hi);
+        self.kv_scale = (self.kv_scale + 0.3 * (r - self.kv_scale)).clamp(lo, hi);
     }
 
     /// Learns from one interval's observation.
