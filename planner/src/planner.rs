@@ -438,6 +438,9 @@ pub struct Planner {
     tracker: Tracker,
     /// The bypass threshold of the last SLO-aware sizing.
     bypass: Option<u32>,
+    /// The last SLO-aware target without what only a prefill backlog asked for: what the hold
+    /// remembers (a backlog is cleared once; the instances it needed are not needed again).
+    sustained: Option<Replicas>,
 }
 
 impl Planner {
@@ -466,6 +469,7 @@ impl Planner {
             isl_threshold: None,
             tracker: Tracker::default(),
             bypass: None,
+            sustained: None,
             cfg,
         })
     }
@@ -755,8 +759,16 @@ impl Planner {
             desired = self.emergency(desired, current, ready, all, obs, &mut reasons);
         }
 
-        // 6. Scale-down stabilisation.
-        self.remember_desired(now, desired);
+        // 6. Scale-down stabilisation. The SLO-aware policy's hold remembers what the arrivals
+        // need, not what a backlog or an emergency asked for once.
+        let basis = match (self.cfg.policy, self.sustained.take()) {
+            (PolicyKind::Dopd, Some(s)) => PerRole {
+                prefill: desired.prefill.min(s.prefill),
+                decode: desired.decode.min(s.decode),
+            },
+            _ => desired,
+        };
+        self.remember_desired(now, basis);
         let windows = self.hold_windows();
         if windows.prefill > 0.0 || windows.decode > 0.0 {
             let within = |t: f64, w: f64| now - t <= w;

@@ -176,6 +176,15 @@ impl Planner {
             current: self.issued,
         };
         let s = slo::size(&self.profile, &w, &self.cfg.slo, p, extra, &bounds);
+        self.sustained = Some(if backlog > 0.0 {
+            let arrivals = slo::Workload {
+                rate_p: w.rate_p - backlog,
+                ..w.clone()
+            };
+            slo::size(&self.profile, &arrivals, &self.cfg.slo, p, extra, &bounds).target
+        } else {
+            s.target
+        });
         reasons.push(Reason::Forecast {
             requests: f.requests.point,
             isl,

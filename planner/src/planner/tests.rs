@@ -326,3 +326,30 @@ fn oracle_input_bypasses_the_forecasters() {
     assert!(d.forecast.is_none());
     assert!(d.target.decode >= 9, "{:?}", d.target);
 }
+
+#[test]
+fn the_hold_keeps_what_arrivals_needed_not_what_a_backlog_asked_for() {
+    let run = |backlog: f64, burst: f64| {
+        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+        let mut ready = ONE;
+        for k in 0..12 {
+            ready = p.tick(f64::from(k) * 10.0, &obs(50.0, ready)).target;
+        }
+        let steady = ready;
+        // One interval with a backlog in front of prefill, or with a burst of arrivals.
+        let mut o = obs(burst, ready);
+        o.prefill_queue_depth = backlog;
+        let up = p.tick(120.0, &o).target;
+        assert!(up.prefill > steady.prefill, "{up:?} vs {steady:?}");
+        // The instances land, the backlog is gone and arrivals are back to the steady level.
+        let after = p.tick(130.0, &obs(50.0, up)).target;
+        (steady, up, after)
+    };
+    let (steady, _, after) = run(2000.0, 50.0);
+    assert_eq!(
+        after.prefill, steady.prefill,
+        "a cleared backlog is not held"
+    );
+    let (_, up, after) = run(0.0, 400.0);
+    assert_eq!(after.prefill, up.prefill, "a burst of arrivals is held");
+}
