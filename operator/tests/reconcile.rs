@@ -320,7 +320,9 @@ async fn heavy_load_scales_up_with_an_event_and_history() {
     w.pod("prefill", 0, true, "Running", OLD);
     w.pod("decode", 0, true, "Running", OLD);
     w.settle().await;
-    w.router.serve(3000, 2000, 400);
+    // About 390 requests a second of 2000-token prompts: more than one prefill and one decode
+    // instance of the profile carry.
+    w.router.serve(12000, 2000, 400);
     w.clock.advance(31.0);
     w.reconcile().await.unwrap();
     let (p, d) = (w.replicas("prefill"), w.replicas("decode"));

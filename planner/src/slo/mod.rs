@@ -804,8 +804,10 @@ fn size_at(
     extra: Replicas,
     bounds: &Bounds,
 ) -> (SloSizing, f64) {
-    let pre = PrefillModel::new(profile, slo, policy, w, bypass);
-    let dec = DecodeModel::new(profile, slo, policy, w, bypass);
+    // The models at the load the roles are readied for (what the need is sized for), and at the
+    // next interval's load.
+    let at_ready = SplitMiss::new(profile, slo, policy, w, bypass);
+    let (pre, dec) = (&at_ready.pre, &at_ready.dec);
     let base = Replicas {
         prefill: pre.needed(),
         decode: dec.needed(),
@@ -832,7 +834,6 @@ fn size_at(
         ..w.clone()
     };
     let at_now = SplitMiss::new(profile, slo, policy, &now, bypass);
-    let at_ready = SplitMiss::new(profile, slo, policy, w, bypass);
     let miss = |p: u32, d: u32| 0.5 * (at_now.miss(p, d) + at_ready.miss(p, d));
     let target = fit(profile, need, bounds, &miss);
     let (p, d) = (target.prefill.max(1), target.decode.max(1));
