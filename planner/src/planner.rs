@@ -920,22 +920,10 @@ impl Planner {
         let mut target = current;
         let per_p = finite0(obs.prefill_queue_depth) / f64::from(obs.replicas.prefill.ready.max(1));
         let draining = {
-            let h: Vec<f64> = self.queue_history.iter().copied().collect();
             // Least-squares slope over the history, extrapolated over the same span.
-            let n = h.len() as f64;
-            if h.len() >= 2 {
-                let mx = (n - 1.0) / 2.0;
-                let my = h.iter().sum::<f64>() / n;
-                let (mut sxy, mut sxx) = (0.0, 0.0);
-                for (i, y) in h.iter().enumerate() {
-                    sxy += (i as f64 - mx) * (y - my);
-                    sxx += (i as f64 - mx).powi(2);
-                }
-                let slope = sxy / sxx;
-                per_p + slope * n < t.queue_scale_up
-            } else {
-                false
-            }
+            let h: Vec<f64> = self.queue_history.iter().copied().collect();
+            crate::stats::trend_line(&h)
+                .is_some_and(|(slope, _)| per_p + slope * (h.len() as f64) < t.queue_scale_up)
         };
         let gpus = |r: &Replicas| r.gpus(&self.profile);
         if per_p > t.queue_scale_up && !draining {

@@ -1,4 +1,5 @@
-//! Small statistics shared by the router's load report, the load generator and the benchmarks.
+//! Small statistics shared by the router's load report, the load generator, the benchmarks and the
+//! planner's trend estimates.
 
 /// Nearest-rank quantile `q` (0..=1) of `sorted` (ascending): the smallest value with at least
 /// `q` of the sample at or below it. NaN for an empty sample.
@@ -16,6 +17,29 @@ pub fn quantiles<const N: usize>(v: &mut [f64], qs: [f64; N]) -> [f64; N] {
     qs.map(|q| nearest_rank(v, q))
 }
 
+/// Least-squares line through `y` against its indices `0, 1, …`: the slope, and the standard
+/// error of the slope (`None` with fewer than two points; the error is NaN with two).
+pub fn trend_line(y: &[f64]) -> Option<(f64, f64)> {
+    if y.len() < 2 {
+        return None;
+    }
+    let n = y.len() as f64;
+    let mx = (n - 1.0) / 2.0;
+    let my = y.iter().sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (i, v) in y.iter().enumerate() {
+        sxy += (i as f64 - mx) * (v - my);
+        sxx += (i as f64 - mx).powi(2);
+    }
+    let slope = sxy / sxx;
+    let resid: f64 = y
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v - my - slope * (i as f64 - mx)).powi(2))
+        .sum();
+    Some((slope, (resid / (n - 2.0) / sxx).sqrt()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,5 +55,14 @@ mod tests {
         assert!(nearest_rank(&[], 0.5).is_nan());
         let mut w = vec![3.0, 1.0, 2.0];
         assert_eq!(quantiles(&mut w, [0.5, 1.0]), [2.0, 3.0]);
+    }
+
+    #[test]
+    fn trend_line_finds_the_slope_and_its_error() {
+        assert_eq!(trend_line(&[1.0, 3.0, 5.0, 7.0]), Some((2.0, 0.0)));
+        let (slope, se) = trend_line(&[0.0, 2.0, 1.0, 3.0]).expect("four points");
+        assert!((slope - 0.8).abs() < 1e-12, "{slope}");
+        assert!(se > 0.0 && se < slope, "{se}");
+        assert!(trend_line(&[5.0]).is_none());
     }
 }

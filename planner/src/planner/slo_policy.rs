@@ -97,42 +97,6 @@ impl Planner {
             };
             r / interval
         };
-        // The decode instances' measured KV occupancy against the model's for the interval just
-        // served (arrivals at their observed rate, the counts that were ready, the bypass then in
-        // force), unless a backlog in front of prefill held arrivals back from decode.
-        let ready = obs.replicas.decode.ready;
-        if p.kv_calibration
-            && known.is_none()
-            && ready > 0
-            && finite0(obs.prefill_queue_depth) < 1.0
-        {
-            let served = slo::Workload {
-                rate_p: finite0(obs.requests) / interval,
-                rate_d: finite0(obs.requests) / interval,
-                rate_now: finite0(obs.requests) / interval,
-                isl,
-                isl_cv2: self.tracker.isl_cv2,
-                osl,
-                osl_cv2: self.tracker.osl_cv2,
-                dispersion: self.tracker.dispersion,
-                kappa: PerRole {
-                    prefill: 1.0,
-                    decode: 1.0,
-                },
-                transfer_s_per_token: 0.0,
-                isl_shares: self.tracker.isl_shares.clone(),
-                kv_scale: 1.0,
-            };
-            let modelled = slo::kv_occupancy(
-                &self.profile,
-                &served,
-                &self.cfg.slo,
-                p,
-                self.bypass.unwrap_or(0),
-                ready,
-            );
-            self.tracker.observe_kv(obs.kv_usage, modelled);
-        }
         let h_p = headroom::horizon_intervals(self.profile.startup_s.prefill, interval);
         self.tracker.record_forecast(f.requests.point, h_p);
         let t = &self.tracker;
@@ -146,7 +110,7 @@ impl Planner {
         // within the start-up horizon, on top of the arrivals.
         let backlog =
             finite0(obs.prefill_queue_depth) / self.profile.startup_s.prefill.max(interval);
-        let w = slo::Workload {
+        let mut w = slo::Workload {
             rate_p: rate(self.profile.startup_s.prefill) + backlog,
             rate_d: rate(self.profile.startup_s.decode),
             rate_now: f.requests.point / interval,
@@ -168,6 +132,28 @@ impl Planner {
             prefill: t.extra.prefill.round() as u32,
             decode: t.extra.decode.round() as u32,
         };
+        // The decode instances' measured KV occupancy against the model's for the interval just
+        // served (arrivals at their observed rate, the counts that were ready, the bypass then in
+        // force), unless a backlog in front of prefill held arrivals back from decode.
+        let ready = obs.replicas.decode.ready;
+        if p.kv_calibration
+            && known.is_none()
+            && ready > 0
+            && finite0(obs.prefill_queue_depth) < 1.0
+        {
+            let r = finite0(obs.requests) / interval;
+            let served = slo::Workload {
+                rate_p: r,
+                rate_d: r,
+                rate_now: r,
+                ..w.clone()
+            };
+            let bypass = self.bypass.unwrap_or(0);
+            let modelled =
+                slo::kv_occupancy(&self.profile, &served, &self.cfg.slo, p, bypass, ready);
+            self.tracker.observe_kv(obs.kv_usage, modelled);
+            w.kv_scale = self.tracker.kv_scale;
+        }
         let c = &self.cfg.sizing;
         let bounds = slo::Bounds {
             min: c.min_replicas,

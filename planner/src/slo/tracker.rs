@@ -126,29 +126,14 @@ impl Tracker {
     /// last counts when it stands out of their noise (t-statistic above 2), else 0.
     pub fn trend(&self) -> f64 {
         let recent: Vec<f64> = self.counts.iter().rev().take(6).rev().copied().collect();
-        let n = recent.len();
-        if n < 4 {
+        if recent.len() < 4 {
             return 0.0;
         }
-        let nf = n as f64;
-        let mx = (nf - 1.0) / 2.0;
-        let my = recent.iter().sum::<f64>() / nf;
-        let (mut sxy, mut sxx) = (0.0, 0.0);
-        for (i, y) in recent.iter().enumerate() {
-            sxy += (i as f64 - mx) * (y - my);
-            sxx += (i as f64 - mx).powi(2);
-        }
-        let slope = sxy / sxx;
-        let resid: f64 = recent
-            .iter()
-            .enumerate()
-            .map(|(i, y)| (y - my - slope * (i as f64 - mx)).powi(2))
-            .sum();
-        let se = (resid / (nf - 2.0) / sxx).sqrt();
-        if slope.is_finite() && (se == 0.0 || slope.abs() > 2.0 * se) {
-            slope
-        } else {
-            0.0
+        match crate::stats::trend_line(&recent) {
+            Some((slope, se)) if slope.is_finite() && (se == 0.0 || slope.abs() > 2.0 * se) => {
+                slope
+            }
+            _ => 0.0,
         }
     }
 
