@@ -27,6 +27,7 @@
 //! | `ttft_s`, `ttft_p90_s` | mean and P90 time to first token of the first tokens delivered in the interval |
 //! | `itl_s`, `itl_p90_s` | mean and P90 of the per-request mean inter-token latency of requests that finished in the interval |
 //! | `request_duration_s` | mean arrival-to-last-token time of requests that finished in the interval |
+//! | `arrival_cv2` | squared coefficient of variation of the gaps between the interval's timed arrivals (from at least 10 gaps; 1 for Poisson arrivals) |
 //! | `finished`, `failed` | requests that finished, and that ended without finishing, in the interval |
 //! | `prefill_queue_depth` | now: requests waiting in the router plus those queued on prefill instances |
 //! | `kv_usage` | now: mean KV use over ready decode instances |
@@ -46,6 +47,9 @@ use crate::load::{LoadReading, LoadTotals};
 use crate::planner::{Decision, Observation, Planner, ReplicaState};
 use crate::profile::{PerRole, Role};
 use crate::sizing::{Replicas, SizingInput};
+
+/// Gaps between arrivals an interval needs before their spread is reported.
+const MIN_GAPS: u64 = 10;
 
 /// Where an instance is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -738,6 +742,7 @@ pub fn observation(
         ttft_hist: d.ttft_s.clone(),
         itl_hist: d.itl_s.clone(),
         isl_hist: d.prompt_lengths.clone(),
+        arrival_cv2: d.arrival_cv2(MIN_GAPS),
         prefill_queue_depth: (reading.router_waiting + queued) as f64,
         kv_usage: if kv.is_empty() {
             0.0

@@ -7,7 +7,8 @@
 //!
 //! What is counted, and when (the same in the router and the simulator, which both record through
 //! [`LoadTotals`]'s methods):
-//! - an **arrival** when a request is admitted, with its prompt length;
+//! - an **arrival** when a request is admitted, with its prompt length and (when the source
+//!   knows it) its time, so the gaps between arrivals give their burstiness within an interval;
 //! - a **first token** when it reaches the client, with the time since arrival (TTFT);
 //! - a **finish** when a request ends successfully, with its output length, its mean gap between
 //!   later tokens (ITL, when it has at least two tokens) and its duration (arrival to last token);
@@ -190,6 +191,12 @@ pub struct LoadTotals {
     pub prompt_tokens: u64,
     pub prompt_tokens_sq: f64,
     pub prompt_lengths: LengthHistogram,
+    /// Gaps between consecutive timed arrivals: how many, their sum and the sum of their squares
+    /// (seconds), and the last timed arrival (seconds on the source's own clock).
+    pub gaps: u64,
+    pub gap_s: f64,
+    pub gap_sq: f64,
+    pub last_arrival_s: Option<f64>,
     /// Requests that finished successfully.
     pub finished: u64,
     /// Requests that ended without finishing.
@@ -219,6 +226,26 @@ impl LoadTotals {
         self.prompt_tokens += u64::from(isl);
         self.prompt_tokens_sq += f64::from(isl).powi(2);
         self.prompt_lengths.observe(f64::from(isl));
+    }
+
+    /// A request was admitted with a prompt of `isl` tokens at `t_s` seconds on the source's
+    /// clock (any origin, never going back). The gap since the previous timed arrival is counted
+    /// once the clock has moved forward; a time that goes back or is not finite restarts the gaps.
+    pub fn arrive_at(&mut self, isl: u32, t_s: f64) {
+        self.arrive(isl);
+        if !t_s.is_finite() {
+            self.last_arrival_s = None;
+            return;
+        }
+        if let Some(last) = self.last_arrival_s
+            && t_s >= last
+        {
+            let gap = t_s - last;
+            self.gaps += 1;
+            self.gap_s += gap;
+            self.gap_sq += gap * gap;
+        }
+        self.last_arrival_s = Some(t_s);
     }
 
     /// A request's first token reached the client `ttft_s` after it arrived.
@@ -265,6 +292,9 @@ impl LoadTotals {
             ttft_s: self.ttft_s.since(&base.ttft_s),
             itl_s: self.itl_s.since(&base.itl_s),
             prompt_lengths: self.prompt_lengths.since(&base.prompt_lengths),
+            gaps: self.gaps.saturating_sub(base.gaps),
+            gap_s: (self.gap_s - base.gap_s).max(0.0),
+            gap_sq: (self.gap_sq - base.gap_sq).max(0.0),
         }
     }
 
@@ -276,6 +306,7 @@ impl LoadTotals {
             || self.output_tokens < e.output_tokens
             || self.ttft_s.count < e.ttft_s.count
             || self.itl_s.count < e.itl_s.count
+            || self.gaps < e.gaps
     }
 }
 
@@ -294,6 +325,10 @@ pub struct LoadDelta {
     pub ttft_s: Option<Histogram>,
     pub itl_s: Option<Histogram>,
     pub prompt_lengths: Option<LengthHistogram>,
+    /// Gaps between timed arrivals, their sum and the sum of their squares (seconds).
+    pub gaps: u64,
+    pub gap_s: f64,
+    pub gap_sq: f64,
 }
 
 impl LoadDelta {
@@ -315,6 +350,19 @@ impl LoadDelta {
     /// Mean squared output length of the requests that finished.
     pub fn mean_osl_sq(&self) -> Option<f64> {
         (self.finished > 0).then(|| self.output_tokens_sq / self.finished as f64)
+    }
+
+    /// Squared coefficient of variation of the gaps between arrivals (1 for Poisson arrivals,
+    /// 0 for evenly spaced ones, more for bursts), from at least `min_gaps` gaps.
+    pub fn arrival_cv2(&self, min_gaps: u64) -> Option<f64> {
+        if self.gaps < min_gaps.max(2) || !(self.gap_s > 0.0) {
+            return None;
+        }
+        let n = self.gaps as f64;
+        let mean = self.gap_s / n;
+        let var = (self.gap_sq / n - mean * mean).max(0.0);
+        let c = var / (mean * mean);
+        c.is_finite().then_some(c)
     }
 
     /// Mean duration of the requests that finished.
@@ -381,6 +429,50 @@ mod tests {
         assert!((ttft.mean().unwrap() - 0.4).abs() < 1e-12);
         // Reading again changes nothing.
         assert_eq!(t.since(Some(&first)), d);
+    }
+
+    #[test]
+    fn gaps_between_arrivals_say_how_bursty_they_are() {
+        // Evenly spaced: no spread.
+        let mut even = LoadTotals::new(1);
+        for k in 0..50 {
+            even.arrive_at(10, f64::from(k) * 0.1);
+        }
+        let d = even.since(None);
+        assert_eq!(d.gaps, 49);
+        assert!(d.arrival_cv2(10).unwrap() < 1e-9);
+        // Poisson (exponential gaps from a fixed-seed generator): close to 1.
+        let mut poisson = LoadTotals::new(1);
+        let (mut t, mut x) = (0.0, 12345u64);
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let u = ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            t += -u.ln() / 5.0;
+            poisson.arrive_at(10, t);
+        }
+        let c = poisson.since(None).arrival_cv2(10).unwrap();
+        assert!((c - 1.0).abs() < 0.1, "{c}");
+        // Groups of ten at once, a second apart: far above Poisson.
+        let mut bursts = LoadTotals::new(1);
+        for k in 0..100 {
+            bursts.arrive_at(10, f64::from(k / 10));
+        }
+        assert!(bursts.since(None).arrival_cv2(10).unwrap() > 5.0);
+        // Too few gaps say nothing; an untimed arrival counts but adds no gap.
+        let mut few = LoadTotals::new(1);
+        few.arrive_at(10, 0.0);
+        few.arrive_at(10, 1.0);
+        few.arrive(10);
+        let d = few.since(None);
+        assert_eq!((d.arrived, d.gaps), (3, 1));
+        assert_eq!(d.arrival_cv2(10), None);
+        // A clock that goes back adds no gap.
+        few.arrive_at(10, 0.5);
+        assert_eq!(few.gaps, 1);
+        few.arrive_at(10, f64::NAN);
+        assert_eq!((few.gaps, few.last_arrival_s), (1, None));
     }
 
     #[test]

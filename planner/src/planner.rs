@@ -78,6 +78,10 @@ pub struct Observation {
     /// The interval's prompt lengths (the requests that arrived).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub isl_hist: Option<crate::load::LengthHistogram>,
+    /// Squared coefficient of variation of the gaps between the interval's arrivals (1 for
+    /// Poisson; `None` when too few arrivals were timed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrival_cv2: Option<f64>,
     /// Requests waiting for prefill, all instances together.
     pub prefill_queue_depth: f64,
     /// Mean fraction of KV blocks in use over decode instances, 0..1.

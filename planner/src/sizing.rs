@@ -87,6 +87,9 @@ pub enum Reason {
     Idle { idle_s: f64 },
     /// A previous change has not landed yet; no new change this tick.
     ReconfigInFlight { waited_s: f64 },
+    /// The interval just seen lay far above the forecast (a step it has not caught up with):
+    /// the next one was sized for what was seen.
+    Step { seen: f64, forecast: f64 },
     /// Not enough history to forecast: the last values were used.
     Warmup { observations: usize },
     /// Counts the SLOs need (the `dopd` policy's queueing model): the arrival rates each role was

@@ -814,8 +814,12 @@ mod tests {
         let t = &a.reading.totals;
         assert_eq!((t.arrived, t.failed, t.finished), (2, 2, 0));
         assert!(t.prompt_tokens > 33, "{t:?}");
+        // Arrivals are timed on the router's clock: the second one left a gap.
+        assert_eq!(t.gaps, 1, "{t:?}");
+        assert!(t.last_arrival_s.is_some_and(|s| s >= 0.0), "{t:?}");
         send(&r, 3).await;
-        assert_eq!(read_load(&r).await.reading.totals.arrived, 3);
+        let t = read_load(&r).await.reading.totals;
+        assert_eq!((t.arrived, t.gaps), (3, 2));
     }
 
     #[tokio::test]

@@ -81,6 +81,8 @@ pub struct Scheduler {
     pub metrics: Arc<Metrics>,
     /// What the planner reads: counts since the router started (never reset).
     pub load: Arc<Mutex<LoadTotals>>,
+    /// The clock the load's arrival times are read on.
+    started: Instant,
 }
 
 /// A short batch's release: why, and the prefill worker the whole batch goes to.
@@ -112,6 +114,7 @@ impl Scheduler {
             batcher: tx,
             metrics,
             load: Arc::new(Mutex::new(LoadTotals::new(epoch_ms()))),
+            started: Instant::now(),
             cfg,
         });
         tokio::spawn(run_batcher(rx, s.cfg.routing.clone(), pool));
@@ -156,7 +159,12 @@ impl Scheduler {
     pub async fn start(self: &Arc<Self>, job: Job) -> Result<mpsc::Receiver<Piece>, ApiError> {
         let isl = job.prompt_tokens.len() as u32;
         if let Ok(mut l) = self.load.lock() {
-            l.arrive(isl);
+            l.arrive_at(
+                isl,
+                job.arrived
+                    .saturating_duration_since(self.started)
+                    .as_secs_f64(),
+            );
         }
         let routing = RoutingConfig {
             ultra_short_max_isl: self.ultra_short_max_isl(),

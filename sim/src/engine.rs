@@ -774,7 +774,7 @@ impl Sim<'_> {
 
     fn arrive(&mut self, i: usize) {
         let r = self.reqs[i].r;
-        self.totals.arrive(r.isl);
+        self.totals.arrive_at(r.isl, self.now);
         if self.decode_kind() == Kind::Aggregated {
             self.reqs[i].route = Route::Aggregated;
             self.send_to_decode(i, true);

@@ -88,12 +88,27 @@ impl Planner {
         } else {
             0.0
         };
+        // A step the forecast has not caught up with yet: when the interval just seen lies far
+        // above the forecast (beyond three standard deviations of the counts' noise), the next
+        // one is sized for what was seen. A forecaster that smooths needs a few intervals to
+        // believe a new level, and each costs a start-up's worth of late instances.
+        let seen = finite0(obs.requests);
+        let noise = (f.requests.point.max(1.0) * t.dispersion.max(1.0)).sqrt();
+        let point = if known.is_none() && p.burst_ready && seen > f.requests.point + 3.0 * noise {
+            reasons.push(Reason::Step {
+                seen,
+                forecast: f.requests.point,
+            });
+            seen
+        } else {
+            f.requests.point
+        };
         let rate = |startup: f64| {
             let h = headroom::horizon_intervals(startup, interval);
             let r = if p.burst_ready {
-                (f.requests.point + trend * f64::from(h)).max(f.requests.point * (1.0 + surge))
+                (point + trend * f64::from(h)).max(point * (1.0 + surge))
             } else {
-                f.requests.point
+                point
             };
             r / interval
         };
@@ -113,12 +128,12 @@ impl Planner {
         let mut w = slo::Workload {
             rate_p: rate(self.profile.startup_s.prefill) + backlog,
             rate_d: rate(self.profile.startup_s.decode),
-            rate_now: f.requests.point / interval,
+            rate_now: point / interval,
             isl,
             isl_cv2: t.isl_cv2,
             osl,
             osl_cv2: t.osl_cv2,
-            dispersion: t.dispersion,
+            arrival_cv2: t.queue_arrival_cv2(),
             kappa: one,
             transfer_s_per_token: if p.kv_link_bytes_per_s > 0.0 {
                 self.profile.kv.bytes_per_token as f64 / p.kv_link_bytes_per_s

@@ -353,3 +353,38 @@ fn the_hold_keeps_what_arrivals_needed_not_what_a_backlog_asked_for() {
     let (_, up, after) = run(0.0, 400.0);
     assert_eq!(after.prefill, up.prefill, "a burst of arrivals is held");
 }
+
+#[test]
+fn a_step_the_forecast_has_not_caught_up_with_is_sized_for_what_was_seen() {
+    let c = PlannerConfig {
+        policy: PolicyKind::Dopd,
+        ..Default::default()
+    };
+    let mut p = Planner::new_ok(profile(), with_budget(c, 100));
+    let mut ready = ONE;
+    let step = |r: &Reason| matches!(r, Reason::Step { .. });
+    for k in 0..30 {
+        let n = if k % 2 == 0 { 45.0 } else { 55.0 };
+        let d = p.tick(f64::from(k) * 10.0, &obs(n, ready));
+        assert!(
+            !d.reasons.iter().any(step),
+            "noise is no step: {:?}",
+            d.reasons
+        );
+        ready = d.target;
+    }
+    // Five times the level at once: the smoothing forecaster still says about 50, but the next
+    // interval is sized for the 250 just seen.
+    let d = p.tick(300.0, &obs(250.0, ready));
+    assert!(d.reasons.iter().any(step), "{:?}", d.reasons);
+    let rate_p = d.reasons.iter().find_map(|r| match r {
+        Reason::SloNeed { rate_p, .. } => Some(*rate_p),
+        _ => None,
+    });
+    assert!(rate_p.is_some_and(|r| r >= 25.0), "{:?}", d.reasons);
+    assert!(
+        d.target.prefill > ready.prefill,
+        "{:?} vs {ready:?}",
+        d.target
+    );
+}

@@ -136,8 +136,9 @@ pub struct Workload {
     /// Mean output length and its squared coefficient of variation.
     pub osl: f64,
     pub osl_cv2: f64,
-    /// Index of dispersion of arrivals (variance over mean of counts; 1 for Poisson).
-    pub dispersion: f64,
+    /// Squared coefficient of variation of the gaps between arrivals (1 for Poisson), the
+    /// arrival side of the queues' waits.
+    pub arrival_cv2: f64,
     /// Observed over profiled latency, per role.
     pub kappa: PerRole<f64>,
     /// KV transfer seconds per prompt token (0: not modelled).
@@ -334,7 +335,7 @@ impl<'a> PrefillModel<'a> {
             rate: w.rate_p.max(0.0) * (1.0 - lengths.cdf(from)),
             lengths,
             mean_s,
-            beta: (w.dispersion.max(1.0) + cs2) / 2.0,
+            beta: (w.arrival_cv2.max(0.0) + cs2) / 2.0,
             points,
         }
     }
@@ -535,7 +536,7 @@ impl<'a> DecodeModel<'a> {
         };
         let horizon = self.profile.startup_s.decode.max(1.0);
         let c = c as u32;
-        let beta = (self.w.dispersion.max(1.0) + self.w.osl_cv2) / 2.0;
+        let beta = (self.w.arrival_cv2.max(0.0) + self.w.osl_cv2) / 2.0;
         let late_by = |allowance: f64| {
             if c == 0 {
                 1.0

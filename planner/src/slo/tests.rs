@@ -34,7 +34,7 @@ fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
         isl_cv2: 0.5,
         osl,
         osl_cv2: 0.5,
-        dispersion: 1.0,
+        arrival_cv2: 1.0,
         kappa: PerRole {
             prefill: 1.0,
             decode: 1.0,
@@ -70,6 +70,46 @@ fn surges_are_learned_from_what_the_forecast_missed() {
     }
     let s = t.surge();
     assert!(s > 0.25 && s < 0.5, "{s}");
+}
+
+#[test]
+fn queue_burstiness_comes_from_the_measured_gaps_when_there_are_any() {
+    let (slo, pol) = (SloTargets::default(), SloPolicy::default());
+    let obs = |n: f64, cv2: Option<f64>| crate::planner::Observation {
+        interval_s: 10.0,
+        requests: n,
+        arrival_cv2: cv2,
+        ..Default::default()
+    };
+    // Counts that swing from one interval to the next (a rate the forecast follows) and no
+    // timed arrivals: the counts' dispersion is all there is.
+    let mut t = Tracker::default();
+    for k in 0..20 {
+        t.observe(
+            &obs(if k % 2 == 0 { 200.0 } else { 50.0 }, None),
+            &slo,
+            &pol,
+        );
+    }
+    assert!(t.queue_arrival_cv2() > 4.0, "{t:?}");
+    // The same counts with Poisson gaps inside each interval: the queue sees Poisson arrivals.
+    let mut t = Tracker::default();
+    for k in 0..20 {
+        t.observe(
+            &obs(if k % 2 == 0 { 200.0 } else { 50.0 }, Some(1.0)),
+            &slo,
+            &pol,
+        );
+    }
+    assert!((t.queue_arrival_cv2() - 1.0).abs() < 1e-9, "{t:?}");
+    // Bursty gaps are learned, within bounds; nonsense is ignored.
+    for _ in 0..40 {
+        t.observe(&obs(100.0, Some(4.0)), &slo, &pol);
+        t.observe(&obs(100.0, Some(f64::NAN)), &slo, &pol);
+    }
+    assert!((t.queue_arrival_cv2() - 4.0).abs() < 0.01, "{t:?}");
+    t.observe(&obs(100.0, Some(1e9)), &slo, &pol);
+    assert!(t.queue_arrival_cv2() <= 16.0);
 }
 
 #[test]
@@ -227,7 +267,7 @@ fn prefill_is_sized_by_queueing_not_by_throughput_alone() {
     let s = sized(&p, &w, &SloTargets::default(), &SloPolicy::default());
     assert!(s.need.prefill > 5, "{s:?}");
     // Burstier arrivals need more.
-    w.dispersion = 4.0;
+    w.arrival_cv2 = 4.0;
     let b = sized(&p, &w, &SloTargets::default(), &SloPolicy::default());
     assert!(b.need.prefill > s.need.prefill, "{b:?} vs {s:?}");
 }

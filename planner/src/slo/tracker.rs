@@ -15,8 +15,14 @@ pub struct Tracker {
     /// Squared coefficients of variation of prompt and output lengths (smoothed).
     pub isl_cv2: f64,
     pub osl_cv2: f64,
-    /// Index of dispersion of arrivals (smoothed; 1 = Poisson).
+    /// Index of dispersion of arrival counts from one interval to the next (smoothed; 1 =
+    /// Poisson): how bursty the load is at the scale of intervals.
     pub dispersion: f64,
+    /// Squared coefficient of variation of the gaps between arrivals within intervals
+    /// (smoothed; 1 = Poisson; `None` until measured): how bursty the load is at the scale of a
+    /// queue.
+    #[serde(default)]
+    pub arrival_cv2: Option<f64>,
     /// Instances the closed loop adds per role, on top of the model's need.
     pub extra: PerRole<f64>,
     /// Whether each role's last target was held below its need (by a maximum or the budget):
@@ -56,6 +62,7 @@ impl Default for Tracker {
             isl_cv2: 1.0,
             osl_cv2: 1.0,
             dispersion: 1.0,
+            arrival_cv2: None,
             extra: PerRole {
                 prefill: 0.0,
                 decode: 0.0,
@@ -137,6 +144,13 @@ impl Tracker {
         }
     }
 
+    /// The arrivals' squared coefficient of variation for a queue's waits: the measured gaps'
+    /// when the source times its arrivals, else the counts' index of dispersion (which also
+    /// holds the rate's swings from one interval to the next).
+    pub fn queue_arrival_cv2(&self) -> f64 {
+        self.arrival_cv2.unwrap_or(self.dispersion)
+    }
+
     /// Learns how the decode instances' measured KV occupancy compares with the model's
     /// (`modelled`, for the interval's arrivals at the counts that served them). Only a cache
     /// that is neither nearly empty nor saturated says how much the running sequences hold.
@@ -166,6 +180,13 @@ impl Tracker {
         }
         if let Some(c) = cv2(obs.mean_osl, obs.osl_sq_mean) {
             self.osl_cv2 = smooth(self.osl_cv2, c.min(25.0), weight(obs.finished));
+        }
+        if let Some(c) = obs.arrival_cv2.filter(|c| c.is_finite() && *c >= 0.0) {
+            let c = c.min(16.0);
+            self.arrival_cv2 = Some(match self.arrival_cv2 {
+                Some(old) => smooth(old, c, weight(obs.requests)),
+                None => c,
+            });
         }
         // Count-weighted means: an interval of n requests moves them by n / (n + memory).
         let blend = |old: Option<f64>, new: Option<f64>, n: f64| match (old, new) {
