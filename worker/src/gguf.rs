@@ -385,6 +385,29 @@ impl Gguf {
         }
     }
 
+    /// The tensor `name` and its bytes as stored (blocks for the quantized types).
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), GgufError> {
+        let t = self.tensor(name)?;
+        let Some((per_block, block_bytes)) = t.dtype.block() else {
+            return Err(GgufError::UnsupportedTensorType {
+                name: t.name.clone(),
+                dtype: t.dtype,
+            });
+        };
+        // `parse` checked the extent.
+        let n = t.elements() as usize;
+        let start = self.data_offset + t.offset as usize;
+        let len = n / per_block as usize * block_bytes as usize;
+        let data = self
+            .bytes
+            .get(start..start + len)
+            .ok_or_else(|| GgufError::BadTensor {
+                name: name.into(),
+                reason: format!("{len} bytes at {start} lie past the end of the file"),
+            })?;
+        Ok((t, data))
+    }
+
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo, GgufError> {
         self.tensors
             .iter()
@@ -419,17 +442,9 @@ impl Gguf {
 
     /// All values of a tensor as `f32`, in file order (innermost dimension fastest).
     pub fn dequantize(&self, name: &str) -> Result<Vec<f32>, GgufError> {
-        let t = self.tensor(name)?;
-        let Some((per_block, block_bytes)) = t.dtype.block() else {
-            return Err(GgufError::UnsupportedTensorType {
-                name: t.name.clone(),
-                dtype: t.dtype,
-            });
-        };
-        // `parse` checked the extent, so these conversions and slices are in bounds.
+        let (t, data) = self.raw(name)?;
+        let block_bytes = t.dtype.block().map_or(4, |b| b.1);
         let n = t.elements() as usize;
-        let start = self.data_offset + t.offset as usize;
-        let data = &self.bytes[start..start + n / per_block as usize * block_bytes as usize];
         let half = |b: &[u8], i: usize| f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]));
         let mut out = Vec::with_capacity(n);
         match t.dtype {

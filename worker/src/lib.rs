@@ -5,6 +5,8 @@
 //! - [`tokenizer`]: the GGUF tokenizer as a `tokenizers` BPE, with the ChatML prompt format.
 //! - [`model`]: the Llama-family transformer in burn (grouped-query attention, RoPE with
 //!   Llama-3 scaling, RMSNorm, SwiGLU, optional QKV bias).
+//! - [`qmat`]: weight matrices kept in their quantized blocks on the CPU, multiplied with kernels
+//!   that dequantize in registers.
 //! - [`kv`]: the paged KV cache with block export/import.
 //! - [`sampling`]: seeded sampling and stop conditions.
 //! - [`engine`]: continuous batching with preemption, in `prefill`, `decode` and `mixed` roles.
@@ -18,6 +20,7 @@ pub mod hf;
 pub mod kv;
 pub mod metrics;
 pub mod model;
+pub mod qmat;
 pub mod sampling;
 pub mod service;
 pub mod tokenizer;

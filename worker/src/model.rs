@@ -20,7 +20,16 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 
 use crate::gguf::{Gguf, GgufError};
+use std::sync::Arc;
+
 use crate::kv::{KvError, KvLayout, PagedKvCache, SeqId};
+use crate::qmat::QMatrix;
+
+/// Prompt tokens run through the layers together in a cached prefill. A chunk's attention
+/// scores take `heads · PREFILL_CHUNK · context` floats (SmolLM2 at an 8k context: 75 MB), so a
+/// long prompt's memory grows linearly with its length; and a chunk is long enough that the
+/// projections stay matrix-matrix products.
+pub const PREFILL_CHUNK: usize = 256;
 
 /// How RoPE pairs up the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,27 +235,66 @@ impl LlamaConfig {
 struct Layer<B: Backend> {
     attn_norm: Tensor<B, 1>,
     /// Projections are stored `[in, out]` so that `x[n, in] · w` gives `[n, out]`.
-    wq: Tensor<B, 2>,
-    wk: Tensor<B, 2>,
-    wv: Tensor<B, 2>,
+    wq: Linear<B>,
+    wk: Linear<B>,
+    wv: Linear<B>,
     /// `[out]` each, when the architecture has QKV bias.
     bias: Option<[Tensor<B, 1>; 3]>,
-    wo: Tensor<B, 2>,
+    wo: Linear<B>,
     ffn_norm: Tensor<B, 1>,
-    w_gate: Tensor<B, 2>,
-    w_up: Tensor<B, 2>,
-    w_down: Tensor<B, 2>,
+    w_gate: Linear<B>,
+    w_up: Linear<B>,
+    w_down: Linear<B>,
+}
+
+/// A projection `x · W`: dense on the backend's device (`W` kept `[in, out]`), or quantized on
+/// the CPU (`W` kept as the file's `[out, in]` blocks).
+#[derive(Debug)]
+enum Linear<B: Backend> {
+    Dense(Tensor<B, 2>),
+    Quant(Arc<QMatrix>),
+}
+
+/// Up to this many input rows, a quantized product reads each weight once (dot products per
+/// row); more rows (a prompt chunk) dequantize the matrix and run the backend's GEMM.
+const QUANT_DOT_MAX_ROWS: usize = crate::qmat::QUANT_ROWS;
+
+impl<B: Backend> Linear<B> {
+    fn apply(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Dense(w) => x.matmul(w.clone()),
+            Self::Quant(q) => {
+                let [n, _] = x.dims();
+                let device = x.device();
+                if n <= QUANT_DOT_MAX_ROWS {
+                    let xd: Vec<f32> = x
+                        .into_data()
+                        .convert::<f32>()
+                        .into_vec()
+                        .unwrap_or_default();
+                    let y = q.matmul_t(&xd, n);
+                    Tensor::from_data(TensorData::new(y, [n, q.rows]), &device)
+                } else {
+                    let w = Tensor::<B, 2>::from_data(
+                        TensorData::new(q.dequantize(), [q.rows, q.cols]),
+                        &device,
+                    );
+                    x.matmul(w.transpose())
+                }
+            }
+        }
+    }
 }
 
 /// A loaded model.
 #[derive(Debug)]
 pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
-    embed: Tensor<B, 2>,
+    embed: Linear<B>,
     layers: Vec<Layer<B>>,
     norm: Tensor<B, 1>,
     /// `[hidden, vocab]`: the output matrix, or the embedding transposed when tied.
-    lm_head: Tensor<B, 2>,
+    lm_head: Linear<B>,
     /// One inverse frequency per rotated pair (scaling applied).
     inv_freq: Vec<f64>,
     device: B::Device,
@@ -259,6 +307,16 @@ pub trait WeightSource {
     fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ModelError>;
     /// Whether the source holds `name`.
     fn has(&self, name: &str) -> bool;
+    /// The tensor `name` (`[rows, cols]`) in its quantized blocks, when the source stores it so;
+    /// `None` has it loaded as f32.
+    fn load_quant(
+        &self,
+        _name: &str,
+        _rows: usize,
+        _cols: usize,
+    ) -> Result<Option<QMatrix>, ModelError> {
+        Ok(None)
+    }
 }
 
 impl WeightSource for Gguf {
@@ -281,13 +339,55 @@ impl WeightSource for Gguf {
     fn has(&self, name: &str) -> bool {
         self.tensor(name).is_ok()
     }
+
+    fn load_quant(
+        &self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<QMatrix>, ModelError> {
+        if !self.has(name) {
+            return Err(ModelError::MissingTensor(name.into()));
+        }
+        Ok(QMatrix::from_gguf(self, name, rows, cols)?)
+    }
+}
+
+/// Where a model's projection weights live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Dequantized to f32 tensors on the backend's device.
+    Dense,
+    /// In the file's quantized blocks where it has them (Q4_0, Q4_1, Q8_0), multiplied on the
+    /// CPU ([`QMatrix`]); other tensors dense.
+    Quantized,
+}
+
+impl WeightMode {
+    /// Quantized on burn's CPU backend, dense on any other (a GPU's kernels take f32 tensors).
+    pub fn for_backend<B: Backend>() -> Self {
+        if std::any::TypeId::of::<B>() == std::any::TypeId::of::<burn::backend::Flex>() {
+            Self::Quantized
+        } else {
+            Self::Dense
+        }
+    }
 }
 
 impl<B: Backend> Llama<B> {
     /// Loads the model from a parsed GGUF file, dequantizing every weight to f32.
     pub fn from_gguf(g: &Gguf, device: &B::Device) -> Result<Self, ModelError> {
+        Self::from_gguf_with(g, device, WeightMode::for_backend::<B>())
+    }
+
+    /// [`Llama::from_gguf`] with the weights kept as `mode` says.
+    pub fn from_gguf_with(
+        g: &Gguf,
+        device: &B::Device,
+        mode: WeightMode,
+    ) -> Result<Self, ModelError> {
         let c = LlamaConfig::from_gguf(g)?;
-        let mut m = Self::load(c, g, device)?;
+        let mut m = Self::load_with(c, g, device, mode)?;
         // Llama 3 GGUFs carry the RoPE scaling as per-frequency divisors.
         if g.has("rope_freqs.weight") {
             let f = g.load("rope_freqs.weight", &[m.inv_freq.len()])?;
@@ -309,7 +409,25 @@ impl<B: Backend> Llama<B> {
         src: &S,
         device: &B::Device,
     ) -> Result<Self, ModelError> {
+        Self::load_with(c, src, device, WeightMode::for_backend::<B>())
+    }
+
+    /// [`Llama::load`] with the weights kept as `mode` says.
+    pub fn load_with<S: WeightSource>(
+        c: LlamaConfig,
+        src: &S,
+        device: &B::Device,
+        mode: WeightMode,
+    ) -> Result<Self, ModelError> {
         c.validate()?;
+        let quant =
+            |name: &str, rows: usize, cols: usize| -> Result<Option<Arc<QMatrix>>, ModelError> {
+                if mode == WeightMode::Quantized {
+                    Ok(src.load_quant(name, rows, cols)?.map(Arc::new))
+                } else {
+                    Ok(None)
+                }
+            };
         let (h, hd) = (c.hidden, c.head_dim);
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>, ModelError> {
             let d = src.load(name, &[rows, cols])?;
@@ -330,12 +448,21 @@ impl<B: Backend> Llama<B> {
                 device,
             ))
         };
-        let embed = mat("token_embd.weight", c.vocab, h)?;
+        let embed_q = quant("token_embd.weight", c.vocab, h)?;
+        let embed = match &embed_q {
+            Some(q) => Linear::Quant(q.clone()),
+            None => Linear::Dense(mat("token_embd.weight", c.vocab, h)?),
+        };
         let mut layers = Vec::with_capacity(c.layers);
         for l in 0..c.layers {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
             // Stored [out, in]; kept transposed.
-            let proj = |s: &str, inp: usize, out: usize| mat_t(&n(s), out, inp);
+            let proj = |s: &str, inp: usize, out: usize| -> Result<Linear<B>, ModelError> {
+                Ok(match quant(&n(s), out, inp)? {
+                    Some(q) => Linear::Quant(q),
+                    None => Linear::Dense(mat_t(&n(s), out, inp)?),
+                })
+            };
             let bias = if c.qkv_bias {
                 let b = |s: &str, len| vec(&format!("blk.{l}.{s}.bias"), len);
                 Some([
@@ -361,9 +488,15 @@ impl<B: Backend> Llama<B> {
         }
         let norm = vec("output_norm.weight", h)?;
         let lm_head = if c.tied_embeddings {
-            mat_t("token_embd.weight", c.vocab, h)?
+            match embed_q {
+                Some(q) => Linear::Quant(q),
+                None => Linear::Dense(mat_t("token_embd.weight", c.vocab, h)?),
+            }
         } else {
-            mat_t("output.weight", c.vocab, h)?
+            match quant("output.weight", c.vocab, h)? {
+                Some(q) => Linear::Quant(q),
+                None => Linear::Dense(mat_t("output.weight", c.vocab, h)?),
+            }
         };
         Ok(Self {
             inv_freq: c.inv_freq(),
@@ -385,6 +518,32 @@ impl<B: Backend> Llama<B> {
     /// The device the weights live on.
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// Bytes the weights hold (quantized matrices as stored, the rest as f32; a matrix shared
+    /// by the embedding and the output counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let f32s = |dims: &[usize]| 4 * dims.iter().product::<usize>();
+        let lin = |l: &Linear<B>| match l {
+            Linear::Dense(t) => f32s(&t.dims()),
+            Linear::Quant(q) => q.bytes(),
+        };
+        let shared = matches!((&self.embed, &self.lm_head), (Linear::Quant(a), Linear::Quant(b)) if Arc::ptr_eq(a, b));
+        let mut n = lin(&self.embed) + f32s(&self.norm.dims());
+        if !shared {
+            n += lin(&self.lm_head);
+        }
+        for l in &self.layers {
+            n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                .into_iter()
+                .map(lin)
+                .sum::<usize>();
+            n += f32s(&l.attn_norm.dims()) + f32s(&l.ffn_norm.dims());
+            if let Some(b) = &l.bias {
+                n += b.iter().map(|t| f32s(&t.dims())).sum::<usize>();
+            }
+        }
+        n
     }
 
     fn rms_norm(&self, x: Tensor<B, 2>, w: &Tensor<B, 1>) -> Tensor<B, 2> {
@@ -425,10 +584,27 @@ impl<B: Backend> Llama<B> {
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Tensor<B, 2> {
-        let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
-        let ids =
-            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [tokens.len()]), &self.device);
-        self.embed.clone().select(0, ids)
+        match &self.embed {
+            Linear::Dense(e) => {
+                let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
+                let ids = Tensor::<B, 1, Int>::from_data(
+                    TensorData::new(ids, [tokens.len()]),
+                    &self.device,
+                );
+                e.clone().select(0, ids)
+            }
+            Linear::Quant(q) => {
+                let h = q.cols;
+                let mut rows = vec![0.0f32; tokens.len() * h];
+                for (&t, out) in tokens.iter().zip(rows.chunks_exact_mut(h)) {
+                    // Token ids were checked against the vocabulary by the engine; one past it
+                    // reads row 0 rather than panicking.
+                    let t = if (t as usize) < q.rows { t as usize } else { 0 };
+                    q.dequantize_row(t, out);
+                }
+                Tensor::from_data(TensorData::new(rows, [tokens.len(), h]), &self.device)
+            }
+        }
     }
 
     /// Q (`[heads, n, head_dim]`), K and V (`[kv_heads, n, head_dim]`) of `n` new tokens at
@@ -441,8 +617,8 @@ impl<B: Backend> Llama<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let c = &self.config;
         let n = h.dims()[0];
-        let split = |w: &Tensor<B, 2>, b: Option<&Tensor<B, 1>>, heads: usize| {
-            let mut y = h.clone().matmul(w.clone());
+        let split = |w: &Linear<B>, b: Option<&Tensor<B, 1>>, heads: usize| {
+            let mut y = w.apply(h.clone());
             if let Some(b) = b {
                 y = y + b.clone().unsqueeze_dim(0);
             }
@@ -498,9 +674,9 @@ impl<B: Backend> Llama<B> {
     /// The feed-forward half of a layer, residual included.
     fn mlp(&self, l: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let h = self.rms_norm(x.clone(), &l.ffn_norm);
-        let gate = silu(h.clone().matmul(l.w_gate.clone()));
-        let up = h.matmul(l.w_up.clone());
-        x + (gate * up).matmul(l.w_down.clone())
+        let gate = silu(l.w_gate.apply(h.clone()));
+        let up = l.w_up.apply(h);
+        x + l.w_down.apply(gate * up)
     }
 
     /// Logits for every position of `tokens` (`[seq, vocab]`), no cache (dense attention).
@@ -518,10 +694,10 @@ impl<B: Backend> Llama<B> {
                 v.unsqueeze_dim(0),
                 Some(mask.clone()),
             );
-            x = x + out.matmul(l.wo.clone());
+            x = x + l.wo.apply(out);
             x = self.mlp(l, x);
         }
-        self.rms_norm(x, &self.norm).matmul(self.lm_head.clone())
+        self.lm_head.apply(self.rms_norm(x, &self.norm))
     }
 
     /// The cache layout this model's K/V need (`model_hash` identifies the weights).
@@ -598,8 +774,8 @@ impl<B: Backend> Llama<B> {
         tokens: &[u32],
     ) -> Result<Tensor<B, 2>, KvError> {
         Ok(self
-            .hidden_cached(cache, seq, tokens)?
-            .matmul(self.lm_head.clone()))
+            .lm_head
+            .apply(self.hidden_cached(cache, seq, tokens, false)?))
     }
 
     /// Like [`Llama::forward_cached`], but only the last position's logits (`[1, vocab]`): a
@@ -613,13 +789,56 @@ impl<B: Backend> Llama<B> {
         if tokens.is_empty() {
             return Err(KvError::NoTokens);
         }
-        let h = self.hidden_cached(cache, seq, tokens)?;
-        Ok(h.narrow(0, tokens.len() - 1, 1)
-            .matmul(self.lm_head.clone()))
+        Ok(self
+            .lm_head
+            .apply(self.hidden_cached(cache, seq, tokens, true)?))
     }
 
-    /// The final-norm hidden states (`[tokens, hidden]`) of a cached continuation.
+    /// The final-norm hidden states (`[tokens, hidden]`) of a cached continuation, computed
+    /// in chunks of [`PREFILL_CHUNK`] tokens: each chunk's attention scores are
+    /// `[heads, chunk, context]`, so memory grows linearly with the prompt, never with its
+    /// square. `last_only` keeps just the last position's state.
     fn hidden_cached(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+        last_only: bool,
+    ) -> Result<Tensor<B, 2>, KvError> {
+        on_pool(|| self.hidden_chunks(cache, seq, tokens, last_only))
+    }
+
+    fn hidden_chunks(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+        last_only: bool,
+    ) -> Result<Tensor<B, 2>, KvError> {
+        // The room for the whole continuation is checked first: nothing is written when any
+        // chunk would not fit.
+        cache.check_room(&[(seq, tokens.len())])?;
+        let mut out = Vec::new();
+        let chunks = tokens.chunks(PREFILL_CHUNK);
+        let last = chunks.len().saturating_sub(1);
+        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let h = self.hidden_chunk(cache, seq, chunk)?;
+            if !last_only {
+                out.push(h);
+            } else if i == last {
+                let n = h.dims()[0];
+                out.push(h.narrow(0, n - 1, 1));
+            }
+        }
+        match out.len() {
+            0 => Err(KvError::NoTokens),
+            1 => out.pop().ok_or(KvError::NoTokens),
+            _ => Ok(Tensor::cat(out, 0)),
+        }
+    }
+
+    /// One chunk of a cached continuation (room already checked).
+    fn hidden_chunk(
         &self,
         cache: &mut PagedKvCache,
         seq: SeqId,
@@ -627,7 +846,6 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 2>, KvError> {
         let n = tokens.len();
         let start = cache.len(seq)?;
-        cache.check_room(&[(seq, n)])?;
         let total = start + n;
         let positions: Vec<usize> = (start..total).collect();
         let mut x = self.embed_tokens(tokens);
@@ -639,9 +857,7 @@ impl<B: Backend> Llama<B> {
             let (q, k, v) = self.qkv(l, h, &positions);
             self.append_kv(cache, &[seq], li, k, v)?;
             let (ka, va, _) = self.gather(cache, &[seq], li)?;
-            x = x + self
-                .attend(q, ka, va, Some(mask.clone()))
-                .matmul(l.wo.clone());
+            x = x + l.wo.apply(self.attend(q, ka, va, Some(mask.clone())));
             x = self.mlp(l, x);
         }
         Ok(self.rms_norm(x, &self.norm))
@@ -652,6 +868,14 @@ impl<B: Backend> Llama<B> {
     /// its own cached length. Returns `[batch, vocab]` logits. Fails before any write when a
     /// sequence is unknown, listed twice, or the cache lacks the blocks.
     pub fn forward_decode(
+        &self,
+        cache: &mut PagedKvCache,
+        batch: &[(SeqId, u32)],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        on_pool(|| self.decode_step(cache, batch))
+    }
+
+    fn decode_step(
         &self,
         cache: &mut PagedKvCache,
         batch: &[(SeqId, u32)],
@@ -679,10 +903,22 @@ impl<B: Backend> Llama<B> {
                 .collect();
             let mask =
                 Tensor::<B, 3, Bool>::from_data(TensorData::new(pad, [b, 1, tmax]), &self.device);
-            x = x + self.attend(q, ka, va, Some(mask)).matmul(l.wo.clone());
+            x = x + l.wo.apply(self.attend(q, ka, va, Some(mask)));
             x = self.mlp(l, x);
         }
-        Ok(self.rms_norm(x, &self.norm).matmul(self.lm_head.clone()))
+        Ok(self.lm_head.apply(self.rms_norm(x, &self.norm)))
+    }
+}
+
+/// Runs `f` on a thread of the CPU thread pool (at once when already on one). The quantized
+/// products split every matrix over the pool's threads; handing work to the pool from outside
+/// it costs a wake-up and a blocking wait each time, about 200 times a decode step, while from
+/// inside it a split is a cheap fork-join.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::join(f, || ()).0
     }
 }
 

@@ -156,6 +156,38 @@ fn paged_attention_equals_dense_attention_for_every_rope_style_and_bias() {
 }
 
 #[test]
+fn a_prompt_longer_than_a_prefill_chunk_equals_dense_attention_and_fails_whole() {
+    use dopd_worker::model::PREFILL_CHUNK;
+    let n = 2 * PREFILL_CHUNK + 37;
+    let c = LlamaConfig {
+        context: n + 8,
+        ..tiny(RopeStyle::Halves, true)
+    };
+    let m = Llama::<B>::random(c, 11, &Default::default()).expect("ok in this test");
+    let toks = prompt(9, n);
+    let dense = rows(m.forward(&toks));
+    let blocks = n.div_ceil(16);
+    let mut cache = PagedKvCache::new(m.kv_layout(16, 0), blocks);
+    let s = cache.create();
+    let paged = rows(m.forward_cached(&mut cache, s, &toks).expect("room"));
+    assert_eq!(paged.len(), n);
+    for (i, row) in paged.iter().enumerate() {
+        assert!(close(row, &dense[i]) < 1e-4, "position {i}");
+    }
+    let mut c2 = PagedKvCache::new(m.kv_layout(16, 0), blocks);
+    let s2 = c2.create();
+    let last = rows(m.prefill(&mut c2, s2, &toks).expect("room"));
+    assert_eq!(last.len(), 1);
+    assert!(close(&last[0], &dense[n - 1]) < 1e-4);
+    // One block short: refused before the first chunk writes anything.
+    let mut small = PagedKvCache::new(m.kv_layout(16, 0), blocks - 1);
+    let s3 = small.create();
+    assert!(m.prefill(&mut small, s3, &toks).is_err());
+    assert_eq!(small.len(s3).expect("known"), 0);
+    assert_eq!(small.free_blocks(), blocks - 1);
+}
+
+#[test]
 fn batched_decode_step_equals_one_sequence_at_a_time() {
     let m = model();
     let mut cache = PagedKvCache::new(m.kv_layout(4, 0), 64);

@@ -177,3 +177,53 @@ fn paged_cached_decoding_equals_full_recompute_and_survives_export_import() {
     a.free(sa).expect("known");
     assert_eq!(a.free_blocks(), 64);
 }
+
+#[test]
+fn quantized_weights_compute_the_dense_models_logits_in_a_fifth_of_the_memory() {
+    use dopd_worker::model::WeightMode;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    let g = Gguf::open(Path::new(path)).unwrap_or_else(|e| panic!("{e} — run scripts/setup.sh"));
+    let file = std::fs::metadata(path).expect("model file").len() as usize;
+    let q =
+        Llama::<B>::from_gguf_with(&g, &Default::default(), WeightMode::Quantized).expect("loads");
+    let d = Llama::<B>::from_gguf_with(&g, &Default::default(), WeightMode::Dense).expect("loads");
+    // The quantized model holds about the file's bytes; the dense one more than five times.
+    assert!(
+        q.weight_bytes() < 2 * file,
+        "{} vs file {file}",
+        q.weight_bytes()
+    );
+    assert!(
+        d.weight_bytes() > 5 * q.weight_bytes(),
+        "{} vs {}",
+        d.weight_bytes(),
+        q.weight_bytes()
+    );
+    // A decode step (the dot-product kernels) and a prompt (dequantized GEMM) give the dense
+    // weights' logits.
+    let prompt = ids(&reference()["sequences"]["chat_france"]["ids"]);
+    let layout = q.kv_layout(16, 1);
+    let (mut cq, mut cd) = (PagedKvCache::new(layout, 64), PagedKvCache::new(layout, 64));
+    let (sq, sd) = (cq.create(), cd.create());
+    let pq = rows(q.forward_cached(&mut cq, sq, &prompt).expect("room"));
+    let pd = rows(d.forward_cached(&mut cd, sd, &prompt).expect("room"));
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(worst(&pq[pq.len() - 1], &pd[pd.len() - 1]) < 1e-3);
+    let next = argmax(&pq[pq.len() - 1]) as u32;
+    let sq1 = rows(q.forward_cached(&mut cq, sq, &[next]).expect("room"));
+    let sd1 = rows(d.forward_cached(&mut cd, sd, &[next]).expect("room"));
+    assert!(
+        worst(&sq1[0], &sd1[0]) < 1e-3,
+        "{}",
+        worst(&sq1[0], &sd1[0])
+    );
+    assert_eq!(argmax(&sq1[0]), argmax(&sd1[0]));
+}

@@ -1,0 +1,473 @@
+//! Weight matrices kept in their quantized form on the CPU, multiplied with kernels that
+//! dequantize on the fly.
+//!
+//! A decode step at a small batch is a matrix-vector product per weight matrix: it reads every
+//! weight once and does two floating-point operations with it, so its speed is the speed of
+//! reading the weights. Dequantized to f32 they are 5 to 6 times the bytes of the file's blocks
+//! (SmolLM2-135M Q4_1: 651 MB against 112 MB kept here). [`QMatrix`] keeps the blocks (scales as f32,
+//! values as packed nibbles or bytes) and computes `y = x · Wᵀ` block by block: the 32 values of
+//! a block are widened to f32 in registers and multiplied with the input there, so nothing of
+//! the matrix is ever written out in f32. The arithmetic is the dequantized weights' exactly, up
+//! to the order of the additions.
+//!
+//! Many rows at once (a prompt) are a matrix-matrix product, which a blocked GEMM does far
+//! better than dot products: [`QMatrix::dequantize`] gives the f32 matrix for that path, one
+//! matrix at a time.
+//!
+//! Work is split over output rows across threads (rayon), and the inner loops are compiled for
+//! the CPU's widest vector unit found at run time (pulp's dispatch: AVX2+FMA or AVX-512 on
+//! x86-64, NEON on aarch64), so one binary runs everywhere.
+
+use rayon::prelude::*;
+
+use crate::gguf::{GgmlType, Gguf, GgufError, f16_to_f32};
+
+/// Values per quantization block.
+pub const BLOCK: usize = 32;
+
+/// How a [`QMatrix`] stores its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QFormat {
+    /// 4-bit values `q` in 0..16 with a scale `d` and an offset `m` per block: `d·q + m`
+    /// (ggml's Q4_1; Q4_0 is the same with `m = -8·d`). Two values per byte: the low nibbles
+    /// of a block's 16 bytes are its values 0..16, the high nibbles 16..32.
+    Q4,
+    /// 8-bit signed values with a scale per block: `d·q` (ggml's Q8_0).
+    Q8,
+}
+
+/// A `[rows, cols]` matrix in quantized blocks along its rows (`cols` a multiple of 32).
+#[derive(Clone, Debug)]
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub format: QFormat,
+    /// One scale per block, row-major.
+    scales: Vec<f32>,
+    /// One offset per block (Q4 only).
+    mins: Vec<f32>,
+    /// Packed values: 16 bytes per block (Q4) or 32 (Q8).
+    q: Vec<u8>,
+}
+
+/// Output rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
+
+/// Input rows one pass over the weights serves (their accumulators stay in registers or L1).
+pub const QUANT_ROWS: usize = 8;
+
+/// Below this many weights a product runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
+
+impl QMatrix {
+    /// The GGUF tensor `name`, `[rows, cols]` (`cols` innermost), kept quantized when it is
+    /// Q4_0, Q4_1 or Q8_0; `None` for other types (which the caller loads as f32).
+    pub fn from_gguf(
+        g: &Gguf,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Option<Self>, GgufError> {
+        let (t, data) = g.raw(name)?;
+        if t.dims != [cols as u64, rows as u64] || !cols.is_multiple_of(BLOCK) {
+            return Ok(None);
+        }
+        let half = |b: &[u8], i: usize| f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]));
+        let blocks = rows * cols / BLOCK;
+        let m = match t.dtype {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                let q41 = t.dtype == GgmlType::Q4_1;
+                let size = if q41 { 20 } else { 18 };
+                let mut m = Self::empty(rows, cols, QFormat::Q4);
+                for b in data.chunks_exact(size).take(blocks) {
+                    let d = half(b, 0);
+                    let (min, qs) = if q41 {
+                        (half(b, 2), &b[4..20])
+                    } else {
+                        (-8.0 * d, &b[2..18])
+                    };
+                    m.scales.push(d);
+                    m.mins.push(min);
+                    m.q.extend_from_slice(qs);
+                }
+                m
+            }
+            GgmlType::Q8_0 => {
+                let mut m = Self::empty(rows, cols, QFormat::Q8);
+                for b in data.chunks_exact(34).take(blocks) {
+                    m.scales.push(half(b, 0));
+                    m.q.extend_from_slice(&b[2..34]);
+                }
+                m
+            }
+            _ => return Ok(None),
+        };
+        // `parse` checked the tensor's extent; a short one is a malformed file, not a panic.
+        if m.scales.len() != blocks {
+            return Err(GgufError::BadTensor {
+                name: name.into(),
+                reason: format!("holds {} of its {blocks} blocks", m.scales.len()),
+            });
+        }
+        Ok(Some(m))
+    }
+
+    fn empty(rows: usize, cols: usize, format: QFormat) -> Self {
+        let blocks = rows * cols / BLOCK;
+        let per = match format {
+            QFormat::Q4 => BLOCK / 2,
+            QFormat::Q8 => BLOCK,
+        };
+        Self {
+            rows,
+            cols,
+            format,
+            scales: Vec::with_capacity(blocks),
+            mins: Vec::with_capacity(if format == QFormat::Q4 { blocks } else { 0 }),
+            q: Vec::with_capacity(blocks * per),
+        }
+    }
+
+    /// Quantizes a row-major `[rows, cols]` f32 matrix to Q8 (symmetric, one scale per block),
+    /// for tests and for weights that come unquantized. `None` when `cols` is not a multiple of
+    /// 32 or the values are not finite.
+    pub fn quantize_q8(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols || !w.iter().all(|x| x.is_finite())
+        {
+            return None;
+        }
+        let mut m = Self::empty(rows, cols, QFormat::Q8);
+        for b in w.chunks_exact(BLOCK) {
+            let amax = b.iter().fold(0.0f32, |a, x| a.max(x.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            m.scales.push(d);
+            m.q.extend(
+                b.iter()
+                    .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+        }
+        Some(m)
+    }
+
+    /// Quantizes a row-major `[rows, cols]` f32 matrix to Q4 (one scale and offset per block:
+    /// the block's minimum and a sixteenth of its range), for tests and benchmarks. `None` as
+    /// for [`QMatrix::quantize_q8`].
+    pub fn quantize_q4(w: &[f32], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || w.len() != rows * cols || !w.iter().all(|x| x.is_finite())
+        {
+            return None;
+        }
+        let mut m = Self::empty(rows, cols, QFormat::Q4);
+        for b in w.chunks_exact(BLOCK) {
+            let lo = b.iter().fold(f32::INFINITY, |a, &x| a.min(x));
+            let hi = b.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let d = (hi - lo) / 15.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let q = |x: f32| ((x - lo) * inv).round().clamp(0.0, 15.0) as u8;
+            m.scales.push(d);
+            m.mins.push(lo);
+            m.q.extend((0..16).map(|j| q(b[j]) | (q(b[j + 16]) << 4)));
+        }
+        Some(m)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.scales.len() + self.mins.len())
+    }
+
+    /// Row `r` as f32 into `out` (`cols` long).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let per_row = self.cols / BLOCK;
+        for (k, o) in out.chunks_exact_mut(BLOCK).enumerate().take(per_row) {
+            let b = r * per_row + k;
+            self.block_values(b, o);
+        }
+    }
+
+    /// The values of block `b` into `out` (32 long).
+    fn block_values(&self, b: usize, out: &mut [f32]) {
+        let d = self.scales[b];
+        match self.format {
+            QFormat::Q4 => {
+                let m = self.mins[b];
+                let qs = &self.q[b * 16..b * 16 + 16];
+                for (j, &q) in qs.iter().enumerate() {
+                    out[j] = f32::from(q & 0x0f) * d + m;
+                    out[j + 16] = f32::from(q >> 4) * d + m;
+                }
+            }
+            QFormat::Q8 => {
+                let qs = &self.q[b * 32..b * 32 + 32];
+                for (o, &q) in out.iter_mut().zip(qs) {
+                    *o = f32::from(q as i8) * d;
+                }
+            }
+        }
+    }
+
+    /// The whole matrix in f32, row-major `[rows, cols]` (rows in parallel).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.rows * self.cols];
+        let run = |(r, o): (usize, &mut [f32])| self.dequantize_row(r, o);
+        if self.rows * self.cols >= PARALLEL_MIN {
+            out.par_chunks_mut(self.cols).enumerate().for_each(run);
+        } else {
+            out.chunks_mut(self.cols).enumerate().for_each(run);
+        }
+        out
+    }
+
+    /// `y = x · Wᵀ` for `n` input rows: `x` is row-major `[n, cols]`, the result `[n, rows]`.
+    /// Each weight is read once whatever `n`, so this is for small `n` (decode steps); a
+    /// prompt's many rows go through [`QMatrix::dequantize`] and a GEMM.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "input of the wrong size");
+        let per_row = self.cols / BLOCK;
+        if n > QUANT_ROWS {
+            // In groups of rows the accumulators hold.
+            let mut y = Vec::with_capacity(n * self.rows);
+            for part in x.chunks(QUANT_ROWS * self.cols) {
+                y.extend(self.matmul_t(part, part.len() / self.cols));
+            }
+            return y;
+        }
+        // Output rows in tasks; each task writes its rows for every input row, `[task rows, n]`.
+        let mut t = vec![0.0f32; self.rows * n];
+        let run = |(task, out): (usize, &mut [f32])| {
+            pulp::Arch::new().dispatch(Dots {
+                m: self,
+                x,
+                per_row,
+                r0: task * ROWS_PER_TASK,
+                n,
+                out,
+            });
+        };
+        if self.rows * self.cols >= PARALLEL_MIN {
+            t.par_chunks_mut(ROWS_PER_TASK * n)
+                .enumerate()
+                .for_each(run);
+        } else {
+            t.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(run);
+        }
+        if n == 1 {
+            return t;
+        }
+        let mut y = vec![0.0f32; n * self.rows];
+        for r in 0..self.rows {
+            for i in 0..n {
+                y[i * self.rows + r] = t[r * n + i];
+            }
+        }
+        y
+    }
+
+    /// The dot product of weight row `r` with the one input row `x`.
+    #[inline(always)]
+    fn row_dot(&self, r: usize, x: &[f32], per_row: usize) -> f32 {
+        let mut acc = [0.0f32; 16];
+        for k in 0..per_row {
+            let b = r * per_row + k;
+            let d = self.scales[b];
+            let xb: &[f32; 32] = match x[k * 32..k * 32 + 32].try_into() {
+                Ok(v) => v,
+                Err(_) => return 0.0,
+            };
+            match self.format {
+                QFormat::Q4 => {
+                    let m = self.mins[b];
+                    let qs: &[u8; 16] = match self.q[b * 16..b * 16 + 16].try_into() {
+                        Ok(v) => v,
+                        Err(_) => return 0.0,
+                    };
+                    let mut s = [0.0f32; 16];
+                    let mut xs = [0.0f32; 16];
+                    for j in 0..16 {
+                        s[j] = f32::from(qs[j] & 0x0f)
+                            .mul_add(xb[j], f32::from(qs[j] >> 4) * xb[j + 16]);
+                        xs[j] = xb[j] + xb[j + 16];
+                    }
+                    for j in 0..16 {
+                        acc[j] = d.mul_add(s[j], m.mul_add(xs[j], acc[j]));
+                    }
+                }
+                QFormat::Q8 => {
+                    let qs: &[u8; 32] = match self.q[b * 32..b * 32 + 32].try_into() {
+                        Ok(v) => v,
+                        Err(_) => return 0.0,
+                    };
+                    let mut s = [0.0f32; 16];
+                    for j in 0..16 {
+                        s[j] = f32::from(qs[j] as i8)
+                            .mul_add(xb[j], f32::from(qs[j + 16] as i8) * xb[j + 16]);
+                    }
+                    for j in 0..16 {
+                        acc[j] = d.mul_add(s[j], acc[j]);
+                    }
+                }
+            }
+        }
+        acc.iter().sum()
+    }
+
+    /// Dot products of weight row `r` with every input row into `out` (`n` long). Each block
+    /// is widened to f32 once and used for every input row.
+    #[inline(always)]
+    fn row_dots(&self, r: usize, x: &[f32], per_row: usize, out: &mut [f32]) {
+        let cols = self.cols;
+        let n = out.len();
+        let mut acc = [[0.0f32; 16]; QUANT_ROWS];
+        let mut w = [0.0f32; 32];
+        for k in 0..per_row {
+            let b = r * per_row + k;
+            let d = self.scales[b];
+            match self.format {
+                QFormat::Q4 => {
+                    let m = self.mins[b];
+                    let qs: &[u8] = &self.q[b * 16..b * 16 + 16];
+                    for j in 0..16 {
+                        w[j] = f32::from(qs[j] & 0x0f) * d + m;
+                        w[j + 16] = f32::from(qs[j] >> 4) * d + m;
+                    }
+                }
+                QFormat::Q8 => {
+                    let qs: &[u8] = &self.q[b * 32..b * 32 + 32];
+                    for j in 0..32 {
+                        w[j] = f32::from(qs[j] as i8) * d;
+                    }
+                }
+            }
+            for (i, a) in acc.iter_mut().enumerate().take(n) {
+                let xb = &x[i * cols + k * 32..i * cols + k * 32 + 32];
+                for j in 0..16 {
+                    a[j] = w[j].mul_add(xb[j], w[j + 16].mul_add(xb[j + 16], a[j]));
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = a.iter().sum();
+        }
+    }
+}
+
+/// One task's dot products, run by pulp with the CPU's vector features enabled: everything it
+/// calls is inlined into that context, so the loops are vectorized for AVX2/AVX-512 or NEON.
+struct Dots<'a> {
+    m: &'a QMatrix,
+    x: &'a [f32],
+    per_row: usize,
+    r0: usize,
+    n: usize,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Dots<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let Self {
+            m,
+            x,
+            per_row,
+            r0,
+            n,
+            out,
+        } = self;
+        if n == 1 {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = m.row_dot(r0 + i, x, per_row);
+            }
+        } else {
+            for (i, o) in out.chunks_exact_mut(n).enumerate() {
+                m.row_dots(r0 + i, x, per_row, o);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed;
+        (0..rows * cols)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// `x · Wᵀ` in f64 from the dequantized matrix.
+    fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize) -> Vec<f64> {
+        let n = x.len() / cols;
+        let mut y = vec![0.0; n * rows];
+        for i in 0..n {
+            for r in 0..rows {
+                y[i * rows + r] = (0..cols)
+                    .map(|c| f64::from(w[r * cols + c]) * f64::from(x[i * cols + c]))
+                    .sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn quantized_products_equal_the_dequantized_matrixs() {
+        // Enough rows for several parallel tasks and a ragged last one.
+        let (rows, cols) = (3 * ROWS_PER_TASK + 5, 96);
+        let w = matrix(rows, cols, 1);
+        for q in [
+            QMatrix::quantize_q4(&w, rows, cols).expect("q4"),
+            QMatrix::quantize_q8(&w, rows, cols).expect("q8"),
+        ] {
+            let dense = q.dequantize();
+            // The quantization is close to the original, and the product is the dequantized
+            // matrix's up to rounding, for one row, a few, and more than one pass holds.
+            let step = if q.format == QFormat::Q4 {
+                1.0 / 15.0
+            } else {
+                0.5 / 127.0
+            };
+            assert!(
+                w.iter().zip(&dense).all(|(a, b)| (a - b).abs() <= step),
+                "{:?}",
+                q.format
+            );
+            for n in [1, 3, QUANT_ROWS + 3] {
+                let x = matrix(n, cols, 7 + n as u64);
+                let y = q.matmul_t(&x, n);
+                let want = reference(&dense, &x, rows, cols);
+                assert_eq!(y.len(), want.len());
+                for (a, b) in y.iter().zip(&want) {
+                    assert!(
+                        (f64::from(*a) - b).abs() < 1e-4,
+                        "{:?} n={n}: {a} vs {b}",
+                        q.format
+                    );
+                }
+            }
+            let mut row = vec![0.0; cols];
+            q.dequantize_row(rows - 1, &mut row);
+            assert_eq!(row, dense[(rows - 1) * cols..]);
+            // At least three times smaller than f32.
+            assert!(q.bytes() * 3 < w.len() * 4, "{} bytes", q.bytes());
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_quantized_is_refused() {
+        assert!(QMatrix::quantize_q8(&[0.0; 30], 1, 30).is_none());
+        assert!(QMatrix::quantize_q4(&[f32::NAN; 32], 1, 32).is_none());
+        assert!(QMatrix::quantize_q8(&[0.0; 32], 2, 32).is_none());
+        // An all-zero block has a zero scale, not a division by zero.
+        let z = QMatrix::quantize_q8(&[0.0; 64], 2, 32).expect("zeros");
+        assert_eq!(z.matmul_t(&[1.0; 32], 1), vec![0.0, 0.0]);
+    }
+}
