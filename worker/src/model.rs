@@ -805,36 +805,28 @@ impl<B: Backend> Llama<B> {
         tokens: &[u32],
         last_only: bool,
     ) -> Result<Tensor<B, 2>, KvError> {
-        on_pool(|| self.hidden_chunks(cache, seq, tokens, last_only))
-    }
-
-    fn hidden_chunks(
-        &self,
-        cache: &mut PagedKvCache,
-        seq: SeqId,
-        tokens: &[u32],
-        last_only: bool,
-    ) -> Result<Tensor<B, 2>, KvError> {
-        // The room for the whole continuation is checked first: nothing is written when any
-        // chunk would not fit.
-        cache.check_room(&[(seq, tokens.len())])?;
-        let mut out = Vec::new();
-        let chunks = tokens.chunks(PREFILL_CHUNK);
-        let last = chunks.len().saturating_sub(1);
-        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let h = self.hidden_chunk(cache, seq, chunk)?;
-            if !last_only {
-                out.push(h);
-            } else if i == last {
-                let n = h.dims()[0];
-                out.push(h.narrow(0, n - 1, 1));
+        on_pool(|| {
+            // The room for the whole continuation is checked first: nothing is written when any
+            // chunk would not fit.
+            cache.check_room(&[(seq, tokens.len())])?;
+            let mut out = Vec::new();
+            let chunks = tokens.chunks(PREFILL_CHUNK);
+            let last = chunks.len().saturating_sub(1);
+            for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+                let h = self.hidden_chunk(cache, seq, chunk)?;
+                if !last_only {
+                    out.push(h);
+                } else if i == last {
+                    let n = h.dims()[0];
+                    out.push(h.narrow(0, n - 1, 1));
+                }
             }
-        }
-        match out.len() {
-            0 => Err(KvError::NoTokens),
-            1 => out.pop().ok_or(KvError::NoTokens),
-            _ => Ok(Tensor::cat(out, 0)),
-        }
+            match out.len() {
+                0 => Err(KvError::NoTokens),
+                1 => out.pop().ok_or(KvError::NoTokens),
+                _ => Ok(Tensor::cat(out, 0)),
+            }
+        })
     }
 
     /// One chunk of a cached continuation (room already checked).
