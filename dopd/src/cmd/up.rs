@@ -25,8 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::router::{FrontArgs, build_router};
 use super::worker::shutdown_signal;
 
-/// Compute threads one CPU worker uses: its engine runs the model on one thread (burn's Flex
-/// backend as this workspace builds it: no multithreading feature).
+/// Compute threads each CPU worker started here uses (the size of its thread pool, set through
+/// `RAYON_NUM_THREADS` unless that is set already). A standalone `dopd worker` uses every core;
+/// workers started side by side would fight over them, so the default budget runs one worker
+/// per core, each on one thread.
 pub const CPU_WORKER_THREADS: usize = 1;
 
 #[derive(Debug, clap::Args)]
@@ -217,7 +219,11 @@ impl Fleet {
         role: Role,
         mut stop: oneshot::Receiver<()>,
     ) -> anyhow::Result<()> {
-        let mut child = tokio::process::Command::new(&self.exe)
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            cmd.env("RAYON_NUM_THREADS", CPU_WORKER_THREADS.to_string());
+        }
+        let mut child = cmd
             .args(["worker", "--role", role.as_str(), "--listen", "127.0.0.1:0"])
             .arg("--model")
             .arg(&self.model)
