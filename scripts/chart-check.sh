@@ -26,7 +26,7 @@ for values in "" "--set watchNamespace=ml" "--set replicaCount=2 --set logFormat
   echo "chart-check: helm template ${values:-(defaults)}: $(grep -c '^kind:' "$work/r$i.yaml") objects valid"
 done
 # With the ServiceMonitor (a Prometheus-operator CRD the validator does not know): it renders.
-helm template dopd charts/dopd --set metrics.serviceMonitor.enabled=true | grep -q "kind: ServiceMonitor"
+helm template dopd charts/dopd --set metrics.serviceMonitor.enabled=true | grep "kind: ServiceMonitor" >/dev/null
 # Bad values fail with a message.
 if helm template dopd charts/dopd --set replicaCount=2 --set leaderElection.enabled=false >/dev/null 2>"$work/err"; then
   echo "replicaCount=2 without leader election rendered"; exit 1

@@ -25,5 +25,6 @@ for _ in $(seq 1 300); do
 done
 echo "e2e: dopd up serves $MODEL at $URL"
 python3 scripts/e2e-openai.py "$URL" "$MODEL"
-curl -fsS "$HOST/metrics" | grep -q dopd_router_routing_decisions_total
+metrics=$(curl -fsS "$HOST/metrics")
+grep -q dopd_router_routing_decisions_total <<<"$metrics" || { echo "e2e: the router exports no routing metrics" >&2; exit 1; }
 echo "e2e: ok"

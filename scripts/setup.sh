@@ -36,7 +36,7 @@ fi
 # rust-toolchain.toml pins the version and components; install them only when missing (an
 # installed toolchain needs no network).
 channel=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' rust-toolchain.toml)
-if ! rustup toolchain list | grep -q "^${channel}-"; then
+if ! rustup toolchain list | grep "^${channel}-" >/dev/null; then
   echo "setup: installing Rust ${channel}"
   rustup toolchain install "${channel}" --profile minimal --component rustfmt --component clippy
 fi
