@@ -102,6 +102,25 @@ pub struct SimConfig {
     /// Warm-up: requests arriving before this are served but not scored, and GPUs count from
     /// here (so dynamic policies are measured running, not on a cold start from `initial`).
     pub score_from_s: f64,
+    /// How prefill work waits for an instance (see [`PrefillQueue`]).
+    pub prefill_queue: PrefillQueue,
+}
+
+/// Where prefill work waits when every prefill instance is busy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PrefillQueue {
+    /// On the instance it was sent to on arrival (the least loaded then), in arrival order: a
+    /// backlog stays where it is when new instances come up. What `dopd router` does.
+    #[default]
+    PerInstance,
+    /// In the router: an instance takes the next batch when it is free, so new instances share a
+    /// backlog at once; the batches that can still make their TTFT deadline go first (earliest
+    /// deadline first), those that cannot wait until nothing else does. (An experiment; see
+    /// `docs/experiments.md`.)
+    Shared,
+    /// In the router as `Shared`, in arrival order.
+    SharedFifo,
 }
 
 impl Default for SimConfig {
@@ -124,6 +143,7 @@ impl Default for SimConfig {
             length_aware_routing: None,
             record_control: false,
             score_from_s: 0.0,
+            prefill_queue: PrefillQueue::default(),
         }
     }
 }
@@ -295,6 +315,8 @@ struct Sim<'a> {
     isl_threshold: f64,
     /// What a router would count (see `dopd_planner::load`).
     totals: LoadTotals,
+    /// Prefill batches waiting in the router for a free instance ([`PrefillQueue::Shared`]).
+    waiting_prefill: Vec<Vec<usize>>,
     records: Vec<RequestRecord>,
     intervals: Vec<IntervalPoint>,
     gpus_now: u32,
@@ -432,6 +454,7 @@ pub fn simulate_with_progress(
         batch_deadline_at: None,
         isl_threshold: f64::INFINITY,
         totals: LoadTotals::new(1),
+        waiting_prefill: Vec::new(),
         records: Vec::with_capacity(requests.len()),
         intervals: Vec::new(),
         gpus_now: 0,
@@ -813,6 +836,12 @@ impl Sim<'_> {
     }
 
     fn dispatch_prefill(&mut self, b: Batch<usize>) {
+        if self.cfg.prefill_queue != PrefillQueue::PerInstance && self.pick(Kind::Prefill).is_some()
+        {
+            self.waiting_prefill.push(b.items);
+            self.feed_prefill();
+            return;
+        }
         match self.pick(Kind::Prefill) {
             Some(k) => {
                 self.insts[k].queue.push_back(b.items);
@@ -854,20 +883,75 @@ impl Sim<'_> {
                 if !inst.current.is_empty() {
                     return;
                 }
+                if self.cfg.prefill_queue != PrefillQueue::PerInstance {
+                    self.feed_prefill();
+                    if self.insts[k].current.is_empty() {
+                        self.maybe_retire(k);
+                    }
+                    return;
+                }
                 let Some(batch) = self.insts[k].queue.pop_front() else {
                     self.maybe_retire(k);
                     return;
                 };
-                let tokens: u64 = batch.iter().map(|&r| u64::from(self.reqs[r].r.isl)).sum();
-                let dt = self.prefill_time(tokens);
-                self.insts[k].current = batch;
-                self.push(self.now + dt, Ev::PrefillDone(k));
+                self.start_prefill(k, batch);
             }
             Kind::Decode | Kind::Aggregated => {
                 if !inst.stepping {
                     self.start_step(k);
                 }
             }
+        }
+    }
+
+    fn start_prefill(&mut self, k: usize, batch: Vec<usize>) {
+        let tokens: u64 = batch.iter().map(|&r| u64::from(self.reqs[r].r.isl)).sum();
+        let dt = self.prefill_time(tokens);
+        self.insts[k].current = batch;
+        self.push(self.now + dt, Ev::PrefillDone(k));
+    }
+
+    /// The TTFT deadline of request `i`.
+    fn deadline(&self, i: usize) -> f64 {
+        let r = &self.reqs[i].r;
+        r.arrival_s + self.cfg.slo_ttft_s + self.cfg.slo_ttft_per_token_s * f64::from(r.isl)
+    }
+
+    /// [`PrefillQueue::Shared`]: every free ready prefill instance takes a waiting batch, the
+    /// earliest deadline among those that can still meet theirs first, else the earliest one.
+    /// With no prefill instance left to wait for, the batches are prefilled locally.
+    fn feed_prefill(&mut self) {
+        while !self.waiting_prefill.is_empty() {
+            if self.pick(Kind::Prefill).is_none() {
+                for b in std::mem::take(&mut self.waiting_prefill) {
+                    b.into_iter().for_each(|i| self.send_to_decode(i, true));
+                }
+                return;
+            }
+            let Some(k) = self.insts.iter().position(|i| {
+                i.kind == Kind::Prefill
+                    && i.state == State::Ready
+                    && !i.retiring
+                    && i.current.is_empty()
+            }) else {
+                return;
+            };
+            let mut best: Option<(bool, f64, usize)> = None;
+            for (j, b) in self.waiting_prefill.iter().enumerate() {
+                let deadline = b
+                    .iter()
+                    .map(|&i| self.deadline(i))
+                    .fold(f64::INFINITY, f64::min);
+                let tokens: u64 = b.iter().map(|&r| u64::from(self.reqs[r].r.isl)).sum();
+                let late = self.cfg.prefill_queue == PrefillQueue::Shared
+                    && self.now + self.prefill_time(tokens) > deadline;
+                if best.is_none_or(|(bl, bd, _)| (late, deadline) < (bl, bd)) {
+                    best = Some((late, deadline, j));
+                }
+            }
+            let Some((_, _, j)) = best else { return };
+            let batch = self.waiting_prefill.remove(j);
+            self.start_prefill(k, batch);
         }
     }
 
@@ -1098,7 +1182,9 @@ impl Sim<'_> {
         Snapshot {
             load: Some(LoadReading {
                 totals: self.totals.clone(),
-                router_waiting: self.batcher.len() as u64,
+                router_waiting: (self.batcher.len()
+                    + self.waiting_prefill.iter().map(Vec::len).sum::<usize>())
+                    as u64,
             }),
             instances: self.instances(),
             known_next,
@@ -1118,6 +1204,8 @@ impl Sim<'_> {
             let next = ctrl.next_tick();
             self.ctrl = Some(ctrl);
             orders.apply(self);
+            // Work waiting for a prefill instance that is no longer coming goes local.
+            self.feed_prefill();
             if let Some(t) = &report.tick {
                 let c = self.counts();
                 self.intervals.push(IntervalPoint {
@@ -1277,6 +1365,10 @@ pub fn search_static(
         }
         Ok(found)
     };
+    let scored = requests
+        .iter()
+        .filter(|r| r.arrival_s >= cfg.score_from_s)
+        .count() as f64;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8) as u32;
@@ -1309,8 +1401,12 @@ pub fn search_static(
                 g > bg + 0.5 || ((g - bg).abs() <= 0.5 && replicas.gpus(profile) < b.gpus(profile))
             });
             // Stop only on splits that serve fewer, or as many with more GPUs, than a best that
-            // serves something (a run of splits serving nothing says nothing).
-            let best_serves = best.as_ref().is_some_and(|(_, br)| goodput(br) > 0.5);
+            // serves most requests: among splits too small for the load, which requests still
+            // make their SLOs says little (a deadline-first queue saves a few on one prefill
+            // instance and none on many, whose prefills flood too few decode instances).
+            let best_serves = best
+                .as_ref()
+                .is_some_and(|(_, br)| goodput(br) >= scored / 2.0);
             if better {
                 best = Some((replicas, r));
                 worse_in_a_row = 0;

@@ -52,7 +52,7 @@ mod report;
 mod workload;
 
 pub use engine::{
-    PolicySpec, SimConfig, SimError, planner_config, search_static, simulate,
+    PolicySpec, PrefillQueue, SimConfig, SimError, planner_config, search_static, simulate,
     simulate_with_progress,
 };
 pub use report::{ControlStep, IntervalPoint, RequestRecord, Route, SimResult, Summary};

@@ -4,7 +4,7 @@ use dopd_planner::forecast::ForecasterKind;
 use dopd_planner::planner::PlannerConfig;
 use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::sizing::SizingConfig;
-use dopd_sim::{PolicySpec, Route, SimConfig, SimRequest, search_static, simulate};
+use dopd_sim::{PolicySpec, PrefillQueue, Route, SimConfig, SimRequest, search_static, simulate};
 
 /// TTFT 0.1 s for any prompt, TPOT 0.01 s, 2040 blocks of 128; g_P 1, g_D 2.
 fn flat() -> Profile {
@@ -86,6 +86,41 @@ fn prompts_queue_on_a_busy_prefill_instance() {
     .expect("runs");
     assert!(close(r.records[0].ttft_s, 0.1));
     assert!(close(r.records[1].ttft_s, 0.2), "{:?}", r.records[1]);
+}
+
+#[test]
+fn a_shared_prefill_queue_serves_feasible_deadlines_before_hopeless_ones() {
+    // TTFT SLO 0.25 s, prefill 0.1 s: four prompts at 0 and one at 0.15 on one instance.
+    let reqs = [
+        req(0.0, 1000, 2),
+        req(0.0, 1000, 2),
+        req(0.0, 1000, 2),
+        req(0.0, 1000, 2),
+        req(0.15, 1000, 2),
+    ];
+    let run = |queue| {
+        let c = SimConfig {
+            slo_ttft_s: 0.25,
+            prefill_queue: queue,
+            ..cfg(one_p_one_d())
+        };
+        simulate(&reqs, &flat(), &c).expect("runs")
+    };
+    // In arrival order the third and fourth are late and make the fifth late too.
+    for queue in [PrefillQueue::PerInstance, PrefillQueue::SharedFifo] {
+        let r = run(queue);
+        let met: Vec<bool> = r.records.iter().map(|x| x.met_slo).collect();
+        assert_eq!(met, [true, true, false, false, false], "{queue:?}");
+        assert!(close(r.records[4].ttft_s, 0.35), "{:?}", r.records[4]);
+    }
+    // Deadline first: at 0.2 the third can no longer make 0.25, the fifth can, so it goes
+    // first; the late ones follow, none dropped.
+    let r = run(PrefillQueue::Shared);
+    let met: Vec<bool> = r.records.iter().map(|x| x.met_slo).collect();
+    assert_eq!(met, [true, true, false, false, true]);
+    assert!(close(r.records[4].ttft_s, 0.15), "{:?}", r.records[4]);
+    assert!(close(r.records[2].ttft_s, 0.4), "{:?}", r.records[2]);
+    assert!(close(r.records[3].ttft_s, 0.5), "{:?}", r.records[3]);
 }
 
 #[test]
@@ -177,8 +212,17 @@ fn every_request_finishes_exactly_once_and_gpu_seconds_add_up() {
     let profile = dopd_planner::profile::roofline::RooflineSpec::llama33_70b_fp8_h100()
         .build()
         .expect("preset");
-    for policy in all_policies() {
+    let queues = [
+        PrefillQueue::PerInstance,
+        PrefillQueue::Shared,
+        PrefillQueue::SharedFifo,
+    ];
+    for (policy, queue) in all_policies()
+        .into_iter()
+        .flat_map(|p| queues.map(|q| (p.clone(), q)))
+    {
         let mut c = cfg(policy.clone());
+        c.prefill_queue = queue;
         c.planner.sizing = SizingConfig {
             gpu_budget: 16,
             ..SizingConfig::default()

@@ -7,8 +7,8 @@ use dopd_planner::forecast::ForecasterKind;
 use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::trace::Trace;
 use dopd_sim::{
-    PolicySpec, SimConfig, SimRequest, SimResult, SyntheticSpec, Window, from_trace, search_static,
-    simulate_with_progress, synthetic,
+    PolicySpec, PrefillQueue, SimConfig, SimRequest, SimResult, SyntheticSpec, Window, from_trace,
+    search_static, simulate_with_progress, synthetic,
 };
 
 #[derive(Debug, clap::Subcommand)]
@@ -107,8 +107,24 @@ pub struct Common {
     /// the paper's 511 by default; `dopd router` and `dopd up` use 32).
     #[arg(long, default_value_t = 511)]
     pub(super) ultra_short_max_isl: u32,
+    /// Where prefill work waits for a free prefill instance: `per-instance` (on the instance
+    /// picked at arrival, in arrival order; what `dopd router` does), `shared` (in the router,
+    /// earliest feasible deadline first) or `shared-fifo` (in the router, in arrival order).
+    #[arg(long, default_value = "per-instance", value_parser = parse_prefill_queue)]
+    pub(super) prefill_queue: PrefillQueue,
     #[arg(long)]
     pub(super) json: bool,
+}
+
+fn parse_prefill_queue(s: &str) -> Result<PrefillQueue, String> {
+    match s {
+        "shared" => Ok(PrefillQueue::Shared),
+        "shared-fifo" => Ok(PrefillQueue::SharedFifo),
+        "per-instance" => Ok(PrefillQueue::PerInstance),
+        _ => Err(format!(
+            "expected `shared`, `shared-fifo` or `per-instance`, got `{s}`"
+        )),
+    }
 }
 
 pub(super) struct Setup {
@@ -167,6 +183,7 @@ pub(super) fn setup(c: &Common) -> anyhow::Result<Setup> {
         slo_tpot_s: c.slo_tpot,
         score_from_s: c.warmup,
         kv_link_bytes_per_s: c.kv_link_gbps * 1e9,
+        prefill_queue: c.prefill_queue,
         ..SimConfig::default()
     };
     base.planner.sizing.gpu_budget = c.budget;
