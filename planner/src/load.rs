@@ -201,6 +201,9 @@ pub struct LoadTotals {
     pub finished: u64,
     /// Requests that ended without finishing.
     pub failed: u64,
+    /// Streams resumed on another worker after theirs failed mid-stream (a request can count
+    /// more than once; it counts in `finished` or `failed` once).
+    pub resumed: u64,
     /// Output tokens of the requests that finished successfully, and the sum of their squares.
     pub output_tokens: u64,
     pub output_tokens_sq: f64,
@@ -270,6 +273,11 @@ impl LoadTotals {
     /// A request ended without finishing.
     pub fn fail(&mut self) {
         self.failed += 1;
+    }
+
+    /// A stream was resumed on another worker after a failure mid-stream.
+    pub fn resume(&mut self) {
+        self.resumed += 1;
     }
 
     /// What happened between `earlier` and `self`. Counters that restarted (another epoch, or

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub rejected: Family<Labels, Counter>,
     pub retries: Counter,
     pub stream_errors: Counter,
+    pub resumes: Counter,
     pub router_waiting: Gauge,
     pub ttft: Histogram,
     pub itl: Histogram,
@@ -39,6 +40,7 @@ impl Default for Metrics {
         let rejected = Family::<Labels, Counter>::default();
         let retries = Counter::default();
         let stream_errors = Counter::default();
+        let resumes = Counter::default();
         let router_waiting = Gauge::default();
         let ttft = Histogram::new(buckets());
         let itl = Histogram::new(buckets());
@@ -64,8 +66,13 @@ impl Default for Metrics {
         );
         r.register(
             "stream_errors",
-            "Streams ended by a worker failure after the first token",
+            "Streams ended by a worker failure after the first token (none could resume them)",
             stream_errors.clone(),
+        );
+        r.register(
+            "resumes",
+            "Streams resumed on another worker after theirs failed mid-stream",
+            resumes.clone(),
         );
         r.register(
             "waiting",
@@ -85,6 +92,7 @@ impl Default for Metrics {
             rejected,
             retries,
             stream_errors,
+            resumes,
             router_waiting,
             ttft,
             itl,

@@ -9,8 +9,10 @@
 //!   batch; the whole batch goes to one prefill worker together.
 //!
 //! Workers are chosen by least outstanding tokens. A failure before the first token is retried
-//! on other workers; after it, the stream ends with an error piece. Every decision is counted
-//! with its class, route and reason.
+//! on other workers. A failure after it is resumed on another decode worker: the prompt and the
+//! tokens already streamed are recomputed there and sampling continues at the same position with
+//! the same seed, so the client sees one uninterrupted stream (at most `retries` times; then the
+//! stream ends with an error piece). Every decision is counted with its class, route and reason.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -295,7 +297,7 @@ impl Scheduler {
             .await
             .map_err(|s| failure(&w, &s))?
             .into_inner();
-        self.stream(job, w, stream, None, charge).await
+        self.stream(job, w, stream, None, charge, exclude).await
     }
 
     async fn disaggregated(
@@ -358,37 +360,50 @@ impl Scheduler {
                 transfer_deadline_ms: self.cfg.transfer_deadline.as_millis() as u32,
                 sampling: req.sampling,
                 stop: req.stop,
+                resume_tokens: Vec::new(),
+                resume_sent_bytes: 0,
             })
             .await
             .map_err(|s| failure(&dec, &s))?
             .into_inner();
         // The prefill worker's first token is the first piece.
-        self.stream(job, dec, stream, Some(p.text), charge).await
+        self.stream(
+            job,
+            dec,
+            stream,
+            Some((p.first_token, p.text)),
+            charge,
+            exclude,
+        )
+        .await
     }
 
     /// Waits for the worker's first event (a failure before it is retried), then forwards the
-    /// rest on a task.
+    /// rest on a task, resuming on another worker if this one fails mid-stream.
     async fn stream(
         self: &Arc<Self>,
         job: &Job,
         w: Arc<WorkerEntry>,
         mut stream: tonic::Streaming<proto::GenerateEvent>,
-        first_text: Option<String>,
+        first: Option<(u32, String)>,
         charge: Charge,
+        exclude: &[String],
     ) -> Result<mpsc::Receiver<Piece>, Failure> {
         let (tx, rx) = mpsc::channel(64);
-        let mut tokens = 0u32;
-        if let Some(t) = first_text {
-            tokens = 1;
+        let mut sent = Sent::default();
+        if let Some((id, text)) = first {
             self.first_token(job);
-            let _ = tx.send(Piece::Text(t)).await;
+            sent.ids.push(id);
+            sent.bytes += text.len();
+            sent.tokens = 1;
+            let _ = tx.send(Piece::Text(text)).await;
         } else {
             // Nothing reached the client yet: a failure here is retried elsewhere.
             match stream.message().await {
                 Ok(Some(ev)) => {
                     self.first_token(job);
-                    if forward(&tx, ev, &mut tokens).await {
-                        self.finish(job, None, tokens, true);
+                    if forward(&tx, ev, &mut sent).await {
+                        self.finish(job, None, sent.tokens, true);
                         return Ok(rx);
                     }
                 }
@@ -404,46 +419,109 @@ impl Scheduler {
         }
         let me = self.clone();
         let job = job.clone();
+        let mut exclude = exclude.to_vec();
         tokio::spawn(async move {
-            let _charge = charge;
+            let (mut w, mut stream, mut _charge) = (w, stream, charge);
             let started = Instant::now();
+            let mut resumes = 0;
             let ok = loop {
-                match stream.message().await {
+                let why = match stream.message().await {
                     Ok(Some(ev)) => {
-                        if forward(&tx, ev, &mut tokens).await {
+                        if forward(&tx, ev, &mut sent).await {
                             break true;
                         }
                         if tx.is_closed() {
                             // The client went away: dropping the stream cancels the request.
                             break false;
                         }
+                        continue;
                     }
-                    Ok(None) => {
-                        let _ = tx
-                            .send(Piece::Error("the worker ended the stream early".into()))
-                            .await;
-                        break false;
-                    }
+                    Ok(None) => "the worker ended the stream early".to_string(),
                     Err(s) => {
                         if matches!(s.code(), Code::Unavailable | Code::Unknown) {
                             w.mark_unhealthy();
                         }
+                        format!("worker {} failed mid-stream: {}", w.url, s.message())
+                    }
+                };
+                // Resume on another worker from what the client already has.
+                exclude.push(w.url.clone());
+                let resumed = if resumes < me.cfg.retries && !tx.is_closed() {
+                    me.resume(&job, &sent, &mut exclude).await
+                } else {
+                    None
+                };
+                match resumed {
+                    Some((nw, ns, nc)) => {
+                        tracing::warn!(request = %job.id, from = %w.url, to = %nw.url, tokens = sent.ids.len(), %why, "stream resumed on another worker");
+                        resumes += 1;
+                        me.metrics.resumes.inc();
+                        if let Ok(mut l) = me.load.lock() {
+                            l.resume();
+                        }
+                        (w, stream, _charge) = (nw, ns, nc);
+                    }
+                    None => {
                         me.metrics.stream_errors.inc();
-                        let _ = tx
-                            .send(Piece::Error(format!(
-                                "worker {} failed mid-stream: {}",
-                                w.url,
-                                s.message()
-                            )))
-                            .await;
+                        let _ = tx.send(Piece::Error(why)).await;
                         break false;
                     }
                 }
             };
+            let tokens = sent.tokens;
             let itl = (tokens > 1).then(|| started.elapsed().as_secs_f64() / f64::from(tokens - 1));
             me.finish(&job, itl, tokens, ok);
         });
         Ok(rx)
+    }
+
+    /// Starts `job` again on a decode (or mixed) worker not in `exclude`, from the tokens in
+    /// `sent`: the worker recomputes them and streams what the client does not have yet. Workers
+    /// that refuse are added to `exclude`; `None` when none is left.
+    async fn resume(
+        &self,
+        job: &Job,
+        sent: &Sent,
+        exclude: &mut Vec<String>,
+    ) -> Option<(
+        Arc<WorkerEntry>,
+        tonic::Streaming<proto::GenerateEvent>,
+        Charge,
+    )> {
+        let (&first, rest) = sent.ids.split_first()?;
+        let req = Self::request(job);
+        loop {
+            let w = self
+                .pool
+                .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)?;
+            let charge = w.charge(Self::cost(job));
+            let mut c = w.client.clone();
+            let r = c
+                .decode(proto::DecodeRequest {
+                    request_id: job.id.clone(),
+                    prompt_tokens: job.prompt_tokens.clone(),
+                    first_token: first,
+                    kv: None,
+                    handle: None,
+                    prefill_url: String::new(),
+                    transfer_deadline_ms: 0,
+                    sampling: req.sampling,
+                    stop: req.stop.clone(),
+                    resume_tokens: rest.to_vec(),
+                    resume_sent_bytes: u32::try_from(sent.bytes).unwrap_or(u32::MAX),
+                })
+                .await;
+            match r {
+                Ok(s) => return Some((w, s.into_inner(), charge)),
+                Err(s) => {
+                    tracing::warn!(worker = %w.url, error = %s.message(), "a worker refused to resume a stream");
+                    if matches!(s.code(), Code::Unavailable | Code::Unknown) {
+                        w.mark_unhealthy();
+                    }
+                    exclude.push(w.url.clone());
+                }
+            }
+        }
     }
 
     /// `job` ended: successfully with `osl` tokens, or not. (Its TTFT was counted when its first
@@ -462,21 +540,33 @@ impl Scheduler {
     }
 }
 
+/// What a stream has delivered so far: the generated token ids (the first included), the bytes
+/// of text sent to the client, and the completion tokens counted.
+#[derive(Debug, Default)]
+struct Sent {
+    ids: Vec<u32>,
+    bytes: usize,
+    tokens: u32,
+}
+
 /// Sends one worker event on; returns whether it was the last.
-async fn forward(tx: &mpsc::Sender<Piece>, ev: proto::GenerateEvent, tokens: &mut u32) -> bool {
+async fn forward(tx: &mpsc::Sender<Piece>, ev: proto::GenerateEvent, sent: &mut Sent) -> bool {
     match ev.event {
         Some(Ev::Token(t)) => {
-            *tokens += 1;
+            sent.tokens += 1;
+            sent.ids.push(t.id);
             if !t.text.is_empty() {
+                sent.bytes += t.text.len();
                 let _ = tx.send(Piece::Text(t.text)).await;
             }
             false
         }
         Some(Ev::Finished(f)) => {
             if !f.text.is_empty() {
+                sent.bytes += f.text.len();
                 let _ = tx.send(Piece::Text(f.text)).await;
             }
-            *tokens = (*tokens).max(f.completion_tokens);
+            sent.tokens = sent.tokens.max(f.completion_tokens);
             let _ = tx
                 .send(Piece::Done {
                     finish_reason: f.reason,

@@ -86,6 +86,10 @@ pub enum Start {
     /// Continue a remote prefill whose blocks could not be had: recompute the prompt here and
     /// keep the token the prefill worker sampled.
     Recompute { first_token: u32 },
+    /// Continue a stream whose worker failed: recompute the prompt and the tokens generated so
+    /// far (at least one), sample on from there, and stream the text after the first `sent`
+    /// bytes (what the client already has).
+    Resume { generated: Vec<u32>, sent: usize },
 }
 
 /// One request.
@@ -144,6 +148,8 @@ pub enum EngineError {
     DuplicateId(RequestId),
     #[error("empty prompt")]
     EmptyPrompt,
+    #[error("a resumed stream names no generated token")]
+    EmptyResume,
     #[error("prompt of {tokens} tokens exceeds the model context of {context}")]
     PromptTooLong { tokens: usize, context: usize },
     #[error("needs {needed} KV blocks but the whole cache has {capacity}")]
@@ -297,15 +303,43 @@ impl<B: Backend> Engine<B> {
                 vocab: c.vocab,
             });
         }
-        let needed = self.cache.blocks_for(r.prompt.len() + 1);
+        let resumed = match &r.start {
+            Start::Resume { generated, .. } => generated.len(),
+            _ => 0,
+        };
+        if r.prompt.len() + resumed >= c.context {
+            return Err(EngineError::PromptTooLong {
+                tokens: r.prompt.len() + resumed,
+                context: c.context,
+            });
+        }
+        let needed = self.cache.blocks_for(r.prompt.len() + resumed + 1);
         if needed > self.cache.capacity() {
             return Err(EngineError::TooLargeForCache {
                 needed,
                 capacity: self.cache.capacity(),
             });
         }
+        let mut sent = None;
         let (generated, import, sampled) = match r.start {
             Start::Prompt => (Vec::new(), None, 0),
+            Start::Resume {
+                generated,
+                sent: bytes,
+            } => {
+                if generated.is_empty() {
+                    return Err(EngineError::EmptyResume);
+                }
+                if let Some(&token) = generated.iter().find(|&&t| t as usize >= c.vocab) {
+                    return Err(EngineError::BadToken {
+                        token,
+                        vocab: c.vocab,
+                    });
+                }
+                sent = Some(bytes);
+                let n = generated.len() as u64;
+                (generated, None, n)
+            }
             Start::Recompute { first_token } => {
                 if first_token as usize >= c.vocab {
                     return Err(EngineError::BadToken {
@@ -352,9 +386,19 @@ impl<B: Backend> Engine<B> {
             sent: 0,
         };
         if !s.generated.is_empty() {
-            // The first token was streamed by the prefill worker: start after it.
             s.text = self.detokenize(&s.generated);
-            s.sent = self.streamable(&s);
+            s.sent = match sent {
+                // A resumed stream: start after what the client has (on a character boundary).
+                Some(bytes) => {
+                    let mut b = bytes.min(s.text.len());
+                    while !s.text.is_char_boundary(b) {
+                        b -= 1;
+                    }
+                    b
+                }
+                // The first token was streamed by the prefill worker: start after it.
+                None => self.streamable(&s),
+            };
         }
         self.waiting.push_back(s);
         Ok(())

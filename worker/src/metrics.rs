@@ -140,6 +140,12 @@ pub fn render(s: &StatsResponse, worker_id: &str, role: &str) -> String {
         "Prompts recomputed locally (no or failed transfer)",
         n(s.kv_recomputes),
     );
+    counter(
+        &mut r,
+        "resumed_streams",
+        "Streams taken over after another worker failed mid-stream",
+        n(s.resumed_streams),
+    );
     let failures = Family::<Labels, Counter<f64, AtomicU64>>::default();
     for (kind, v) in &s.kv_pull_failures {
         failures

@@ -283,6 +283,8 @@ struct TransferStats {
     seconds: f64,
     failures: HashMap<String, u64>,
     recomputes: u64,
+    /// Streams taken over after another worker failed mid-stream.
+    resumes: u64,
     /// Per prefill peer (its URL).
     peers: HashMap<String, PeerStats>,
 }
@@ -444,6 +446,7 @@ impl WorkerService {
             kv_pull_seconds: t.seconds,
             kv_pull_failures: t.failures,
             kv_recomputes: t.recomputes,
+            resumed_streams: t.resumes,
             kv_transport: self.kv_transport().to_string(),
             ucx_version: self
                 .ucx
@@ -647,6 +650,7 @@ impl WorkerService {
 fn status_of(e: &EngineError) -> Status {
     match e {
         EngineError::EmptyPrompt
+        | EngineError::EmptyResume
         | EngineError::PromptTooLong { .. }
         | EngineError::TooLargeForCache { .. }
         | EngineError::BadToken { .. } => Status::invalid_argument(e.to_string()),
@@ -1071,7 +1075,20 @@ impl Worker for WorkerService {
         if r.prompt_tokens.is_empty() {
             return Err(Status::invalid_argument("prompt_tokens is empty"));
         }
+        let resume = !r.resume_tokens.is_empty() || r.resume_sent_bytes > 0;
         let start = match (r.kv, r.handle) {
+            // A stream resumed after a failure: recompute everything it has generated.
+            _ if resume => {
+                if let Ok(mut t) = self.transfers.lock() {
+                    t.resumes += 1;
+                }
+                let mut generated = vec![r.first_token];
+                generated.extend_from_slice(&r.resume_tokens);
+                Start::Resume {
+                    generated,
+                    sent: r.resume_sent_bytes as usize,
+                }
+            }
             (Some(kv), _) => Start::Imported {
                 kv: kv_from_proto(kv)?,
                 first_token: r.first_token,

@@ -363,6 +363,84 @@ fn stop_on_eos_max_tokens_and_stop_strings_with_streamed_text() {
     assert_eq!(finish_of(&events, 1).map(|f| f.0), Some(FinishReason::Stop));
 }
 
+/// Each token of `id` with the text streamed with it, and the text its finish released.
+fn stream_of(events: &[Event], id: RequestId) -> (Vec<(u32, String)>, String) {
+    let mut toks = Vec::new();
+    let mut tail = String::new();
+    for e in events {
+        match e {
+            Event::Token {
+                id: i, token, text, ..
+            } if *i == id => toks.push((*token, text.clone())),
+            Event::Finished { id: i, text, .. } if *i == id => tail = text.clone(),
+            _ => {}
+        }
+    }
+    (toks, tail)
+}
+
+#[test]
+fn a_stream_resumed_on_another_engine_continues_token_for_token_and_byte_for_byte() {
+    // A stop string that never matches holds the last 3 bytes back, so what the client has
+    // lags the tokens generated.
+    let stop = StopConditions {
+        eos: vec![],
+        max_tokens: 24,
+        stop_strings: vec!["@@@@".into()],
+    };
+    for seed in [None, Some(5)] {
+        let run = |r: Request| {
+            let mut e = Engine::new(model(), Some(Arc::new(Letters)), cfg(64));
+            e.submit(r).expect("ok in this test");
+            let ev = e.run_to_completion();
+            (
+                stream_of(&ev, 0),
+                finish_of(&ev, 0),
+                e.stats().kv_blocks_used,
+            )
+        };
+        let mut whole = req(0, prompt(4, 10), 24, seed);
+        whole.stop = stop.clone();
+        let ((toks, tail), finish, _) = run(whole.clone());
+        assert_eq!(toks.len(), 24);
+        let full: String = toks.iter().map(|t| t.1.as_str()).collect::<String>() + &tail;
+        for cut in [1, 2, 7, 23] {
+            // The client has the first `cut` tokens' streamed text; the worker died.
+            let sent: String = toks[..cut].iter().map(|t| t.1.as_str()).collect();
+            let mut r = whole.clone();
+            r.start = Start::Resume {
+                generated: toks[..cut].iter().map(|t| t.0).collect(),
+                sent: sent.len(),
+            };
+            let ((more, more_tail), more_finish, leaked) = run(r);
+            let ids: Vec<u32> = toks[..cut].iter().chain(&more).map(|t| t.0).collect();
+            let all: Vec<u32> = toks.iter().map(|t| t.0).collect();
+            assert_eq!(ids, all, "seed {seed:?}, cut {cut}");
+            let text = sent + &more.iter().map(|t| t.1.as_str()).collect::<String>() + &more_tail;
+            assert_eq!(text, full, "seed {seed:?}, cut {cut}");
+            assert_eq!(more_finish, finish, "usage counts every token, {cut}");
+            assert_eq!(leaked, 0);
+        }
+    }
+    // Nothing to resume from, or more than the context holds: refused with the reason.
+    let mut e = Engine::new(model(), None, cfg(64));
+    let mut r = req(1, prompt(4, 10), 24, None);
+    r.start = Start::Resume {
+        generated: vec![],
+        sent: 0,
+    };
+    assert_eq!(e.submit(r), Err(EngineError::EmptyResume));
+    let mut r = req(2, prompt(4, 10), 24, None);
+    r.start = Start::Resume {
+        generated: vec![3; 150],
+        sent: 0,
+    };
+    assert!(matches!(
+        e.submit(r),
+        Err(EngineError::PromptTooLong { tokens: 160, .. })
+    ));
+}
+
 #[test]
 fn prefill_then_decode_elsewhere_equals_mixed() {
     for seed in [None, Some(5)] {
