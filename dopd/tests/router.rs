@@ -2,8 +2,7 @@
 //! (whole and streamed answers, errors in OpenAI's envelope), length-aware routing with its
 //! counters, the planner's load endpoint, draining, and a decode worker killed mid-stream.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Read};
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +10,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{MODEL, Proc};
+use common::{MODEL, Proc, get, http, http_raw, post, send};
 
 const NAME: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -39,70 +38,6 @@ fn worker(role: &str) -> (Proc, String) {
         "listening on ",
     );
     (p, format!("http://{a}"))
-}
-
-/// Opens a connection and writes one HTTP/1.1 request with `data` as its body.
-fn send(addr: &str, method: &str, path: &str, data: &str) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("router port");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{data}",
-        data.len()
-    )
-    .expect("request");
-    s
-}
-
-/// One HTTP/1.1 exchange with a JSON body: (status, headers, body).
-fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String, String) {
-    let data = body.map(|b| b.to_string()).unwrap_or_default();
-    http_raw(addr, method, path, &data)
-}
-
-/// One HTTP/1.1 exchange with any body.
-fn http_raw(addr: &str, method: &str, path: &str, data: &str) -> (u16, String, String) {
-    let mut s = send(addr, method, path, data);
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("response");
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, head.to_string(), body)
-}
-
-fn dechunk(mut b: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = b.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        b = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-fn post(addr: &str, path: &str, body: Value) -> (u16, Value) {
-    let (status, _, b) = http(addr, "POST", path, Some(&body));
-    (status, serde_json::from_str(&b).unwrap_or(Value::String(b)))
-}
-
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let (status, _, b) = http(addr, "GET", path, None);
-    (status, b)
 }
 
 /// The `data:` payloads of an SSE body.

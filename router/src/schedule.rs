@@ -317,14 +317,14 @@ impl Scheduler {
                     why: "no healthy prefill worker".into(),
                 })?,
         };
-        let dec = self
-            .pool
-            .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)
-            .ok_or_else(|| Failure::Retry {
-                worker: String::new(),
-                dead: false,
-                why: "no healthy decode worker".into(),
-            })?;
+        let no_decode = || Failure::Retry {
+            worker: String::new(),
+            dead: false,
+            why: "no healthy decode worker".into(),
+        };
+        if !self.any(&[WorkerRole::Decode, WorkerRole::Mixed], exclude) {
+            return Err(no_decode());
+        }
         let p = {
             let _charge = pre.charge(job.prompt_tokens.len() as u64);
             let mut c = pre.client.clone();
@@ -346,6 +346,12 @@ impl Scheduler {
             self.finish(job, None, 1, true);
             return Ok(rx);
         }
+        // The decode worker is picked once the prefill is done and charged at once, so that
+        // prompts prefilled together (a batch) spread over the decode workers.
+        let dec = self
+            .pool
+            .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)
+            .ok_or_else(no_decode)?;
         let charge = dec.charge(Self::cost(job));
         let req = Self::request(job);
         let mut c = dec.client.clone();

@@ -192,11 +192,59 @@ impl Fleet {
         });
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.supervise(&id, role, stop_rx).await {
-                me.notice(format!("dopd up: {id}: {e:#}"));
-            }
+            me.keep_running(&id, role, stop_rx).await;
             me.forget(&id);
         });
+    }
+
+    /// Runs worker `id` until told to stop, as a Deployment would: a worker that exits
+    /// unexpectedly after it came up is restarted, after 1 s, then 2, 4, ... up to 30 s while it
+    /// keeps failing within a minute of its start; it counts as starting meanwhile, never as
+    /// capacity. One that cannot start at all (a bad model, a bad argument) is reported and not
+    /// restarted, and one that exits while draining was leaving anyway.
+    async fn keep_running(&self, id: &str, role: Role, mut stop: oneshot::Receiver<()>) {
+        let mut restarts = 0u32;
+        loop {
+            let started = Instant::now();
+            let why = match self.supervise(id, role, &mut stop).await {
+                Ok(None) => return,
+                Ok(Some(why)) => why,
+                Err(e) => {
+                    self.notice(format!("dopd up: {id}: {e:#}"));
+                    return;
+                }
+            };
+            // Out of the router's rotation while it is down.
+            let (leaving, url) =
+                self.with_procs(|procs| match procs.iter_mut().find(|p| p.id == id) {
+                    Some(p) if p.phase != Phase::Draining => {
+                        p.phase = Phase::Launching;
+                        (false, p.url.take())
+                    }
+                    Some(p) => (true, p.url.take()),
+                    None => (true, None),
+                });
+            if let Some(u) = &url {
+                self.pool.remove(u);
+            }
+            if leaving {
+                self.notice(format!("dopd up: {id}: {why} while draining"));
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                restarts = 0;
+            }
+            let backoff = Duration::from_secs(1 << restarts.min(5)).min(Duration::from_secs(30));
+            restarts += 1;
+            self.notice(format!(
+                "dopd up: {id}: {why}; restarting it in {} s (restart {restarts})",
+                backoff.as_secs()
+            ));
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = &mut stop => return,
+            }
+        }
     }
 
     fn forget(&self, id: &str) {
@@ -213,12 +261,14 @@ impl Fleet {
         }
     }
 
+    /// Starts worker `id` and waits: `Ok(None)` once told to stop (it is killed), `Ok(Some(why))`
+    /// when it exited by itself after it came up, `Err` when it did not come up.
     async fn supervise(
         &self,
         id: &str,
         role: Role,
-        mut stop: oneshot::Receiver<()>,
-    ) -> anyhow::Result<()> {
+        stop: &mut oneshot::Receiver<()>,
+    ) -> anyhow::Result<Option<String>> {
         let mut cmd = tokio::process::Command::new(&self.exe);
         if std::env::var_os("RAYON_NUM_THREADS").is_none() {
             cmd.env("RAYON_NUM_THREADS", CPU_WORKER_THREADS.to_string());
@@ -229,18 +279,22 @@ impl Fleet {
             .arg(&self.model)
             .args(["--kv-blocks", &self.kv_blocks.to_string()])
             .args(&self.extra)
+            // The worker exits when this pipe closes: when this process ends, however it ends.
+            .arg("--exit-with-stdin")
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("starting a worker process")?;
+        let _stdin = child.stdin.take();
         let stdout = child.stdout.take().context("the worker's stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let banner = tokio::select! {
             line = lines.next_line() => line.context("reading the worker's banner")?,
-            _ = &mut stop => {
+            _ = &mut *stop => {
                 let _ = child.kill().await;
-                return Ok(());
+                return Ok(None);
             }
         };
         let addr = banner
@@ -265,11 +319,11 @@ impl Fleet {
         tokio::select! {
             status = child.wait() => {
                 let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-                bail!("the worker at {url} exited unexpectedly ({status})");
+                Ok(Some(format!("the worker at {url} exited unexpectedly ({status})")))
             }
-            _ = &mut stop => {
+            _ = &mut *stop => {
                 let _ = child.kill().await;
-                Ok(())
+                Ok(None)
             }
         }
     }

@@ -77,6 +77,10 @@ pub struct Args {
     /// middle of a transfer).
     #[arg(long, hide = true)]
     pub fault_kv_send_delay: Option<String>,
+    /// Exit when standard input closes: how `dopd up` ties its workers to itself, so that they
+    /// go when it goes, however it ends (SIGKILL included: the kernel closes its end of the pipe).
+    #[arg(long, hide = true)]
+    pub exit_with_stdin: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -112,6 +116,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     super::parse_duration_s(&a.kv_transfer_deadline).context("--kv-transfer-deadline")?;
     if let Some(d) = &a.fault_kv_send_delay {
         super::parse_duration_s(d).context("--fault-kv-send-delay")?;
+    }
+    if a.exit_with_stdin {
+        std::thread::spawn(|| {
+            use std::io::Read;
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while matches!(stdin.read(&mut buf), Ok(n) if n > 0) {}
+            eprintln!("dopd worker: the process that started it is gone (stdin closed); exiting");
+            std::process::exit(1);
+        });
     }
     match a.device {
         Device::Cpu => run_on::<burn::backend::Flex>(a, Default::default()),
