@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -126,6 +127,7 @@ pub fn app(r: Arc<Router>) -> Http {
         .route("/v1/dopd/workers", get(workers).post(add_worker))
         .route("/v1/dopd/drain", post(drain))
         .route("/v1/dopd/forecast", post(forecast))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(r)
 }
 
@@ -172,7 +174,28 @@ fn authorize(r: &Router, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+/// Largest request body the API reads (a full 8k-token context is about 40 kB of text).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+
+/// A request body as read, or why it could not be (over [`MAX_BODY_BYTES`], a broken stream).
+type Body = Result<Bytes, BytesRejection>;
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => {
+            let status = e.status();
+            let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                format!(
+                    "the request body is larger than {} MiB",
+                    MAX_BODY_BYTES >> 20
+                )
+            } else {
+                format!("cannot read the request body: {}", e.body_text())
+            };
+            return Err(ApiError::status(status, "invalid_request_error", message));
+        }
+    };
     if body.is_empty() {
         return Err(ApiError::invalid(
             "body",
@@ -205,7 +228,7 @@ impl Kind {
     }
 }
 
-async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
         authorize(&r, &headers)?;
         let req: CompletionRequest = parse(&body)?;
@@ -232,7 +255,7 @@ async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Byt
     respond(&r, Kind::Completion, out)
 }
 
-async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
         authorize(&r, &headers)?;
         let req: ChatRequest = parse(&body)?;
@@ -523,7 +546,7 @@ async fn workers(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
 
 /// The planner's forecast for the next interval; its mean ISL becomes the short/long threshold,
 /// and `ultra_short_max_isl` (optional) the largest prompt prefilled on a decode worker.
-async fn forecast(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn forecast(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
         authorize(&r, &headers)?;
         let v: Value = parse(&body)?;
@@ -562,7 +585,7 @@ async fn forecast(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes)
     out.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn add_worker(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn add_worker(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
         authorize(&r, &headers)?;
         let v: Value = parse(&body)?;
@@ -580,7 +603,7 @@ async fn add_worker(State(r): State<Arc<Router>>, headers: HeaderMap, body: Byte
     out.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn drain(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn drain(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
         authorize(&r, &headers)?;
         let v: Value = parse(&body)?;
@@ -618,6 +641,7 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
+    use proptest::strategy::Strategy;
     use tower::ServiceExt;
 
     const MODEL: &str = concat!(
@@ -661,6 +685,113 @@ mod tests {
             .await
             .expect("body");
         serde_json::from_slice(&b).expect("JSON")
+    }
+
+    /// A JSON value of any shape, with the OpenAI request's field names among its keys.
+    fn arb_json() -> impl Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "\\PC{0,12}".prop_map(Value::from),
+            Just(Value::from("m")),
+            Just(Value::from("user")),
+        ];
+        let keys = prop::sample::select(vec![
+            "model",
+            "messages",
+            "prompt",
+            "role",
+            "content",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "stream",
+            "stream_options",
+            "include_usage",
+            "n",
+            "type",
+            "text",
+            "ignore_eos",
+            "x",
+        ]);
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                prop::collection::btree_map(keys.clone(), inner, 0..6).prop_map(|m| {
+                    Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                }),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        /// Any body, JSON or not, gets an answer in OpenAI's error envelope (no worker is
+        /// there to serve the valid ones: 503), never a panic or a bare text error.
+        #[test]
+        fn any_request_body_gets_an_openai_answer(
+            body in proptest::prop_oneof![
+                arb_json().prop_map(|v| v.to_string()),
+                "\\PC{0,64}",
+            ],
+            chat in proptest::prelude::any::<bool>(),
+        ) {
+            let (rt, r) = fuzz_router();
+            let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
+            let (status, v) = rt.block_on(async {
+                let req = Request::post(path)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.clone()))
+                    .expect("request");
+                let resp = app(r.clone()).oneshot(req).await.expect("infallible");
+                let status = resp.status();
+                let b = axum::body::to_bytes(resp.into_body(), 1 << 20).await.expect("body");
+                (status, serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
+            });
+            proptest::prop_assert!(
+                [400, 404, 413, 503].contains(&status.as_u16()),
+                "{status} for {body}"
+            );
+            proptest::prop_assert!(v["error"]["message"].is_string(), "{status} {v} for {body}");
+        }
+    }
+
+    /// One runtime and router for all the fuzz cases (loading the tokenizer once).
+    fn fuzz_router() -> &'static (tokio::runtime::Runtime, Arc<Router>) {
+        static R: std::sync::OnceLock<(tokio::runtime::Runtime, Arc<Router>)> =
+            std::sync::OnceLock::new();
+        R.get_or_init(|| {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            let r = {
+                let _in = rt.enter();
+                router(None, 1 << 20)
+            };
+            (rt, r)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_gets_413_in_openais_envelope() {
+        let r = router(None, 8);
+        let big = format!(
+            r#"{{"model": "m", "prompt": "{}", "max_tokens": 4}}"#,
+            "a".repeat(12 << 20)
+        );
+        let req = Request::post("/v1/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(big))
+            .expect("request");
+        let resp = app(r).oneshot(req).await.expect("infallible");
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(json(resp).await["error"]["message"].is_string());
     }
 
     #[tokio::test]

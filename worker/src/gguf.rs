@@ -341,7 +341,14 @@ impl Gguf {
             .unwrap_or(32)
             .max(1);
         let align = usize::try_from(align).unwrap_or(32);
-        let data_offset = c.pos.div_ceil(align) * align;
+        let data_offset =
+            c.pos
+                .div_ceil(align)
+                .checked_mul(align)
+                .ok_or_else(|| GgufError::Truncated {
+                    what: format!("data aligned to {align} bytes"),
+                    offset: c.pos,
+                })?;
         let g = Self {
             version,
             metadata,
@@ -371,14 +378,17 @@ impl Gguf {
                 "{n} values are not whole blocks of {per_block}"
             )));
         }
-        let size = n / per_block * block_bytes;
+        // A header can claim any count: every step is checked (a wrapped size would pass).
+        let size = (n / per_block).checked_mul(block_bytes);
         let start = (self.data_offset as u64).checked_add(t.offset);
-        match start.and_then(|s| s.checked_add(size)) {
+        match start.zip(size).and_then(|(s, size)| s.checked_add(size)) {
             Some(end) if end <= self.bytes.len() as u64 => Ok(()),
             _ => Err(GgufError::Truncated {
                 what: format!(
-                    "tensor `{}` ({size} bytes at data offset {})",
-                    t.name, t.offset
+                    "tensor `{}` ({} bytes at data offset {})",
+                    t.name,
+                    size.map_or_else(|| "too many".to_string(), |s| s.to_string()),
+                    t.offset
                 ),
                 offset: self.bytes.len(),
             }),

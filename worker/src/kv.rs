@@ -80,6 +80,8 @@ pub enum KvError {
         blocks: usize,
         want: usize,
     },
+    #[error("export block {block} holds a value that is not a finite number")]
+    NonFinite { block: usize },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -337,7 +339,8 @@ impl PagedKvCache {
     }
 
     /// Creates a sequence from an export of a cache with the same layout. Fails without taking any
-    /// block when the layout differs or there is no room.
+    /// block when the layout or the block count differs, a value is not finite, or there is no
+    /// room.
     pub fn import(&mut self, e: &KvExport) -> Result<SeqId, KvError> {
         let l = self.layout;
         if e.fingerprint != l.fingerprint() {
@@ -357,6 +360,15 @@ impl PagedKvCache {
                 blocks: e.blocks.len(),
                 want,
             });
+        }
+        // K/V from a peer is data, not trusted: a NaN or an infinity would poison every
+        // attention score of the sequence.
+        if let Some(block) = e
+            .blocks
+            .iter()
+            .position(|b| b.iter().any(|v| !v.is_finite()))
+        {
+            return Err(KvError::NonFinite { block });
         }
         if self.free.len() < want {
             return Err(KvError::OutOfBlocks {

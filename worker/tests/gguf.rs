@@ -71,6 +71,19 @@ fn metadata_and_every_supported_type_round_trip() {
     assert_eq!(g.tensor("e").expect("e").dims, vec![16, 2]);
 }
 
+/// Found by `tests/fuzz.rs`: a Q8_0 tensor of 32·(2^59 − 1) values fits a u64 count, but its
+/// size in bytes (2^59 − 1 blocks of 34 bytes) did not, and the multiplication overflowed (a panic in debug
+/// builds, a wrapped size that passed the bounds check in release builds).
+#[test]
+fn a_tensor_whose_byte_size_overflows_is_refused_not_wrapped() {
+    let bytes = Writer::default()
+        .tensor("w", &[32, (1 << 59) - 1], 8, vec![0; 34])
+        .build();
+    let e = Gguf::parse(bytes).expect_err("cannot fit");
+    assert!(matches!(e, GgufError::Truncated { .. }), "{e}");
+    assert!(e.to_string().contains("too many bytes"), "{e}");
+}
+
 #[test]
 fn broken_files_are_explained() {
     let good = Writer::default()

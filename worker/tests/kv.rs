@@ -122,6 +122,18 @@ fn export_import_rejects_other_layouts() {
     let mut small = PagedKvCache::new(layout(), 0);
     assert!(matches!(small.import(&e), Err(KvError::OutOfBlocks { .. })));
     assert!(small.check_invariants() && other.check_invariants());
+    // K/V from a peer holding a NaN or an infinity is refused, and takes no block.
+    let mut b = PagedKvCache::new(layout(), 4);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut poisoned = e.clone();
+        poisoned.blocks[0][1] = bad;
+        assert!(matches!(
+            b.import(&poisoned),
+            Err(KvError::NonFinite { block: 0 })
+        ));
+        assert_eq!(b.used_blocks(), 0);
+    }
+    assert!(b.import(&e).is_ok());
 }
 
 #[derive(Clone, Debug)]
