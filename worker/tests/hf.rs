@@ -223,3 +223,42 @@ fn broken_checkpoints_fail_with_a_named_reason() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(HfWeights::open(Path::new("/nonexistent/checkpoint")).is_err());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..Default::default() })]
+
+    /// Fuzzing: a safetensors file with bytes changed (in its JSON header most often) or cut
+    /// loads or is refused with an error, never a panic.
+    #[test]
+    fn a_safetensors_file_with_bytes_changed_or_cut_loads_or_is_refused(
+        edits in proptest::collection::vec(
+            (proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()),
+            1..5,
+        ),
+        cut in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+    ) {
+        static CLEAN: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let clean = CLEAN.get_or_init(|| {
+            let dir = write_checkpoint("fuzz-clean", Dtype::BF16, None);
+            let b = std::fs::read(dir.join("model.safetensors")).expect("read");
+            let _ = std::fs::remove_dir_all(&dir);
+            b
+        });
+        let header = 8 + u64::from_le_bytes(clean[..8].try_into().expect("8 bytes")) as usize;
+        let mut b = clean.clone();
+        for (i, v, in_header) in edits {
+            let k = if in_header { i.index(header) } else { i.index(b.len()) };
+            b[k] = v;
+        }
+        if let Some(c) = cut {
+            b.truncate(c.index(b.len() + 1));
+        }
+        let dir = std::env::temp_dir().join(format!("dopd-hf-fuzz-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("config.json"), CONFIG).expect("config");
+        std::fs::write(dir.join("model.safetensors"), &b).expect("write");
+        if let Ok(w) = HfWeights::open(&dir) {
+            let _ = Llama::<B>::load(tiny(), &w, &Default::default());
+        }
+    }
+}
