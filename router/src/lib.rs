@@ -17,9 +17,10 @@ pub mod openai;
 pub mod pool;
 pub mod schedule;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -48,8 +49,12 @@ pub struct RouterConfig {
     pub context: usize,
     /// Requests admitted but not yet streaming; beyond this, 429 with Retry-After.
     pub max_waiting: usize,
-    /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
-    pub api_key: Option<String>,
+    /// When not empty, `/v1/*` needs `Authorization: Bearer <key>` with one of these keys (one
+    /// per client).
+    pub api_keys: Vec<String>,
+    /// With API keys: most requests one key may have in flight at once (0: no bound); beyond
+    /// it, 429 with Retry-After.
+    pub max_streams_per_key: usize,
     pub schedule: ScheduleConfig,
 }
 
@@ -64,6 +69,8 @@ pub struct Router {
     pub metrics: Arc<Metrics>,
     /// Admitted requests before their first token.
     starting: AtomicUsize,
+    /// Requests in flight per API key.
+    per_key: Arc<Mutex<HashMap<String, usize>>>,
     next_id: AtomicU64,
     started: Instant,
 }
@@ -81,6 +88,7 @@ impl Router {
             scheduler,
             metrics,
             starting: AtomicUsize::new(0),
+            per_key: Arc::default(),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
         })
@@ -153,25 +161,72 @@ fn now_s() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn authorize(r: &Router, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &r.cfg.api_key else {
-        return Ok(());
-    };
+/// A request's place in its API key's bound, given back when the request ends (however it
+/// ends: the guard lives as long as the response or its stream).
+struct KeySlot {
+    key: String,
+    per_key: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        let mut m = self.per_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Checks the API key (when the router has keys); `Some` with the key's name when it does.
+fn authorize(r: &Router, headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    if r.cfg.api_keys.is_empty() {
+        return Ok(None);
+    }
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given == Some(key.as_str()) {
-        Ok(())
-    } else {
-        r.metrics.reject("unauthorized");
-        Err(ApiError::status(
-            StatusCode::UNAUTHORIZED,
-            "invalid_request_error",
-            "missing or wrong API key (Authorization: Bearer <key>)",
-        )
-        .with_code("invalid_api_key"))
+    match given {
+        Some(k) if r.cfg.api_keys.iter().any(|x| x == k) => Ok(Some(k.to_string())),
+        _ => {
+            r.metrics.reject("unauthorized");
+            Err(ApiError::status(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing or wrong API key (Authorization: Bearer <key>)",
+            )
+            .with_code("invalid_api_key"))
+        }
     }
+}
+
+/// Takes a place in `key`'s bound on requests in flight, or answers 429.
+fn admit_key(r: &Router, key: Option<String>) -> Result<Option<KeySlot>, ApiError> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let max = r.cfg.max_streams_per_key;
+    let mut m = r.per_key.lock().unwrap_or_else(|p| p.into_inner());
+    let n = m.entry(key.clone()).or_insert(0);
+    if max > 0 && *n >= max {
+        r.metrics.reject("key_limit");
+        return Err(ApiError {
+            retry_after: Some(1),
+            ..ApiError::status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!("this API key has {n} requests in flight, its bound; retry when one ends"),
+            )
+        });
+    }
+    *n += 1;
+    Ok(Some(KeySlot {
+        key,
+        per_key: r.per_key.clone(),
+    }))
 }
 
 /// Largest request body the API reads (a full 8k-token context is about 40 kB of text).
@@ -230,7 +285,7 @@ impl Kind {
 
 async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
-        authorize(&r, &headers)?;
+        let key = authorize(&r, &headers)?;
         let req: CompletionRequest = parse(&body)?;
         let sampling = req.common.validate(&r.cfg.model, 16)?;
         let tokens = match req.prompt_input()? {
@@ -249,7 +304,7 @@ async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bod
                 t
             }
         };
-        run(&r, Kind::Completion, tokens, sampling).await
+        run(&r, Kind::Completion, tokens, sampling, key).await
     }
     .await;
     respond(&r, Kind::Completion, out)
@@ -257,7 +312,7 @@ async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Bod
 
 async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
-        authorize(&r, &headers)?;
+        let key = authorize(&r, &headers)?;
         let req: ChatRequest = parse(&body)?;
         let sampling = req
             .common
@@ -269,7 +324,7 @@ async fn chat(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> R
             .tokenizer
             .encode(&prompt)
             .map_err(|e| ApiError::invalid("messages", format!("cannot tokenize: {e}")))?;
-        run(&r, Kind::Chat, tokens, sampling).await
+        run(&r, Kind::Chat, tokens, sampling, key).await
     }
     .await;
     respond(&r, Kind::Chat, out)
@@ -287,6 +342,7 @@ async fn run(
     kind: Kind,
     tokens: Vec<u32>,
     sampling: Sampling,
+    key: Option<String>,
 ) -> Result<Response, ApiError> {
     if tokens.is_empty() {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
@@ -317,6 +373,7 @@ async fn run(
             )
         });
     }
+    let slot = admit_key(r, key)?;
     let prefix = if kind == Kind::Chat {
         "chatcmpl"
     } else {
@@ -343,9 +400,12 @@ async fn run(
             isl,
             sampling,
             rx,
+            slot,
         ))
     } else {
-        whole(r.cfg.model.clone(), kind, id, created, isl, rx).await
+        let out = whole(r.cfg.model.clone(), kind, id, created, isl, rx).await;
+        drop(slot);
+        out
     }
 }
 
@@ -412,9 +472,12 @@ fn stream(
     isl: usize,
     sampling: Sampling,
     mut rx: mpsc::Receiver<Piece>,
+    slot: Option<KeySlot>,
 ) -> Response {
     let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
+        // The key's place is given back when the stream ends.
+        let _slot = slot;
         let chunk = |delta: Value, finish: Option<&str>| -> Value {
             match kind {
                 Kind::Completion => json!({
@@ -658,7 +721,8 @@ mod tests {
                 model: "m".into(),
                 context: c.context,
                 max_waiting,
-                api_key: api_key.map(String::from),
+                api_keys: api_key.map(String::from).into_iter().collect(),
+                max_streams_per_key: 2,
                 schedule: ScheduleConfig::default(),
             },
             tok,
@@ -808,6 +872,47 @@ mod tests {
         let resp = call(&r, Some("sekrit")).await;
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(resp.headers().contains_key("retry-after"));
+    }
+
+    #[tokio::test]
+    async fn each_api_key_has_its_own_bound_on_requests_in_flight() {
+        let mut r = router(Some("alice"), 8);
+        Arc::get_mut(&mut r)
+            .expect("only one")
+            .cfg
+            .api_keys
+            .push("bob".into());
+        // Alice has two requests in flight (the test router's bound): a third is refused.
+        let held: Vec<KeySlot> = (0..2)
+            .map(|_| {
+                admit_key(&r, Some("alice".into()))
+                    .expect("within the bound")
+                    .expect("a key")
+            })
+            .collect();
+        let resp = call(&r, Some("alice")).await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().contains_key("retry-after"));
+        let v = json(resp).await;
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("2 requests in flight")),
+            "{v}"
+        );
+        // Bob is not held back by Alice (then no worker can serve: 503).
+        assert_eq!(
+            call(&r, Some("bob")).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // A request that ended gave its place back; one that failed held none.
+        drop(held);
+        assert_eq!(
+            call(&r, Some("alice")).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert!(r.per_key.lock().expect("lock").is_empty());
     }
 
     #[tokio::test]

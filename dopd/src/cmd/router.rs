@@ -28,9 +28,19 @@ pub struct FrontArgs {
     /// Requests admitted but not yet streaming before the router answers 429.
     #[arg(long, default_value_t = 256)]
     pub max_waiting: usize,
-    /// Require `Authorization: Bearer KEY` on /v1/* (default: the DOPD_API_KEY variable, if set).
-    #[arg(long, env = "DOPD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1/* (default: the DOPD_API_KEY variable, if
+    /// set). Several keys, comma-separated, are several clients, each with its own bound.
+    #[arg(
+        long,
+        env = "DOPD_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_key: Vec<String>,
+    /// With API keys: most requests one key may have in flight at once; beyond it, 429 (0: no
+    /// bound).
+    #[arg(long, default_value_t = 64)]
+    pub max_streams_per_key: usize,
     /// Prompts up to this many tokens are prefilled on the decode worker (no KV transfer). Under
     /// `dopd up`'s planner (policy `dopd`) this is the starting value: the planner replaces it
     /// with one derived from the profile and the decode load.
@@ -81,7 +91,13 @@ pub(super) fn build_router(f: &FrontArgs, pool: Arc<Pool>) -> anyhow::Result<Arc
         model: f.served_model_name.clone().unwrap_or(name),
         context: config.context,
         max_waiting: f.max_waiting.max(1),
-        api_key: f.api_key.clone().filter(|k| !k.is_empty()),
+        api_keys: f
+            .api_key
+            .iter()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect(),
+        max_streams_per_key: f.max_streams_per_key,
         schedule: ScheduleConfig {
             routing,
             transfer_deadline: Duration::from_secs_f64(
