@@ -399,14 +399,20 @@ async fn run(
             created,
             isl,
             sampling,
-            rx,
-            slot,
+            Answer { rx, slot },
         ))
     } else {
         let out = whole(r.cfg.model.clone(), kind, id, created, isl, rx).await;
         drop(slot);
         out
     }
+}
+
+/// A request's pieces as they come, and its place in its API key's bound, held until the
+/// answer has been sent.
+struct Answer {
+    rx: mpsc::Receiver<Piece>,
+    slot: Option<KeySlot>,
 }
 
 async fn whole(
@@ -471,13 +477,15 @@ fn stream(
     created: u64,
     isl: usize,
     sampling: Sampling,
-    mut rx: mpsc::Receiver<Piece>,
-    slot: Option<KeySlot>,
+    answer: Answer,
 ) -> Response {
     let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         // The key's place is given back when the stream ends.
-        let _slot = slot;
+        let Answer {
+            mut rx,
+            slot: _slot,
+        } = answer;
         let chunk = |delta: Value, finish: Option<&str>| -> Value {
             match kind {
                 Kind::Completion => json!({
