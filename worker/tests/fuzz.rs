@@ -46,13 +46,7 @@ fn read_all(bytes: Vec<u8>) {
 }
 
 fn layout() -> KvLayout {
-    KvLayout {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: 3,
-        block_size: 4,
-        model_hash: 42,
-    }
+    common::kv_layout()
 }
 
 static CONFIGS: AtomicU64 = AtomicU64::new(0);

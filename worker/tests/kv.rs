@@ -3,14 +3,10 @@
 use dopd_worker::kv::{KvError, KvLayout, PagedKvCache, SeqId};
 use proptest::prelude::*;
 
+mod common;
+
 fn layout() -> KvLayout {
-    KvLayout {
-        layers: 2,
-        kv_heads: 2,
-        head_dim: 3,
-        block_size: 4,
-        model_hash: 42,
-    }
+    common::kv_layout()
 }
 
 /// A recognisable K (V is its negation) for (sequence tag, token, layer).

@@ -90,3 +90,14 @@ pub fn f16(x: f32) -> [u8; 2] {
     let frac = ((bits >> 13) & 0x3ff) as u16;
     (sign | ((exp as u16) << 10) | frac).to_le_bytes()
 }
+
+/// The small KV layout of the cache tests: 2 layers, 2 KV heads of 3, blocks of 4 tokens.
+pub fn kv_layout() -> dopd_worker::kv::KvLayout {
+    dopd_worker::kv::KvLayout {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 3,
+        block_size: 4,
+        model_hash: 42,
+    }
+}
