@@ -7,7 +7,8 @@
 # Checks: the CRD applies; invalid DopdServices are rejected by the schema with clear messages;
 # examples/*.yaml reconcile into their children; `kubectl get dopdservices` shows the printer
 # columns with live values; a second operator replica stands by on the Lease; heavy fake load
-# scales up and idle load drains then scales down (status, history, Events); a manual replica edit
+# scales up and idle load drains then scales down (status, history, Events), and the leader killed
+# during that drain is replaced by the standby, which finishes it; a manual replica edit
 # is reverted with an Event; /metrics counts reconciles and decisions; deletion removes children.
 set -euo pipefail
 
@@ -103,6 +104,7 @@ for id in a b; do
         --leader-elect --identity "operator-$id" --lease-namespace default --log dopd_operator=debug,info \
         >"$work/operator-$id.log" 2>&1 &
     pids+=($!)
+    declare "operator_$id=$!"
     wait_for 30 "operator-$id to start" grep -q "metrics, healthz and readyz" "$work/operator-$id.log"
     if [[ $id == a ]]; then wait_for 30 "operator-a to lead" grep -q "leading as operator-a" "$work/operator-a.log"; fi
 done
@@ -140,7 +142,8 @@ echo '{"requests_per_s": 10, "mean_isl": 1500, "mean_osl": 200}' >"$work/load.js
 total() { echo $(($(k get deploy smollm2-prefill -o jsonpath='{.spec.replicas}') + $(k get deploy smollm2-decode -o jsonpath='{.spec.replicas}'))); }
 wait_for 90 "a scale-up" bash -c "[[ \$($(declare -f k total); total) -gt 2 ]]"
 k get dopdservices
-has "$(k get dopd smollm2 -o jsonpath='{.status.history}')" '"reason"' || fail "decision history"
+# (The status is written after the scale-up it records: wait for it.)
+wait_for 30 "the decision history" bash -c "kubectl --cache-dir $work/cache get dopd smollm2 -o jsonpath='{.status.history}' | grep -q '\"reason\"'"
 has "$(k get events.events.k8s.io -o json)" '"reason": *"Scaling"' || fail "Scaling event"
 has "$(k get dopd smollm2 -o jsonpath='{.status.forecast.meanIsl}')" 1500 || fail "forecast in status"
 has "$(curl -fsS "http://127.0.0.1:$rport/drained")" '"forecasts": \[[^]]*1500' || fail "the router got no forecast ISL"
@@ -153,9 +156,28 @@ k get dopd smollm2 -o jsonpath='{.status.conditions[?(@.type=="CapacityConstrain
 has "$(k get events.events.k8s.io -o json)" '"reason": *"CapacityConstrained"' || fail "CapacityConstrained event"
 [[ $(k get dopd smollm2 -o jsonpath='{.status.prefill.unschedulable}') -ge 1 ]] || fail "unschedulable count"
 
-echo "== idle load drains, then scales down"
-echo '{"requests_per_s": 0}' >"$work/load.json"
-wait_for 120 "a scale-down to 1:1" bash -c "[[ \$($(declare -f k total); total) -eq 2 ]]"
+echo "== idle load drains, then scales down; the leader is killed in the middle of a drain"
+# Each drained worker holds a request for 15 s: the first drain is still running when operator-a
+# is killed (SIGKILL, no chance to clean up); operator-b takes the Lease and finishes it.
+echo '{"requests_per_s": 0, "drain_hold_s": 15}' >"$work/load.json"
+wait_for 120 "a drain" bash -c "grep -q '50051' <(curl -fsS http://127.0.0.1:$rport/drained)"
+held_since=$(date +%s)
+ip=$(curl -fsS "http://127.0.0.1:$rport/drained" | grep -oE '127\.0\.0\.[0-9]+:50051' | head -1)
+ip=${ip%:50051}
+kill -9 "$operator_a"
+echo "killed the leader (operator-a) while the worker at $ip drains"
+pod_ips() { kubectl --cache-dir "$work/cache" get pods -o jsonpath='{range .items[*]}{.status.podIP}{"\n"}{end}'; }
+# While the drained worker still holds its request, its pod stays (whoever leads).
+while (($(date +%s) < held_since + 13)); do
+    grep -qx "$ip" <(pod_ips) || fail "the pod at $ip was removed while it held a request"
+    sleep 1
+done
+wait_for 60 "operator-b to lead" grep -q "leading as operator-b" "$work/operator-b.log"
+wait_for 180 "a scale-down to 1:1" bash -c "[[ \$($(declare -f k total); total) -eq 2 ]]"
+# Never below the minimum, and nothing scaled twice: it stays at 1:1.
+sleep 3
+[[ $(total) -eq 2 ]] || fail "scaled below 1:1"
+metrics=$(sed -n 's/.*metrics, healthz and readyz on \(http:[0-9.:/]*\).*/\1/p' "$work/operator-b.log" | head -1)
 has "$(curl -fsS "http://127.0.0.1:$rport/drained")" '"http://127\.0\.0\.[0-9]+:50051"' || fail "the router was not asked to drain"
 has "$(k get events.events.k8s.io -o json)" '"reason": *"ScaledDown"' || fail "ScaledDown event"
 wait_for 30 "pods to follow" bash -c "[[ \$(kubectl --cache-dir $work/cache get pods -l dopd.dev/service=smollm2,dopd.dev/role=decode -o name | wc -l) -eq 1 ]]"

@@ -4,9 +4,10 @@
 GET /v1/dopd/load answers cumulative counts, like the router: requests arrive (and finish) at the
 rate in the JSON file given by --load, `{"requests_per_s": R, "mean_isl": I, "mean_osl": O}`,
 re-read on every call so a test changes the load by rewriting it. The counts depend only on the
-time, never on how often they are read. GET /v1/dopd/workers lists nothing busy; POST
-/v1/dopd/drain records the workers it was asked to drain and POST /v1/dopd/forecast the mean ISLs
-it was sent (GET /drained lists both).
+time, never on how often they are read. POST /v1/dopd/drain records the workers it was asked to
+drain; the load's worker views then show each as draining, with one request in flight for the
+first `drain_hold_s` seconds (0 unless the load file says) and none after. POST
+/v1/dopd/forecast records the mean ISLs it was sent (GET /drained lists both).
 """
 
 import argparse
@@ -23,6 +24,8 @@ async def main():
     ap.add_argument("--port-file", required=True)
     a = ap.parse_args()
     drained = []
+    # Drained worker -> until when it still holds a request.
+    holding = {}
     reads = {"n": 0}
     start = time.monotonic()
     totals = {"epoch": int(time.time() * 1000), "arrived": 0, "prompt_tokens": 0, "finished": 0,
@@ -44,7 +47,13 @@ async def main():
         totals["output_tokens"] += n * osl
         totals["duration_s"] += n * 1.0
         reads["n"] += 1
-        return web.json_response({**totals, "router_waiting": 0, "uptime_s": now - start, "workers": []})
+        views = [{"url": u, "worker_id": u, "role": "decode", "healthy": True, "draining": True,
+                  "in_flight": 1 if now < until else 0, "outstanding_tokens": 0,
+                  "kv_blocks_used": None, "kv_blocks_free": None, "waiting": None,
+                  "kv_degraded": None}
+                 for u, until in holding.items()]
+        return web.json_response({**totals, "router_waiting": 0, "uptime_s": now - start,
+                                  "workers": views})
 
     async def workers(_):
         return web.json_response({"workers": []})
@@ -53,6 +62,10 @@ async def main():
         body = await request.json()
         print(f"drain {body}", flush=True)
         drained.extend(body.get("workers", []))
+        with open(a.load) as f:
+            hold = float(json.load(f).get("drain_hold_s", 0))
+        for u in body.get("workers", []):
+            holding.setdefault(u, time.monotonic() + hold)
         return web.json_response({"draining": []})
 
     forecasts = []
