@@ -116,7 +116,8 @@ pub enum PrefillQueue {
     PerInstance,
     /// In the router: an instance takes the next batch when it is free, so new instances share a
     /// backlog at once; the batches that can still make their TTFT deadline go first (earliest
-    /// deadline first), those that cannot wait until nothing else does. (An experiment; see
+    /// deadline first), those that cannot wait until nothing else does; and only while some
+    /// decode instance would keep its steps within the TPOT SLO with them. (An experiment; see
     /// `docs/experiments.md`.)
     Shared,
     /// In the router as `Shared`, in arrival order.
@@ -928,6 +929,13 @@ impl Sim<'_> {
                 }
                 return;
             }
+            // Paced by the decode instances: with no room for even the oldest batch, nothing
+            // is chosen (and the queue is not scanned at every decode step).
+            if self.cfg.prefill_queue == PrefillQueue::Shared
+                && !self.decode_room(&self.waiting_prefill[0])
+            {
+                return;
+            }
             let Some(k) = self.insts.iter().position(|i| {
                 i.kind == Kind::Prefill
                     && i.state == State::Ready
@@ -950,9 +958,35 @@ impl Sim<'_> {
                 }
             }
             let Some((_, _, j)) = best else { return };
+            if self.cfg.prefill_queue == PrefillQueue::Shared
+                && !self.decode_room(&self.waiting_prefill[j])
+            {
+                return;
+            }
             let batch = self.waiting_prefill.remove(j);
             self.start_prefill(k, batch);
         }
+    }
+
+    /// Whether some ready decode instance can take `batch` and keep its steps within the TPOT
+    /// SLO (an idle one always can).
+    fn decode_room(&self, batch: &[usize]) -> bool {
+        let k = batch.len();
+        let ctx = batch
+            .iter()
+            .map(|&i| f64::from(self.reqs[i].r.isl) + f64::from(self.reqs[i].r.osl) / 2.0)
+            .sum::<f64>()
+            / k.max(1) as f64;
+        // (Prompts still in prefill or in transfer are not counted: counting them too held
+        // prefills back while the planner, seeing the backlog, added prefill instances, not
+        // decode ones; see docs/experiments.md.)
+        self.insts
+            .iter()
+            .filter(|i| i.kind == self.decode_kind() && i.state == State::Ready && !i.retiring)
+            .any(|i| {
+                let n = i.running.len() + i.waiting.len();
+                n == 0 || self.profile.tpot((n + k) as f64, ctx) <= self.cfg.slo_tpot_s
+            })
     }
 
     /// A draining instance that has become idle: the control loop retires it.
@@ -1089,6 +1123,10 @@ impl Sim<'_> {
         self.insts[k].running = keep;
         self.insts[k].stepping = false;
         self.kick(k);
+        // Sequences that ended made room for prefills paced by it.
+        if self.cfg.prefill_queue == PrefillQueue::Shared {
+            self.feed_prefill();
+        }
     }
 
     fn finish(&mut self, i: usize) {

@@ -124,6 +124,37 @@ fn a_shared_prefill_queue_serves_feasible_deadlines_before_hopeless_ones() {
 }
 
 #[test]
+fn a_shared_prefill_queue_waits_for_room_on_the_decode_instances() {
+    // One sequence decodes in 0.01 s a step, two in 0.1 s: over the 0.08 s TPOT SLO. On 1P+1D,
+    // a prompt at 0 decodes 30 tokens from 0.1 to 0.4 s; another comes at 0.15 s.
+    let mut p = flat();
+    p.decode.concurrency = vec![1.0, 2.0];
+    p.decode.tpot_s = vec![vec![0.01], vec![0.1]];
+    let reqs = [req(0.0, 1000, 31), req(0.15, 1000, 31)];
+    let run = |queue| {
+        let c = SimConfig {
+            prefill_queue: queue,
+            ..cfg(one_p_one_d())
+        };
+        simulate(&reqs, &p, &c).expect("runs")
+    };
+    // On arrival: the second is prefilled at once and decodes beside the first, slowing both.
+    let r = run(PrefillQueue::PerInstance);
+    assert!(close(r.records[1].ttft_s, 0.1), "{:?}", r.records[1]);
+    assert!(r.records.iter().all(|x| x.tpot_s > 0.02), "{:?}", r.records);
+    // Shared: the second waits until the first has left the decode instance, so each decodes
+    // alone at 0.01 s a token.
+    let r = run(PrefillQueue::Shared);
+    assert!(close(r.records[0].finish_s, 0.4), "{:?}", r.records[0]);
+    assert!(close(r.records[1].ttft_s, 0.35), "{:?}", r.records[1]);
+    assert!(
+        r.records.iter().all(|x| close(x.tpot_s, 0.01)),
+        "{:?}",
+        r.records
+    );
+}
+
+#[test]
 fn ultra_short_prompts_prefill_on_the_decode_instance() {
     // DOPD routing: 100 tokens <= 511 is ultra-short; the decode step prefills it (0.1 s).
     let r = simulate(&[req(0.0, 100, 11)], &flat(), &cfg(PolicySpec::Dopd)).expect("runs");

@@ -33,6 +33,9 @@ pub struct Args {
     /// Also write the table (Markdown) to this file.
     #[arg(long, value_name = "FILE.md")]
     out: Option<PathBuf>,
+    /// Where prefill work waits, for every row (see `dopd sim run --help`; default: as there).
+    #[arg(long, value_parser = super::sim::parse_prefill_queue)]
+    prefill_queue: Option<dopd_sim::PrefillQueue>,
 }
 
 /// Settings a row takes from the suite's defaults unless it sets them.
@@ -217,7 +220,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         {
             continue;
         }
-        let c = common(row, &suite.defaults, &base)?;
+        let mut c = common(row, &suite.defaults, &base)?;
+        if let Some(q) = a.prefill_queue {
+            c.prefill_queue = q;
+        }
         let s = setup(&c).with_context(|| format!("row {:?}", row.name))?;
         let mut runs = Vec::new();
         for p in &policies {

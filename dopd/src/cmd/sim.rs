@@ -116,7 +116,7 @@ pub struct Common {
     pub(super) json: bool,
 }
 
-fn parse_prefill_queue(s: &str) -> Result<PrefillQueue, String> {
+pub(super) fn parse_prefill_queue(s: &str) -> Result<PrefillQueue, String> {
     match s {
         "shared" => Ok(PrefillQueue::Shared),
         "shared-fifo" => Ok(PrefillQueue::SharedFifo),
