@@ -145,7 +145,7 @@ k get dopdservices
 # (The status is written after the scale-up it records: wait for it.)
 wait_for 30 "the decision history" bash -c "kubectl --cache-dir $work/cache get dopd smollm2 -o jsonpath='{.status.history}' | grep -q '\"reason\"'"
 has "$(k get events.events.k8s.io -o json)" '"reason": *"Scaling"' || fail "Scaling event"
-has "$(k get dopd smollm2 -o jsonpath='{.status.forecast.meanIsl}')" 1500 || fail "forecast in status"
+wait_for 30 "the forecast in status" bash -c "kubectl --cache-dir $work/cache get dopd smollm2 -o jsonpath='{.status.forecast.meanIsl}' | grep -q 1500"
 has "$(curl -fsS "http://127.0.0.1:$rport/drained")" '"forecasts": \[[^]]*1500' || fail "the router got no forecast ISL"
 
 echo "== pods that find no GPU are reported, not waited for"
