@@ -7,6 +7,8 @@
 //!   at once, unbatched.
 //! - **Short** prompts (the rest) are grouped by a [`ShortBatcher`] under a token cap and a wait
 //!   cap, so one prefill pass serves several of them.
+//! - Prefill work waits in one [`DeadlineQueue`] for a free prefill instance, earliest feasible
+//!   TTFT deadline first.
 //!
 //! Time is an argument (`now`, seconds on any monotonic clock the caller owns): the router passes
 //! its clock, the simulator its virtual time.
@@ -14,6 +16,9 @@
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
+
+mod queue;
+pub use queue::{DeadlineQueue, PrefillQueue, QueueOrder};
 
 /// Settings of the length-aware scheduler.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -11,6 +11,7 @@
 //! counts).
 
 pub mod discovery;
+pub mod gate;
 pub mod load;
 pub mod metrics;
 pub mod openai;

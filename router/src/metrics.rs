@@ -76,7 +76,7 @@ impl Default for Metrics {
         );
         r.register(
             "waiting",
-            "Requests waiting in the router (short batching)",
+            "Requests waiting in the router (short batching and the shared prefill queue)",
             router_waiting.clone(),
         );
         r.register("ttft_seconds", "Time to first token", ttft.clone());

@@ -99,6 +99,23 @@ impl WorkerEntry {
         }
     }
 
+    /// Test double: sets what the health loop would have read.
+    #[cfg(test)]
+    pub(crate) fn fake(
+        &self,
+        role: WorkerRole,
+        healthy: bool,
+        stats: Option<proto::StatsResponse>,
+    ) {
+        if let Ok(mut r) = self.role.lock() {
+            *r = role;
+        }
+        self.healthy.store(healthy, Ordering::Relaxed);
+        if let Ok(mut s) = self.stats.lock() {
+            *s = stats;
+        }
+    }
+
     async fn probe(&self) {
         let mut c = self.client.clone();
         let health =

@@ -8,7 +8,9 @@
 //! - **Short** prompts wait in the [`ShortBatcher`] until its token cap or wait cap releases the
 //!   batch; the whole batch goes to one prefill worker together.
 //!
-//! Workers are chosen by least outstanding tokens. A failure before the first token is retried
+//! Prefill work waits in the router's shared queue ([`crate::gate`]) for a free prefill worker,
+//! earliest feasible TTFT deadline first (`--prefill-queue per-instance`: sent on arrival to the
+//! least-loaded worker and queued there). Decode workers are chosen by least outstanding tokens. A failure before the first token is retried
 //! on other workers. A failure after it is resumed on another decode worker: the prompt and the
 //! tokens already streamed are recomputed there and sampling continues at the same position with
 //! the same seed, so the client sees one uninterrupted stream (at most `retries` times; then the
@@ -19,11 +21,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dopd_planner::load::LoadTotals;
-use dopd_planner::routing::{self, FlushReason, Route, RoutingConfig, ShortBatcher, classify};
+use dopd_planner::routing::{
+    self, FlushReason, PrefillQueue, Route, RoutingConfig, ShortBatcher, classify,
+};
+use dopd_planner::slo::SloTargets;
 use dopd_worker::service::proto::{self, generate_event::Event as Ev};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
+use crate::gate::{PrefillGate, Slot};
 use crate::metrics::Metrics;
 use crate::openai::{ApiError, Sampling};
 use crate::pool::{Charge, Pool, WorkerEntry, WorkerRole};
@@ -58,6 +64,10 @@ pub struct ScheduleConfig {
     pub retries: usize,
     /// Deadline a decode worker gets for pulling KV blocks.
     pub transfer_deadline: Duration,
+    /// Where prefill work waits for a free prefill worker.
+    pub prefill_queue: PrefillQueue,
+    /// The SLOs: TTFT deadlines order the shared prefill queue; the TPOT SLO paces it.
+    pub slo: SloTargets,
 }
 
 impl Default for ScheduleConfig {
@@ -66,6 +76,8 @@ impl Default for ScheduleConfig {
             routing: RoutingConfig::default(),
             retries: 2,
             transfer_deadline: Duration::from_secs(5),
+            prefill_queue: PrefillQueue::default(),
+            slo: SloTargets::default(),
         }
     }
 }
@@ -79,7 +91,9 @@ pub struct Scheduler {
     planned_mean_isl: AtomicU64,
     /// The largest prompt prefilled on a decode worker (the planner may move it).
     ultra_short: std::sync::atomic::AtomicU32,
-    batcher: mpsc::UnboundedSender<(u32, oneshot::Sender<Release>)>,
+    batcher: mpsc::UnboundedSender<(u32, Instant, oneshot::Sender<Release>)>,
+    /// The shared prefill queue (`None`: per instance).
+    gate: Option<Arc<PrefillGate>>,
     pub metrics: Arc<Metrics>,
     /// What the planner reads: counts since the router started (never reset).
     pub load: Arc<Mutex<LoadTotals>>,
@@ -90,7 +104,17 @@ pub struct Scheduler {
 /// A short batch's release: why, and the prefill worker the whole batch goes to.
 struct Release {
     reason: FlushReason,
-    prefill: Option<Arc<WorkerEntry>>,
+    prefill: Option<Assigned>,
+}
+
+/// A prefill worker given to a request (with the shared queue's hold on it, freed when the
+/// last holder is done; `tokens`: the prompt tokens prefilled together).
+#[derive(Clone)]
+struct Assigned {
+    worker: Arc<WorkerEntry>,
+    /// Held, not read: dropping the last one frees the worker in the shared queue.
+    _slot: Option<Arc<Slot>>,
+    tokens: u64,
 }
 
 /// Why an attempt failed.
@@ -108,18 +132,20 @@ enum Failure {
 impl Scheduler {
     pub fn new(pool: Arc<Pool>, cfg: ScheduleConfig, metrics: Arc<Metrics>) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let gate = PrefillGate::new(pool.clone(), cfg.prefill_queue, cfg.slo.tpot_s);
         let s = Arc::new(Self {
             pool: pool.clone(),
             mean_isl: AtomicU64::new(f64::NAN.to_bits()),
             planned_mean_isl: AtomicU64::new(f64::NAN.to_bits()),
             ultra_short: std::sync::atomic::AtomicU32::new(cfg.routing.ultra_short_max_isl),
             batcher: tx,
+            gate: gate.clone(),
             metrics,
             load: Arc::new(Mutex::new(LoadTotals::new(epoch_ms()))),
             started: Instant::now(),
             cfg,
         });
-        tokio::spawn(run_batcher(rx, s.cfg.routing.clone(), pool));
+        tokio::spawn(run_batcher(rx, s.cfg.routing.clone(), pool, gate));
         s
     }
 
@@ -180,7 +206,7 @@ impl Scheduler {
         let mut batch_prefill = None;
         if route == Route::Batch {
             let (tx, rx) = oneshot::channel();
-            let _ = self.batcher.send((isl, tx));
+            let _ = self.batcher.send((isl, self.deadline(&job), tx));
             self.metrics.router_waiting.inc();
             let rel = rx.await;
             self.metrics.router_waiting.dec();
@@ -236,6 +262,23 @@ impl Scheduler {
 
     fn any(&self, roles: &[WorkerRole], exclude: &[String]) -> bool {
         !self.pool.candidates(roles, exclude).is_empty()
+    }
+
+    /// When `job`'s first token is due (its TTFT SLO).
+    fn deadline(&self, job: &Job) -> Instant {
+        let s =
+            self.cfg.slo.ttft_s + self.cfg.slo.ttft_per_token_s * job.prompt_tokens.len() as f64;
+        job.arrived
+            + Duration::from_secs_f64(if s.is_finite() {
+                s.clamp(0.0, 1e9)
+            } else {
+                1e9
+            })
+    }
+
+    /// Requests waiting in the shared prefill queue (not counting short batches).
+    pub fn prefill_waiting(&self) -> usize {
+        self.gate.as_ref().map_or(0, |g| g.waiting())
     }
 
     fn record_failure(&self) {
@@ -303,20 +346,43 @@ impl Scheduler {
     async fn disaggregated(
         self: &Arc<Self>,
         job: &Job,
-        batch_prefill: Option<Arc<WorkerEntry>>,
+        batch_prefill: Option<Assigned>,
         exclude: &[String],
     ) -> Result<mpsc::Receiver<Piece>, Failure> {
-        let pre = match batch_prefill.filter(|p| !exclude.contains(&p.url) && p.healthy()) {
-            Some(p) => p,
-            None => self
-                .pool
-                .pick(&[WorkerRole::Prefill], exclude)
-                .ok_or_else(|| Failure::Retry {
-                    worker: String::new(),
-                    dead: false,
-                    why: "no healthy prefill worker".into(),
-                })?,
+        let no_prefill = || Failure::Retry {
+            worker: String::new(),
+            dead: false,
+            why: "no healthy prefill worker".into(),
         };
+        let tokens = job.prompt_tokens.len() as u64;
+        let assigned = match batch_prefill
+            .filter(|p| !exclude.contains(&p.worker.url) && p.worker.healthy())
+        {
+            Some(p) => p,
+            // A first attempt waits in the shared queue; a retry goes straight to a worker.
+            None => match (&self.gate, exclude.is_empty()) {
+                (Some(gate), true) => {
+                    self.metrics.router_waiting.inc();
+                    let slot = gate.acquire(self.deadline(job), tokens).await;
+                    self.metrics.router_waiting.dec();
+                    let slot = slot.ok_or_else(no_prefill)?;
+                    Assigned {
+                        worker: slot.worker.clone(),
+                        _slot: Some(Arc::new(slot)),
+                        tokens,
+                    }
+                }
+                _ => Assigned {
+                    worker: self
+                        .pool
+                        .pick(&[WorkerRole::Prefill], exclude)
+                        .ok_or_else(no_prefill)?,
+                    _slot: None,
+                    tokens,
+                },
+            },
+        };
+        let pre = assigned.worker.clone();
         let no_decode = || Failure::Retry {
             worker: String::new(),
             dead: false,
@@ -326,12 +392,20 @@ impl Scheduler {
             return Err(no_decode());
         }
         let p = {
-            let _charge = pre.charge(job.prompt_tokens.len() as u64);
+            let _charge = pre.charge(tokens);
             let mut c = pre.client.clone();
-            c.prefill(Self::request(job))
+            let t0 = Instant::now();
+            let p = c
+                .prefill(Self::request(job))
                 .await
                 .map_err(|s| failure(&pre, &s))?
-                .into_inner()
+                .into_inner();
+            if let Some(g) = &self.gate {
+                g.observe(assigned.tokens, t0.elapsed().as_secs_f64());
+            }
+            // The prefill worker is free for the next work (once the batch's last prompt is done).
+            drop(assigned);
+            p
         };
         if p.finish != proto::FinishReason::Unspecified as i32 {
             // The first token already ended the request.
@@ -603,22 +677,60 @@ fn failure(w: &WorkerEntry, s: &tonic::Status) -> Failure {
 }
 
 /// The short-request batcher's task: releases batches on the token cap (at push) or the wait
-/// cap (on a timer); each batch goes to one prefill worker, picked at release.
+/// cap (on a timer); each batch goes to one prefill worker: the next free one from the shared
+/// queue (earliest deadline of the batch), or the least loaded at release.
 async fn run_batcher(
-    mut rx: mpsc::UnboundedReceiver<(u32, oneshot::Sender<Release>)>,
+    mut rx: mpsc::UnboundedReceiver<(u32, Instant, oneshot::Sender<Release>)>,
     cfg: RoutingConfig,
     pool: Arc<Pool>,
+    gate: Option<Arc<PrefillGate>>,
 ) {
-    let mut b: ShortBatcher<oneshot::Sender<Release>> = ShortBatcher::new(&cfg);
+    type Member = (Instant, oneshot::Sender<Release>);
+    let mut b: ShortBatcher<Member> = ShortBatcher::new(&cfg);
     let t0 = Instant::now();
     let now = || t0.elapsed().as_secs_f64();
-    let release = |batch: routing::Batch<oneshot::Sender<Release>>| {
-        let prefill = pool.pick(&[WorkerRole::Prefill], &[]);
-        for tx in batch.items {
-            let _ = tx.send(Release {
-                reason: batch.reason,
-                prefill: prefill.clone(),
-            });
+    let release = |batch: routing::Batch<Member>| {
+        let send = |members: Vec<Member>, prefill: Option<Assigned>| {
+            for (_, tx) in members {
+                let _ = tx.send(Release {
+                    reason: batch.reason,
+                    prefill: prefill.clone(),
+                });
+            }
+        };
+        match &gate {
+            Some(gate) => {
+                let gate = gate.clone();
+                let deadline = batch.items.iter().map(|(d, _)| *d).min();
+                let tokens = batch.tokens;
+                let reason = batch.reason;
+                let members = batch.items;
+                tokio::spawn(async move {
+                    let slot = match deadline {
+                        Some(d) => gate.acquire(d, tokens).await,
+                        None => None,
+                    };
+                    let prefill = slot.map(|s| Assigned {
+                        worker: s.worker.clone(),
+                        _slot: Some(Arc::new(s)),
+                        tokens,
+                    });
+                    for (_, tx) in members {
+                        let _ = tx.send(Release {
+                            reason,
+                            prefill: prefill.clone(),
+                        });
+                    }
+                });
+            }
+            None => {
+                let prefill = pool.pick(&[WorkerRole::Prefill], &[]).map(|w| Assigned {
+                    worker: w,
+                    _slot: None,
+                    tokens: batch.tokens,
+                });
+                send(batch.items, prefill);
+            }
         }
     };
     loop {
@@ -627,8 +739,8 @@ async fn run_batcher(
             .map(|d| Duration::from_secs_f64((d - now()).max(0.0)));
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some((tokens, tx)) => {
-                    for batch in b.push(tx, tokens, now()) {
+                Some((tokens, deadline, tx)) => {
+                    for batch in b.push((deadline, tx), tokens, now()) {
                         release(batch);
                     }
                 }

@@ -9,7 +9,10 @@ use dopd_planner::control::{
 use dopd_planner::load::{LoadReading, LoadTotals};
 use dopd_planner::planner::{ConfigError, Planner, PlannerConfig, PolicyKind, ReplicaState};
 use dopd_planner::profile::{PerRole, Profile, Role};
-use dopd_planner::routing::{self, Batch, RequestClass, RoutingConfig, ShortBatcher};
+pub use dopd_planner::routing::PrefillQueue;
+use dopd_planner::routing::{
+    self, Batch, DeadlineQueue, QueueOrder, RequestClass, RoutingConfig, ShortBatcher,
+};
 use dopd_planner::sizing::{Replicas, SizingInput};
 use serde::{Deserialize, Serialize};
 
@@ -104,24 +107,6 @@ pub struct SimConfig {
     pub score_from_s: f64,
     /// How prefill work waits for an instance (see [`PrefillQueue`]).
     pub prefill_queue: PrefillQueue,
-}
-
-/// Where prefill work waits when every prefill instance is busy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PrefillQueue {
-    /// On the instance it was sent to on arrival (the least loaded then), in arrival order: a
-    /// backlog stays where it is when new instances come up. What `dopd router` does.
-    #[default]
-    PerInstance,
-    /// In the router: an instance takes the next batch when it is free, so new instances share a
-    /// backlog at once; the batches that can still make their TTFT deadline go first (earliest
-    /// deadline first), those that cannot wait until nothing else does; and only while some
-    /// decode instance would keep its steps within the TPOT SLO with them. (An experiment; see
-    /// `docs/experiments.md`.)
-    Shared,
-    /// In the router as `Shared`, in arrival order.
-    SharedFifo,
 }
 
 impl Default for SimConfig {
@@ -317,7 +302,7 @@ struct Sim<'a> {
     /// What a router would count (see `dopd_planner::load`).
     totals: LoadTotals,
     /// Prefill batches waiting in the router for a free instance ([`PrefillQueue::Shared`]).
-    waiting_prefill: Vec<Vec<usize>>,
+    waiting_prefill: DeadlineQueue<Vec<usize>>,
     records: Vec<RequestRecord>,
     intervals: Vec<IntervalPoint>,
     gpus_now: u32,
@@ -455,7 +440,11 @@ pub fn simulate_with_progress(
         batch_deadline_at: None,
         isl_threshold: f64::INFINITY,
         totals: LoadTotals::new(1),
-        waiting_prefill: Vec::new(),
+        waiting_prefill: DeadlineQueue::new(
+            cfg.prefill_queue
+                .order()
+                .unwrap_or(QueueOrder::DeadlineFirst),
+        ),
         records: Vec::with_capacity(requests.len()),
         intervals: Vec::new(),
         gpus_now: 0,
@@ -839,7 +828,14 @@ impl Sim<'_> {
     fn dispatch_prefill(&mut self, b: Batch<usize>) {
         if self.cfg.prefill_queue != PrefillQueue::PerInstance && self.pick(Kind::Prefill).is_some()
         {
-            self.waiting_prefill.push(b.items);
+            let deadline = b
+                .items
+                .iter()
+                .map(|&i| self.deadline(i))
+                .fold(f64::INFINITY, f64::min);
+            let tokens: u64 = b.items.iter().map(|&r| u64::from(self.reqs[r].r.isl)).sum();
+            let service = self.prefill_time(tokens);
+            self.waiting_prefill.push(b.items, deadline, service);
             self.feed_prefill();
             return;
         }
@@ -922,17 +918,21 @@ impl Sim<'_> {
     /// earliest deadline among those that can still meet theirs first, else the earliest one.
     /// With no prefill instance left to wait for, the batches are prefilled locally.
     fn feed_prefill(&mut self) {
+        let paced = self.cfg.prefill_queue.paced();
         while !self.waiting_prefill.is_empty() {
             if self.pick(Kind::Prefill).is_none() {
-                for b in std::mem::take(&mut self.waiting_prefill) {
+                for b in self.waiting_prefill.drain() {
                     b.into_iter().for_each(|i| self.send_to_decode(i, true));
                 }
                 return;
             }
             // Paced by the decode instances: with no room for even the oldest batch, nothing
-            // is chosen (and the queue is not scanned at every decode step).
-            if self.cfg.prefill_queue == PrefillQueue::Shared
-                && !self.decode_room(&self.waiting_prefill[0])
+            // is chosen.
+            if paced
+                && self
+                    .waiting_prefill
+                    .oldest()
+                    .is_some_and(|b| !self.decode_room(b))
             {
                 return;
             }
@@ -944,27 +944,16 @@ impl Sim<'_> {
             }) else {
                 return;
             };
-            let mut best: Option<(bool, f64, usize)> = None;
-            for (j, b) in self.waiting_prefill.iter().enumerate() {
-                let deadline = b
-                    .iter()
-                    .map(|&i| self.deadline(i))
-                    .fold(f64::INFINITY, f64::min);
-                let tokens: u64 = b.iter().map(|&r| u64::from(self.reqs[r].r.isl)).sum();
-                let late = self.cfg.prefill_queue == PrefillQueue::Shared
-                    && self.now + self.prefill_time(tokens) > deadline;
-                if best.is_none_or(|(bl, bd, _)| (late, deadline) < (bl, bd)) {
-                    best = Some((late, deadline, j));
-                }
-            }
-            let Some((_, _, j)) = best else { return };
-            if self.cfg.prefill_queue == PrefillQueue::Shared
-                && !self.decode_room(&self.waiting_prefill[j])
-            {
+            let now = self.now;
+            let Some(next) = self.waiting_prefill.peek(now).map(|(b, _)| b.clone()) else {
+                return;
+            };
+            if paced && !self.decode_room(&next) {
                 return;
             }
-            let batch = self.waiting_prefill.remove(j);
-            self.start_prefill(k, batch);
+            if let Some(batch) = self.waiting_prefill.pop(now) {
+                self.start_prefill(k, batch);
+            }
         }
     }
 
@@ -1124,7 +1113,7 @@ impl Sim<'_> {
         self.insts[k].stepping = false;
         self.kick(k);
         // Sequences that ended made room for prefills paced by it.
-        if self.cfg.prefill_queue == PrefillQueue::Shared {
+        if self.cfg.prefill_queue.paced() {
             self.feed_prefill();
         }
     }

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use dopd_planner::routing::PrefillQueue;
+use dopd_planner::slo::SloTargets;
 use dopd_router::pool::Pool;
 use dopd_router::schedule::ScheduleConfig;
 use dopd_router::{Router, RouterConfig};
@@ -55,9 +57,60 @@ pub struct FrontArgs {
     /// Deadline for a decode worker's KV pull before it recomputes the prompt.
     #[arg(long, default_value = "5s")]
     pub kv_transfer_deadline: String,
+    /// Where prefill work waits for a free prefill worker: `shared` (in the router, earliest
+    /// feasible TTFT deadline first, paced by room on the decode workers), `shared-fifo` (in the
+    /// router, oldest first) or `per-instance` (sent on arrival to the least-loaded worker and
+    /// queued there).
+    #[arg(long, default_value = "shared", value_parser = parse_prefill_queue)]
+    pub prefill_queue: PrefillQueue,
+    /// TTFT SLO, seconds: the deadlines of the shared prefill queue, and what `dopd up`'s
+    /// planner sizes for (default 2 s).
+    #[arg(long)]
+    pub slo_ttft: Option<f64>,
+    /// Per-prompt-token TTFT allowance, seconds per token: the SLO becomes
+    /// `slo_ttft + slo_ttft_per_token * ISL` (default 0).
+    #[arg(long)]
+    pub slo_ttft_per_token: Option<f64>,
+    /// Time-per-output-token SLO, seconds: paces the shared prefill queue, and `dopd up`'s
+    /// planner sizes for it (default 0.08 s).
+    #[arg(long)]
+    pub slo_tpot: Option<f64>,
     /// How often every worker's Health and Stats are read.
     #[arg(long, default_value = "1s")]
     pub health_interval: String,
+}
+
+fn parse_prefill_queue(s: &str) -> Result<PrefillQueue, String> {
+    s.parse()
+}
+
+impl FrontArgs {
+    /// The SLOs given (the defaults for the rest).
+    pub fn slo(&self) -> anyhow::Result<SloTargets> {
+        let mut slo = SloTargets::default();
+        for (name, v, field) in [
+            ("--slo-ttft", self.slo_ttft, &mut slo.ttft_s),
+            (
+                "--slo-ttft-per-token",
+                self.slo_ttft_per_token,
+                &mut slo.ttft_per_token_s,
+            ),
+            ("--slo-tpot", self.slo_tpot, &mut slo.tpot_s),
+        ] {
+            if let Some(v) = v {
+                anyhow::ensure!(
+                    v.is_finite() && v >= 0.0,
+                    "{name} must be a non-negative number of seconds, got {v}"
+                );
+                *field = v;
+            }
+        }
+        anyhow::ensure!(
+            slo.ttft_s > 0.0 && slo.tpot_s > 0.0,
+            "--slo-ttft and --slo-tpot must be positive"
+        );
+        Ok(slo)
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +157,8 @@ pub(super) fn build_router(f: &FrontArgs, pool: Arc<Pool>) -> anyhow::Result<Arc
                 super::parse_duration_s(&f.kv_transfer_deadline)
                     .context("--kv-transfer-deadline")?,
             ),
+            prefill_queue: f.prefill_queue,
+            slo: f.slo()?,
             ..Default::default()
         },
     };

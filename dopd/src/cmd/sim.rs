@@ -107,24 +107,18 @@ pub struct Common {
     /// the paper's 511 by default; `dopd router` and `dopd up` use 32).
     #[arg(long, default_value_t = 511)]
     pub(super) ultra_short_max_isl: u32,
-    /// Where prefill work waits for a free prefill instance: `per-instance` (on the instance
-    /// picked at arrival, in arrival order; what `dopd router` does), `shared` (in the router,
-    /// earliest feasible deadline first) or `shared-fifo` (in the router, in arrival order).
-    #[arg(long, default_value = "per-instance", value_parser = parse_prefill_queue)]
+    /// Where prefill work waits for a free prefill instance: `shared` (in the router, earliest
+    /// feasible TTFT deadline first, paced by decode room; what `dopd router` does by default),
+    /// `shared-fifo` (in the router, in arrival order) or `per-instance` (on the instance picked
+    /// at arrival, in arrival order).
+    #[arg(long, default_value = "shared", value_parser = parse_prefill_queue)]
     pub(super) prefill_queue: PrefillQueue,
     #[arg(long)]
     pub(super) json: bool,
 }
 
 pub(super) fn parse_prefill_queue(s: &str) -> Result<PrefillQueue, String> {
-    match s {
-        "shared" => Ok(PrefillQueue::Shared),
-        "shared-fifo" => Ok(PrefillQueue::SharedFifo),
-        "per-instance" => Ok(PrefillQueue::PerInstance),
-        _ => Err(format!(
-            "expected `shared`, `shared-fifo` or `per-instance`, got `{s}`"
-        )),
-    }
+    s.parse()
 }
 
 pub(super) struct Setup {

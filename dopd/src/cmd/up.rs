@@ -63,16 +63,6 @@ pub struct UpArgs {
     /// Extra arguments for every worker (e.g. "--device cuda"), split on spaces.
     #[arg(long, default_value = "")]
     pub worker_args: String,
-    /// TTFT SLO the planner sizes for, seconds (default: the planner's, 2 s).
-    #[arg(long)]
-    pub slo_ttft: Option<f64>,
-    /// Per-prompt-token TTFT allowance, seconds per token: the SLO becomes
-    /// `slo_ttft + slo_ttft_per_token * ISL` (default 0).
-    #[arg(long)]
-    pub slo_ttft_per_token: Option<f64>,
-    /// Time-per-output-token SLO, seconds (default: the planner's, 0.08 s).
-    #[arg(long)]
-    pub slo_tpot: Option<f64>,
 }
 
 /// Workers a machine with `cores` cores runs side by side when each computes on `threads`
@@ -427,14 +417,14 @@ fn status_line(t: &TickReport, budget: u32) -> String {
 fn planner_config(a: &UpArgs, budget: u32, gpus: PerRole<u32>) -> PlannerConfig {
     let mut c = PlannerConfig::default();
     c.sizing.gpu_budget = budget.saturating_mul(gpus.prefill.max(gpus.decode));
-    if let Some(t) = a.slo_ttft {
+    if let Some(t) = a.front.slo_ttft {
         c.slo.ttft_s = t;
         c.sla.ttft_s = t;
     }
-    if let Some(k) = a.slo_ttft_per_token {
+    if let Some(k) = a.front.slo_ttft_per_token {
         c.slo.ttft_per_token_s = k;
     }
-    if let Some(t) = a.slo_tpot {
+    if let Some(t) = a.front.slo_tpot {
         c.slo.tpot_s = t;
         c.sla.itl_s = t;
     }
