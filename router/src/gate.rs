@@ -4,9 +4,9 @@
 //!
 //! A queue on each worker keeps a backlog where it was built: workers started to clear it only
 //! see new arrivals, and requests that have already missed their TTFT hold up those that could
-//! still make theirs. Here a free worker takes the next work from one
-//! [`DeadlineQueue`](dopd_planner::routing::DeadlineQueue): the earliest TTFT deadline among the
-//! work that can still meet it first (the planner crate's rule, the one the simulator replays).
+//! still make theirs. Here a free worker takes the next work from one [`DeadlineQueue`]: the
+//! earliest TTFT deadline among the work that can still meet it first (the planner crate's rule,
+//! the one the simulator replays).
 //! A worker is free when it has no prefill of ours in flight; a short batch is one piece of
 //! work and holds its worker until its last prompt is prefilled.
 //!
