@@ -273,6 +273,13 @@ pub fn children(
         s.router.max_waiting.to_string(),
         "--ultra-short-max-isl".into(),
         s.planner.ultra_short_max_isl.to_string(),
+        // The SLOs order and pace the router's shared prefill queue.
+        "--slo-ttft".into(),
+        (f64::from(s.slo.ttft_ms) / 1e3).to_string(),
+        "--slo-ttft-per-token".into(),
+        (s.slo.ttft_per_token_ms / 1e3).to_string(),
+        "--slo-tpot".into(),
+        (f64::from(s.slo.tpot_ms) / 1e3).to_string(),
         "--discover".into(),
         format!("{ns}/{SERVICE_LABEL}={name},{WORKER_LABEL}=true#grpc"),
     ];
@@ -566,6 +573,17 @@ mod tests {
                 .any(|w| w == ["--model", "/models/models/smollm2/SmolLM2.gguf"]),
             "{args:?}"
         );
+        let router = kids
+            .iter()
+            .find(|c| c.name == "chat-router" && c.kind == Kind::Deployment)
+            .expect("router deployment");
+        let r: Deployment =
+            serde_json::from_value(router.body.clone()).expect("a valid Deployment");
+        let pod = r.spec.template.spec.expect("pod spec");
+        let args = pod.containers[0].args.clone().unwrap_or_default();
+        for want in [["--slo-ttft", "2"], ["--slo-tpot", "0.1"]] {
+            assert!(args.windows(2).any(|w| w == want), "{want:?} in {args:?}");
+        }
         let svc_obj = kids
             .iter()
             .find(|c| c.name == "chat-prefill" && c.kind == Kind::Service)
