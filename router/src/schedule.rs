@@ -117,6 +117,17 @@ struct Assigned {
     tokens: u64,
 }
 
+impl Assigned {
+    /// The worker of a slot from the shared queue, held until the last clone drops.
+    fn held(slot: Slot, tokens: u64) -> Self {
+        Self {
+            worker: slot.worker.clone(),
+            _slot: Some(Arc::new(slot)),
+            tokens,
+        }
+    }
+}
+
 /// Why an attempt failed.
 enum Failure {
     /// Try another worker (this one is marked unhealthy when `dead`).
@@ -365,12 +376,7 @@ impl Scheduler {
                     self.metrics.router_waiting.inc();
                     let slot = gate.acquire(self.deadline(job), tokens).await;
                     self.metrics.router_waiting.dec();
-                    let slot = slot.ok_or_else(no_prefill)?;
-                    Assigned {
-                        worker: slot.worker.clone(),
-                        _slot: Some(Arc::new(slot)),
-                        tokens,
-                    }
+                    Assigned::held(slot.ok_or_else(no_prefill)?, tokens)
                 }
                 _ => Assigned {
                     worker: self
@@ -689,48 +695,36 @@ async fn run_batcher(
     let mut b: ShortBatcher<Member> = ShortBatcher::new(&cfg);
     let t0 = Instant::now();
     let now = || t0.elapsed().as_secs_f64();
-    let release = |batch: routing::Batch<Member>| {
-        let send = |members: Vec<Member>, prefill: Option<Assigned>| {
-            for (_, tx) in members {
-                let _ = tx.send(Release {
-                    reason: batch.reason,
-                    prefill: prefill.clone(),
-                });
-            }
-        };
-        match &gate {
-            Some(gate) => {
-                let gate = gate.clone();
-                let deadline = batch.items.iter().map(|(d, _)| *d).min();
-                let tokens = batch.tokens;
-                let reason = batch.reason;
-                let members = batch.items;
-                tokio::spawn(async move {
-                    let slot = match deadline {
-                        Some(d) => gate.acquire(d, tokens).await,
-                        None => None,
-                    };
-                    let prefill = slot.map(|s| Assigned {
-                        worker: s.worker.clone(),
-                        _slot: Some(Arc::new(s)),
-                        tokens,
-                    });
-                    for (_, tx) in members {
-                        let _ = tx.send(Release {
-                            reason,
-                            prefill: prefill.clone(),
-                        });
-                    }
-                });
-            }
-            None => {
-                let prefill = pool.pick(&[WorkerRole::Prefill], &[]).map(|w| Assigned {
-                    worker: w,
-                    _slot: None,
-                    tokens: batch.tokens,
-                });
-                send(batch.items, prefill);
-            }
+    fn tell(members: Vec<Member>, reason: FlushReason, prefill: Option<Assigned>) {
+        for (_, tx) in members {
+            let _ = tx.send(Release {
+                reason,
+                prefill: prefill.clone(),
+            });
+        }
+    }
+    let release = |batch: routing::Batch<Member>| match &gate {
+        Some(gate) => {
+            let gate = gate.clone();
+            let deadline = batch.items.iter().map(|(d, _)| *d).min();
+            let tokens = batch.tokens;
+            let reason = batch.reason;
+            let members = batch.items;
+            tokio::spawn(async move {
+                let slot = match deadline {
+                    Some(d) => gate.acquire(d, tokens).await,
+                    None => None,
+                };
+                tell(members, reason, slot.map(|s| Assigned::held(s, tokens)));
+            });
+        }
+        None => {
+            let prefill = pool.pick(&[WorkerRole::Prefill], &[]).map(|w| Assigned {
+                worker: w,
+                _slot: None,
+                tokens: batch.tokens,
+            });
+            tell(batch.items, batch.reason, prefill);
         }
     };
     loop {
