@@ -28,10 +28,18 @@ fi
 if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
+# rustup comes from the distribution's package (Debian 13, Ubuntu 24.04 and later ship it);
+# nothing is downloaded by URL. Older releases (Debian 12) need rustup installed beforehand.
 if ! command -v rustup >/dev/null 2>&1; then
-  echo "setup: installing rustup"
-  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
-  export PATH="$HOME/.cargo/bin:$PATH"
+  if apt-cache show rustup >/dev/null 2>&1; then
+    echo "setup: installing rustup (apt)"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends rustup
+  else
+    echo "setup: rustup is missing and this release's package lists have none; install rustup" >&2
+    echo "setup: (on Debian 13 / Ubuntu 24.04: apt-get install rustup) and run this again" >&2
+    exit 1
+  fi
 fi
 # rust-toolchain.toml pins the version and components; install them only when missing (an
 # installed toolchain needs no network).
