@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dopd_worker::service::proto::StatsResponse;
+use dopd_protocol::proto::StatsResponse;
 
 mod common;
 
@@ -78,10 +78,10 @@ fn generate(args: &[&str]) -> String {
 fn stats(url: &str) -> StatsResponse {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        dopd_worker::service::connect(url.to_string())
+        dopd_protocol::connect(url.to_string())
             .await
             .expect("connects")
-            .stats(dopd_worker::service::proto::StatsRequest {})
+            .stats(dopd_protocol::proto::StatsRequest {})
             .await
             .expect("stats")
             .into_inner()

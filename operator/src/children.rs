@@ -11,6 +11,7 @@ use kube::discovery::ApiResource;
 use serde_json::{Value, json};
 
 use crate::crd::{DopdService, DopdServiceSpec, RoleSpec};
+use dopd_protocol::Role;
 
 /// The field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "dopd-operator";
@@ -54,35 +55,11 @@ impl Kind {
     }
 }
 
-/// Worker roles the planner sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum WorkerRole {
-    Prefill,
-    Decode,
-}
-
-impl WorkerRole {
-    pub const ALL: [Self; 2] = [Self::Prefill, Self::Decode];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Prefill => "prefill",
-            Self::Decode => "decode",
-        }
-    }
-
-    pub fn planner(self) -> dopd_planner::profile::Role {
-        match self {
-            Self::Prefill => dopd_planner::profile::Role::Prefill,
-            Self::Decode => dopd_planner::profile::Role::Decode,
-        }
-    }
-
-    pub fn spec(self, spec: &DopdServiceSpec) -> &RoleSpec {
-        match self {
-            Self::Prefill => &spec.prefill,
-            Self::Decode => &spec.decode,
-        }
+/// The part of the spec that describes `role`'s workers (a mixed worker is sized as decode).
+pub fn role_spec(role: Role, spec: &DopdServiceSpec) -> &RoleSpec {
+    match role {
+        Role::Prefill => &spec.prefill,
+        Role::Decode | Role::Mixed => &spec.decode,
     }
 }
 
@@ -96,20 +73,20 @@ pub struct Child {
     /// Replicas of a Deployment the planner sizes; excluded from the hash.
     pub replicas: Option<u32>,
     /// The worker role whose replicas the DopdService owns (edits by others are reverted).
-    pub owner_role: Option<WorkerRole>,
+    pub owner_role: Option<Role>,
 }
 
 /// Names of the children.
 pub fn router_name(svc: &str) -> String {
     format!("{svc}-router")
 }
-pub fn worker_name(svc: &str, role: WorkerRole) -> String {
+pub fn worker_name(svc: &str, role: Role) -> String {
     format!("{svc}-{}", role.as_str())
 }
 pub fn config_name(svc: &str) -> String {
     format!("{svc}-config")
 }
-pub fn headroom_name(svc: &str, role: WorkerRole) -> String {
+pub fn headroom_name(svc: &str, role: Role) -> String {
     format!("{svc}-headroom-{}", role.as_str())
 }
 
@@ -151,8 +128,8 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn children(
     svc: &DopdService,
     profile_yaml: &str,
-    replicas: impl Fn(WorkerRole) -> u32,
-    headroom: impl Fn(WorkerRole) -> u32,
+    replicas: impl Fn(Role) -> u32,
+    headroom: impl Fn(Role) -> u32,
 ) -> Vec<Child> {
     let name = svc.metadata.name.clone().unwrap_or_default();
     let ns = svc.metadata.namespace.clone().unwrap_or_default();
@@ -169,7 +146,7 @@ pub fn children(
                     child: &str,
                     component: &str,
                     mut body: Value,
-                    replicas: Option<(Option<WorkerRole>, u32)>| {
+                    replicas: Option<(Option<Role>, u32)>| {
         let extra = body["metadata"]["labels"].take();
         body["apiVersion"] = json!(api_version);
         body["kind"] = json!(format!("{kind:?}"));
@@ -344,8 +321,8 @@ pub fn children(
     );
 
     // Workers.
-    for role in WorkerRole::ALL {
-        let r = role.spec(s);
+    for role in Role::SIZED {
+        let r = role_spec(role, s);
         let child = worker_name(&name, role);
         let comp = role.as_str();
         let mut args = vec![
@@ -622,12 +599,7 @@ mod tests {
         );
         svc.spec.headroom.enabled = true;
         svc.spec.decode.capacity_type = Some("on-demand".into());
-        let kids = children(
-            &svc,
-            "p",
-            |_| 1,
-            |r| if r == WorkerRole::Decode { 2 } else { 0 },
-        );
+        let kids = children(&svc, "p", |_| 1, |r| if r == Role::Decode { 2 } else { 0 });
         let h = kids
             .iter()
             .find(|c| c.name == "chat-headroom-decode")

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use dopd_router::load::LoadSnapshot;
+use dopd_protocol::load::LoadSnapshot;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::crd::DopdService;

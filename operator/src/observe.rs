@@ -2,12 +2,13 @@
 //! router knows of each) become the loop's instances.
 
 use dopd_planner::control::{Instance, InstanceState};
-use dopd_router::load::{LoadSnapshot, fill_instance};
+use dopd_protocol::load::{LoadSnapshot, fill_instance};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
-use crate::children::{WORKER_PORT, WorkerRole};
+use crate::children::WORKER_PORT;
+use dopd_protocol::Role;
 
 /// Annotation the cluster autoscaler reads before evicting a pod to empty a node.
 pub const SAFE_TO_EVICT: &str = "cluster-autoscaler.kubernetes.io/safe-to-evict";
@@ -20,7 +21,7 @@ pub const VICTIM_COST: &str = "-1000";
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodInfo {
     pub name: String,
-    pub role: WorkerRole,
+    pub role: Role,
     /// Its gRPC URL (from the pod IP), once it has one.
     pub url: Option<String>,
     /// The pod's phase (`Pending`, `Running`, ...).
@@ -38,12 +39,7 @@ pub struct PodInfo {
 }
 
 /// The worker pods of `role` (pods being deleted left out), at wall time `now`.
-pub fn pod_infos(
-    pods: &[Pod],
-    role: WorkerRole,
-    pending_timeout_s: f64,
-    now: Timestamp,
-) -> Vec<PodInfo> {
+pub fn pod_infos(pods: &[Pod], role: Role, pending_timeout_s: f64, now: Timestamp) -> Vec<PodInfo> {
     pods.iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .map(|p| {
@@ -96,7 +92,7 @@ pub fn instances(pods: &[PodInfo], load: Option<&LoadSnapshot>) -> Vec<Instance>
             };
             let mut inst = Instance {
                 id: p.name.clone(),
-                role: p.role.planner(),
+                role: p.role,
                 state,
                 // A worker the router does not know gets nothing from it.
                 in_flight: load.map(|_| 0),
@@ -135,12 +131,12 @@ pub fn eviction_changes(pods: &[PodInfo], load: Option<&LoadSnapshot>) -> Vec<(S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dopd_router::pool::{WorkerRole as RouterRole, WorkerView};
+    use dopd_protocol::load::WorkerView;
 
     fn pod(name: &str, ready: bool, phase: &str, unschedulable: bool) -> PodInfo {
         PodInfo {
             name: name.into(),
-            role: WorkerRole::Decode,
+            role: Role::Decode,
             url: Some(format!("http://{name}:50051")),
             phase: phase.into(),
             ready,
@@ -155,7 +151,7 @@ mod tests {
         WorkerView {
             url: url.into(),
             worker_id: url.into(),
-            role: RouterRole::Decode,
+            role: Some(Role::Decode),
             healthy: true,
             draining,
             in_flight,

@@ -30,7 +30,7 @@ use dopd_planner::control::{
 use dopd_planner::planner::{Planner, PlannerConfig};
 use dopd_planner::profile::{PerRole, Profile, roofline};
 use dopd_planner::sizing::{Reason, Replicas};
-use dopd_router::load::LoadSnapshot;
+use dopd_protocol::load::LoadSnapshot;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -39,7 +39,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::children::{self, Child, FIELD_MANAGER, Kind, WorkerRole};
+use crate::children::{self, Child, FIELD_MANAGER, Kind};
 use crate::control::{Clock, RouterApi, RouterError};
 use crate::crd::{DEFAULT_PRESET, DopdService, DopdServiceSpec, DopdServiceStatus, FINALIZER};
 use crate::metrics::{
@@ -47,6 +47,7 @@ use crate::metrics::{
 };
 use crate::observe::{self, DELETION_COST, PodInfo, SAFE_TO_EVICT, VICTIM_COST};
 use crate::status;
+use dopd_protocol::Role;
 
 /// A reconcile failure.
 #[derive(Debug, thiserror::Error)]
@@ -228,7 +229,7 @@ async fn cleanup(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     let mut all = children::children(&svc, "", |_| 0, |_| 0);
     all.retain(|c| !c.name.contains("-headroom-"));
     let mut names: Vec<(Kind, String)> = all.into_iter().map(|c| (c.kind, c.name)).collect();
-    for role in WorkerRole::ALL {
+    for role in Role::SIZED {
         names.push((Kind::Deployment, children::headroom_name(&name, role)));
     }
     for (kind, child) in names {
@@ -494,7 +495,7 @@ async fn observe(ctx: &Ctx, svc: &DopdService, p: &Prepared) -> Result<Seen, Err
     let timeout = f64::from(svc.spec.planner.pending_timeout_seconds);
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.ns);
     let mut pods = Vec::new();
-    for role in WorkerRole::ALL {
+    for role in Role::SIZED {
         let lp = ListParams::default().labels(&children::selector_string(&p.name, role.as_str()));
         let list = api.list(&lp).await?;
         pods.extend(observe::pod_infos(
@@ -618,8 +619,8 @@ async fn protect(ctx: &Ctx, p: &Prepared, seen: &Seen) -> Result<(), Error> {
 /// One tick's Event note: what moved and why.
 fn tick_note(t: &TickReport, ctrl: &Controller) -> String {
     let mut moves = Vec::new();
-    for role in WorkerRole::ALL {
-        let r = role.planner();
+    for role in Role::SIZED {
+        let r = role;
         let (from, to) = (t.before.get(r), t.decision.target.get(r));
         if from == to {
             continue;
@@ -666,12 +667,8 @@ fn tick_note(t: &TickReport, ctrl: &Controller) -> String {
 /// Events and metrics for what the step did.
 async fn announce(ctx: &Ctx, svc: &DopdService, p: &Prepared, st: &SvcState, r: &StepReport) {
     let held = st.ctrl.held();
-    for role in WorkerRole::ALL {
-        let done: Vec<&Retired> = r
-            .retired
-            .iter()
-            .filter(|x| x.role == role.planner())
-            .collect();
+    for role in Role::SIZED {
+        let done: Vec<&Retired> = r.retired.iter().filter(|x| x.role == role).collect();
         if done.is_empty() {
             continue;
         }
@@ -684,7 +681,7 @@ async fn announce(ctx: &Ctx, svc: &DopdService, p: &Prepared, st: &SvcState, r: 
             ),
             false => (EventType::Normal, "drained (no requests left)"),
         };
-        let (role_s, n) = (role.as_str(), held.get(role.planner()));
+        let (role_s, n) = (role.as_str(), held.get(role));
         let note = format!(
             "{role_s} {}: {how}; {role_s} replicas -> {n}",
             names.join(", ")
@@ -741,8 +738,8 @@ async fn apply_children(
     let desired = children::children(
         svc,
         &p.profile_yaml,
-        |role| held.get(role.planner()),
-        |role| placeholders.map_or(0, |h| h.get(role.planner())),
+        |role| held.get(role),
+        |role| placeholders.map_or(0, |h| h.get(role)),
     );
     for c in &desired {
         apply_child(ctx, svc, &p.ns, c, &mut st.applied).await?;
@@ -750,7 +747,7 @@ async fn apply_children(
     if !svc.spec.headroom.enabled {
         let api: Api<DynamicObject> =
             Api::namespaced_with(ctx.client.clone(), &p.ns, &Kind::Deployment.api_resource());
-        for role in WorkerRole::ALL {
+        for role in Role::SIZED {
             let n = children::headroom_name(&p.name, role);
             if api.get_opt(&n).await?.is_some() {
                 api.delete(&n, &DeleteParams::background()).await?;
@@ -886,7 +883,7 @@ async fn apply_child(
         let replicas_ok = c.replicas.is_none_or(|want| have == Some(want));
         write = !(same && replicas_ok);
         if let (Some(role), Some(want), Some(have)) = (c.owner_role, c.replicas, have) {
-            let mine = applied.get(role.planner());
+            let mine = applied.get(role);
             if have != want && mine.is_some_and(|m| m != have) {
                 let note = format!(
                     "Deployment {} was scaled to {have} outside the operator; set back to {want}. The DopdService owns worker replicas: change spec.{}.minReplicas/maxReplicas or spec.planner instead",
@@ -909,8 +906,8 @@ async fn apply_child(
     }
     if let (Some(role), Some(want)) = (c.owner_role, c.replicas) {
         match role {
-            WorkerRole::Prefill => applied.prefill = Some(want),
-            WorkerRole::Decode => applied.decode = Some(want),
+            Role::Prefill => applied.prefill = Some(want),
+            Role::Decode | Role::Mixed => applied.decode = Some(want),
         }
     }
     Ok(())

@@ -8,7 +8,6 @@ use dopd_planner::profile::Role;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use crate::children::WorkerRole;
 use crate::crd::{
     DecisionRecord, DopdServiceSpec, DopdServiceStatus, DrainStatus, ForecastStatus,
     HeadroomStatus, RoleStatus,
@@ -42,7 +41,7 @@ pub struct PodCounts {
     pub unschedulable: u32,
 }
 
-pub fn counts(pods: &[(PodInfo, InstanceState)], role: WorkerRole) -> PodCounts {
+pub fn counts(pods: &[(PodInfo, InstanceState)], role: Role) -> PodCounts {
     let mut c = PodCounts::default();
     for (p, state) in pods.iter().filter(|(p, _)| p.role == role) {
         if p.ready {
@@ -90,9 +89,9 @@ pub fn build(i: &Inputs) -> DopdServiceStatus {
     };
     decisions(i, &mut s);
     let target = i.ctrl.target();
-    for role in WorkerRole::ALL {
+    for role in Role::SIZED {
         let c = counts(i.pods, role);
-        let desired = target.get(role.planner());
+        let desired = target.get(role);
         let rs = RoleStatus {
             ready: c.ready,
             desired,
@@ -101,8 +100,8 @@ pub fn build(i: &Inputs) -> DopdServiceStatus {
             summary: format!("{}/{desired}", c.ready),
         };
         match role {
-            WorkerRole::Prefill => s.prefill = rs,
-            WorkerRole::Decode => s.decode = rs,
+            Role::Prefill => s.prefill = rs,
+            Role::Decode | Role::Mixed => s.decode = rs,
         }
     }
     s.ratio = format!("{}:{}", target.prefill, target.decode);
@@ -148,13 +147,8 @@ fn decisions(i: &Inputs, s: &mut DopdServiceStatus) {
 /// Drains in progress, one entry per role.
 fn drains(i: &Inputs) -> Vec<DrainStatus> {
     let mut out = Vec::new();
-    for role in WorkerRole::ALL {
-        let mine: Vec<_> = i
-            .ctrl
-            .drains()
-            .iter()
-            .filter(|d| d.role == role.planner())
-            .collect();
+    for role in Role::SIZED {
+        let mine: Vec<_> = i.ctrl.drains().iter().filter(|d| d.role == role).collect();
         let Some(first) = mine.iter().map(|d| d.started).reduce(f64::min) else {
             continue;
         };
@@ -162,7 +156,7 @@ fn drains(i: &Inputs) -> Vec<DrainStatus> {
         out.push(DrainStatus {
             role: role.as_str().into(),
             pods: mine.iter().map(|d| d.id.clone()).collect(),
-            target: i.ctrl.target().get(role.planner()),
+            target: i.ctrl.target().get(role),
             started: i.wall.checked_sub(ago).unwrap_or(i.wall).to_string(),
         });
     }
@@ -202,7 +196,7 @@ pub fn is_on(conds: &[Condition], type_: &str) -> bool {
 /// Pods Pending past the timeout, per role, as words (empty when none).
 pub fn constrained(i: &Inputs) -> Vec<String> {
     let timeout = i.spec.planner.pending_timeout_seconds;
-    WorkerRole::ALL
+    Role::SIZED
         .into_iter()
         .filter_map(|role| {
             let n = counts(i.pods, role).unschedulable;

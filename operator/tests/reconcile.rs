@@ -13,8 +13,9 @@ use dopd_operator::crd::DopdService;
 use dopd_operator::metrics::Metrics;
 use dopd_operator::reconcile::{self, Ctx, Settings};
 use dopd_planner::load::LoadTotals;
-use dopd_router::load::LoadSnapshot;
-use dopd_router::pool::{WorkerRole, WorkerView};
+use dopd_protocol::Role;
+use dopd_protocol::load::LoadSnapshot;
+use dopd_protocol::load::WorkerView;
 use fake::Fake;
 use http::Method;
 use serde_json::{Value, json};
@@ -55,7 +56,7 @@ impl FakeRouter {
             .map(|(url, n)| WorkerView {
                 url: url.clone(),
                 worker_id: url.clone(),
-                role: WorkerRole::Decode,
+                role: Some(Role::Decode),
                 healthy: true,
                 draining: drained.contains(url),
                 in_flight: *n,

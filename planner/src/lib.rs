@@ -48,3 +48,5 @@ pub mod sizing;
 pub mod slo;
 pub mod stats;
 pub mod trace;
+
+pub use profile::Role;

@@ -793,10 +793,10 @@ impl Planner {
                 });
             let mut held = desired;
             let mut held_reasons = Vec::new();
-            for role in [Role::Prefill, Role::Decode] {
+            for role in Role::SIZED {
                 let (d, cur, pk) = match role {
                     Role::Prefill => (&mut held.prefill, current.prefill, peak.prefill),
-                    Role::Decode => (&mut held.decode, current.decode, peak.decode),
+                    Role::Decode | Role::Mixed => (&mut held.decode, current.decode, peak.decode),
                 };
                 if *d < cur {
                     let keep = pk.min(cur);
@@ -891,7 +891,7 @@ impl Planner {
             let mut up = desired;
             let (slot, cur, cap) = match role {
                 Role::Prefill => (&mut up.prefill, current.prefill, max.prefill),
-                Role::Decode => (&mut up.decode, current.decode, max.decode),
+                Role::Decode | Role::Mixed => (&mut up.decode, current.decode, max.decode),
             };
             *slot = (*slot).max(cur.saturating_add(1));
             if cap.is_some_and(|c| *slot > c) {

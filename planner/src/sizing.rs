@@ -503,10 +503,10 @@ pub fn constrain(
     let min = cfg.min_replicas;
     let budget = cfg.gpu_budget;
     let mut r = raw;
-    for role in [Role::Prefill, Role::Decode] {
+    for role in Role::SIZED {
         let (v, lo) = match role {
             Role::Prefill => (&mut r.prefill, min.prefill),
-            Role::Decode => (&mut r.decode, min.decode),
+            Role::Decode | Role::Mixed => (&mut r.decode, min.decode),
         };
         if *v < lo {
             *v = lo;
@@ -613,10 +613,10 @@ pub fn constrain(
     }
     // Per-role maximums last: they only lower counts, so the budget still holds, and the
     // budget split above sees the true demand of both roles.
-    for role in [Role::Prefill, Role::Decode] {
+    for role in Role::SIZED {
         let (v, lo, hi) = match role {
             Role::Prefill => (&mut r.prefill, min.prefill, cfg.max_replicas.prefill),
-            Role::Decode => (&mut r.decode, min.decode, cfg.max_replicas.decode),
+            Role::Decode | Role::Mixed => (&mut r.decode, min.decode, cfg.max_replicas.decode),
         };
         if let Some(hi) = hi.filter(|hi| *v > *hi) {
             *v = hi.max(lo);

@@ -282,7 +282,7 @@ proptest! {
         for (role, n) in &c.counts {
             let (lo, hi) = match role {
                 Role::Prefill => (min.0, max.prefill),
-                Role::Decode => (min.1, max.decode),
+                Role::Decode | Role::Mixed => (min.1, max.decode),
             };
             prop_assert!(*n >= lo && hi.is_none_or(|h| *n <= h), "{role} count {n}");
         }

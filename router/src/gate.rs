@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use dopd_planner::routing::{DeadlineQueue, PrefillQueue};
 use tokio::sync::oneshot;
 
-use crate::pool::{Pool, WorkerEntry, WorkerRole};
+use crate::pool::{Pool, WorkerEntry};
+use dopd_protocol::Role;
 
 /// A prefill worker held for one piece of work; dropping it frees the worker.
 pub struct Slot {
@@ -149,9 +150,7 @@ impl PrefillGate {
     /// Whether some decode worker has room: its last step within the TPOT SLO and nothing
     /// waiting in its engine (a worker not yet read, or idle, has room).
     fn decode_room(&self) -> bool {
-        let decode = self
-            .pool
-            .candidates(&[WorkerRole::Decode, WorkerRole::Mixed], &[]);
+        let decode = self.pool.candidates(&[Role::Decode, Role::Mixed], &[]);
         decode.is_empty()
             || decode.iter().any(|w| match w.stats() {
                 None => true,
@@ -171,7 +170,7 @@ impl PrefillGate {
             return;
         };
         while !s.queue.is_empty() {
-            let prefill = self.pool.candidates(&[WorkerRole::Prefill], &[]);
+            let prefill = self.pool.candidates(&[Role::Prefill], &[]);
             if prefill.is_empty() {
                 for tx in s.queue.drain() {
                     let _ = tx.send(None);
@@ -208,9 +207,9 @@ impl PrefillGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dopd_worker::service::proto;
+    use dopd_protocol::proto;
 
-    async fn worker(pool: &Arc<Pool>, port: u16, role: WorkerRole) -> Arc<WorkerEntry> {
+    async fn worker(pool: &Arc<Pool>, port: u16, role: Role) -> Arc<WorkerEntry> {
         // Nothing listens there: the entry is faked, never called.
         let w = pool
             .add(&format!("http://127.0.0.1:{port}"))
@@ -246,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn a_freed_worker_takes_the_earliest_deadline_next() {
         let pool = Pool::new();
-        worker(&pool, 1, WorkerRole::Prefill).await;
+        worker(&pool, 1, Role::Prefill).await;
         let g = PrefillGate::new(pool, PrefillQueue::Shared, 0.08).expect("shared");
         let first = waiter(&g, 10.0, 10).await.expect("task").expect("a slot");
         let late_deadline = waiter(&g, 5.0, 10);
@@ -269,7 +268,7 @@ mod tests {
     #[tokio::test]
     async fn work_that_can_still_make_its_deadline_goes_before_work_that_cannot() {
         let pool = Pool::new();
-        worker(&pool, 1, WorkerRole::Prefill).await;
+        worker(&pool, 1, Role::Prefill).await;
         let g = PrefillGate::new(pool, PrefillQueue::Shared, 0.08).expect("shared");
         // One millisecond per prompt token.
         g.observe(1000, 1.0);
@@ -292,13 +291,13 @@ mod tests {
     #[tokio::test]
     async fn with_no_prefill_worker_left_the_waiting_work_is_handed_back() {
         let pool = Pool::new();
-        let p = worker(&pool, 1, WorkerRole::Prefill).await;
+        let p = worker(&pool, 1, Role::Prefill).await;
         let g = PrefillGate::new(pool, PrefillQueue::Shared, 0.08).expect("shared");
         let held = waiter(&g, 10.0, 10).await.expect("task").expect("a slot");
         let waiting = waiter(&g, 10.0, 10);
         settle().await;
         assert!(!waiting.is_finished());
-        p.fake(WorkerRole::Prefill, false, None);
+        p.fake(Role::Prefill, false, None);
         assert!(
             answer(waiting).await.is_none(),
             "prefill on a decode worker"
@@ -309,8 +308,8 @@ mod tests {
     #[tokio::test]
     async fn paced_work_waits_for_room_on_a_decode_worker() {
         let pool = Pool::new();
-        worker(&pool, 1, WorkerRole::Prefill).await;
-        let d = worker(&pool, 2, WorkerRole::Decode).await;
+        worker(&pool, 1, Role::Prefill).await;
+        let d = worker(&pool, 2, Role::Decode).await;
         let full = |waiting, last_step| proto::StatsResponse {
             running: 8,
             waiting,
@@ -321,20 +320,20 @@ mod tests {
             }],
             ..Default::default()
         };
-        d.fake(WorkerRole::Decode, true, Some(full(3, 0.02)));
+        d.fake(Role::Decode, true, Some(full(3, 0.02)));
         let g = PrefillGate::new(pool.clone(), PrefillQueue::Shared, 0.08).expect("shared");
         let w = waiter(&g, 10.0, 10);
         settle().await;
         assert!(!w.is_finished(), "sequences wait in the decode engine");
-        d.fake(WorkerRole::Decode, true, Some(full(0, 0.2)));
+        d.fake(Role::Decode, true, Some(full(0, 0.2)));
         settle().await;
         assert!(!w.is_finished(), "the last step was over the TPOT SLO");
-        d.fake(WorkerRole::Decode, true, Some(full(0, 0.03)));
+        d.fake(Role::Decode, true, Some(full(0, 0.03)));
         let slot = answer(w).await;
         assert!(slot.is_some());
         drop(slot);
         // Unpaced (shared-fifo) work does not wait for the decode workers.
-        d.fake(WorkerRole::Decode, true, Some(full(3, 0.2)));
+        d.fake(Role::Decode, true, Some(full(3, 0.2)));
         let fifo = PrefillGate::new(pool, PrefillQueue::SharedFifo, 0.08).expect("shared");
         assert!(answer(waiter(&fifo, 10.0, 10)).await.is_some());
         assert!(PrefillGate::new(Pool::new(), PrefillQueue::PerInstance, 0.08).is_none());

@@ -12,7 +12,6 @@
 
 pub mod discovery;
 pub mod gate;
-pub mod load;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
@@ -32,7 +31,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router as Http};
-use dopd_worker::tokenizer::{Message, ModelTokenizer};
+use dopd_model::tokenizer::{Message, ModelTokenizer};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -97,7 +96,7 @@ impl Router {
 
     /// The counts since the router started, the requests waiting in it and every worker's
     /// view. Reading changes nothing.
-    pub fn load(&self) -> load::LoadSnapshot {
+    pub fn load(&self) -> dopd_protocol::load::LoadSnapshot {
         // Requests held in the router itself (short batching); those sent to a worker count in
         // its own queue.
         let waiting = self.metrics.router_waiting.get().max(0) as u64;
@@ -107,7 +106,7 @@ impl Router {
             .lock()
             .map(|l| l.clone())
             .unwrap_or_default();
-        load::LoadSnapshot::new(
+        dopd_protocol::load::LoadSnapshot::new(
             totals,
             waiting,
             self.started.elapsed().as_secs_f64(),
@@ -576,7 +575,7 @@ async fn models(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
 }
 
 async fn health(State(r): State<Arc<Router>>) -> Response {
-    use crate::pool::WorkerRole::{Decode, Mixed, Prefill};
+    use dopd_protocol::Role::{Decode, Mixed, Prefill};
     let serving = r.pool.candidates(&[Decode, Mixed], &[]).len();
     let prefill = r.pool.candidates(&[Prefill], &[]).len();
     let body = Json(json!({

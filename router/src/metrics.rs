@@ -10,7 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::pool::WorkerView;
+use dopd_protocol::load::WorkerView;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -139,7 +139,7 @@ impl Metrics {
         for v in workers {
             let l: Labels = vec![
                 ("worker", v.url.clone()),
-                ("role", format!("{:?}", v.role).to_lowercase()),
+                ("role", v.role.map_or("unknown", |r| r.as_str()).to_string()),
             ];
             healthy
                 .get_or_create(&l)

@@ -330,7 +330,7 @@ impl ChatRequest {
 
 /// `finish_reason` as OpenAI spells it.
 pub fn finish_reason(r: i32) -> &'static str {
-    use dopd_worker::service::proto::FinishReason;
+    use dopd_protocol::proto::FinishReason;
     match FinishReason::try_from(r).unwrap_or_default() {
         FinishReason::Length => "length",
         _ => "stop",

@@ -7,37 +7,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use dopd_worker::service::proto::{self, worker_client::WorkerClient};
-use serde::{Deserialize, Serialize};
+use dopd_protocol::Role;
+use dopd_protocol::load::WorkerView;
+use dopd_protocol::proto::{self, worker_client::WorkerClient};
 use tonic::transport::{Channel, Endpoint};
-
-/// What a worker does (its Health answer's role).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerRole {
-    Prefill,
-    Decode,
-    Mixed,
-    /// Not yet probed.
-    Unknown,
-}
-
-impl WorkerRole {
-    fn parse(s: &str) -> Self {
-        match s {
-            "prefill" => Self::Prefill,
-            "decode" => Self::Decode,
-            "mixed" => Self::Mixed,
-            _ => Self::Unknown,
-        }
-    }
-}
 
 /// One worker as the router sees it.
 pub struct WorkerEntry {
     pub url: String,
     pub client: WorkerClient<Channel>,
-    role: Mutex<WorkerRole>,
+    /// Its last Health answer's role (none before the first).
+    role: Mutex<Option<Role>>,
     worker_id: Mutex<String>,
     healthy: AtomicBool,
     /// Told to drain by the router's drain endpoint (or draining by its own Health).
@@ -49,8 +29,8 @@ pub struct WorkerEntry {
 }
 
 impl WorkerEntry {
-    pub fn role(&self) -> WorkerRole {
-        self.role.lock().map(|r| *r).unwrap_or(WorkerRole::Unknown)
+    pub fn role(&self) -> Option<Role> {
+        self.role.lock().ok().and_then(|r| *r)
     }
 
     pub fn worker_id(&self) -> String {
@@ -101,14 +81,9 @@ impl WorkerEntry {
 
     /// Test double: sets what the health loop would have read.
     #[cfg(test)]
-    pub(crate) fn fake(
-        &self,
-        role: WorkerRole,
-        healthy: bool,
-        stats: Option<proto::StatsResponse>,
-    ) {
+    pub(crate) fn fake(&self, role: Role, healthy: bool, stats: Option<proto::StatsResponse>) {
         if let Ok(mut r) = self.role.lock() {
-            *r = role;
+            *r = Some(role);
         }
         self.healthy.store(healthy, Ordering::Relaxed);
         if let Ok(mut s) = self.stats.lock() {
@@ -124,7 +99,7 @@ impl WorkerEntry {
             Ok(Ok(h)) => {
                 let h = h.into_inner();
                 if let Ok(mut r) = self.role.lock() {
-                    *r = WorkerRole::parse(&h.role);
+                    *r = h.role.parse().ok();
                 }
                 if let Ok(mut w) = self.worker_id.lock() {
                     w.clone_from(&h.worker_id);
@@ -176,22 +151,6 @@ pub struct Pool {
     workers: RwLock<Vec<Arc<WorkerEntry>>>,
 }
 
-/// A worker's public view (for `/v1/dopd/workers` and drain answers).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WorkerView {
-    pub url: String,
-    pub worker_id: String,
-    pub role: WorkerRole,
-    pub healthy: bool,
-    pub draining: bool,
-    pub in_flight: usize,
-    pub outstanding_tokens: u64,
-    pub kv_blocks_used: Option<u32>,
-    pub kv_blocks_free: Option<u32>,
-    pub waiting: Option<u32>,
-    pub kv_degraded: Option<bool>,
-}
-
 impl Pool {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
@@ -206,15 +165,15 @@ impl Pool {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("bad worker URL {url:?}: {e}"))?
             .connect_timeout(Duration::from_secs(2))
-            .initial_stream_window_size(Some(dopd_worker::service::H2_WINDOW))
-            .initial_connection_window_size(Some(dopd_worker::service::H2_WINDOW));
+            .initial_stream_window_size(Some(dopd_protocol::H2_WINDOW))
+            .initial_connection_window_size(Some(dopd_protocol::H2_WINDOW));
         let client = WorkerClient::new(endpoint.connect_lazy())
-            .max_decoding_message_size(dopd_worker::service::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(dopd_worker::service::MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(dopd_protocol::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(dopd_protocol::MAX_MESSAGE_BYTES);
         let w = Arc::new(WorkerEntry {
             url: url.to_string(),
             client,
-            role: Mutex::new(WorkerRole::Unknown),
+            role: Mutex::new(None),
             worker_id: Mutex::new(String::new()),
             healthy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -247,20 +206,20 @@ impl Pool {
     }
 
     /// Healthy, non-draining workers of one of `roles`, minus `exclude` (URLs).
-    pub fn candidates(&self, roles: &[WorkerRole], exclude: &[String]) -> Vec<Arc<WorkerEntry>> {
+    pub fn candidates(&self, roles: &[Role], exclude: &[String]) -> Vec<Arc<WorkerEntry>> {
         self.all()
             .into_iter()
             .filter(|w| {
                 w.healthy()
                     && !w.draining()
-                    && roles.contains(&w.role())
+                    && w.role().is_some_and(|r| roles.contains(&r))
                     && !exclude.contains(&w.url)
             })
             .collect()
     }
 
     /// The least-loaded candidate by outstanding tokens (the planner crate's rule).
-    pub fn pick(&self, roles: &[WorkerRole], exclude: &[String]) -> Option<Arc<WorkerEntry>> {
+    pub fn pick(&self, roles: &[Role], exclude: &[String]) -> Option<Arc<WorkerEntry>> {
         let c = self.candidates(roles, exclude);
         let loads: Vec<f64> = c.iter().map(|w| w.outstanding_tokens() as f64).collect();
         dopd_planner::routing::least_loaded(&loads).map(|i| c[i].clone())

@@ -25,14 +25,15 @@ use dopd_planner::routing::{
     self, FlushReason, PrefillQueue, Route, RoutingConfig, ShortBatcher, classify,
 };
 use dopd_planner::slo::SloTargets;
-use dopd_worker::service::proto::{self, generate_event::Event as Ev};
+use dopd_protocol::proto::{self, generate_event::Event as Ev};
 use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 
 use crate::gate::{PrefillGate, Slot};
 use crate::metrics::Metrics;
 use crate::openai::{ApiError, Sampling};
-use crate::pool::{Charge, Pool, WorkerEntry, WorkerRole};
+use crate::pool::{Charge, Pool, WorkerEntry};
+use dopd_protocol::Role;
 
 /// A validated, tokenized request.
 #[derive(Debug, Clone)]
@@ -211,7 +212,7 @@ impl Scheduler {
         };
         let class = classify(isl, self.threshold(), &routing);
         self.observe_isl(isl);
-        let has_prefill = !self.pool.candidates(&[WorkerRole::Prefill], &[]).is_empty();
+        let has_prefill = !self.pool.candidates(&[Role::Prefill], &[]).is_empty();
         // Short prompts wait for their batch first (once; retries go straight on).
         let (mut route, mut reason) = routing::route(class, has_prefill);
         let mut batch_prefill = None;
@@ -255,8 +256,7 @@ impl Scheduler {
                     exclude.push(worker);
                     last_error = why;
                     // After a failure the request no longer waits for a batch.
-                    (route, reason) =
-                        routing::reroute(route, self.any(&[WorkerRole::Prefill], &exclude));
+                    (route, reason) = routing::reroute(route, self.any(&[Role::Prefill], &exclude));
                 }
             }
         }
@@ -271,7 +271,7 @@ impl Scheduler {
         })
     }
 
-    fn any(&self, roles: &[WorkerRole], exclude: &[String]) -> bool {
+    fn any(&self, roles: &[Role], exclude: &[String]) -> bool {
         !self.pool.candidates(roles, exclude).is_empty()
     }
 
@@ -338,7 +338,7 @@ impl Scheduler {
     ) -> Result<mpsc::Receiver<Piece>, Failure> {
         let w = self
             .pool
-            .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)
+            .pick(&[Role::Decode, Role::Mixed], exclude)
             .ok_or_else(|| Failure::Retry {
                 worker: String::new(),
                 dead: false,
@@ -381,7 +381,7 @@ impl Scheduler {
                 _ => Assigned {
                     worker: self
                         .pool
-                        .pick(&[WorkerRole::Prefill], exclude)
+                        .pick(&[Role::Prefill], exclude)
                         .ok_or_else(no_prefill)?,
                     _slot: None,
                     tokens,
@@ -394,7 +394,7 @@ impl Scheduler {
             dead: false,
             why: "no healthy decode worker".into(),
         };
-        if !self.any(&[WorkerRole::Decode, WorkerRole::Mixed], exclude) {
+        if !self.any(&[Role::Decode, Role::Mixed], exclude) {
             return Err(no_decode());
         }
         let p = {
@@ -430,7 +430,7 @@ impl Scheduler {
         // prompts prefilled together (a batch) spread over the decode workers.
         let dec = self
             .pool
-            .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)
+            .pick(&[Role::Decode, Role::Mixed], exclude)
             .ok_or_else(no_decode)?;
         let charge = dec.charge(Self::cost(job));
         let req = Self::request(job);
@@ -577,9 +577,7 @@ impl Scheduler {
         let (&first, rest) = sent.ids.split_first()?;
         let req = Self::request(job);
         loop {
-            let w = self
-                .pool
-                .pick(&[WorkerRole::Decode, WorkerRole::Mixed], exclude)?;
+            let w = self.pool.pick(&[Role::Decode, Role::Mixed], exclude)?;
             let charge = w.charge(Self::cost(job));
             let mut c = w.client.clone();
             let r = c
@@ -719,7 +717,7 @@ async fn run_batcher(
             });
         }
         None => {
-            let prefill = pool.pick(&[WorkerRole::Prefill], &[]).map(|w| Assigned {
+            let prefill = pool.pick(&[Role::Prefill], &[]).map(|w| Assigned {
                 worker: w,
                 _slot: None,
                 tokens: batch.tokens,

@@ -14,7 +14,7 @@ const MODEL: &str = concat!(
 
 /// A router with no workers (requests that pass the front checks then find none).
 fn router(api_key: Option<&str>, max_waiting: usize) -> Arc<Router> {
-    let (tok, c, _) = dopd_worker::service::load_tokenizer(std::path::Path::new(MODEL))
+    let (tok, c, _) = dopd_model::load_tokenizer(std::path::Path::new(MODEL))
         .expect("the test model (scripts/setup.sh)");
     Router::new(
         RouterConfig {
@@ -234,7 +234,7 @@ async fn over_the_admission_bound_the_answer_is_429_with_retry_after() {
     );
 }
 
-async fn read_load(r: &Arc<Router>) -> load::LoadSnapshot {
+async fn read_load(r: &Arc<Router>) -> dopd_protocol::load::LoadSnapshot {
     let resp = app(r.clone())
         .oneshot(
             Request::get("/v1/dopd/load")

@@ -34,7 +34,7 @@ pub trait Detokenizer: Send + Sync {
     fn detokenize(&self, ids: &[u32]) -> String;
 }
 
-impl Detokenizer for crate::tokenizer::ModelTokenizer {
+impl Detokenizer for dopd_model::tokenizer::ModelTokenizer {
     fn detokenize(&self, ids: &[u32]) -> String {
         self.decode(ids, false).unwrap_or_default()
     }

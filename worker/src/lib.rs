@@ -1,8 +1,9 @@
 //! # dopd-worker: DOPD's inference worker
 //!
-//! - [`gguf`]: the model-file reader (metadata, tensor directory, dequantization of F32, F16,
-//!   Q8_0, Q4_0 and Q4_1); [`hf`]: Hugging Face `config.json` + safetensors checkpoints.
-//! - [`tokenizer`]: the GGUF tokenizer as a `tokenizers` BPE, with the ChatML prompt format.
+//! The model's files (GGUF reader, Hugging Face configs, tokenizer) are read by `dopd_model`,
+//! which the router shares; the wire format is `dopd_protocol`'s.
+//!
+//! - [`hf`]: Hugging Face safetensors weights.
 //! - [`model`]: the Llama-family transformer in burn (grouped-query attention, RoPE with
 //!   Llama-3 scaling, RMSNorm, SwiGLU, optional QKV bias).
 //! - [`qmat`]: weight matrices kept in their quantized blocks on the CPU, multiplied with kernels
@@ -15,7 +16,6 @@
 //! - [`metrics`]: Stats as Prometheus/OpenMetrics text, served on `/metrics`.
 
 pub mod engine;
-pub mod gguf;
 pub mod hf;
 pub mod kv;
 pub mod metrics;
@@ -23,5 +23,4 @@ pub mod model;
 pub mod qmat;
 pub mod sampling;
 pub mod service;
-pub mod tokenizer;
 pub mod transfer;

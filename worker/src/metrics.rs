@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::service::proto::StatsResponse;
+use dopd_protocol::proto::StatsResponse;
 
 type Labels = Vec<(String, String)>;
 
@@ -235,7 +235,7 @@ pub fn render(s: &StatsResponse, worker_id: &str, role: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::proto::KvPeer;
+    use dopd_protocol::proto::KvPeer;
 
     #[test]
     fn stats_become_labelled_openmetrics() {

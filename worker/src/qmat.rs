@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::gguf::{GgmlType, Gguf, GgufError, f16_to_f32};
+use dopd_model::gguf::{GgmlType, Gguf, GgufError, f16_to_f32};
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;

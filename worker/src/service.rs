@@ -6,9 +6,7 @@
 //! disconnected stream frees its KV blocks at once.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::pin::Pin;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
@@ -22,54 +20,12 @@ use tonic::{Request as Rpc, Response, Status};
 use crate::engine::{Engine, EngineError, EngineStats, Event, Mode, Request, RequestId, Start};
 use crate::kv::{KvExport, KvLayout};
 use crate::sampling::{FinishReason, SamplingParams, StopConditions};
-use crate::tokenizer::ModelTokenizer;
 use crate::transfer::{KvHandle, KvTransport, LeaseTable, TransferError, fetch};
+use dopd_model::tokenizer::ModelTokenizer;
 
-/// Generated gRPC types (package `dopd.worker.v1`).
-#[allow(missing_docs, unused_qualifications, clippy::all, clippy::pedantic)]
-pub mod proto {
-    tonic::include_proto!("dopd.worker.v1");
-}
-
+use dopd_protocol::proto;
+use dopd_protocol::{H2_WINDOW, MAX_MESSAGE_BYTES, Role};
 use proto::worker_server::{Worker, WorkerServer};
-
-/// HTTP/2 flow-control window of worker connections (both directions).
-pub const H2_WINDOW: u32 = 32 << 20;
-
-/// Largest gRPC message: KV blocks travel inline (SmolLM2 holds ~46 KiB of K/V per token).
-pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
-
-/// What a worker serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Role {
-    Prefill,
-    Decode,
-    Mixed,
-}
-
-impl FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "prefill" => Ok(Role::Prefill),
-            "decode" => Ok(Role::Decode),
-            "mixed" => Ok(Role::Mixed),
-            _ => Err(format!(
-                "unknown role {s:?} (expected prefill, decode or mixed)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-            Role::Mixed => "mixed",
-        })
-    }
-}
 
 enum Cmd {
     Submit(Request, UnboundedSender<Event>),
@@ -1308,42 +1264,6 @@ pub fn load_model<B: Backend>(
     }
 }
 
-/// A model's tokenizer, geometry and served name without its weights (for the router): a GGUF
-/// file's metadata, or an HF directory's `config.json` and `tokenizer.json`.
-pub fn load_tokenizer(
-    path: &std::path::Path,
-) -> Result<(ModelTokenizer, crate::model::LlamaConfig, String), crate::model::ModelError> {
-    use crate::model::ModelError;
-    let name = |p: &std::path::Path| {
-        p.file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-    };
-    if path.is_dir() {
-        let config = path.join("config.json");
-        let c = crate::hf::config_from_json(&config)?;
-        let tok_path = path.join("tokenizer.json");
-        let t =
-            ModelTokenizer::from_hf_files(&tok_path, &config).map_err(|e| ModelError::File {
-                file: tok_path.display().to_string(),
-                msg: e.to_string(),
-            })?;
-        let n = path
-            .file_name()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-        return Ok((t, c, n));
-    }
-    let g = crate::gguf::Gguf::open(path).map_err(|e| ModelError::File {
-        file: path.display().to_string(),
-        msg: e.to_string(),
-    })?;
-    let c = crate::model::LlamaConfig::from_gguf(&g)?;
-    let t = ModelTokenizer::from_gguf(&g).map_err(|e| ModelError::File {
-        file: path.display().to_string(),
-        msg: format!("tokenizer: {e}"),
-    })?;
-    Ok((t, c, name(path)))
-}
-
 /// Loads a Hugging Face checkpoint directory.
 pub fn load_hf<B: Backend>(
     dir: &std::path::Path,
@@ -1351,7 +1271,7 @@ pub fn load_hf<B: Backend>(
 ) -> Result<LoadedModel<B>, crate::model::ModelError> {
     use crate::model::ModelError;
     let config = dir.join("config.json");
-    let c = crate::hf::config_from_json(&config)?;
+    let c = dopd_model::hf::config_from_json(&config)?;
     let weights = crate::hf::HfWeights::open(dir)?;
     let model = crate::model::Llama::load(c, &weights, device)?;
     let tok_path = dir.join("tokenizer.json");
@@ -1365,7 +1285,7 @@ pub fn load_hf<B: Backend>(
     } else {
         None
     };
-    let mut eos = crate::hf::eos_from_json(&config);
+    let mut eos = dopd_model::hf::eos_from_json(&config);
     if let Some(t) = &tokenizer {
         for id in [Some(t.eos_id), t.token_id("<|im_end|>")]
             .into_iter()
@@ -1395,7 +1315,7 @@ pub fn load_gguf<B: Backend>(
     path: &std::path::Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>, crate::model::ModelError> {
-    let g = crate::gguf::Gguf::open(path)?;
+    let g = dopd_model::gguf::Gguf::open(path)?;
     let model = crate::model::Llama::from_gguf(&g, device)?;
     let tokenizer = ModelTokenizer::from_gguf(&g).map_err(|e| crate::model::ModelError::File {
         file: path.display().to_string(),
@@ -1512,15 +1432,4 @@ pub async fn serve_metrics(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-}
-
-/// A client with message limits sized for inline KV blocks.
-pub async fn connect(
-    url: String,
-) -> Result<proto::worker_client::WorkerClient<tonic::transport::Channel>, tonic::transport::Error>
-{
-    Ok(proto::worker_client::WorkerClient::connect(url)
-        .await?
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

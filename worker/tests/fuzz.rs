@@ -5,8 +5,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use dopd_worker::gguf::Gguf;
-use dopd_worker::hf::config_from_json;
+use dopd_model::gguf::Gguf;
+use dopd_model::hf::config_from_json;
 use dopd_worker::kv::{KvExport, KvLayout, PagedKvCache};
 use proptest::prelude::*;
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 mod common;
 
 use common::{Writer, f16};
-use dopd_worker::gguf::{GgmlType, Gguf, GgufError, Value, f16_to_f32};
+use dopd_model::gguf::{GgmlType, Gguf, GgufError, Value, f16_to_f32};
 
 #[test]
 fn half_precision_conversion() {

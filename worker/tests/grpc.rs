@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use burn::backend::Flex;
-use dopd_ucx::Ucx;
-use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
-use dopd_worker::model::{Llama, LlamaConfig};
-use dopd_worker::service::proto::{
+use dopd_protocol::proto::{
     self, DecodeRequest, DrainRequest, GenerateRequest, HealthRequest, Sampling, StatsRequest,
     StopSettings, generate_event::Event as Ev, worker_client::WorkerClient,
 };
-use dopd_worker::service::{EngineHandle, Role, WorkerInfo, WorkerService, connect, serve};
+use dopd_protocol::{Role, connect};
+use dopd_ucx::Ucx;
+use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
+use dopd_worker::model::{Llama, LlamaConfig};
+use dopd_worker::service::{EngineHandle, WorkerInfo, WorkerService, serve};
 use tonic::Code;
 use tonic::transport::Channel;
 

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use burn::backend::Flex;
-use dopd_worker::hf::{HfWeights, config_from_json};
+use dopd_model::hf::config_from_json;
+use dopd_worker::hf::HfWeights;
 use dopd_worker::model::{Llama, LlamaConfig, ModelError, RandomWeights, RopeStyle, WeightSource};
 use safetensors::{Dtype, View};
 

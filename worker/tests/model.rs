@@ -11,9 +11,9 @@ use std::path::Path;
 use base64::Engine;
 use burn::backend::Flex;
 use burn::prelude::*;
-use dopd_worker::gguf::Gguf;
+use dopd_model::gguf::Gguf;
+use dopd_model::tokenizer::{Message, ModelTokenizer};
 use dopd_worker::model::Llama;
-use dopd_worker::tokenizer::{Message, ModelTokenizer};
 use serde_json::Value;
 
 const LOGIT_TOL: f64 = 2e-3;

@@ -4,8 +4,8 @@ mod common;
 
 use std::path::Path;
 
-use dopd_worker::gguf::Gguf;
-use dopd_worker::tokenizer::{Message, ModelTokenizer};
+use dopd_model::gguf::Gguf;
+use dopd_model::tokenizer::{Message, ModelTokenizer};
 
 fn smollm2() -> ModelTokenizer {
     let path = concat!(

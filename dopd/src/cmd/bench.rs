@@ -473,10 +473,11 @@ fn kv_row(case: &str, transport: &'static str, bytes: usize, mut times: Vec<f64>
 /// does, over gRPC and (where libucp loads) over UCX; then times one bare UCX message of the
 /// same size, runs `ucx_perftest` tag_bw on the same link, and a plain TCP socket.
 fn kv(a: KvArgs) -> anyhow::Result<()> {
+    use dopd_protocol::Role;
     use dopd_worker::kv::KvExport;
     use dopd_worker::model::{Llama, LlamaConfig};
     use dopd_worker::service::{
-        EngineHandle, GrpcTransport, Role, UcxTransport, WorkerInfo, WorkerService, serve,
+        EngineHandle, GrpcTransport, UcxTransport, WorkerInfo, WorkerService, serve,
     };
     use dopd_worker::transfer::KvTransport;
     use std::sync::Mutex;
@@ -772,15 +773,16 @@ struct OverheadRow {
 
 /// `dopd bench router`.
 fn router_overhead(a: RouterBenchArgs) -> anyhow::Result<()> {
+    use dopd_protocol::{Role, connect};
     use dopd_router::pool::Pool;
     use dopd_worker::model::{Llama, LlamaConfig};
-    use dopd_worker::service::{EngineHandle, Role, WorkerInfo, WorkerService, connect, serve};
+    use dopd_worker::service::{EngineHandle, WorkerInfo, WorkerService, serve};
     use std::time::Duration;
 
     if !(a.rate > 0.0) || a.requests == 0 || a.prompt_tokens == 0 {
         bail!("--rate, --requests and --prompt-tokens must be positive");
     }
-    let (tokenizer, _, _) = dopd_worker::service::load_tokenizer(&a.model)
+    let (tokenizer, _, _) = dopd_model::load_tokenizer(&a.model)
         .with_context(|| format!("reading the tokenizer of {}", a.model.display()))?;
     let rt = tokio::runtime::Runtime::new()?;
     let rows = rt.block_on(async {
@@ -824,7 +826,9 @@ fn router_overhead(a: RouterBenchArgs) -> anyhow::Result<()> {
         let rl = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let raddr = rl.local_addr()?;
         tokio::spawn(dopd_router::serve(rl, router, std::future::pending()));
-        let prompt: Vec<u32> = (0..a.prompt_tokens as u32).map(|i| 1 + i % (vocab - 1)).collect();
+        let prompt: Vec<u32> = (0..a.prompt_tokens as u32)
+            .map(|i| 1 + i % (vocab - 1))
+            .collect();
         let grpc = connect(wurl.clone()).await?;
         let mut rows = Vec::new();
         for path in ["worker (gRPC)", "router (HTTP)"] {
@@ -839,10 +843,10 @@ fn router_overhead(a: RouterBenchArgs) -> anyhow::Result<()> {
                     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
                     let t = Instant::now();
                     let ok = if path.starts_with("worker") {
-                        let req = dopd_worker::service::proto::GenerateRequest {
+                        let req = dopd_protocol::proto::GenerateRequest {
                             request_id: i.to_string(),
                             prompt_tokens: prompt,
-                            stop: Some(dopd_worker::service::proto::StopSettings {
+                            stop: Some(dopd_protocol::proto::StopSettings {
                                 max_tokens,
                                 stop: vec![],
                                 ignore_eos: true,
@@ -856,7 +860,11 @@ fn router_overhead(a: RouterBenchArgs) -> anyhow::Result<()> {
                                 while let Ok(Some(ev)) = s.message().await {
                                     done |= matches!(
                                         ev.event,
-                                        Some(dopd_worker::service::proto::generate_event::Event::Finished(_))
+                                        Some(
+                                            dopd_protocol::proto::generate_event::Event::Finished(
+                                                _
+                                            )
+                                        )
                                     );
                                 }
                                 done

@@ -132,7 +132,7 @@ pub struct RouterArgs {
 }
 
 pub(super) fn build_router(f: &FrontArgs, pool: Arc<Pool>) -> anyhow::Result<Arc<Router>> {
-    let (tokenizer, config, name) = dopd_worker::service::load_tokenizer(&f.model)
+    let (tokenizer, config, name) = dopd_model::load_tokenizer(&f.model)
         .with_context(|| format!("reading the tokenizer of {}", f.model.display()))?;
     let routing = dopd_planner::routing::RoutingConfig {
         ultra_short_max_isl: f.ultra_short_max_isl,

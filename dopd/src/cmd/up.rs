@@ -153,7 +153,7 @@ impl Fleet {
                         created: p.created,
                     };
                     if let Some(w) = entry {
-                        dopd_router::load::fill_instance(&mut inst, &dopd_router::pool::view(&w));
+                        dopd_protocol::load::fill_instance(&mut inst, &dopd_router::pool::view(&w));
                     }
                     inst
                 })

@@ -8,10 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use burn::prelude::Backend;
+use dopd_protocol::{Role, connect, proto};
 use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
-use dopd_worker::service::{
-    EngineHandle, Role, WorkerInfo, WorkerService, connect, load_model, proto, serve,
-};
+use dopd_worker::service::{EngineHandle, WorkerInfo, WorkerService, load_model, serve};
 
 /// The model the set-up step fetches.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -318,10 +317,10 @@ pub struct GenerateArgs {
 /// Streams a generation to stdout.
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let prompt = if a.chat {
-        let g = dopd_worker::gguf::Gguf::open(&a.model)
+        let g = dopd_model::gguf::Gguf::open(&a.model)
             .with_context(|| format!("reading {} for the chat template", a.model.display()))?;
-        let t = dopd_worker::tokenizer::ModelTokenizer::from_gguf(&g)?;
-        t.chat_prompt(&[dopd_worker::tokenizer::Message::new("user", &a.prompt)])
+        let t = dopd_model::tokenizer::ModelTokenizer::from_gguf(&g)?;
+        t.chat_prompt(&[dopd_model::tokenizer::Message::new("user", &a.prompt)])
     } else {
         a.prompt.clone()
     };

@@ -16,19 +16,52 @@ pub mod roofline;
 
 use serde::{Deserialize, Serialize};
 
-/// A role in a disaggregated deployment.
+/// What an instance does: the one role type of the whole system (planner, simulator, router,
+/// operator and worker all use it; the gRPC Health answer carries [`Role::as_str`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// Prefills prompts and hands their KV blocks to a decode instance.
     Prefill,
+    /// Decodes: takes prefilled sequences (and prefills short prompts itself).
     Decode,
+    /// Prefills and decodes its own requests (aggregated serving). The planner sizes it as a
+    /// decode instance.
+    Mixed,
 }
 
 impl Role {
+    /// The roles the planner sizes, each with its own count.
+    pub const SIZED: [Self; 2] = [Self::Prefill, Self::Decode];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Prefill => "prefill",
             Self::Decode => "decode",
+            Self::Mixed => "mixed",
+        }
+    }
+
+    /// The role whose count this instance is part of: a mixed instance counts as decode.
+    pub fn sized(self) -> Self {
+        match self {
+            Self::Mixed => Self::Decode,
+            r => r,
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "prefill" => Ok(Self::Prefill),
+            "decode" => Ok(Self::Decode),
+            "mixed" => Ok(Self::Mixed),
+            _ => Err(format!(
+                "unknown role {s:?} (expected prefill, decode or mixed)"
+            )),
         }
     }
 }
@@ -89,10 +122,11 @@ pub struct PerRole<T> {
 }
 
 impl<T: Copy> PerRole<T> {
+    /// The value of `role` (a mixed instance's is decode's).
     pub fn get(&self, role: Role) -> T {
         match role {
             Role::Prefill => self.prefill,
-            Role::Decode => self.decode,
+            Role::Decode | Role::Mixed => self.decode,
         }
     }
 }

@@ -120,7 +120,7 @@ impl Sim<'_> {
         for i in &self.insts {
             let s = match i.role() {
                 Role::Prefill => &mut c.prefill,
-                Role::Decode => &mut c.decode,
+                Role::Decode | Role::Mixed => &mut c.decode,
             };
             match i.state {
                 State::Ready => s.ready += 1,

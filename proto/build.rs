@@ -1,7 +1,8 @@
-//! Compiles `proto/` with protox (pure Rust: no `protoc` needed) into tonic client and server code.
+//! Compiles the `.proto` files beside this script with protox (pure Rust: no `protoc` needed)
+//! into tonic client and server code.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+    let root = env!("CARGO_MANIFEST_DIR");
     let file = format!("{root}/dopd/worker/v1/worker.proto");
     println!("cargo:rerun-if-changed={file}");
     let fds = protox::compile([file.as_str()], [root])?;

@@ -257,7 +257,7 @@ impl<'a> Cursor<'a> {
 /// IEEE half → f32.
 ///
 /// ```
-/// use dopd_worker::gguf::f16_to_f32;
+/// use dopd_model::gguf::f16_to_f32;
 /// assert_eq!(f16_to_f32(0x3c00), 1.0);
 /// assert_eq!(f16_to_f32(0xc000), -2.0);
 /// ```
