@@ -11,13 +11,18 @@
 //! - [`kv`]: the paged KV cache with block export/import.
 //! - [`sampling`]: seeded sampling and stop conditions.
 //! - [`engine`]: continuous batching with preemption, in `prefill`, `decode` and `mixed` roles.
-//! - [`transfer`]: KV blocks from prefill to decode: leases, handles, transports, fallback.
-//! - [`service`]: the engine thread and the gRPC service (`proto/dopd/worker/v1/worker.proto`).
+//! - [`transfer`]: KV blocks from prefill to decode: leases, handles, the `KvTransport` trait
+//!   and its gRPC and UCX transports, their wire form, fallback.
+//! - [`engine_thread`]: the engine on its own thread behind a channel.
+//! - [`service`]: the gRPC service (`proto/dopd/worker/v1/worker.proto`) and the servers.
+//! - [`loading`]: a GGUF file or an HF checkpoint into the engine, and the model's hash.
 //! - [`metrics`]: Stats as Prometheus/OpenMetrics text, served on `/metrics`.
 
 pub mod engine;
+pub mod engine_thread;
 pub mod hf;
 pub mod kv;
+pub mod loading;
 pub mod metrics;
 pub mod model;
 pub mod qmat;

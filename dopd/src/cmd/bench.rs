@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use burn::prelude::*;
 use dopd_worker::engine::{Engine, EngineConfig, Mode, Request, Start};
+use dopd_worker::loading::load_model;
 use dopd_worker::sampling::{SamplingParams, StopConditions};
-use dopd_worker::service::load_model;
 use serde::Serialize;
 
 use super::worker::{DEFAULT_MODEL, Device};
@@ -474,12 +474,11 @@ fn kv_row(case: &str, transport: &'static str, bytes: usize, mut times: Vec<f64>
 /// same size, runs `ucx_perftest` tag_bw on the same link, and a plain TCP socket.
 fn kv(a: KvArgs) -> anyhow::Result<()> {
     use dopd_protocol::Role;
+    use dopd_worker::engine_thread::EngineHandle;
     use dopd_worker::kv::KvExport;
     use dopd_worker::model::{Llama, LlamaConfig};
-    use dopd_worker::service::{
-        EngineHandle, GrpcTransport, UcxTransport, WorkerInfo, WorkerService, serve,
-    };
-    use dopd_worker::transfer::KvTransport;
+    use dopd_worker::service::{WorkerInfo, WorkerService, serve};
+    use dopd_worker::transfer::{GrpcTransport, KvTransport, UcxTransport};
     use std::sync::Mutex;
     use std::time::Duration;
 
@@ -775,8 +774,9 @@ struct OverheadRow {
 fn router_overhead(a: RouterBenchArgs) -> anyhow::Result<()> {
     use dopd_protocol::{Role, connect};
     use dopd_router::pool::Pool;
+    use dopd_worker::engine_thread::EngineHandle;
     use dopd_worker::model::{Llama, LlamaConfig};
-    use dopd_worker::service::{EngineHandle, WorkerInfo, WorkerService, serve};
+    use dopd_worker::service::{WorkerInfo, WorkerService, serve};
     use std::time::Duration;
 
     if !(a.rate > 0.0) || a.requests == 0 || a.prompt_tokens == 0 {

@@ -10,7 +10,9 @@ use anyhow::{Context, bail};
 use burn::prelude::Backend;
 use dopd_protocol::{Role, connect, proto};
 use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
-use dopd_worker::service::{EngineHandle, WorkerInfo, WorkerService, load_model, serve};
+use dopd_worker::engine_thread::EngineHandle;
+use dopd_worker::loading::load_model;
+use dopd_worker::service::{WorkerInfo, WorkerService, serve};
 
 /// The model the set-up step fetches.
 pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

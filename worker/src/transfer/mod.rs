@@ -13,6 +13,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod grpc;
+mod ucx;
+pub mod wire;
+
+pub use grpc::GrpcTransport;
+pub(crate) use ucx::LeaseParts;
+pub use ucx::UcxTransport;
+
 use crate::kv::KvExport;
 
 /// Describes pinned KV blocks on a prefill worker.
