@@ -30,7 +30,7 @@ enum Command {
     /// Replay a trace through a simulated prefill/decode cluster.
     #[command(subcommand)]
     Sim(cmd::sim::Command),
-    /// Benchmarks (the worker engine's throughput).
+    /// Benchmarks: the worker engine, KV transfer, a trace replayed against an endpoint, the router's overhead.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
     /// Serve a model over gRPC as a prefill, decode or mixed worker.
