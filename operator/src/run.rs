@@ -34,7 +34,7 @@ pub struct Options {
 }
 
 async fn serve_http(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
-    use axum::http::{StatusCode, header};
+    use axum::http::StatusCode;
     use axum::routing::get;
     let m1 = metrics.clone();
     let m2 = metrics.clone();
@@ -43,15 +43,7 @@ async fn serve_http(listen: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result
             "/metrics",
             get(move || {
                 let m = m1.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        m.render(),
-                    )
-                }
+                async move { dopd_protocol::openmetrics(m.render()) }
             }),
         )
         .route("/healthz", get(|| async { "ok" }))

@@ -7,7 +7,8 @@
 //! - [`Role`]: what an instance does, the planner's own type, which the Health answer carries as
 //!   text;
 //! - [`load`]: the router's answer to `GET /v1/dopd/load` and its view of each worker, which the
-//!   operator and `dopd up` read.
+//!   operator and `dopd up` read;
+//! - [`openmetrics`]: every process's `GET /metrics` answer.
 //!
 //! The router and the operator depend on this crate, not on the worker or on each other.
 
@@ -36,4 +37,18 @@ pub async fn connect(
         .await?
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// The content type of the OpenMetrics text exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A `GET /metrics` answer: `text` (OpenMetrics, as `prometheus_client` encodes it).
+pub fn openmetrics(text: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
 }

@@ -36,7 +36,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
-use crate::openai::{ApiError, ChatRequest, CompletionRequest, Sampling, Usage, finish_reason};
+use crate::openai::{
+    ApiError, ChatRequest, CompletionRequest, Kind, Sampling, Shape, Usage, finish_reason,
+};
 use crate::pool::Pool;
 use crate::schedule::{Job, Piece, ScheduleConfig, Scheduler};
 
@@ -267,22 +269,6 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Body) -> Result<T, ApiError> {
     })
 }
 
-/// Which endpoint answers, for labels and response shapes.
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
-impl Kind {
-    fn endpoint(self) -> &'static str {
-        match self {
-            Kind::Completion => "/v1/completions",
-            Kind::Chat => "/v1/chat/completions",
-        }
-    }
-}
-
 async fn completions(State(r): State<Arc<Router>>, headers: HeaderMap, body: Body) -> Response {
     let out = async {
         let key = authorize(&r, &headers)?;
@@ -374,12 +360,7 @@ async fn run(
         });
     }
     let slot = admit_key(r, key)?;
-    let prefix = if kind == Kind::Chat {
-        "chatcmpl"
-    } else {
-        "cmpl"
-    };
-    let id = r.id(prefix);
+    let id = r.id(kind.id_prefix());
     let job = Job {
         id: id.clone(),
         prompt_tokens: tokens,
@@ -390,19 +371,16 @@ async fn run(
     let started = r.scheduler.start(job).await;
     r.starting.fetch_sub(1, Ordering::Relaxed);
     let rx = started?;
-    let created = now_s();
+    let shape = Shape {
+        kind,
+        id,
+        created: now_s(),
+        model: r.cfg.model.clone(),
+    };
     if sampling.stream {
-        Ok(stream(
-            r.cfg.model.clone(),
-            kind,
-            id,
-            created,
-            isl,
-            sampling,
-            Answer { rx, slot },
-        ))
+        Ok(stream(shape, isl, sampling, Answer { rx, slot }))
     } else {
-        let out = whole(r.cfg.model.clone(), kind, id, created, isl, rx).await;
+        let out = whole(shape, isl, rx).await;
         drop(slot);
         out
     }
@@ -416,10 +394,7 @@ struct Answer {
 }
 
 async fn whole(
-    model: String,
-    kind: Kind,
-    id: String,
-    created: u64,
+    shape: Shape,
     isl: usize,
     mut rx: mpsc::Receiver<Piece>,
 ) -> Result<Response, ApiError> {
@@ -451,34 +426,10 @@ async fn whole(
         prompt_tokens
     };
     let usage = Usage::new(prompt_tokens, completion_tokens);
-    let body = match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null,
-                         "finish_reason": finish_reason(reason)}],
-            "usage": usage,
-        }),
-        Kind::Chat => json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0,
-                         "message": {"role": "assistant", "content": text},
-                         "logprobs": null,
-                         "finish_reason": finish_reason(reason)}],
-            "usage": usage,
-        }),
-    };
-    Ok(Json(body).into_response())
+    Ok(Json(shape.completion(&text, finish_reason(reason), usage)).into_response())
 }
 
-fn stream(
-    model: String,
-    kind: Kind,
-    id: String,
-    created: u64,
-    isl: usize,
-    sampling: Sampling,
-    answer: Answer,
-) -> Response {
+fn stream(shape: Shape, isl: usize, sampling: Sampling, answer: Answer) -> Response {
     let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
         // The key's place is given back when the stream ends.
@@ -486,21 +437,6 @@ fn stream(
             mut rx,
             slot: _slot,
         } = answer;
-        let chunk = |delta: Value, finish: Option<&str>| -> Value {
-            match kind {
-                Kind::Completion => json!({
-                    "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": delta.as_str().unwrap_or(""),
-                                 "logprobs": null, "finish_reason": finish}],
-                }),
-                Kind::Chat => json!({
-                    "id": id, "object": "chat.completion.chunk", "created": created,
-                    "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null,
-                                 "finish_reason": finish}],
-                }),
-            }
-        };
         let send = |v: Value| {
             let tx = tx.clone();
             async move {
@@ -509,40 +445,27 @@ fn stream(
                     .is_ok()
             }
         };
-        if kind == Kind::Chat
-            && !send(chunk(json!({"role": "assistant", "content": ""}), None)).await
+        if let Some(first) = shape.opening()
+            && !send(first).await
         {
             return;
         }
         while let Some(p) = rx.recv().await {
             let alive = match p {
-                Piece::Text(t) => {
-                    let delta = match kind {
-                        Kind::Completion => json!(t),
-                        Kind::Chat => json!({"content": t}),
-                    };
-                    send(chunk(delta, None)).await
-                }
+                Piece::Text(t) => send(shape.text(&t)).await,
                 Piece::Done {
                     finish_reason: reason,
                     prompt_tokens,
                     completion_tokens,
                 } => {
-                    let empty = match kind {
-                        Kind::Completion => json!(""),
-                        Kind::Chat => json!({}),
-                    };
-                    let mut ok = send(chunk(empty, Some(finish_reason(reason)))).await;
+                    let mut ok = send(shape.finish(finish_reason(reason))).await;
                     if sampling.include_usage {
                         let prompt = if prompt_tokens == 0 {
                             isl as u32
                         } else {
                             prompt_tokens
                         };
-                        let mut u = chunk(json!(""), None);
-                        u["choices"] = json!([]);
-                        u["usage"] = json!(Usage::new(prompt, completion_tokens));
-                        ok = ok && send(u).await;
+                        ok = ok && send(shape.usage(Usage::new(prompt, completion_tokens))).await;
                     }
                     ok
                 }
@@ -567,11 +490,7 @@ async fn models(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {
     if let Err(e) = authorize(&r, &headers) {
         return e.into_response();
     }
-    Json(json!({
-        "object": "list",
-        "data": [{"id": r.cfg.model, "object": "model", "created": 0, "owned_by": "dopd"}],
-    }))
-    .into_response()
+    Json(openai::model_list(&r.cfg.model)).into_response()
 }
 
 async fn health(State(r): State<Arc<Router>>) -> Response {
@@ -591,14 +510,7 @@ async fn health(State(r): State<Arc<Router>>) -> Response {
 }
 
 async fn metrics(State(r): State<Arc<Router>>) -> Response {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        r.metrics.render(&r.pool.views()),
-    )
-        .into_response()
+    dopd_protocol::openmetrics(r.metrics.render(&r.pool.views()))
 }
 
 async fn load(State(r): State<Arc<Router>>, headers: HeaderMap) -> Response {

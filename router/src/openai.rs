@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// An error in OpenAI's envelope: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,7 +46,7 @@ impl ApiError {
         self
     }
 
-    pub fn body(&self) -> serde_json::Value {
+    pub fn body(&self) -> Value {
         json!({"error": {
             "message": self.message,
             "type": self.kind,
@@ -335,4 +335,118 @@ pub fn finish_reason(r: i32) -> &'static str {
         FinishReason::Length => "length",
         _ => "stop",
     }
+}
+
+/// Which endpoint answers: it sets the labels and the shape of every response object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Completion,
+    Chat,
+}
+
+impl Kind {
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Completion => "/v1/completions",
+            Kind::Chat => "/v1/chat/completions",
+        }
+    }
+
+    /// The prefix of the response ids.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Kind::Completion => "cmpl",
+            Kind::Chat => "chatcmpl",
+        }
+    }
+}
+
+/// The response objects of one request (OpenAI's shapes): what they all repeat, and one
+/// constructor per object.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub kind: Kind,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+}
+
+impl Shape {
+    /// The whole answer (`stream: false`).
+    pub fn completion(&self, text: &str, finish: &str, usage: Usage) -> Value {
+        let (id, created, model) = (&self.id, self.created, &self.model);
+        match self.kind {
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null,
+                             "finish_reason": finish}],
+                "usage": usage,
+            }),
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0,
+                             "message": {"role": "assistant", "content": text},
+                             "logprobs": null,
+                             "finish_reason": finish}],
+                "usage": usage,
+            }),
+        }
+    }
+
+    /// One streamed chunk carrying `delta` (a string for completions, an object for chat).
+    pub fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+        let (id, created, model) = (&self.id, self.created, &self.model);
+        match self.kind {
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta.as_str().unwrap_or(""),
+                             "logprobs": null, "finish_reason": finish}],
+            }),
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion.chunk", "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null,
+                             "finish_reason": finish}],
+            }),
+        }
+    }
+
+    /// The chat stream's first chunk, which names the role (none for completions).
+    pub fn opening(&self) -> Option<Value> {
+        (self.kind == Kind::Chat)
+            .then(|| self.chunk(json!({"role": "assistant", "content": ""}), None))
+    }
+
+    /// The chunk carrying streamed text `t`.
+    pub fn text(&self, t: &str) -> Value {
+        match self.kind {
+            Kind::Completion => self.chunk(json!(t), None),
+            Kind::Chat => self.chunk(json!({"content": t}), None),
+        }
+    }
+
+    /// The chunk that closes the choice with its finish reason.
+    pub fn finish(&self, finish: &str) -> Value {
+        let empty = match self.kind {
+            Kind::Completion => json!(""),
+            Kind::Chat => json!({}),
+        };
+        self.chunk(empty, Some(finish))
+    }
+
+    /// The usage chunk (`stream_options.include_usage`): no choices.
+    pub fn usage(&self, usage: Usage) -> Value {
+        let mut u = self.chunk(json!(""), None);
+        u["choices"] = json!([]);
+        u["usage"] = json!(usage);
+        u
+    }
+}
+
+/// `GET /v1/models`: the one model served.
+pub fn model_list(model: &str) -> Value {
+    json!({
+        "object": "list",
+        "data": [{"id": model, "object": "model", "created": 0, "owned_by": "dopd"}],
+    })
 }

@@ -782,15 +782,7 @@ pub async fn serve_metrics(
         "/metrics",
         axum::routing::get(move || {
             let text = service.metrics_text();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    text,
-                )
-            }
+            async move { dopd_protocol::openmetrics(text) }
         }),
     );
     axum::serve(listener, app)
