@@ -171,9 +171,10 @@ pub struct LoadArgs {
     pub json: bool,
 }
 
-/// `dopd bench load`'s summary.
+/// `dopd bench load`'s summary of a replay against an endpoint (not the router's load snapshot,
+/// `dopd_protocol::load::LoadSnapshot`).
 #[derive(Debug, Serialize)]
-pub struct LoadReport {
+pub struct ReplaySummary {
     pub requests: usize,
     pub ok: usize,
     pub wall_s: f64,
@@ -284,7 +285,7 @@ pub fn bench_load(a: LoadArgs) -> anyhow::Result<()> {
             t.ok && t.ttft_s <= ttft_slo + ttft_per_token * f64::from(p.1) && t.tpot_s <= tpot_slo
         })
         .count();
-    let report = LoadReport {
+    let report = ReplaySummary {
         requests: timings.len(),
         ok: ok.len(),
         wall_s: wall,
