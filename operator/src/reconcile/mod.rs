@@ -28,26 +28,33 @@ use dopd_planner::control::{
     TickReport,
 };
 use dopd_planner::planner::{Planner, PlannerConfig};
-use dopd_planner::profile::{PerRole, Profile, roofline};
+use dopd_planner::profile::{PerRole, Profile};
 use dopd_planner::sizing::{Reason, Replicas};
 use dopd_protocol::load::LoadSnapshot;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::children::{self, Child, FIELD_MANAGER, Kind};
+use crate::children::{self, FIELD_MANAGER, Kind};
 use crate::control::{Clock, RouterApi, RouterError};
-use crate::crd::{DEFAULT_PRESET, DopdService, DopdServiceSpec, DopdServiceStatus, FINALIZER};
+use crate::crd::{DopdService, DopdServiceStatus, FINALIZER};
 use crate::metrics::{
     DecisionLabel, ForecastLabel, KindLabel, Metrics, PredictorLabel, ResultLabel, RoleLabel,
 };
 use crate::observe::{self, DELETION_COST, PodInfo, SAFE_TO_EVICT, VICTIM_COST};
 use crate::status;
 use dopd_protocol::Role;
+
+mod spec;
+mod writes;
+
+use spec::{api_key, resolve_profile};
+pub use spec::{control_config, planner_config};
+use writes::{annotate_pod, apply_children, patch_status, publish, warn_constrained};
 
 /// A reconcile failure.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +110,8 @@ pub struct Ctx {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
-    recorder: Recorder,
-    state: Mutex<HashMap<String, SvcState>>,
+    pub(crate) recorder: Recorder,
+    pub(crate) state: Mutex<HashMap<String, SvcState>>,
 }
 
 impl Ctx {
@@ -145,24 +152,24 @@ impl Ctx {
 }
 
 /// What the operator remembers per DopdService between reconciles.
-struct SvcState {
-    ctrl: Controller,
+pub(crate) struct SvcState {
+    pub(crate) ctrl: Controller,
     /// Hash of the planner's config and profile: a change rebuilds the planner.
-    planner_key: u64,
+    pub(crate) planner_key: u64,
     /// Replicas this operator last wrote per role (to tell its own changes from others').
-    applied: PerRole<Option<u32>>,
+    pub(crate) applied: PerRole<Option<u32>>,
 }
 
 /// What a reconcile works from, once the spec checked out.
-struct Prepared {
-    ns: String,
-    name: String,
-    profile: Profile,
-    profile_yaml: String,
-    planner: PlannerConfig,
-    control: ControlConfig,
-    planner_key: u64,
-    api_key: Option<String>,
+pub(crate) struct Prepared {
+    pub(crate) ns: String,
+    pub(crate) name: String,
+    pub(crate) profile: Profile,
+    pub(crate) profile_yaml: String,
+    pub(crate) planner: PlannerConfig,
+    pub(crate) control: ControlConfig,
+    pub(crate) planner_key: u64,
+    pub(crate) api_key: Option<String>,
 }
 
 /// What a reconcile saw of the cluster and the router.
@@ -254,123 +261,6 @@ async fn cleanup(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
-/// The planner configuration a spec asks for.
-pub fn planner_config(spec: &DopdServiceSpec) -> PlannerConfig {
-    let p = &spec.planner;
-    let mut c = PlannerConfig {
-        policy: p.policy.parse().unwrap_or_default(),
-        ..PlannerConfig::default()
-    };
-    if let Ok(k) = p.predictor.parse() {
-        c.predictor = k;
-    }
-    c.forecast.window = p.window as usize;
-    c.sla.ttft_s = f64::from(spec.slo.ttft_ms) / 1000.0;
-    c.sla.itl_s = f64::from(spec.slo.tpot_ms) / 1000.0;
-    let routing = dopd_planner::routing::RoutingConfig {
-        ultra_short_max_isl: p.ultra_short_max_isl,
-        ..Default::default()
-    };
-    c.follow_routing(&routing, true);
-    c.slo = dopd_planner::slo::SloTargets {
-        ttft_s: c.sla.ttft_s,
-        ttft_per_token_s: spec.slo.ttft_per_token_ms.max(0.0) / 1000.0,
-        tpot_s: c.sla.itl_s,
-    };
-    c.sizing.min_replicas = PerRole {
-        prefill: spec.prefill.min_replicas,
-        decode: spec.decode.min_replicas,
-    };
-    c.sizing.max_replicas = PerRole {
-        prefill: Some(spec.prefill.max_replicas),
-        decode: Some(spec.decode.max_replicas),
-    };
-    c.static_replicas = c.sizing.min_replicas;
-    c.sizing.gpu_budget = p.gpu_budget;
-    c.emergency.enabled = p.emergency.enabled;
-    c.emergency.prefill_queue_per_instance = p.emergency.prefill_queue_per_instance;
-    c.emergency.kv_usage = p.emergency.kv_usage;
-    c.scale_down_stabilization_s = f64::from(p.scale_down_stabilization_seconds);
-    // Pods stuck Pending are not waited for longer than this.
-    c.max_reconfig_wait_s = f64::from(p.pending_timeout_seconds);
-    c
-}
-
-/// The control loop's own settings from a spec.
-pub fn control_config(spec: &DopdServiceSpec) -> ControlConfig {
-    ControlConfig {
-        interval_s: f64::from(spec.planner.interval_seconds.max(1)),
-        drain_timeout_s: f64::from(spec.planner.drain_timeout_seconds),
-        headroom: spec.headroom.enabled,
-        paused: spec.planner.paused,
-    }
-}
-
-/// The profile a spec names, with GPUs per instance from the spec.
-async fn resolve_profile(ctx: &Ctx, ns: &str, spec: &DopdServiceSpec) -> Result<Profile, String> {
-    let src = &spec.profile;
-    let mut profile = if let Some(text) = &src.inline {
-        Profile::parse(text).map_err(|e| format!("spec.profile.inline: {e}"))?
-    } else if let Some(r) = &src.config_map_ref {
-        let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
-        let cm = api
-            .get_opt(&r.name)
-            .await
-            .map_err(|e| format!("reading ConfigMap {}: {e}", r.name))?
-            .ok_or_else(|| format!("spec.profile.configMapRef: ConfigMap {} not found", r.name))?;
-        let text = cm
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&r.key))
-            .ok_or_else(|| format!("ConfigMap {} has no key {:?}", r.name, r.key))?;
-        Profile::parse(text).map_err(|e| format!("ConfigMap {} key {}: {e}", r.name, r.key))?
-    } else {
-        let name = src.preset.as_deref().unwrap_or(DEFAULT_PRESET);
-        roofline::RooflineSpec::preset(name)
-            .ok_or_else(|| {
-                format!(
-                    "spec.profile.preset {name:?} is unknown; known: {}",
-                    roofline::PRESETS.join(", ")
-                )
-            })?
-            .build()
-            .map_err(|e| format!("preset {name}: {e}"))?
-    };
-    // The budget counts GPUs as the spec declares them (a CPU instance counts as one).
-    profile.gpus = PerRole {
-        prefill: spec.prefill.gpus_per_instance.max(1),
-        decode: spec.decode.gpus_per_instance.max(1),
-    };
-    profile.validate().map_err(|e| format!("profile: {e}"))?;
-    Ok(profile)
-}
-
-async fn api_key(ctx: &Ctx, ns: &str, spec: &DopdServiceSpec) -> Option<String> {
-    let name = spec.router.api_key_secret.as_ref()?;
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let s = api.get_opt(name).await.ok()??;
-    let bytes = s.data?.get("api-key")?.0.clone();
-    String::from_utf8(bytes).ok()
-}
-
-async fn publish(ctx: &Ctx, svc: &DopdService, type_: EventType, reason: &str, note: String) {
-    tracing::info!(service = %svc.name_any(), reason, "{note}");
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    match ctx.recorder.publish(&ev, &svc.object_ref(&())).await {
-        Ok(()) => ctx.metrics.writes.inc(),
-        Err(e) => {
-            tracing::warn!("cannot record an Event: {e}");
-            0
-        }
-    };
-}
-
 /// Reports a problem that stops the reconcile: a Warning Event (once per message), the phase, one
 /// condition (`(type, status)`) with `reason` and `msg`, the role counts kept from before.
 async fn stop_with(
@@ -406,54 +296,6 @@ async fn stop_with(
         wall,
     );
     patch_status(ctx, svc, status).await
-}
-
-/// Sets (or, with null, removes) one annotation of a pod; a pod already gone is fine.
-async fn annotate_pod(
-    ctx: &Ctx,
-    pods: &Api<Pod>,
-    name: &str,
-    key: &str,
-    value: Value,
-) -> Result<(), Error> {
-    let patch = json!({"metadata": {"annotations": {key: value}}});
-    match pods
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-    {
-        Ok(_) => {
-            ctx.metrics.writes.inc();
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Writes the status with server-side apply (the operator owns all of it), when it changed.
-async fn patch_status(
-    ctx: &Ctx,
-    svc: &DopdService,
-    status: DopdServiceStatus,
-) -> Result<(), Error> {
-    if svc.status.as_ref() == Some(&status) {
-        return Ok(());
-    }
-    let api: Api<DopdService> =
-        Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
-    let body = json!({
-        "apiVersion": DopdService::api_version(&()),
-        "kind": DopdService::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &svc.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
-    ctx.metrics.writes.inc();
-    Ok(())
 }
 
 /// The spec checked, the profile resolved; or the action to return when the reconcile must stop
@@ -725,39 +567,6 @@ async fn announce(ctx: &Ctx, svc: &DopdService, p: &Prepared, st: &SvcState, r: 
     }
 }
 
-/// Applies the children: worker replicas are the loop's targets plus the pods still draining,
-/// placeholders its headroom. Headroom Deployments go when headroom is off.
-async fn apply_children(
-    ctx: &Ctx,
-    svc: &DopdService,
-    p: &Prepared,
-    st: &mut SvcState,
-) -> Result<(), Error> {
-    let held = st.ctrl.held();
-    let placeholders = st.ctrl.headroom().map(|h| h.placeholders);
-    let desired = children::children(
-        svc,
-        &p.profile_yaml,
-        |role| held.get(role),
-        |role| placeholders.map_or(0, |h| h.get(role)),
-    );
-    for c in &desired {
-        apply_child(ctx, svc, &p.ns, c, &mut st.applied).await?;
-    }
-    if !svc.spec.headroom.enabled {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(ctx.client.clone(), &p.ns, &Kind::Deployment.api_resource());
-        for role in Role::SIZED {
-            let n = children::headroom_name(&p.name, role);
-            if api.get_opt(&n).await?.is_some() {
-                api.delete(&n, &DeleteParams::background()).await?;
-                ctx.metrics.writes.inc();
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Role gauges, and when to come back: soon while something moves, else at the next tick.
 fn wrap_up(ctx: &Ctx, p: &Prepared, st: &SvcState, s: &DopdServiceStatus, now: f64) -> Action {
     for (role, rs) in [("prefill", &s.prefill), ("decode", &s.decode)] {
@@ -843,72 +652,4 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     patch_status(ctx, &svc, new).await?;
     ctx.put_state(format!("{}/{}", p.ns, p.name), st);
     Ok(action)
-}
-
-/// A Warning Event when pods first stay Pending past the timeout.
-async fn warn_constrained(
-    ctx: &Ctx,
-    svc: &DopdService,
-    old: &DopdServiceStatus,
-    i: &status::Inputs<'_>,
-) {
-    let constrained = status::constrained(i);
-    if constrained.is_empty() || status::is_on(&old.conditions, "CapacityConstrained") {
-        return;
-    }
-    let note = format!(
-        "{}; they count against the GPU budget and the planner no longer waits for them",
-        constrained.join(", ")
-    );
-    publish(ctx, svc, EventType::Warning, "CapacityConstrained", note).await;
-}
-
-/// Applies `c` unless the cluster already has it as wanted. A worker Deployment whose replica
-/// count someone else changed is put back, with an Event.
-async fn apply_child(
-    ctx: &Ctx,
-    svc: &DopdService,
-    ns: &str,
-    c: &Child,
-    applied: &mut PerRole<Option<u32>>,
-) -> Result<(), Error> {
-    let api: Api<DynamicObject> =
-        Api::namespaced_with(ctx.client.clone(), ns, &c.kind.api_resource());
-    let existing = api.get_opt(&c.name).await?;
-    let mut write = true;
-    if let Some(obj) = &existing {
-        let body = serde_json::to_value(obj).unwrap_or(Value::Null);
-        let same = children::applied_hash(&body) == children::applied_hash(&c.body);
-        let have = body["spec"]["replicas"].as_u64().map(|v| v as u32);
-        let replicas_ok = c.replicas.is_none_or(|want| have == Some(want));
-        write = !(same && replicas_ok);
-        if let (Some(role), Some(want), Some(have)) = (c.owner_role, c.replicas, have) {
-            let mine = applied.get(role);
-            if have != want && mine.is_some_and(|m| m != have) {
-                let note = format!(
-                    "Deployment {} was scaled to {have} outside the operator; set back to {want}. The DopdService owns worker replicas: change spec.{}.minReplicas/maxReplicas or spec.planner instead",
-                    c.name,
-                    role.as_str()
-                );
-                publish(ctx, svc, EventType::Warning, "ReplicasReverted", note).await;
-            }
-        }
-    }
-    if write {
-        api.patch(
-            &c.name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&c.body),
-        )
-        .await?;
-        ctx.metrics.writes.inc();
-        tracing::debug!(kind = ?c.kind, name = %c.name, "applied");
-    }
-    if let (Some(role), Some(want)) = (c.owner_role, c.replicas) {
-        match role {
-            Role::Prefill => applied.prefill = Some(want),
-            Role::Decode | Role::Mixed => applied.decode = Some(want),
-        }
-    }
-    Ok(())
 }
