@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::forecast::Forecast;
-use crate::planner::WorkloadForecast;
+use crate::forecast::WorkloadForecast;
 use crate::profile::{PerRole, Profile, Role};
 use crate::sizing::{self, Replicas, SizingConfig, SizingInput};
 

@@ -41,6 +41,7 @@ pub mod forecast;
 pub mod headroom;
 mod linalg;
 pub mod load;
+pub mod observation;
 pub mod planner;
 pub mod profile;
 pub mod routing;

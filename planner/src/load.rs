@@ -3,7 +3,7 @@
 //! The source only ever adds to its totals, and reading them changes nothing, so any number of
 //! readers (the planner loop, a second operator replica, a dashboard, a person with curl) may read
 //! at any time. The control loop ([`crate::control`]) keeps the previous reading and turns the
-//! difference into one interval's [`Observation`](crate::planner::Observation).
+//! difference into one interval's [`Observation`](crate::observation::Observation).
 //!
 //! What is counted, and when (the same in the router and the simulator, which both record through
 //! [`LoadTotals`]'s methods):

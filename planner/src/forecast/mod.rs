@@ -405,3 +405,11 @@ mod tests {
         assert!("prophet".parse::<ForecasterKind>().is_err());
     }
 }
+
+/// Forecasts of the next interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadForecast {
+    pub requests: Forecast,
+    pub isl: Forecast,
+    pub osl: Forecast,
+}

@@ -48,7 +48,7 @@ fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
 #[test]
 fn surges_are_learned_from_what_the_forecast_missed() {
     let (slo, pol) = (SloTargets::default(), SloPolicy::default());
-    let obs = |n: f64| crate::planner::Observation {
+    let obs = |n: f64| crate::observation::Observation {
         interval_s: 10.0,
         requests: n,
         ..Default::default()
@@ -75,7 +75,7 @@ fn surges_are_learned_from_what_the_forecast_missed() {
 #[test]
 fn queue_burstiness_comes_from_the_measured_gaps_when_there_are_any() {
     let (slo, pol) = (SloTargets::default(), SloPolicy::default());
-    let obs = |n: f64, cv2: Option<f64>| crate::planner::Observation {
+    let obs = |n: f64, cv2: Option<f64>| crate::observation::Observation {
         interval_s: 10.0,
         requests: n,
         arrival_cv2: cv2,

@@ -167,7 +167,12 @@ impl Tracker {
     }
 
     /// Learns from one interval's observation.
-    pub fn observe(&mut self, obs: &crate::planner::Observation, slo: &SloTargets, p: &SloPolicy) {
+    pub fn observe(
+        &mut self,
+        obs: &crate::observation::Observation,
+        slo: &SloTargets,
+        p: &SloPolicy,
+    ) {
         let smooth = |old: f64, new: f64, w: f64| old + w * (new - old);
         let cv2 = |m: Option<f64>, m2: Option<f64>| match (m, m2) {
             (Some(m), Some(m2)) if m > 0.0 && m2.is_finite() => Some((m2 / (m * m) - 1.0).max(0.0)),
