@@ -13,6 +13,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy --features cuda (the GPU build compiles; no GPU needed)"
 cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
+echo "== layout: the router and the operator build no engine; files stay under ~800 lines"
+scripts/layout-check.sh
 echo "== Helm chart: lint, template, schema validation, CRD and examples"
 scripts/chart-check.sh
 echo "== Dockerfile: lint, and the binaries it copies are the workspace's"
