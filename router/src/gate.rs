@@ -177,11 +177,16 @@ impl PrefillGate {
                 }
                 return;
             }
-            let free = prefill
-                .iter()
+            // The least-loaded free worker, by the planner crate's rule (as `Pool::pick`).
+            let free: Vec<_> = prefill
+                .into_iter()
                 .filter(|w| w.in_flight() == 0 && s.busy.get(&w.url).copied().unwrap_or(0) == 0)
-                .min_by_key(|w| w.outstanding_tokens());
-            let Some(w) = free.cloned() else { return };
+                .collect();
+            let loads: Vec<f64> = free.iter().map(|w| w.outstanding_tokens() as f64).collect();
+            let Some(w) = dopd_planner::routing::least_loaded(&loads).map(|i| free[i].clone())
+            else {
+                return;
+            };
             if self.paced && !self.decode_room() {
                 return;
             }

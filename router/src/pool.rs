@@ -69,6 +69,17 @@ impl WorkerEntry {
         self.healthy.store(false, Ordering::Relaxed);
     }
 
+    /// After a failed call: a status that says the worker is gone (unavailable, or the
+    /// connection broke) marks it unhealthy until its next good Health answer.
+    pub fn failed_with(&self, status: &tonic::Status) {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown
+        ) {
+            self.mark_unhealthy();
+        }
+    }
+
     /// Counts `tokens` of work against this worker until the returned guard drops.
     pub fn charge(self: &Arc<Self>, tokens: u64) -> Charge {
         self.outstanding_tokens.fetch_add(tokens, Ordering::Relaxed);

@@ -524,9 +524,7 @@ impl Scheduler {
                     }
                     Ok(None) => "the worker ended the stream early".to_string(),
                     Err(s) => {
-                        if matches!(s.code(), Code::Unavailable | Code::Unknown) {
-                            w.mark_unhealthy();
-                        }
+                        w.failed_with(&s);
                         format!("worker {} failed mid-stream: {}", w.url, s.message())
                     }
                 };
@@ -599,9 +597,7 @@ impl Scheduler {
                 Ok(s) => return Some((w, s.into_inner(), charge)),
                 Err(s) => {
                     tracing::warn!(worker = %w.url, error = %s.message(), "a worker refused to resume a stream");
-                    if matches!(s.code(), Code::Unavailable | Code::Unknown) {
-                        w.mark_unhealthy();
-                    }
+                    w.failed_with(&s);
                     exclude.push(w.url.clone());
                 }
             }
