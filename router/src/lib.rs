@@ -4,7 +4,8 @@
 //! SSE streaming, `/v1/models`, `/health`, `/metrics`) in front of prefill, decode and mixed
 //! workers, with DOPD's length-aware scheduling ([`schedule`]), a worker registry with health
 //! checks ([`pool`]) and the cumulative counts the planner reads (`GET /v1/dopd/load`,
-//! [`load`]: read by any number of readers without changing them). Requests are tokenized here, so their prompt length is known before routing.
+//! `dopd_protocol::load::LoadSnapshot`: read by any number of readers without changing them).
+//! Requests are tokenized here, so their prompt length is known before routing.
 //!
 //! Operational endpoints: `GET /v1/dopd/workers`, `POST /v1/dopd/workers {"url"}` (register),
 //! `POST /v1/dopd/drain {"workers": [url or worker id]}` (no new work; answers their in-flight

@@ -134,7 +134,7 @@ impl WorkerService {
     }
 
     /// Receives UCX transfers into vectors from `pool` (give the same pool to the engine with
-    /// [`Engine::with_block_pool`], which returns them after each import).
+    /// [`crate::engine::Engine::with_block_pool`], which returns them after each import).
     pub fn with_block_pool(mut self, pool: Arc<crate::transfer::BlockPool>) -> Self {
         self.pool = Some(pool);
         self
