@@ -177,14 +177,11 @@ impl PrefillGate {
                 }
                 return;
             }
-            // The least-loaded free worker, by the planner crate's rule (as `Pool::pick`).
             let free: Vec<_> = prefill
                 .into_iter()
                 .filter(|w| w.in_flight() == 0 && s.busy.get(&w.url).copied().unwrap_or(0) == 0)
                 .collect();
-            let loads: Vec<f64> = free.iter().map(|w| w.outstanding_tokens() as f64).collect();
-            let Some(w) = dopd_planner::routing::least_loaded(&loads).map(|i| free[i].clone())
-            else {
+            let Some(w) = crate::pool::least_loaded(&free) else {
                 return;
             };
             if self.paced && !self.decode_room() {

@@ -231,9 +231,7 @@ impl Pool {
 
     /// The least-loaded candidate by outstanding tokens (the planner crate's rule).
     pub fn pick(&self, roles: &[Role], exclude: &[String]) -> Option<Arc<WorkerEntry>> {
-        let c = self.candidates(roles, exclude);
-        let loads: Vec<f64> = c.iter().map(|w| w.outstanding_tokens() as f64).collect();
-        dopd_planner::routing::least_loaded(&loads).map(|i| c[i].clone())
+        least_loaded(&self.candidates(roles, exclude))
     }
 
     /// Marks the workers whose URL or worker id is in `names` as draining (no new work); returns
@@ -278,6 +276,16 @@ impl Pool {
             }
         });
     }
+}
+
+/// The least-loaded of `workers` by outstanding tokens (the planner crate's rule, ties to the
+/// first).
+pub fn least_loaded(workers: &[Arc<WorkerEntry>]) -> Option<Arc<WorkerEntry>> {
+    let loads: Vec<f64> = workers
+        .iter()
+        .map(|w| w.outstanding_tokens() as f64)
+        .collect();
+    dopd_planner::routing::least_loaded(&loads).map(|i| workers[i].clone())
 }
 
 /// What the router knows of one worker.

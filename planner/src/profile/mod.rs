@@ -41,14 +41,6 @@ impl Role {
             Self::Mixed => "mixed",
         }
     }
-
-    /// The role whose count this instance is part of: a mixed instance counts as decode.
-    pub fn sized(self) -> Self {
-        match self {
-            Self::Mixed => Self::Decode,
-            r => r,
-        }
-    }
 }
 
 impl std::str::FromStr for Role {
