@@ -18,10 +18,13 @@ use tokenizer::ModelTokenizer;
 pub fn load_tokenizer(
     path: &std::path::Path,
 ) -> Result<(ModelTokenizer, LlamaConfig, String), ModelError> {
-    let name = |p: &std::path::Path| {
-        p.file_stem()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+    // The served name: a checkpoint directory's name, or a file's without its extension.
+    let stem = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
     };
+    let name = stem.map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     if path.is_dir() {
         let config = path.join("config.json");
         let c = hf::config_from_json(&config)?;
@@ -31,10 +34,7 @@ pub fn load_tokenizer(
                 file: tok_path.display().to_string(),
                 msg: e.to_string(),
             })?;
-        let n = path
-            .file_name()
-            .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
-        return Ok((t, c, n));
+        return Ok((t, c, name));
     }
     let g = gguf::Gguf::open(path).map_err(|e| ModelError::File {
         file: path.display().to_string(),
@@ -45,5 +45,5 @@ pub fn load_tokenizer(
         file: path.display().to_string(),
         msg: format!("tokenizer: {e}"),
     })?;
-    Ok((t, c, name(path)))
+    Ok((t, c, name))
 }
