@@ -69,9 +69,13 @@ for r in $(seq 1 "$rounds"); do
     -o json > "$out/peer-tg-$r.json" 2>/dev/null
   "$cache/bin/llama-batched-bench" -m "$model" -t "$threads" -nr -c 4096 -npp 128 -ntg 32 \
     -npl 1,8 --output-format jsonl 2>/dev/null | grep '^{' > "$out/peer-b-$r.jsonl"
+  "$cache/bin/llama-batched-bench" -m "$model" -t "$threads" -nr -c 4096 -npp 32 -ntg 1 \
+    -npl 8 --output-format jsonl 2>/dev/null | grep '^{' > "$out/peer-p-$r.jsonl"
   echo "== round $r of $rounds: dopd" >&2
   "$dopd" bench worker --model "$model" --batches 1,8 --prompt-len 128 --decode-tokens 32 \
     --json > "$out/ours-128-$r.json" 2>/dev/null
+  "$dopd" bench worker --model "$model" --batches 8 --prompt-len 32 --decode-tokens 1 \
+    --json > "$out/ours-32-$r.json" 2>/dev/null
   for n in 512 2048; do
     "$dopd" bench worker --model "$model" --batches 1 --prompt-len "$n" --decode-tokens 16 \
       --json > "$out/ours-$n-$r.json" 2>/dev/null
@@ -92,10 +96,10 @@ def peer_pp(r, n):
 def peer_tg(r):
     return load(f"{out}/peer-tg-{r}.json")[0]["avg_ts"]
 
-def peer_batch(r, pl):
-    with open(f"{out}/peer-b-{r}.jsonl") as f:
+def peer_batch(r, pl, name="b", key="speed_tg"):
+    with open(f"{out}/peer-{name}-{r}.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return next(x["speed_tg"] for x in rows if x["pl"] == pl)
+    return next(x[key] for x in rows if x["pl"] == pl)
 
 def ours(r, n, batch, key):
     rows = load(f"{out}/ours-{n}-{r}.json")["rows"]
@@ -108,6 +112,8 @@ rows = [
      lambda r: ours(r, 512, 1, "prefill_tokens_per_s")),
     ("prefill tok/s, 2048-token prompt", lambda r: peer_pp(r, 2048),
      lambda r: ours(r, 2048, 1, "prefill_tokens_per_s")),
+    ("prefill tok/s, 8 prompts of 32 tokens together", lambda r: peer_batch(r, 8, "p", "speed_pp"),
+     lambda r: ours(r, 32, 8, "prefill_tokens_per_s")),
     ("decode tok/s, batch 1, after 128 tokens", peer_tg,
      lambda r: ours(r, 128, 1, "decode_tokens_per_s")),
     ("decode tok/s, batch 8, aggregate", lambda r: peer_batch(r, 8),

@@ -543,13 +543,17 @@ impl<B: Backend> Engine<B> {
         let mut budget = self.cfg.max_prefill_tokens;
         let mut prefilled = 0;
         let mut admitted_any = false;
-        while self.running.len() < self.cfg.max_running.max(1) {
+        // Blocks the new prompts admitted so far in this step will take.
+        let mut reserved = 0;
+        let mut fresh = Vec::new();
+        while self.running.len() + fresh.len() < self.cfg.max_running.max(1) {
             let Some(front) = self.waiting.front() else {
                 break;
             };
             // Tokens whose K/V must be in the cache before the next decode step.
             let fill = front.prompt.len() + front.generated.len().saturating_sub(1);
-            if self.cache.blocks_for(fill + 1) > self.cache.free_blocks() {
+            let blocks = self.cache.blocks_for(fill + 1);
+            if reserved + blocks > self.cache.free_blocks() {
                 break;
             }
             let compute = if front.import.is_some() { 0 } else { fill };
@@ -560,9 +564,63 @@ impl<B: Backend> Engine<B> {
             admitted_any = true;
             budget = budget.saturating_sub(compute);
             prefilled += compute;
-            self.start(s, events);
+            if s.import.is_none() && s.generated.is_empty() {
+                // A new prompt: prefilled below, with the others admitted in this step.
+                reserved += blocks;
+                fresh.push(s);
+            } else {
+                self.start(s, events);
+            }
         }
+        self.start_fresh(fresh, events);
         prefilled
+    }
+
+    /// Starts new prompts admitted together: one packed prefill for all of them (the router's
+    /// short batches pay off here), then each samples its first token. Should the packed pass
+    /// fail, each is started on its own, so one bad sequence fails alone.
+    fn start_fresh(&mut self, mut seqs: Vec<Seq>, events: &mut Vec<Event>) {
+        if seqs.len() <= 1 {
+            for s in seqs {
+                self.start(s, events);
+            }
+            return;
+        }
+        let ids: Vec<SeqId> = seqs.iter().map(|_| self.cache.create()).collect();
+        for (s, &id) in seqs.iter_mut().zip(&ids) {
+            s.cache = Some(id);
+        }
+        let items: Vec<(SeqId, &[u32])> = ids
+            .iter()
+            .zip(&seqs)
+            .map(|(&id, s)| (id, s.prompt.as_slice()))
+            .collect();
+        let logits = match self.model.prefill_batch(&mut self.cache, &items) {
+            Ok(l) => l.into_data().to_vec::<f32>().unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let vocab = logits.len() / seqs.len();
+        if vocab == 0 {
+            for mut s in seqs {
+                self.release(&s);
+                s.cache = None;
+                self.start(s, events);
+            }
+            return;
+        }
+        for ((mut s, id), row) in seqs.into_iter().zip(ids).zip(logits.chunks_exact(vocab)) {
+            self.admissions += 1;
+            s.admitted = self.admissions;
+            self.stats.prompt_tokens += s.prompt.len() as u64;
+            match self.first_token(&mut s, id, row, events) {
+                Ok(true) => self.running.push(s),
+                Ok(false) => self.release(&s),
+                Err(error) => {
+                    self.release(&s);
+                    self.fail(s.id, error, events);
+                }
+            }
+        }
     }
 
     /// Starts an admitted sequence: it joins the batch, or it is already done, or it failed.
@@ -613,7 +671,20 @@ impl<B: Backend> Engine<B> {
             .map_err(EngineError::Kv)?;
         self.stats.prompt_tokens += s.prompt.len() as u64;
         let logits: Vec<f32> = logits.into_data().to_vec().unwrap_or_default();
-        let token = s.sampler.sample(&logits);
+        self.first_token(s, id, &logits, events)
+    }
+
+    /// After a prompt's prefill into cache sequence `id`: samples the first token from the last
+    /// position's `logits` and hands the sequence on (its KV to a decode worker in Prefill mode,
+    /// or the token to the client); returns whether it goes on to decode here.
+    fn first_token(
+        &mut self,
+        s: &mut Seq,
+        id: SeqId,
+        logits: &[f32],
+        events: &mut Vec<Event>,
+    ) -> Result<bool, EngineError> {
+        let token = s.sampler.sample(logits);
         let (finish, text) = self.accept(s, token);
         if s.mode == Mode::Prefill {
             let kv = self.cache.export(id).map_err(EngineError::Kv)?;

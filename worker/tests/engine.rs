@@ -188,6 +188,74 @@ fn a_prompt_longer_than_a_prefill_chunk_equals_dense_attention_and_fails_whole()
 }
 
 #[test]
+fn a_packed_prefill_equals_each_prompt_prefilled_alone_and_fails_whole() {
+    use dopd_worker::model::{PACK_TOKENS, PREFILL_CHUNK};
+    let c = LlamaConfig {
+        context: PREFILL_CHUNK + 64,
+        ..tiny(RopeStyle::Halves, true)
+    };
+    let m = Llama::<B>::random(c, 5, &Default::default()).expect("ok in this test");
+    // Short prompts packed into passes (one just fits a pass), prompts too long to pack run
+    // alone between them (one in several chunks), and last a continuation of a sequence that
+    // already holds tokens.
+    let lens = [
+        3usize,
+        17,
+        1,
+        PREFILL_CHUNK + 9,
+        40,
+        PACK_TOKENS - 10,
+        PACK_TOKENS + 20,
+        6,
+    ];
+    let cont = lens.len() - 1;
+    let layout = || m.kv_layout(4, 0);
+    let blocks = 4 * PREFILL_CHUNK;
+    let mut cache = PagedKvCache::new(layout(), blocks);
+    let seqs: Vec<u64> = lens.iter().map(|_| cache.create()).collect();
+    let held = prompt(99, 5);
+    m.prefill(&mut cache, seqs[cont], &held).expect("room");
+    let prompts: Vec<Vec<u32>> = (0..lens.len()).map(|i| prompt(i as u64, lens[i])).collect();
+    let items: Vec<(u64, &[u32])> = seqs
+        .iter()
+        .zip(&prompts)
+        .map(|(&s, p)| (s, p.as_slice()))
+        .collect();
+    let packed = rows(m.prefill_batch(&mut cache, &items).expect("room"));
+    assert_eq!(packed.len(), lens.len());
+    let next = 11u32;
+    for (i, p) in prompts.iter().enumerate() {
+        let mut alone = PagedKvCache::new(layout(), blocks);
+        let s = alone.create();
+        if i == cont {
+            m.prefill(&mut alone, s, &held).expect("room");
+        }
+        let want = rows(m.prefill(&mut alone, s, p).expect("room")).remove(0);
+        assert!(close(&packed[i], &want) < 1e-4, "prompt {i}");
+        // The cache holds the same K/V: the next token's logits agree too.
+        let a = rows(m.forward_decode(&mut alone, &[(s, next)]).expect("room")).remove(0);
+        let b = rows(
+            m.forward_decode(&mut cache, &[(seqs[i], next)])
+                .expect("room"),
+        )
+        .remove(0);
+        assert!(close(&a, &b) < 1e-4, "prompt {i} after its prefill");
+    }
+    assert!(cache.check_invariants());
+    // Refused before anything is written: a sequence listed twice, an empty prompt, or more
+    // than the free blocks hold.
+    let mut small = PagedKvCache::new(layout(), 8);
+    let (a, b) = (small.create(), small.create());
+    let p = prompt(1, 12);
+    let q = prompt(2, 30);
+    assert!(m.prefill_batch(&mut small, &[(a, &p), (a, &p)]).is_err());
+    assert!(m.prefill_batch(&mut small, &[(a, &p), (b, &[])]).is_err());
+    assert!(m.prefill_batch(&mut small, &[(a, &p), (b, &q)]).is_err());
+    assert_eq!(small.len(a).expect("known"), 0);
+    assert_eq!(small.free_blocks(), 8);
+}
+
+#[test]
 fn batched_decode_step_equals_one_sequence_at_a_time() {
     let m = model();
     let mut cache = PagedKvCache::new(m.kv_layout(4, 0), 64);

@@ -1,0 +1,286 @@
+//! The forward passes over the paged KV cache: prefill (one prompt in chunks, or several packed
+//! into one pass) and the batched decode step. Each appends the new tokens' K/V to the cache and
+//! reads a sequence's K/V back for its attention.
+
+use burn::prelude::*;
+
+use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
+use crate::kv::{KvError, PagedKvCache, SeqId};
+
+impl<B: Backend> Llama<B> {
+    /// K and V of `seqs` at `layer` from the cache, padded to the longest:
+    /// `[b, kv_heads, tmax, head_dim]` each, and each sequence's length.
+    fn gather(
+        &self,
+        cache: &PagedKvCache,
+        seqs: &[SeqId],
+        layer: usize,
+    ) -> Result<Gathered<B>, KvError> {
+        let c = &self.config;
+        let lens = seqs
+            .iter()
+            .map(|&s| cache.written(s, layer))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tmax = lens.iter().copied().max().unwrap_or(0);
+        let per = c.kv_heads * tmax * c.head_dim;
+        let mut k = vec![0.0f32; seqs.len() * per];
+        let mut v = vec![0.0f32; seqs.len() * per];
+        for (i, &s) in seqs.iter().enumerate() {
+            cache.gather_heads(
+                s,
+                layer,
+                tmax,
+                &mut k[i * per..(i + 1) * per],
+                &mut v[i * per..(i + 1) * per],
+            )?;
+        }
+        let shape = [seqs.len(), c.kv_heads, tmax, c.head_dim];
+        let t = |d: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(d, shape), &self.device);
+        Ok((t(k), t(v), lens))
+    }
+
+    /// Appends the K/V rows (`[kv_heads, n, head_dim]`) of `n` tokens to the sequences `seqs`
+    /// (one token each when `seqs.len() == n`, all to one sequence when it is 1).
+    fn append_kv(
+        &self,
+        cache: &mut PagedKvCache,
+        seqs: &[SeqId],
+        layer: usize,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+    ) -> Result<(), KvError> {
+        let width = self.config.kv_heads * self.config.head_dim;
+        let kd: Vec<f32> = k.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
+        let vd: Vec<f32> = v.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
+        for t in 0..kd.len() / width {
+            let seq = seqs[if seqs.len() == 1 { 0 } else { t }];
+            let r = t * width..(t + 1) * width;
+            cache.append(seq, layer, &kd[r.clone()], &vd[r])?;
+        }
+        Ok(())
+    }
+
+    /// Runs `tokens` as the continuation of sequence `seq` in `cache` (a prefill when the
+    /// sequence is empty), appending their K/V; returns the logits of the new positions
+    /// (`[tokens, vocab]`). Fails before any write when the cache lacks the blocks.
+    pub fn forward_cached(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        Ok(self
+            .lm_head
+            .apply(self.hidden_cached(cache, seq, tokens, false)?))
+    }
+
+    /// Like [`Llama::forward_cached`], but only the last position's logits (`[1, vocab]`): a
+    /// prefill needs no more, and the output matrix is the largest matmul of a long prompt.
+    pub fn prefill(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        self.prefill_batch(cache, &[(seq, tokens)])
+    }
+
+    /// Several prefills in packed passes: `items[i] = (seq, tokens)` continues `seq` with
+    /// `tokens`; returns the logits of each item's last position (`[items, vocab]`, in order).
+    ///
+    /// Prompts are packed into passes of at most [`PACK_TOKENS`] tokens: the projections and
+    /// the MLP of a pass run as one matrix over all its tokens (each weight read once for the
+    /// pass, not once per prompt), attention runs per sequence over its own cache, and the output
+    /// matrix runs once for all the last positions. A prompt longer than that runs alone, in
+    /// chunks of [`PREFILL_CHUNK`]. Fails before any write when a sequence is unknown, listed twice or has no
+    /// tokens, or when the cache lacks the blocks for all of them.
+    pub fn prefill_batch(
+        &self,
+        cache: &mut PagedKvCache,
+        items: &[(SeqId, &[u32])],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        if items.is_empty() || items.iter().any(|i| i.1.is_empty()) {
+            return Err(KvError::NoTokens);
+        }
+        let grow: Vec<(SeqId, usize)> = items.iter().map(|&(s, t)| (s, t.len())).collect();
+        cache.check_room(&grow)?;
+        let last = on_pool(|| {
+            let mut last = Vec::with_capacity(items.len());
+            let mut pass: Vec<(SeqId, &[u32])> = Vec::new();
+            let mut packed = 0;
+            for (i, &(seq, tokens)) in items.iter().enumerate() {
+                if tokens.len() > PACK_TOKENS {
+                    last.push(self.hidden_cached(cache, seq, tokens, true)?);
+                } else {
+                    pass.push((seq, tokens));
+                    packed += tokens.len();
+                }
+                let next = items.get(i + 1).map_or(usize::MAX, |n| n.1.len());
+                if !pass.is_empty() && packed.saturating_add(next) > PACK_TOKENS {
+                    last.push(self.last_positions(self.hidden_packed(cache, &pass)?, &pass));
+                    pass.clear();
+                    packed = 0;
+                }
+            }
+            Ok::<_, KvError>(Tensor::cat(last, 0))
+        })?;
+        Ok(self.lm_head.apply(last))
+    }
+
+    /// The rows of `hidden` (a packed pass over `pass`) at each item's last position.
+    fn last_positions(&self, hidden: Tensor<B, 2>, pass: &[(SeqId, &[u32])]) -> Tensor<B, 2> {
+        let ends: Vec<i64> = pass
+            .iter()
+            .scan(0i64, |end, p| {
+                *end += p.1.len() as i64;
+                Some(*end - 1)
+            })
+            .collect();
+        let n = ends.len();
+        hidden.select(
+            0,
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ends, [n]), &self.device),
+        )
+    }
+
+    /// The final-norm hidden states (`[tokens, hidden]`) of a cached continuation, computed
+    /// in chunks of [`PREFILL_CHUNK`] tokens: each chunk's attention scores are
+    /// `[heads, chunk, context]`, so memory grows linearly with the prompt, never with its
+    /// square. `last_only` keeps just the last position's state.
+    fn hidden_cached(
+        &self,
+        cache: &mut PagedKvCache,
+        seq: SeqId,
+        tokens: &[u32],
+        last_only: bool,
+    ) -> Result<Tensor<B, 2>, KvError> {
+        on_pool(|| {
+            // The room for the whole continuation is checked first: nothing is written when any
+            // chunk would not fit.
+            cache.check_room(&[(seq, tokens.len())])?;
+            let mut out = Vec::new();
+            let chunks = tokens.chunks(PREFILL_CHUNK);
+            let last = chunks.len().saturating_sub(1);
+            for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+                let h = self.hidden_packed(cache, &[(seq, chunk)])?;
+                if !last_only {
+                    out.push(h);
+                } else if i == last {
+                    let n = h.dims()[0];
+                    out.push(h.narrow(0, n - 1, 1));
+                }
+            }
+            match out.len() {
+                0 => Err(KvError::NoTokens),
+                1 => out.pop().ok_or(KvError::NoTokens),
+                _ => Ok(Tensor::cat(out, 0)),
+            }
+        })
+    }
+
+    /// One packed pass over continuations of several sequences (room already checked, each at
+    /// most a chunk): the projections and the MLP run over all their tokens as one matrix;
+    /// attention runs per sequence, each new position seeing its own sequence's cached positions
+    /// up to itself. Returns the final-norm hidden states of every new token (`[tokens, hidden]`,
+    /// item after item).
+    fn hidden_packed(
+        &self,
+        cache: &mut PagedKvCache,
+        items: &[(SeqId, &[u32])],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        // Per item: its first row in the pass, its length, and its causal mask over the cache.
+        let mut spans = Vec::with_capacity(items.len());
+        for &(seq, t) in items {
+            let start = cache.len(seq)?;
+            let n = t.len();
+            let mask = Tensor::<B, 2, Bool>::tril_mask([n, start + n], start as i64, &self.device)
+                .unsqueeze_dim::<3>(0);
+            spans.push((tokens.len(), n, mask));
+            tokens.extend_from_slice(t);
+            positions.extend(start..start + n);
+        }
+        let mut x = self.embed_tokens(&tokens);
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(x.clone(), &l.attn_norm);
+            let (q, k, v) = self.qkv(l, h, &positions);
+            let mut out = Vec::with_capacity(items.len());
+            for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
+                let part = |t: &Tensor<B, 3>| t.clone().narrow(1, *first, *n);
+                self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
+                let (ka, va, _) = self.gather(cache, &[seq], li)?;
+                out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+            }
+            let attended = if out.len() == 1 {
+                out.pop().expect("one item")
+            } else {
+                Tensor::cat(out, 0)
+            };
+            x = x + l.wo.apply(attended);
+            x = self.mlp(l, x);
+        }
+        Ok(self.rms_norm(x, &self.norm))
+    }
+
+    /// One decode step for a batch: `batch[i] = (seq, token)` appends `token` to `seq`. The
+    /// projections and MLP run as one `[batch, hidden]` matmul; attention runs per sequence over
+    /// its own cached length. Returns `[batch, vocab]` logits. Fails before any write when a
+    /// sequence is unknown, listed twice, or the cache lacks the blocks.
+    pub fn forward_decode(
+        &self,
+        cache: &mut PagedKvCache,
+        batch: &[(SeqId, u32)],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        on_pool(|| self.decode_step(cache, batch))
+    }
+
+    fn decode_step(
+        &self,
+        cache: &mut PagedKvCache,
+        batch: &[(SeqId, u32)],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        let seqs: Vec<SeqId> = batch.iter().map(|b| b.0).collect();
+        let tokens: Vec<u32> = batch.iter().map(|b| b.1).collect();
+        let positions = seqs
+            .iter()
+            .map(|&s| cache.len(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let need: Vec<(SeqId, usize)> = seqs.iter().map(|&s| (s, 1)).collect();
+        cache.check_room(&need)?;
+        let mut x = self.embed_tokens(&tokens);
+        let b = batch.len();
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(x.clone(), &l.attn_norm);
+            let (q, k, v) = self.qkv(l, h, &positions);
+            self.append_kv(cache, &seqs, li, k, v)?;
+            let (ka, va, lens) = self.gather(cache, &seqs, li)?;
+            // Each sequence sees its own length; the padding beyond it is masked.
+            let tmax = ka.dims()[2];
+            let pad: Vec<bool> = lens
+                .iter()
+                .flat_map(|&len| (0..tmax).map(move |t| t >= len))
+                .collect();
+            let mask =
+                Tensor::<B, 3, Bool>::from_data(TensorData::new(pad, [b, 1, tmax]), &self.device);
+            x = x + l.wo.apply(self.attend(q, ka, va, Some(mask)));
+            x = self.mlp(l, x);
+        }
+        Ok(self.lm_head.apply(self.rms_norm(x, &self.norm)))
+    }
+}
+
+/// Runs `f` on a thread of the CPU thread pool (at once when already on one). The quantized
+/// products split every matrix over the pool's threads; handing work to the pool from outside
+/// it costs a wake-up and a blocking wait each time, about 200 times a decode step, while from
+/// inside it a split is a cheap fork-join.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::join(f, || ()).0
+    }
+}
+
+/// K and V of a batch (`[b, kv_heads, tmax, head_dim]` each) and each sequence's length.
+type Gathered<B> = (Tensor<B, 4>, Tensor<B, 4>, Vec<usize>);
