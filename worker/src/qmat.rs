@@ -220,8 +220,8 @@ impl QMatrix {
     }
 
     /// `y = x · Wᵀ` for `n` input rows: `x` is row-major `[n, cols]`, the result `[n, rows]`.
-    /// Each weight is read once whatever `n`, so this is for small `n` (decode steps); a
-    /// prompt's many rows go through [`QMatrix::dequantize`] and a GEMM.
+    /// Each weight is read once per [`QUANT_ROWS`] input rows, so this is for small `n` (decode
+    /// steps, short prompts); many rows go through [`QMatrix::dequantize`] and a GEMM.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
         assert_eq!(x.len(), n * self.cols, "input of the wrong size");
         let per_row = self.cols / BLOCK;
