@@ -82,6 +82,12 @@ pub enum KvError {
     },
     #[error("export block {block} holds a value that is not a finite number")]
     NonFinite { block: usize },
+    #[error("sequence {seq} has {written} tokens at this layer: position {pos} is not written")]
+    NotWritten {
+        seq: SeqId,
+        pos: usize,
+        written: usize,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -100,6 +106,43 @@ pub struct KvExport {
     pub tokens: usize,
     /// Per block: all layers' K then V, `layers · 2 · block_width` floats.
     pub blocks: Vec<Vec<f32>>,
+}
+
+/// One sequence's K/V at one layer, read in place ([`PagedKvCache::view`]).
+#[derive(Clone, Copy, Debug)]
+pub struct KvView<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    blocks: &'a [u32],
+    len: usize,
+    layout: KvLayout,
+}
+
+impl<'a> KvView<'a> {
+    /// Tokens written at this layer.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tokens per block: a block's tokens lie next to each other.
+    pub fn block_size(&self) -> usize {
+        self.layout.block_size
+    }
+
+    /// K and V of the tokens `[b·block_size, ...)` held by the sequence's `b`-th block, up to its
+    /// written length: `[tokens, kv_heads, head_dim]` each.
+    pub fn block(&self, b: usize) -> (&'a [f32], &'a [f32]) {
+        let l = self.layout;
+        let first = b * l.block_size;
+        let tokens = self.len.saturating_sub(first).min(l.block_size);
+        let at = self.blocks[b] as usize * l.block_width();
+        let r = at..at + tokens * l.token_width();
+        (&self.k[r.clone()], &self.v[r])
+    }
 }
 
 /// See the module docs.
@@ -276,6 +319,20 @@ impl PagedKvCache {
         s.written[layer] += 1;
         s.len = s.written.iter().copied().min().unwrap_or(0);
         Ok(())
+    }
+
+    /// Read access to a sequence's K/V at `layer`, token by token, where they lie in the pool
+    /// (no copy): what attention on the host reads.
+    pub fn view(&self, seq: SeqId, layer: usize) -> Result<KvView<'_>, KvError> {
+        self.check_layer(layer)?;
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        Ok(KvView {
+            k: &self.k[layer],
+            v: &self.v[layer],
+            blocks: &s.blocks,
+            len: s.written[layer],
+            layout: self.layout,
+        })
     }
 
     /// K and V of a sequence at `layer`, head-major (`[kv_heads, tmax, head_dim]` each) into

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use crate::kv::KvLayout;
 use crate::qmat::QMatrix;
 
+mod attention;
 mod cached;
 mod linear;
 use linear::Linear;
@@ -72,6 +73,9 @@ pub struct Llama<B: Backend> {
     /// One inverse frequency per rotated pair (scaling applied).
     inv_freq: Vec<f64>,
     device: B::Device,
+    /// Attention over the paged cache on the host, reading K/V in place (the CPU backend), or
+    /// as tensor operations on gathered K/V (other backends).
+    host_attention: bool,
 }
 
 /// Where weights come from: a name and a row-major `[rows, cols]` shape (PyTorch's
@@ -259,7 +263,16 @@ impl<B: Backend> Llama<B> {
             norm,
             lm_head,
             device: device.clone(),
+            host_attention: WeightMode::for_backend::<B>() == WeightMode::Quantized,
         })
+    }
+
+    /// Chooses the attention over the paged cache: on the host, reading K/V where they lie
+    /// (the default on the CPU backend), or as tensor operations on gathered K/V (the default
+    /// elsewhere). Both compute the same values; tests compare them.
+    pub fn with_host_attention(mut self, on: bool) -> Self {
+        self.host_attention = on;
+        self
     }
 
     /// A model with seeded random weights (roughly normal, std 0.2; norms near 1), for tests and

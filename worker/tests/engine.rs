@@ -256,6 +256,51 @@ fn a_packed_prefill_equals_each_prompt_prefilled_alone_and_fails_whole() {
 }
 
 #[test]
+fn attention_on_the_host_equals_attention_as_tensor_operations() {
+    use dopd_worker::model::PREFILL_CHUNK;
+    for (style, bias) in [(RopeStyle::Halves, true), (RopeStyle::Adjacent, false)] {
+        let c = LlamaConfig {
+            context: 2 * PREFILL_CHUNK + 64,
+            ..tiny(style, bias)
+        };
+        let host = Llama::<B>::random(c.clone(), 3, &Default::default())
+            .expect("ok in this test")
+            .with_host_attention(true);
+        let tensor = Llama::<B>::random(c, 3, &Default::default())
+            .expect("ok in this test")
+            .with_host_attention(false);
+        // A prompt over two chunks (tiles and a short tail), short prompts packed together (one
+        // below a tile's rows), then decode steps for all of them in one batch.
+        let prompts = [prompt(1, PREFILL_CHUNK + 45), prompt(2, 3), prompt(3, 21)];
+        let run = |m: &Llama<B>| {
+            let mut cache = PagedKvCache::new(m.kv_layout(4, 0), 512);
+            let seqs: Vec<u64> = prompts.iter().map(|_| cache.create()).collect();
+            let mut out = rows(m.prefill(&mut cache, seqs[0], &prompts[0]).expect("room"));
+            let items: Vec<(u64, &[u32])> = seqs[1..]
+                .iter()
+                .zip(&prompts[1..])
+                .map(|(&s, p)| (s, p.as_slice()))
+                .collect();
+            out.extend(rows(m.prefill_batch(&mut cache, &items).expect("room")));
+            for step in 0..3u32 {
+                let batch: Vec<(u64, u32)> = seqs.iter().map(|&s| (s, 7 + step)).collect();
+                out.extend(rows(m.forward_decode(&mut cache, &batch).expect("room")));
+            }
+            out
+        };
+        let (a, b) = (run(&host), run(&tensor));
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                close(x, y) < 1e-4,
+                "{style:?}: logits row {i} differ by {}",
+                close(x, y)
+            );
+        }
+    }
+}
+
+#[test]
 fn batched_decode_step_equals_one_sequence_at_a_time() {
     let m = model();
     let mut cache = PagedKvCache::new(m.kv_layout(4, 0), 64);

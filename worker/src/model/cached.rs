@@ -4,6 +4,7 @@
 
 use burn::prelude::*;
 
+use super::attention::{QueryRow, paged_attention};
 use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
 use crate::kv::{KvError, PagedKvCache, SeqId};
 
@@ -190,16 +191,22 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 2>, KvError> {
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
-        // Per item: its first row in the pass, its length, and its causal mask over the cache.
+        // Per query row: its sequence and position (host attention).
+        let mut rows = Vec::new();
+        // Per item: its first row in the pass, its length, and (tensor attention) its causal
+        // mask over the cache.
         let mut spans = Vec::with_capacity(items.len());
         for &(seq, t) in items {
             let start = cache.len(seq)?;
             let n = t.len();
-            let mask = Tensor::<B, 2, Bool>::tril_mask([n, start + n], start as i64, &self.device)
-                .unsqueeze_dim::<3>(0);
+            let mask = (!self.host_attention).then(|| {
+                Tensor::<B, 2, Bool>::tril_mask([n, start + n], start as i64, &self.device)
+                    .unsqueeze_dim::<3>(0)
+            });
             spans.push((tokens.len(), n, mask));
             tokens.extend_from_slice(t);
             positions.extend(start..start + n);
+            rows.extend((start..start + n).map(|p| (seq, p)));
         }
         let mut x = self.embed_tokens(&tokens);
         for (li, l) in self.layers.iter().enumerate() {
@@ -209,10 +216,14 @@ impl<B: Backend> Llama<B> {
             for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
                 let part = |t: &Tensor<B, 3>| t.clone().narrow(1, *first, *n);
                 self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
-                let (ka, va, _) = self.gather(cache, &[seq], li)?;
-                out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+                if let Some(mask) = mask {
+                    let (ka, va, _) = self.gather(cache, &[seq], li)?;
+                    out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+                }
             }
-            let attended = if out.len() == 1 {
+            let attended = if self.host_attention {
+                self.attend_host(cache, li, q, &rows)?
+            } else if out.len() == 1 {
                 out.pop().expect("one item")
             } else {
                 Tensor::cat(out, 0)
@@ -221,6 +232,29 @@ impl<B: Backend> Llama<B> {
             x = self.mlp(l, x);
         }
         Ok(self.rms_norm(x, &self.norm))
+    }
+
+    /// Attention on the host over the paged cache (see [`super::attention`]): `q` is
+    /// `[heads, rows, head_dim]`, the result `[rows, heads · head_dim]`.
+    fn attend_host(
+        &self,
+        cache: &PagedKvCache,
+        layer: usize,
+        q: Tensor<B, 3>,
+        rows: &[QueryRow],
+    ) -> Result<Tensor<B, 2>, KvError> {
+        let c = &self.config;
+        let q: Vec<f32> = q
+            .swap_dims(0, 1)
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .unwrap_or_default();
+        let out = paged_attention(cache, layer, &q, rows, c.heads)?;
+        Ok(Tensor::from_data(
+            TensorData::new(out, [rows.len(), c.heads * c.head_dim]),
+            &self.device,
+        ))
     }
 
     /// One decode step for a batch: `batch[i] = (seq, token)` appends `token` to `seq`. The
@@ -254,6 +288,12 @@ impl<B: Backend> Llama<B> {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &positions);
             self.append_kv(cache, &seqs, li, k, v)?;
+            if self.host_attention {
+                let rows: Vec<QueryRow> = seqs.iter().copied().zip(positions.clone()).collect();
+                x = x + l.wo.apply(self.attend_host(cache, li, q, &rows)?);
+                x = self.mlp(l, x);
+                continue;
+            }
             let (ka, va, lens) = self.gather(cache, &seqs, li)?;
             // Each sequence sees its own length; the padding beyond it is masked.
             let tmax = ka.dims()[2];

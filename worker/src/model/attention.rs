@@ -1,0 +1,415 @@
+//! Attention on the host over the paged KV cache. Each new token's query attends to its own
+//! sequence's cached keys up to its own position, read block by block where they lie in the pool:
+//! no gather into a padded tensor, no mask, no score matrix. The softmax runs online, one cache
+//! block at a time (the running maximum and sum are rescaled when a block raises the maximum), so
+//! the memory a row needs does not grow with the context, and the masked half of a causal prompt
+//! is never computed. The query heads that share a KV head read each block while it is in cache.
+//! Used on the CPU backend; other backends keep the tensor path.
+
+use rayon::prelude::*;
+
+use crate::kv::{KvError, KvView, PagedKvCache, SeqId};
+
+/// One query row: the sequence and the position of its token, which sees positions `0..=pos`.
+pub(crate) type QueryRow = (SeqId, usize);
+
+/// Attention of `rows` at `layer`: `q` is `[rows, heads, head_dim]` (RoPE applied), the result
+/// `[rows, heads · head_dim]`. Every row's K/V must already be in the cache up to its position.
+pub(crate) fn paged_attention(
+    cache: &PagedKvCache,
+    layer: usize,
+    q: &[f32],
+    rows: &[QueryRow],
+    heads: usize,
+) -> Result<Vec<f32>, KvError> {
+    let l = *cache.layout();
+    let width = heads * l.head_dim;
+    if q.len() != rows.len() * width || heads == 0 || !heads.is_multiple_of(l.kv_heads) {
+        return Err(KvError::BadWidth {
+            got: q.len(),
+            want: rows.len() * width,
+        });
+    }
+    let views = rows
+        .iter()
+        .map(|&(seq, pos)| {
+            let v = cache.view(seq, layer)?;
+            if pos >= v.len() {
+                return Err(KvError::NotWritten {
+                    seq,
+                    pos,
+                    written: v.len(),
+                });
+            }
+            Ok(v)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let shape = Shape {
+        heads,
+        kv_heads: l.kv_heads,
+        head_dim: l.head_dim,
+        scale: 1.0 / (l.head_dim as f32).sqrt(),
+    };
+    let mut out = vec![0.0f32; rows.len() * width];
+    let tiles = tiles(rows);
+    let mut parts = Vec::with_capacity(tiles.len());
+    let mut rest = out.as_mut_slice();
+    for &(_, len) in &tiles {
+        let (part, tail) = rest.split_at_mut(len * width);
+        parts.push(part);
+        rest = tail;
+    }
+    let run = |(out, &(first, len)): (&mut [f32], &(usize, usize))| {
+        pulp::Arch::new().dispatch(Task {
+            shape,
+            q: &q[first * width..(first + len) * width],
+            out,
+            rows: &rows[first..first + len],
+            views: &views[first..first + len],
+        });
+    };
+    let work: usize = rows.iter().map(|r| r.1 + 1).sum::<usize>() * width;
+    if work >= 1 << 16 {
+        parts.into_par_iter().zip(tiles.par_iter()).for_each(run);
+    } else {
+        parts.into_iter().zip(tiles.iter()).for_each(run);
+    }
+    Ok(out)
+}
+
+/// Query rows a tile holds: one vector lane each.
+const TILE: usize = 16;
+
+/// Runs of rows of one sequence at consecutive positions (a prompt's tokens), cut into tiles
+/// of at most [`TILE`] rows: `(first row, rows)`.
+fn tiles(rows: &[QueryRow]) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for (i, r) in rows.iter().enumerate() {
+        match out.last_mut() {
+            Some((first, len))
+                if *len < TILE && rows[*first].0 == r.0 && rows[*first].1 + *len == r.1 =>
+            {
+                *len += 1
+            }
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+/// One task's rows, run by pulp with the CPU's vector features enabled (everything below is
+/// inlined into it, so the loops vectorize).
+struct Task<'a> {
+    shape: Shape,
+    q: &'a [f32],
+    out: &'a mut [f32],
+    rows: &'a [QueryRow],
+    views: &'a [KvView<'a>],
+}
+
+impl pulp::WithSimd for Task<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let sh = self.shape;
+        let width = sh.heads * sh.head_dim;
+        let block = self.views.first().map_or(1, |v| v.block_size());
+        if self.rows.len() >= TILE_MIN {
+            // Consecutive positions of one sequence (see `tiles`).
+            attend_tile(
+                simd,
+                sh,
+                self.q,
+                self.out,
+                &self.views[0],
+                self.rows[0].1,
+                block,
+            );
+            return;
+        }
+        // Per head: the running maximum and sum; the block's scores.
+        let mut max = vec![f32::NEG_INFINITY; sh.heads];
+        let mut sum = vec![0.0f32; sh.heads];
+        let mut scores = vec![0.0f32; block];
+        for (((q, out), &(_, pos)), view) in self
+            .q
+            .chunks_exact(width)
+            .zip(self.out.chunks_exact_mut(width))
+            .zip(self.rows)
+            .zip(self.views)
+        {
+            max.fill(f32::NEG_INFINITY);
+            sum.fill(0.0);
+            attend_row(sh, q, out, view, pos, &mut max, &mut sum, &mut scores);
+        }
+    }
+}
+
+/// One query row over its sequence's blocks; `out` starts zeroed and ends normalised.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_row(
+    sh: Shape,
+    q: &[f32],
+    out: &mut [f32],
+    view: &KvView,
+    pos: usize,
+    max: &mut [f32],
+    sum: &mut [f32],
+    scores: &mut [f32],
+) {
+    let hd = sh.head_dim;
+    let group = sh.heads / sh.kv_heads;
+    let token = sh.kv_heads * hd;
+    let seen = pos + 1;
+    for b in 0..seen.div_ceil(view.block_size()) {
+        let (keys, values) = view.block(b);
+        let n = (keys.len() / token).min(seen - b * view.block_size());
+        for h in 0..sh.heads {
+            let kv = (h / group) * hd;
+            let qh = &q[h * hd..(h + 1) * hd];
+            let mut top = f32::NEG_INFINITY;
+            for (t, s) in scores.iter_mut().enumerate().take(n) {
+                *s = dot(qh, &keys[t * token + kv..t * token + kv + hd]) * sh.scale;
+                top = top.max(*s);
+            }
+            let acc = &mut out[h * hd..(h + 1) * hd];
+            if top > max[h] {
+                // exp(-inf) = 0 on the first block: nothing to rescale yet.
+                let c = (max[h] - top).exp();
+                sum[h] *= c;
+                acc.iter_mut().for_each(|a| *a *= c);
+                max[h] = top;
+            }
+            for (t, &s) in scores.iter().enumerate().take(n) {
+                let p = (s - max[h]).exp();
+                sum[h] += p;
+                axpy(acc, p, &values[t * token + kv..t * token + kv + hd]);
+            }
+        }
+    }
+    for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+        let inv = 1.0 / sum[h];
+        acc.iter_mut().for_each(|a| *a *= inv);
+    }
+}
+
+/// Below this many rows a tile is attended row by row (a decode step's rows, each of its own
+/// sequence): lanes would stay empty.
+const TILE_MIN: usize = 4;
+
+/// Rows of one sequence at positions `first..first + rows`, one vector lane per row: scores
+/// for a key are computed for all the tile's rows at once from the queries laid out
+/// dimension-major, the softmax runs on whole lanes, and the masked keys past a row's position
+/// score −∞.
+#[inline(always)]
+fn attend_tile<S: pulp::Simd>(
+    simd: S,
+    sh: Shape,
+    q: &[f32],
+    out: &mut [f32],
+    view: &KvView,
+    first: usize,
+    block: usize,
+) {
+    let hd = sh.head_dim;
+    let width = sh.heads * hd;
+    let rows = q.len() / width;
+    let group = sh.heads / sh.kv_heads;
+    let token = sh.kv_heads * hd;
+    let seen = first + rows;
+    // Queries of one head, dimension-major and scaled; the block's scores, key-major.
+    let mut qt = vec![[0.0f32; TILE]; hd];
+    let mut scores = vec![[0.0f32; TILE]; block];
+    let mut acc = vec![0.0f32; TILE * hd];
+    for h in 0..sh.heads {
+        let kv = (h / group) * hd;
+        for (r, row) in q.chunks_exact(width).enumerate() {
+            for (d, x) in row[h * hd..(h + 1) * hd].iter().enumerate() {
+                qt[d][r] = x * sh.scale;
+            }
+        }
+        let mut max = [f32::NEG_INFINITY; TILE];
+        let mut sum = [0.0f32; TILE];
+        acc.fill(0.0);
+        for b in 0..seen.div_ceil(block) {
+            let (keys, values) = view.block(b);
+            let t0 = b * block;
+            let n = (keys.len() / token).min(seen - t0);
+            let mut top = [f32::NEG_INFINITY; TILE];
+            for (j, s) in scores.iter_mut().enumerate().take(n) {
+                let k = &keys[j * token + kv..j * token + kv + hd];
+                scores_of(simd, &qt, k, s);
+                // Row r (position first + r) sees keys up to its own position.
+                for r in 0..TILE {
+                    if t0 + j > first + r {
+                        s[r] = f32::NEG_INFINITY;
+                    }
+                    top[r] = top[r].max(s[r]);
+                }
+            }
+            let mut scale = [0.0f32; TILE];
+            for r in 0..TILE {
+                let m = max[r].max(top[r]);
+                scale[r] = max[r] - m;
+                max[r] = m;
+            }
+            exp_lanes(&mut scale);
+            for r in 0..TILE {
+                sum[r] *= scale[r];
+            }
+            for (r, a) in acc.chunks_exact_mut(hd).enumerate().take(rows) {
+                a.iter_mut().for_each(|x| *x *= scale[r]);
+            }
+            for (j, s) in scores.iter_mut().enumerate().take(n) {
+                for r in 0..TILE {
+                    s[r] -= max[r];
+                }
+                exp_lanes(s);
+                for r in 0..TILE {
+                    sum[r] += s[r];
+                }
+                let v = &values[j * token + kv..j * token + kv + hd];
+                for (r, a) in acc.chunks_exact_mut(hd).enumerate().take(rows) {
+                    axpy(a, s[r], v);
+                }
+            }
+        }
+        for (r, a) in acc.chunks_exact(hd).enumerate().take(rows) {
+            let inv = 1.0 / sum[r];
+            for (o, x) in out[r * width + h * hd..r * width + (h + 1) * hd]
+                .iter_mut()
+                .zip(a)
+            {
+                *o = x * inv;
+            }
+        }
+    }
+}
+
+/// `s[r] = Σ_d qt[d][r] · k[d]`: one key's scores for all the tile's rows, in the CPU's
+/// vectors, written out (left to itself, the compiler unrolls this into scalar multiply-adds),
+/// with four independent chains of multiply-adds in registers so they overlap.
+#[inline(always)]
+fn scores_of<S: pulp::Simd>(simd: S, qt: &[[f32; TILE]], k: &[f32], s: &mut [f32; TILE]) {
+    let zero = simd.splat_f32s(0.0);
+    let (lanes, _) = S::as_mut_simd_f32s(s);
+    if lanes.len() > 2 {
+        // Narrow vectors (no SIMD found): the plain loop.
+        for (r, x) in s.iter_mut().enumerate() {
+            *x = qt.iter().zip(k).map(|(q, &kd)| q[r] * kd).sum();
+        }
+        return;
+    }
+    let mut part = [[zero; 4]; 2];
+    let whole = k.len() / 4 * 4;
+    for (q4, k4) in qt[..whole].chunks_exact(4).zip(k[..whole].chunks_exact(4)) {
+        for c in 0..4 {
+            let kd = simd.splat_f32s(k4[c]);
+            for (p, &q) in part.iter_mut().zip(S::as_simd_f32s(&q4[c]).0) {
+                p[c] = simd.mul_add_f32s(q, kd, p[c]);
+            }
+        }
+    }
+    for (qd, &kd) in qt[whole..].iter().zip(&k[whole..]) {
+        let kd = simd.splat_f32s(kd);
+        for (p, &q) in part.iter_mut().zip(S::as_simd_f32s(qd).0) {
+            p[0] = simd.mul_add_f32s(q, kd, p[0]);
+        }
+    }
+    for (l, p) in lanes.iter_mut().zip(&part) {
+        *l = simd.add_f32s(simd.add_f32s(p[0], p[1]), simd.add_f32s(p[2], p[3]));
+    }
+}
+
+/// `e^x` on every lane, branch-free so it vectorizes (Cephes' single-precision polynomial:
+/// relative error about 1e-7; −∞ and anything below −87 give 0).
+#[inline(always)]
+fn exp_lanes(x: &mut [f32; TILE]) {
+    for v in x.iter_mut() {
+        let zero = *v < -87.0;
+        let a = v.clamp(-87.0, 88.0);
+        let n = (a * std::f32::consts::LOG2_E + 0.5).floor();
+        let r = a - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let mut p = 1.987_569_1e-4f32;
+        p = p.mul_add(r, 1.398_2e-3);
+        p = p.mul_add(r, 8.333_452e-3);
+        p = p.mul_add(r, 4.166_579_6e-2);
+        p = p.mul_add(r, 1.666_666_5e-1);
+        p = p.mul_add(r, 0.5);
+        let e = (p * r).mul_add(r, r) + 1.0;
+        let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        *v = if zero { 0.0 } else { e * two_n };
+    }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let whole = a.len() / 16 * 16;
+    for (x, y) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
+        for j in 0..16 {
+            acc[j] = x[j].mul_add(y[j], acc[j]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for j in whole..a.len() {
+        s = a[j].mul_add(b[j], s);
+    }
+    s
+}
+
+#[inline(always)]
+fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = p.mul_add(x, *a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_on_lanes_matches_the_library_and_underflows_to_zero() {
+        let mut worst = 0.0f32;
+        for i in -2000..=2000 {
+            let mut x = [0.0f32; TILE];
+            for (l, v) in x.iter_mut().enumerate() {
+                *v = i as f32 * 0.043 + l as f32 * 0.0027;
+            }
+            let want = x.map(f32::exp);
+            exp_lanes(&mut x);
+            for (got, want) in x.iter().zip(want) {
+                worst = worst.max((got - want).abs() / want);
+            }
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        let mut x = [f32::NEG_INFINITY; TILE];
+        x[1] = -100.0;
+        x[2] = 0.0;
+        exp_lanes(&mut x);
+        assert_eq!((x[0], x[1], x[2]), (0.0, 0.0, 1.0));
+    }
+
+    #[test]
+    fn rows_of_one_sequence_at_consecutive_positions_share_tiles() {
+        let rows: Vec<QueryRow> = (0..20)
+            .map(|p| (1, p))
+            .chain([(2, 5), (3, 0), (3, 1), (3, 3)])
+            .collect();
+        assert_eq!(
+            tiles(&rows),
+            vec![(0, 16), (16, 4), (20, 1), (21, 2), (23, 1)]
+        );
+    }
+}
