@@ -13,24 +13,10 @@ BIN=${1:-target/release/dopd}
 TRACE=${2:-../shared/traces/AzureLLMInferenceTrace_conv.csv}
 DURATION=${DURATION:-60s}
 KILL_AT=${KILL_AT:-15}
-LOG=$(mktemp)
 OUT=$(mktemp)
-"$BIN" up --listen 127.0.0.1:0 --prefill 1 --decode 2 --max-workers 3 --no-planner >"$LOG" 2>&1 &
-PID=$!
-trap 'kill -INT $PID 2>/dev/null || true; wait $PID 2>/dev/null || true; rm -f "$LOG" "$OUT"' EXIT
-URL=""
-for _ in $(seq 1 600); do
-  URL=$(grep -o 'http://[0-9.:]*/v1' "$LOG" | head -1 || true)
-  [ -n "$URL" ] && break
-  kill -0 $PID 2>/dev/null || { cat "$LOG"; echo "failover: dopd up exited" >&2; exit 1; }
-  sleep 0.1
-done
-[ -n "$URL" ] || { cat "$LOG"; echo "failover: dopd up printed no URL" >&2; exit 1; }
-HOST=${URL%/v1}
-for _ in $(seq 1 300); do
-  curl -fsS "$HOST/health" >/dev/null 2>&1 && break
-  sleep 0.2
-done
+. scripts/up-lib.sh
+trap 'stop_up; rm -f "$OUT"' EXIT
+start_up failover "$BIN" --prefill 1 --decode 2 --max-workers 3 --no-planner || exit 1
 echo "failover: dopd up serves at $URL; replaying $DURATION of $TRACE"
 "$BIN" bench load --url "$URL" --trace "$TRACE" --duration "$DURATION" \
   --rate-scale "${RATE_SCALE:-0.5}" --isl-scale "${ISL_SCALE:-0.05}" --osl-scale "${OSL_SCALE:-0.5}" \
