@@ -134,12 +134,15 @@ impl<'a> KvView<'a> {
     }
 
     /// K and V of the tokens `[b·block_size, ...)` held by the sequence's `b`-th block, up to its
-    /// written length: `[tokens, kv_heads, head_dim]` each.
+    /// written length: `[tokens, kv_heads, head_dim]` each (empty past the sequence's blocks).
     pub fn block(&self, b: usize) -> (&'a [f32], &'a [f32]) {
         let l = self.layout;
+        let Some(&block) = self.blocks.get(b) else {
+            return (&[], &[]);
+        };
         let first = b * l.block_size;
         let tokens = self.len.saturating_sub(first).min(l.block_size);
-        let at = self.blocks[b] as usize * l.block_width();
+        let at = block as usize * l.block_width();
         let r = at..at + tokens * l.token_width();
         (&self.k[r.clone()], &self.v[r])
     }

@@ -37,6 +37,10 @@ fn check_contents(c: &PagedKvCache, seq: SeqId, tag: u64) {
             .gather_heads(seq, layer, n, &mut k, &mut v)
             .expect("gathers");
         assert_eq!(got, n);
+        // Read in place, block by block, the same values.
+        let view = c.view(seq, layer).expect("known");
+        assert_eq!(view.len(), n);
+        let (bs, w) = (view.block_size(), heads * hd);
         for t in 0..n {
             let (wk, wv) = kv(tag, t, layer);
             for h in 0..heads {
@@ -44,7 +48,12 @@ fn check_contents(c: &PagedKvCache, seq: SeqId, tag: u64) {
                 assert_eq!(&k[at..at + hd], &wk[h * hd..(h + 1) * hd]);
                 assert_eq!(&v[at..at + hd], &wv[h * hd..(h + 1) * hd]);
             }
+            let (bk, bv) = view.block(t / bs);
+            let at = (t % bs) * w;
+            assert_eq!((&bk[at..at + w], &bv[at..at + w]), (&wk[..], &wv[..]));
         }
+        assert!(view.block(n.div_ceil(bs)).0.is_empty());
+        assert!(view.block(1 << 40).1.is_empty());
     }
 }
 
