@@ -6,12 +6,19 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use burn::prelude::Backend;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::engine::{Engine, EngineError, EngineStats, Event, Request, RequestId};
 use crate::kv::KvLayout;
+
+/// After waking from idle, how long the thread keeps taking commands before its first step. The
+/// router sends a short batch's prompts to one prefill worker as separate calls within a moment
+/// of each other; gathered, they start in one step and so in one packed prefill. A lone request
+/// waits this long at most, against a prefill of tens of milliseconds.
+const GATHER: Duration = Duration::from_millis(2);
 
 enum Cmd {
     Submit(Request, UnboundedSender<Event>),
@@ -128,6 +135,13 @@ fn run_engine<B: Backend>(
             match rx.recv() {
                 Ok(cmd) => handle(&mut engine, &mut senders, cmd),
                 Err(_) => return,
+            }
+            let until = Instant::now() + GATHER;
+            while let Some(left) = until.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(cmd) => handle(&mut engine, &mut senders, cmd),
+                    Err(_) => break,
+                }
             }
         }
         while let Ok(cmd) = rx.try_recv() {
