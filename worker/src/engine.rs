@@ -612,14 +612,8 @@ impl<B: Backend> Engine<B> {
             self.admissions += 1;
             s.admitted = self.admissions;
             self.stats.prompt_tokens += s.prompt.len() as u64;
-            match self.first_token(&mut s, id, row, events) {
-                Ok(true) => self.running.push(s),
-                Ok(false) => self.release(&s),
-                Err(error) => {
-                    self.release(&s);
-                    self.fail(s.id, error, events);
-                }
-            }
+            let placed = self.first_token(&mut s, id, row, events);
+            self.settle(s, placed, events);
         }
     }
 
@@ -627,7 +621,14 @@ impl<B: Backend> Engine<B> {
     fn start(&mut self, mut s: Seq, events: &mut Vec<Event>) {
         self.admissions += 1;
         s.admitted = self.admissions;
-        match self.place(&mut s, events) {
+        let placed = self.place(&mut s, events);
+        self.settle(s, placed, events);
+    }
+
+    /// Puts a started sequence where `placed` says: into the batch (`true`), done (`false`), or
+    /// failed; a sequence leaving frees its blocks.
+    fn settle(&mut self, s: Seq, placed: Result<bool, EngineError>, events: &mut Vec<Event>) {
+        match placed {
             Ok(true) => self.running.push(s),
             Ok(false) => self.release(&s),
             Err(error) => {
