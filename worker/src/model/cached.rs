@@ -284,26 +284,33 @@ impl<B: Backend> Llama<B> {
         cache.check_room(&need)?;
         let mut x = self.embed_tokens(&tokens);
         let b = batch.len();
+        // Each new token's query row (host attention): its sequence and position.
+        let rows: Vec<QueryRow> = seqs
+            .iter()
+            .copied()
+            .zip(positions.iter().copied())
+            .collect();
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &positions);
             self.append_kv(cache, &seqs, li, k, v)?;
-            if self.host_attention {
-                let rows: Vec<QueryRow> = seqs.iter().copied().zip(positions.clone()).collect();
-                x = x + l.wo.apply(self.attend_host(cache, li, q, &rows)?);
-                x = self.mlp(l, x);
-                continue;
-            }
-            let (ka, va, lens) = self.gather(cache, &seqs, li)?;
-            // Each sequence sees its own length; the padding beyond it is masked.
-            let tmax = ka.dims()[2];
-            let pad: Vec<bool> = lens
-                .iter()
-                .flat_map(|&len| (0..tmax).map(move |t| t >= len))
-                .collect();
-            let mask =
-                Tensor::<B, 3, Bool>::from_data(TensorData::new(pad, [b, 1, tmax]), &self.device);
-            x = x + l.wo.apply(self.attend(q, ka, va, Some(mask)));
+            let attended = if self.host_attention {
+                self.attend_host(cache, li, q, &rows)?
+            } else {
+                let (ka, va, lens) = self.gather(cache, &seqs, li)?;
+                // Each sequence sees its own length; the padding beyond it is masked.
+                let tmax = ka.dims()[2];
+                let pad: Vec<bool> = lens
+                    .iter()
+                    .flat_map(|&len| (0..tmax).map(move |t| t >= len))
+                    .collect();
+                let mask = Tensor::<B, 3, Bool>::from_data(
+                    TensorData::new(pad, [b, 1, tmax]),
+                    &self.device,
+                );
+                self.attend(q, ka, va, Some(mask))
+            };
+            x = x + l.wo.apply(attended);
             x = self.mlp(l, x);
         }
         Ok(self.lm_head.apply(self.rms_norm(x, &self.norm)))
