@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::model::{self, ArimaFit, ArimaOrder, ArmaParams, FitError, WarmPoint};
+use super::poly;
 
 /// Settings of the automatic search (pmdarima's defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -137,7 +138,7 @@ pub fn ndiffs(x: &[f64], alpha: f64, max_d: usize) -> usize {
     let mut w = x.to_vec();
     while res.pvalue < alpha && d < max_d {
         d += 1;
-        w = model::difference(&w, 1);
+        w = poly::difference(&w, 1);
         if w.is_empty() || is_constant(&w) {
             return d;
         }
@@ -170,17 +171,17 @@ fn max_inverse_root(fit: &ArimaFit) -> f64 {
     let mut m = 0.0f64;
     if fit.order.p > 0 {
         let c: Vec<f64> = fit.params.ar.iter().map(|v| -v).collect();
-        m = 1.0 / model::min_root_modulus(&c);
+        m = 1.0 / poly::min_root_modulus(&c);
     }
     if fit.order.q > 0 {
-        m = 1.0 / model::min_root_modulus(&fit.params.ma);
+        m = 1.0 / poly::min_root_modulus(&fit.params.ma);
     }
     m
 }
 
 /// A fit of a series whose differenced values are constant: exact, zero-variance.
 fn exact_fit(y: &[f64], d: usize, constant: bool) -> ArimaFit {
-    let w = model::difference(y, d);
+    let w = poly::difference(y, d);
     let step = if constant {
         w.first().copied().unwrap_or(0.0)
     } else {
@@ -323,7 +324,7 @@ fn search(
         return Ok((r, HashMap::new()));
     }
     let d = ndiffs(y, cfg.kpss_alpha, cfg.max_d);
-    let w = model::difference(y, d);
+    let w = poly::difference(y, d);
     let constant = d <= 1;
     if is_constant(&w) {
         let best = exact_fit(y, d, constant);

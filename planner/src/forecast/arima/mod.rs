@@ -2,17 +2,17 @@
 //! and the sliding-window [`ArimaForecaster`].
 
 mod auto;
+mod kalman;
 mod model;
 mod optim;
+mod poly;
 
 pub use auto::{
     ArimaConfig, ArimaWarmState, AutoArimaResult, Candidate, KpssResult, auto_arima,
     auto_arima_warm, kpss, ndiffs,
 };
-pub use model::{
-    ArimaFit, ArimaOrder, ArmaParams, FitError, difference, fit as fit_arima, is_invertible,
-    is_stationary, loglike, min_root_modulus,
-};
+pub use model::{ArimaFit, ArimaOrder, ArmaParams, FitError, fit as fit_arima, loglike};
+pub use poly::{difference, is_invertible, is_stationary, min_root_modulus};
 
 use super::{Forecast, Forecaster, History};
 
