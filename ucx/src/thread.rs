@@ -621,28 +621,29 @@ impl Worker {
     }
 }
 
-/// Runs a UCX `*_print_info` into a temporary file and returns the text.
+/// Runs a UCX `*_print_info` into an in-memory stream and returns the text. (In memory: a
+/// container with a read-only root filesystem has no writable place for a temporary file, and
+/// UCX's transports would read as none.)
 pub(super) fn print_to_string(print: impl FnOnce(*mut libc::FILE)) -> String {
-    // SAFETY: tmpfile returns an owned FILE* or null; it is closed below.
-    let f = unsafe { libc::tmpfile() };
+    let mut buf: *mut libc::c_char = std::ptr::null_mut();
+    let mut len: libc::size_t = 0;
+    // SAFETY: open_memstream returns an owned FILE* or null and, once the stream is closed,
+    // leaves in buf a malloc'ed buffer of len bytes (freed below).
+    let f = unsafe { libc::open_memstream(&mut buf, &mut len) };
     if f.is_null() {
         return String::new();
     }
     print(f);
-    let mut out = Vec::new();
-    let mut chunk = [0u8; 4096];
-    // SAFETY: f is a valid FILE*; fread writes at most chunk.len() bytes into chunk.
+    // SAFETY: f is the stream opened above, closed once; afterwards buf holds len bytes (or is
+    // null when nothing could be allocated).
     unsafe {
-        libc::fflush(f);
-        libc::rewind(f);
-        loop {
-            let n = libc::fread(chunk.as_mut_ptr().cast(), 1, chunk.len(), f);
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&chunk[..n]);
-        }
         libc::fclose(f);
+        if buf.is_null() {
+            return String::new();
+        }
+        let text =
+            String::from_utf8_lossy(std::slice::from_raw_parts(buf.cast::<u8>(), len)).into_owned();
+        libc::free(buf.cast());
+        text
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
