@@ -45,6 +45,8 @@ enum Command {
     Operator(cmd::operator::Args),
     /// Print the DopdService CustomResourceDefinition (YAML).
     Crd,
+    /// What a worker would find here: the build's devices, UCX, the CUDA libraries, the GPU.
+    Doctor(cmd::doctor::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Up(a) => cmd::up::up(a),
         Command::Operator(a) => cmd::operator::run(a),
         Command::Crd => cmd::operator::crd(),
+        Command::Doctor(a) => cmd::doctor::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

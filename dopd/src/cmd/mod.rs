@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod doctor;
 pub mod forecast;
 pub mod load;
 pub mod operator;

@@ -132,7 +132,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Device::Cpu => run_on::<burn::backend::Flex>(a, Default::default()),
         #[cfg(feature = "cuda")]
         Device::Cuda => {
-            check_cuda()?;
+            super::doctor::check_cuda()?;
             run_on::<burn::backend::Cuda<f32>>(a, Default::default())
         }
         #[cfg(not(feature = "cuda"))]
@@ -233,41 +233,6 @@ where
         eprintln!("dopd worker: stopped");
         anyhow::Ok(())
     })
-}
-
-/// Fails with a clear message when the NVIDIA driver library cannot be found (burn-cuda would
-/// panic deep inside its runtime instead): looks for `libcuda.so.1` on `LD_LIBRARY_PATH` and the
-/// usual library directories.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub fn check_cuda() -> anyhow::Result<()> {
-    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .collect();
-    for d in [
-        "/usr/lib/x86_64-linux-gnu",
-        "/usr/lib/aarch64-linux-gnu",
-        "/usr/lib64",
-        "/usr/lib",
-        "/usr/local/nvidia/lib64",
-        "/usr/local/nvidia/lib",
-        "/usr/local/cuda/lib64",
-        "/usr/lib/wsl/lib",
-    ] {
-        dirs.push(PathBuf::from(d));
-    }
-    if dirs
-        .iter()
-        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists())
-    {
-        return Ok(());
-    }
-    bail!(
-        "--device cuda: the NVIDIA driver library (libcuda.so.1) was not found on LD_LIBRARY_PATH \
-         or in the usual library directories; is this a GPU machine with the driver installed?"
-    )
 }
 
 /// Ctrl-C or SIGTERM.

@@ -90,7 +90,7 @@ pub(super) fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         Device::Cpu => bench_on::<burn::backend::Flex>(a, Default::default()),
         #[cfg(feature = "cuda")]
         Device::Cuda => {
-            crate::cmd::worker::check_cuda()?;
+            crate::cmd::doctor::check_cuda()?;
             bench_on::<burn::backend::Cuda<f32>>(a, Default::default())
         }
         #[cfg(not(feature = "cuda"))]
