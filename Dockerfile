@@ -6,21 +6,26 @@
 #       the slim image of the operator and the router (distroless, non-root; run it with a
 #       read-only root filesystem: the chart does);
 #   docker build --target worker-cuda -t ghcr.io/dopd/dopd-worker-cuda:0.1.0 .
-#       the GPU worker: CUDA runtime, UCX, and `dopd` built with the `cuda` feature.
+#       the GPU worker: CUDA user-space libraries, UCX, and `dopd` built with the `cuda` feature.
 #
-# Base images are build arguments (mirror them, pin digests). Model weights are not baked in:
-# DopdService.spec.model.source names a path in the image or a PVC (`pvc://CLAIM/PATH`); the
-# router reads only the tokenizer from it.
+# Base images are build arguments (mirror them, pin digests). `scripts/images.sh` builds both
+# targets with buildah from local bases (Debian bookworm by debootstrap, the machine's pinned
+# Rust toolchain, CUDA libraries from NVIDIA's PyPI wheels) and runs them; it can also hand in
+# binaries built outside (DOPD_BUILD / DOPD_BUILD_CUDA: an image holding /out/dopd).
+# Model weights are not baked in: DopdService.spec.model.source names a path in the image or a
+# PVC (`pvc://CLAIM/PATH`); the router reads only the tokenizer from it.
 # scripts/docker-check.sh lints this file and checks that every binary copied below is one the
 # workspace builds.
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
-ARG CUDA_DEVEL_IMAGE=nvidia/cuda:12.6.3-devel-ubuntu24.04
 ARG CUDA_RUNTIME_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu24.04
+# The stage (or image) whose /out/dopd the final images copy.
+ARG DOPD_BUILD=build
+ARG DOPD_BUILD_CUDA=build-cuda
 
-# ---- build: the CPU binary (operator, router, CPU worker)
-FROM ${RUST_IMAGE} AS build
+# ---- build-env: the toolchain, UCX's headers and the sources
+FROM ${RUST_IMAGE} AS build-env
 WORKDIR /src
 # libucx-dev: the UCX layout test's headers; the binary loads libucp at run time only. Versions
 # come from the pinned base image's release.
@@ -29,39 +34,42 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends libucx-dev \
  && rm -rf /var/lib/apt/lists/*
 COPY . .
-RUN cargo build --release --locked -p dopd --bin dopd \
- && install -D -m 0755 target/release/dopd /out/dopd
 
-# ---- build-cuda: the same binary with the CUDA backend
-FROM ${CUDA_DEVEL_IMAGE} AS build-cuda
-ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates curl build-essential pkg-config libucx-dev \
- && rm -rf /var/lib/apt/lists/*
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain none
-WORKDIR /src
-COPY . .
-# rust-toolchain.toml pins the toolchain; rustup installs it on first use.
-RUN cargo build --release --locked -p dopd --features cuda --bin dopd \
- && install -D -m 0755 target/release/dopd /out/dopd
+# ---- build: the CPU binary (operator, router, CPU worker). The crate registry and the target
+# folder are cache mounts: a rebuild compiles what changed.
+FROM build-env AS build
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p dopd --bin dopd \
+ && install -D -s -m 0755 target/release/dopd /out/dopd
+
+# ---- build-cuda: the same binary with the CUDA backend. burn-cuda loads the driver and NVRTC
+# at run time and compiles its kernels then, so the build needs no CUDA toolkit.
+FROM build-env AS build-cuda
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p dopd --features cuda --bin dopd \
+ && install -D -s -m 0755 target/release/dopd /out/dopd
+
+FROM ${DOPD_BUILD} AS dopd-binary
+FROM ${DOPD_BUILD_CUDA} AS dopd-cuda-binary
 
 # ---- dopd: operator and router (and the CPU worker)
 FROM ${RUNTIME_IMAGE} AS dopd
-COPY --from=build /out/dopd /usr/local/bin/dopd
+COPY --from=dopd-binary /out/dopd /usr/local/bin/dopd
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/dopd"]
 CMD ["--help"]
 
-# ---- worker-cuda: the GPU worker with UCX (RDMA, CUDA IPC, TCP)
+# ---- worker-cuda: the GPU worker with UCX (RDMA, CUDA IPC, TCP). The base carries CUDA's
+# user-space libraries (NVRTC, the runtime); the driver comes from the node.
 FROM ${CUDA_RUNTIME_IMAGE} AS worker-cuda
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libucx0 ucx-utils \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin dopd
-COPY --from=build-cuda /out/dopd /usr/local/bin/dopd
+COPY --from=dopd-cuda-binary /out/dopd /usr/local/bin/dopd
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/dopd"]
 CMD ["worker", "--device", "cuda"]

@@ -30,9 +30,20 @@ for b in builds:
                 sys.exit(f"Dockerfile: package {pkg} has no feature {name}")
     with_features = " with features " + ",".join(feats) if feats else ""
     print(f"docker-check: {pkg} builds binary {binary}{with_features}")
-# Every COPY --from of a build stage copies what that stage installed.
-for src in re.findall(r"COPY --from=build\S* (\S+)", text):
-    if src != "/out/dopd":
-        sys.exit(f"Dockerfile copies {src}, which no build stage installs")
+# The final images copy /out/dopd from the stage DOPD_BUILD / DOPD_BUILD_CUDA name, by default
+# the build stages (scripts/images.sh can hand in a prebuilt binary the same way).
+args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+for arg, stage, alias in [("DOPD_BUILD", "build", "dopd-binary"),
+                          ("DOPD_BUILD_CUDA", "build-cuda", "dopd-cuda-binary")]:
+    if args.get(arg) != stage:
+        sys.exit(f"Dockerfile: ARG {arg} should default to the stage {stage}, not {args.get(arg)}")
+    if not re.search(rf"^FROM \${{{arg}}} AS {alias}$", text, re.M):
+        sys.exit(f"Dockerfile: no stage {alias} from ${{{arg}}}")
+copies = re.findall(r"COPY --from=(\S+) (\S+)", text)
+if not copies:
+    sys.exit("Dockerfile: the images copy no binary")
+for stage, src in copies:
+    if stage not in ("dopd-binary", "dopd-cuda-binary") or src != "/out/dopd":
+        sys.exit(f"Dockerfile copies {src} from {stage}; only /out/dopd of the binary stages is expected")
 print("docker-check: the images copy /out/dopd, the binary the build stages install")
 PY
