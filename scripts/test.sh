@@ -33,3 +33,11 @@ echo "== operator on a real cluster (skipped without one)"
 e2e/cluster.sh target/debug/dopd
 echo "== cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+echo "== container images: both targets built with buildah from local bases, run and exported"
+# The binaries are this run's debug builds (a release build would compile everything again):
+# the plain one as the tests left it, then the same with the cuda feature.
+mkdir -p target/images
+strip -o target/images/dopd target/debug/dopd
+cargo build -p dopd --features cuda --locked --quiet
+strip -o target/images/dopd-cuda target/debug/dopd
+scripts/images.sh --dopd-binary target/images/dopd --cuda-binary target/images/dopd-cuda
