@@ -11,11 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-    Cuda,
-}
+use super::worker::Device;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
