@@ -83,7 +83,7 @@ mirror=$(sed -n 's/^URIs: *\(\S*\/debian\)\/\?$/\1/p' /etc/apt/sources.list.d/*.
 
 debian_key=$(key "$suite" minbase ca-certificates netbase tzdata v1)
 debian_image=localhost/dopd-base-debian:$suite-$debian_key
-runtime_key=$(key "$debian_key" "$runtime_packages" v1)
+runtime_key=$(key "$debian_key" "$runtime_packages" "$(sha256sum scripts/rootfs-slice.py)")
 runtime_image=localhost/dopd-base-runtime:$suite-$runtime_key
 rootfs=$cache/rootfs-$suite-$debian_key.tar
 slim=$cache/rootfs-$suite-$runtime_key-runtime.tar
