@@ -274,11 +274,10 @@ phase "run: dopd --help"
 run_image "$dopd_image" --help | head -3
 
 phase "run: dopd up in the dopd image, read-only root, UID 65532"
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 log=$(mktemp)
 pidfile=$(mktemp)
 RUN_PIDFILE=$pidfile run_image "$dopd_image" up --model "/models/$(basename "$model")" \
-  --listen "127.0.0.1:$port" --served-model-name smollm2 --no-planner >"$log" 2>&1 &
+  --listen 127.0.0.1:0 --served-model-name smollm2 --no-planner >"$log" 2>&1 &
 up_pid=$!
 # Ctrl-C to `dopd up` (the child of unshare), which stops its workers and exits.
 stop_up() {
@@ -288,15 +287,19 @@ stop_up() {
   wait "$up_pid" 2>/dev/null || true
 }
 trap stop_up EXIT
+# The address it chose, as scripts/up-lib.sh reads it, then /health.
+host=""
 for _ in $(seq 1 600); do
-  if curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1; then break; fi
+  [ -n "$host" ] || host=$(sed -n 's|.* on \(http://[0-9.:]*\)/v1 .*|\1|p' "$log" | head -1)
+  if [ -n "$host" ] && curl -sf "$host/health" >/dev/null 2>&1; then break; fi
   kill -0 "$up_pid" 2>/dev/null || { cat "$log"; echo "images: dopd up exited" >&2; exit 1; }
   sleep 0.5
 done
+[ -n "$host" ] || { cat "$log"; echo "images: dopd up printed no address" >&2; exit 1; }
 request='{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France? Answer in one word."}],"max_tokens":16,"temperature":0}'
 echo "images: POST /v1/chat/completions $request"
 for _ in $(seq 1 120); do
-  answer=$(curl -s "http://127.0.0.1:$port/v1/chat/completions" -H 'content-type: application/json' -d "$request" || true)
+  answer=$(curl -s "$host/v1/chat/completions" -H 'content-type: application/json' -d "$request" || true)
   case "$answer" in *'"choices"'*) break ;; esac
   sleep 1
 done
