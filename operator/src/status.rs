@@ -144,6 +144,20 @@ fn decisions(i: &Inputs, s: &mut DopdServiceStatus) {
     }
 }
 
+/// Two copies of the decision history as one: every entry of either, once, oldest first (entries
+/// are told apart by their time).
+pub fn merge_history(a: &[DecisionRecord], b: &[DecisionRecord]) -> Vec<DecisionRecord> {
+    let mut all: Vec<DecisionRecord> = a.to_vec();
+    all.extend(
+        b.iter()
+            .filter(|r| !a.iter().any(|x| x.time == r.time))
+            .cloned(),
+    );
+    // By time (stable: entries whose time does not parse come first, in their order).
+    all.sort_by_key(|r| r.time.parse::<Timestamp>().ok());
+    all
+}
+
 /// Drains in progress, one entry per role.
 fn drains(i: &Inputs) -> Vec<DrainStatus> {
     let mut out = Vec::new();

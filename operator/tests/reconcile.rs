@@ -315,6 +315,38 @@ async fn an_unchanged_service_costs_no_writes() {
 }
 
 #[tokio::test]
+async fn a_reconcile_from_a_stale_copy_keeps_the_recorded_decision() {
+    // Against a real API server the informer's copy can trail the operator's own status write:
+    // the next reconcile may run on the object as it was before the decision was recorded.
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    let stale = w.svc();
+    w.router.serve(12000, 2000, 400);
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    assert_eq!(w.status()["history"].as_array().unwrap().len(), 1);
+    let decided = w.status()["lastDecision"].clone();
+    w.clock.advance(1.0);
+    reconcile::reconcile(Arc::new(stale.clone()), w.ctx.clone())
+        .await
+        .unwrap();
+    let st = w.status();
+    assert_eq!(st["history"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["lastDecision"], decided);
+    // Once the copy moved on (here: an edit by someone else), its history and the one written
+    // are merged, so the decision is still there.
+    let mut moved = stale;
+    moved.metadata.resource_version = Some("moved-on".into());
+    reconcile::reconcile(Arc::new(moved), w.ctx.clone())
+        .await
+        .unwrap();
+    assert_eq!(w.status()["history"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn heavy_load_scales_up_with_an_event_and_history() {
     let w = world();
     w.create(spec(json!({})), None);

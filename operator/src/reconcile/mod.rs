@@ -158,6 +158,26 @@ pub(crate) struct SvcState {
     pub(crate) planner_key: u64,
     /// Replicas this operator last wrote per role (to tell its own changes from others').
     pub(crate) applied: PerRole<Option<u32>>,
+    /// The status this operator last wrote, and the resourceVersion of the object it read then.
+    pub(crate) written: Option<(Option<String>, DopdServiceStatus)>,
+}
+
+/// The status a reconcile starts from. The informer's copy can trail this operator's own last
+/// write (the watch event is still on its way when the next reconcile runs, as it is after a
+/// status write against a real API server); a status built from that copy would drop the
+/// decision just recorded. While the cached object is still the one that write was based on, the
+/// written status is the truth; once it moved on, the cached copy is, with the history of both
+/// (entries are unique by time) so no recorded decision is lost either way.
+fn status_base(svc: &DopdService, st: &SvcState) -> DopdServiceStatus {
+    let cached = svc.status.clone().unwrap_or_default();
+    match &st.written {
+        Some((base, mine)) if *base == svc.metadata.resource_version => mine.clone(),
+        Some((_, mine)) => {
+            let history = status::merge_history(&cached.history, &mine.history);
+            DopdServiceStatus { history, ..cached }
+        }
+        None => cached,
+    }
 }
 
 /// What a reconcile works from, once the spec checked out.
@@ -295,7 +315,8 @@ async fn stop_with(
         generation,
         wall,
     );
-    patch_status(ctx, svc, status).await
+    let old = svc.status.clone().unwrap_or_default();
+    patch_status(ctx, svc, &old, &status).await.map(|_| ())
 }
 
 /// The spec checked, the profile resolved; or the action to return when the reconcile must stop
@@ -375,6 +396,7 @@ fn state_for(ctx: &Ctx, svc: &DopdService, p: &Prepared, now: f64) -> Result<Svc
                     prefill: known.then_some(applied.prefill),
                     decode: known.then_some(applied.decode),
                 },
+                written: None,
             }
         }
     };
@@ -623,7 +645,7 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
         (Err(e), true) => Some(e.to_string()),
         _ => None,
     };
-    let old = svc.status.clone().unwrap_or_default();
+    let old = status_base(&svc, &st);
     if let Some(e) = &load_error
         && !status::is_on(&old.conditions, "Degraded")
     {
@@ -649,7 +671,9 @@ async fn apply(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
     let new = status::build(&inputs);
     warn_constrained(ctx, &svc, &old, &inputs).await;
     let action = wrap_up(ctx, &p, &st, &new, now);
-    patch_status(ctx, &svc, new).await?;
+    if patch_status(ctx, &svc, &old, &new).await? {
+        st.written = Some((svc.metadata.resource_version.clone(), new));
+    }
     ctx.put_state(format!("{}/{}", p.ns, p.name), st);
     Ok(action)
 }

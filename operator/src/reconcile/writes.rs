@@ -60,14 +60,16 @@ pub(crate) async fn annotate_pod(
     }
 }
 
-/// Writes the status with server-side apply (the operator owns all of it), when it changed.
+/// Writes the status with server-side apply (the operator owns all of it) when it differs from
+/// `old`, the status the reconcile started from; says whether it wrote.
 pub(crate) async fn patch_status(
     ctx: &Ctx,
     svc: &DopdService,
-    status: DopdServiceStatus,
-) -> Result<(), Error> {
-    if svc.status.as_ref() == Some(&status) {
-        return Ok(());
+    old: &DopdServiceStatus,
+    status: &DopdServiceStatus,
+) -> Result<bool, Error> {
+    if svc.status.is_some() && old == status {
+        return Ok(false);
     }
     let api: Api<DopdService> =
         Api::namespaced(ctx.client.clone(), &svc.namespace().unwrap_or_default());
@@ -83,7 +85,7 @@ pub(crate) async fn patch_status(
     )
     .await?;
     ctx.metrics.writes.inc();
-    Ok(())
+    Ok(true)
 }
 
 /// Applies the children: worker replicas are the loop's targets plus the pods still draining,
