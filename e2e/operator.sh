@@ -16,8 +16,10 @@
 # - heavy fake load scales up; the pod that finds no GPU stays Pending (real scheduler) and is
 #   reported as CapacityConstrained;
 # - headroom placeholders run at the dopd-headroom priority and the scheduler preempts them for
-#   real workers;
-# - idle load drains, then scales down: the ReplicaSet controller removes exactly the drained pods
+#   real workers; placeholders without room stay Pending for want of a GPU (what an autoscaler
+#   scales up for; the cluster-autoscaler itself cannot be built here, see docs/operations.md);
+# - idle load drains, then scales down: the worker holding a request is marked safe-to-evict
+#   "false" and stays; the ReplicaSet controller removes exactly the drained pods
 #   (pod-deletion-cost); the leader is killed mid-drain and the standby finishes it;
 # - the workers' PodDisruptionBudgets stop a second eviction;
 # - server-side apply: a second field manager is refused a field the operator owns, keeps one it

@@ -627,6 +627,29 @@ async fn an_invalid_spec_is_reported_and_nothing_is_created() {
 }
 
 #[tokio::test]
+async fn a_spec_made_invalid_keeps_the_decisions_on_record() {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    w.router.serve(12000, 2000, 400);
+    w.clock.advance(31.0);
+    w.reconcile().await.unwrap();
+    let before = w.status();
+    assert_eq!(before["history"].as_array().unwrap().len(), 1);
+    let mut obj = w.api.get(SVC).unwrap();
+    obj["spec"]["decode"]["minReplicas"] = json!(9);
+    obj["spec"]["decode"]["maxReplicas"] = json!(2);
+    w.api.put(SVC, obj);
+    w.reconcile().await.unwrap();
+    let st = w.status();
+    assert_eq!(st["phase"], "Invalid");
+    assert_eq!(st["history"], before["history"]);
+    assert_eq!(st["lastDecision"], before["lastDecision"]);
+}
+
+#[tokio::test]
 async fn headroom_follows_the_forecast_upper_bound_within_the_budget() {
     let w = world();
     w.create(

@@ -282,7 +282,8 @@ async fn cleanup(svc: Arc<DopdService>, ctx: &Ctx) -> Result<Action, Error> {
 }
 
 /// Reports a problem that stops the reconcile: a Warning Event (once per message), the phase, one
-/// condition (`(type, status)`) with `reason` and `msg`, the role counts kept from before.
+/// condition (`(type, status)`) with `reason` and `msg`, the role counts and the decisions kept
+/// from before.
 async fn stop_with(
     ctx: &Ctx,
     svc: &DopdService,
@@ -302,6 +303,10 @@ async fn stop_with(
         phase: phase.into(),
         prefill: old.prefill.clone(),
         decode: old.decode.clone(),
+        // What was decided before stays on record.
+        last_decision: old.last_decision.clone(),
+        forecast: old.forecast.clone(),
+        history: old.history.clone(),
         ..Default::default()
     };
     let generation = status.observed_generation;
