@@ -209,7 +209,17 @@ pub async fn reconcile(svc: Arc<DopdService>, ctx: Arc<Ctx>) -> Result<Action, E
             Finalizer::Cleanup(s) => cleanup(s, &ctx).await,
         }
     })
-    .await
+    .await;
+    // A cleanup run on an informer copy that still shows a deleted object (its finalizer already
+    // removed by the previous run) finds the object gone: that is the cleanup's goal, not a failure.
+    let res = match res {
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(e)))
+            if e.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        other => other,
+    }
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
