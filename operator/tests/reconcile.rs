@@ -116,6 +116,20 @@ struct World {
     ctx: Arc<Ctx>,
 }
 
+/// A service whose two workers run, and a load that the next tick scales up for (a `Scaling`
+/// decision on record once `w.reconcile()` ran after `w.clock.advance(31.0)`).
+async fn running_then_heavy() -> World {
+    let w = world();
+    w.create(spec(json!({})), None);
+    w.pod("prefill", 0, true, "Running", OLD);
+    w.pod("decode", 0, true, "Running", OLD);
+    w.settle().await;
+    // About 390 requests a second of 2000-token prompts: more than one prefill and one decode
+    // instance of the profile carry.
+    w.router.serve(12000, 2000, 400);
+    w
+}
+
 fn world() -> World {
     let api = Fake::new();
     let router = Arc::new(FakeRouter::default());
@@ -318,13 +332,8 @@ async fn an_unchanged_service_costs_no_writes() {
 async fn a_reconcile_from_a_stale_copy_keeps_the_recorded_decision() {
     // Against a real API server the informer's copy can trail the operator's own status write:
     // the next reconcile may run on the object as it was before the decision was recorded.
-    let w = world();
-    w.create(spec(json!({})), None);
-    w.pod("prefill", 0, true, "Running", OLD);
-    w.pod("decode", 0, true, "Running", OLD);
-    w.settle().await;
+    let w = running_then_heavy().await;
     let stale = w.svc();
-    w.router.serve(12000, 2000, 400);
     w.clock.advance(31.0);
     w.reconcile().await.unwrap();
     assert_eq!(w.status()["history"].as_array().unwrap().len(), 1);
@@ -348,14 +357,7 @@ async fn a_reconcile_from_a_stale_copy_keeps_the_recorded_decision() {
 
 #[tokio::test]
 async fn heavy_load_scales_up_with_an_event_and_history() {
-    let w = world();
-    w.create(spec(json!({})), None);
-    w.pod("prefill", 0, true, "Running", OLD);
-    w.pod("decode", 0, true, "Running", OLD);
-    w.settle().await;
-    // About 390 requests a second of 2000-token prompts: more than one prefill and one decode
-    // instance of the profile carry.
-    w.router.serve(12000, 2000, 400);
+    let w = running_then_heavy().await;
     w.clock.advance(31.0);
     w.reconcile().await.unwrap();
     let (p, d) = (w.replicas("prefill"), w.replicas("decode"));
@@ -634,12 +636,7 @@ async fn an_invalid_spec_is_reported_and_nothing_is_created() {
 
 #[tokio::test]
 async fn a_spec_made_invalid_keeps_the_decisions_on_record() {
-    let w = world();
-    w.create(spec(json!({})), None);
-    w.pod("prefill", 0, true, "Running", OLD);
-    w.pod("decode", 0, true, "Running", OLD);
-    w.settle().await;
-    w.router.serve(12000, 2000, 400);
+    let w = running_then_heavy().await;
     w.clock.advance(31.0);
     w.reconcile().await.unwrap();
     let before = w.status();
