@@ -330,7 +330,6 @@ async fn stop_with(
         generation,
         wall,
     );
-    let old = svc.status.clone().unwrap_or_default();
     patch_status(ctx, svc, &old, &status).await.map(|_| ())
 }
 
