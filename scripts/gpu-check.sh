@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU check of the worker: SmolLM2 on CUDA (burn-cuda) against the CPU backend, and decode
-# throughput at batch 1, 8 and 32.
+# GPU check of the worker: SmolLM2 on CUDA (burn-cuda) against the CPU backend, decode
+# throughput at batch 1, 8, 32 and 128, prefill of a 2048-token prompt, and the fraction of the
+# GPU's memory bandwidth decode uses (bytes of weights + K/V a step reads / step time / PEAK_GBPS,
+# default 4800: an H200's HBM3e; set it for another GPU).
 #
 #   ./scripts/gpu-check.sh build     # here (no GPU needed): stripped release binary with
 #                                    # --features cuda into dist/gpu-check/ (about 30 MB)
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/.."
 OUT=dist/gpu-check
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 TOL=${TOL:-1e-2}
+PEAK_GBPS=${PEAK_GBPS:-4800}
 
 case "${1:-}" in
 build)
@@ -43,14 +46,20 @@ run)
         sort -u | tr '\n' ':')
     export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:$libs${LD_LIBRARY_PATH:-}
     if [ -f "$MODEL" ]; then SRC=(--model "$MODEL"); else SRC=(--random-smollm2); fi
-    "$BIN" bench worker "${SRC[@]}" --device cuda --check-logits --json | tee "$OUT/gpu-bench.json"
+    "$BIN" bench worker "${SRC[@]}" --device cuda --check-logits --batches 1,8,32,128 --json |
+        tee "$OUT/gpu-bench.json"
+    "$BIN" bench worker "${SRC[@]}" --device cuda --batches 1 --prompt-len 2048 --decode-tokens 16 \
+        --json > "$OUT/gpu-prefill-2048.json"
     "$BIN" bench worker --random-smollm2 --layers 1 --device cuda --check-logits --batches 1 \
         --json > "$OUT/gpu-one-layer.json"
     "$BIN" bench worker "${SRC[@]}" --device cpu --batches 1,8 --json > "$OUT/cpu-bench.json"
-    python3 - "$OUT/gpu-bench.json" "$OUT/cpu-bench.json" "$OUT/gpu-one-layer.json" "$TOL" <<'PY'
+    python3 - "$OUT/gpu-bench.json" "$OUT/cpu-bench.json" "$OUT/gpu-one-layer.json" "$TOL" \
+        "$OUT/gpu-prefill-2048.json" "$PEAK_GBPS" <<'PY'
 import json, sys
 gpu, cpu, one = (json.load(open(f)) for f in sys.argv[1:4])
 tol = float(sys.argv[4])
+long = json.load(open(sys.argv[5]))
+peak = float(sys.argv[6])
 ok = True
 for name, rep in (("full depth", gpu), ("one layer", one)):
     c = rep["logits_vs_cpu"]
@@ -61,7 +70,11 @@ for name, rep in (("full depth", gpu), ("one layer", one)):
     ok = ok and c["rel_diff"] <= tol and c["top1_agreement"] >= 0.95
 for r in gpu["rows"]:
     print(f"cuda batch {r['batch']:>3}: prefill {r['prefill_tokens_per_s']:9.1f} tok/s, "
-          f"decode {r['decode_tokens_per_s']:8.1f} tok/s")
+          f"decode {r['decode_tokens_per_s']:8.1f} tok/s, step {1e3 * r['decode_step_s']:.2f} ms, "
+          f"reads {r['decode_read_gb_per_s']:.0f} GB/s = {100 * r['decode_read_gb_per_s'] / peak:.1f}% "
+          f"of {peak:g} GB/s")
+for r in long["rows"]:
+    print(f"cuda prefill of a {r['prompt_len']}-token prompt: {r['prefill_tokens_per_s']:.1f} tok/s")
 for r in cpu["rows"]:
     print(f"cpu  batch {r['batch']:>3}: prefill {r['prefill_tokens_per_s']:9.1f} tok/s, "
           f"decode {r['decode_tokens_per_s']:8.1f} tok/s")

@@ -85,7 +85,7 @@ impl<B: Backend> Engine<B> {
     ) -> Self {
         let layout = model.kv_layout(cfg.block_size.max(1), cfg.model_hash);
         Self {
-            cache: PagedKvCache::new(layout, cfg.kv_blocks),
+            cache: model.new_cache(layout, cfg.kv_blocks),
             model,
             detok,
             cfg,

@@ -4,11 +4,16 @@
 //! Storage is one pool of `capacity` blocks per layer for K and one for V; a block holds
 //! `block_size` token slots of `kv_heads · head_dim` floats. A sequence owns a list of blocks (its
 //! block table) and a length; appending a token takes a new block only when the last one is full.
+//! The pool lives in host memory (attention on the host reads it in place) or in a
+//! [`DeviceStore`] on an accelerator: there the cache keeps the block tables and hands out slots
+//! ([`PagedKvCache::reserve`], [`PagedKvCache::slots`]), and the model writes and reads the values
+//! with its own tensor operations, so a step moves no K/V between host and device.
 //!
 //! Invariants (property-tested): every block is either free or owned by exactly one sequence;
 //! freeing a sequence returns exactly its blocks; an exported sequence imported elsewhere reads
 //! back the same K/V values.
 
+use std::any::Any;
 use std::collections::HashMap;
 
 /// Geometry of a cache; two caches exchange blocks only when their layouts are equal.
@@ -82,6 +87,10 @@ pub enum KvError {
     },
     #[error("export block {block} holds a value that is not a finite number")]
     NonFinite { block: usize },
+    #[error("the KV pool is in device memory: it cannot be read in place on the host")]
+    OnDevice,
+    #[error("the KV pool's device store is not of this model's backend")]
+    ForeignStore,
     #[error("sequence {seq} has {written} tokens at this layer: position {pos} is not written")]
     NotWritten {
         seq: SeqId,
@@ -148,27 +157,67 @@ impl<'a> KvView<'a> {
     }
 }
 
+/// K/V values kept off the host (a GPU's memory), slot by slot: slot `block · block_size + i`
+/// holds token `i` of `block`. The cache decides the slots; the store only holds values. The
+/// model's forward passes reach the concrete store through [`DeviceStore::as_any_mut`] and write
+/// and read it as tensors; these methods serve everything else (tests, export and import for KV
+/// transfer), once per request rather than once per step.
+pub trait DeviceStore: Send + std::fmt::Debug {
+    /// Writes one token's K and V (`kv_heads · head_dim` floats each) at `layer` into `slot`.
+    fn write_token(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]);
+    /// Copies whole blocks out, each in the export format: every layer's K block, then its V
+    /// block (`layers · 2 · block_width` floats).
+    fn read_blocks(&self, blocks: &[u32]) -> Vec<Vec<f32>>;
+    /// Writes whole blocks given in the export format.
+    fn write_blocks(&mut self, blocks: &[u32], data: &[&[f32]]);
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Where the values are.
+#[derive(Debug)]
+enum Pool {
+    /// `k[layer][block · block_width ..]`.
+    Host {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    },
+    Device(Box<dyn DeviceStore>),
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct PagedKvCache {
     layout: KvLayout,
     capacity: usize,
-    /// `k[layer][block · block_width ..]`.
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    pool: Pool,
     free: Vec<u32>,
     seqs: HashMap<SeqId, Seq>,
     next_id: SeqId,
 }
 
 impl PagedKvCache {
+    /// A cache whose pool is in host memory.
     pub fn new(layout: KvLayout, capacity: usize) -> Self {
         let size = capacity * layout.block_width();
+        let pool = Pool::Host {
+            k: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
+            v: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
+        };
+        Self::with_pool(layout, capacity, pool)
+    }
+
+    /// A cache whose values live in `store`, which holds `capacity · block_size` slots per
+    /// layer.
+    pub fn on_device(layout: KvLayout, capacity: usize, store: Box<dyn DeviceStore>) -> Self {
+        Self::with_pool(layout, capacity, Pool::Device(store))
+    }
+
+    fn with_pool(layout: KvLayout, capacity: usize, pool: Pool) -> Self {
         Self {
             layout,
             capacity,
-            k: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
-            v: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
+            pool,
             // Pop from the end: lowest ids first.
             free: (0..capacity as u32).rev().collect(),
             seqs: HashMap::new(),
@@ -178,6 +227,19 @@ impl PagedKvCache {
 
     pub fn layout(&self) -> &KvLayout {
         &self.layout
+    }
+
+    /// The store of a cache whose pool is off the host.
+    pub fn device_store(&mut self) -> Option<&mut dyn DeviceStore> {
+        match &mut self.pool {
+            Pool::Device(s) => Some(s.as_mut()),
+            Pool::Host { .. } => None,
+        }
+    }
+
+    /// Whether the pool is in host memory (readable in place by [`PagedKvCache::view`]).
+    pub fn on_host(&self) -> bool {
+        matches!(self.pool, Pool::Host { .. })
     }
 
     pub fn free_blocks(&self) -> usize {
@@ -304,24 +366,64 @@ impl PagedKvCache {
                 });
             }
         }
+        let slot = self.reserve(seq, layer, 1)?[0];
+        match &mut self.pool {
+            Pool::Host { k: pk, v: pv } => {
+                let at = slot * l.token_width();
+                pk[layer][at..at + l.token_width()].copy_from_slice(k);
+                pv[layer][at..at + l.token_width()].copy_from_slice(v);
+            }
+            Pool::Device(store) => store.write_token(layer, slot, k, v),
+        }
+        Ok(())
+    }
+
+    /// Counts the next `n` tokens of `seq` at `layer` as written and returns their slots
+    /// (`block · block_size + offset`), taking new blocks as they are needed; the caller writes
+    /// the values there (a device-resident pool, written by the model's tensor operations).
+    /// Every layer's tokens get the same slots. Fails before anything changes when the layer or
+    /// the sequence is unknown or the blocks are short.
+    pub fn reserve(&mut self, seq: SeqId, layer: usize, n: usize) -> Result<Vec<usize>, KvError> {
+        let l = self.layout;
+        self.check_layer(layer)?;
         let s = self
             .seqs
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence(seq))?;
-        let token = s.written[layer];
-        if token == s.blocks.len() * l.block_size {
-            let Some(b) = self.free.pop() else {
-                return Err(KvError::OutOfBlocks { needed: 1, free: 0 });
-            };
-            s.blocks.push(b);
+        let first = s.written[layer];
+        let needed = (first + n)
+            .div_ceil(l.block_size)
+            .saturating_sub(s.blocks.len());
+        if needed > self.free.len() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: self.free.len(),
+            });
         }
-        let block = s.blocks[token / l.block_size] as usize;
-        let at = block * l.block_width() + (token % l.block_size) * l.token_width();
-        self.k[layer][at..at + l.token_width()].copy_from_slice(k);
-        self.v[layer][at..at + l.token_width()].copy_from_slice(v);
-        s.written[layer] += 1;
+        for _ in 0..needed {
+            s.blocks.extend(self.free.pop());
+        }
+        s.written[layer] += n;
         s.len = s.written.iter().copied().min().unwrap_or(0);
-        Ok(())
+        Ok((first..first + n)
+            .map(|t| s.blocks[t / l.block_size] as usize * l.block_size + t % l.block_size)
+            .collect())
+    }
+
+    /// The slots of a sequence's tokens `0..tokens` (written or reserved at some layer).
+    pub fn slots(&self, seq: SeqId, tokens: usize) -> Result<Vec<usize>, KvError> {
+        let l = self.layout;
+        let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        if tokens > s.blocks.len() * l.block_size {
+            return Err(KvError::NotWritten {
+                seq,
+                pos: tokens.saturating_sub(1),
+                written: s.written.iter().copied().max().unwrap_or(0),
+            });
+        }
+        Ok((0..tokens)
+            .map(|t| s.blocks[t / l.block_size] as usize * l.block_size + t % l.block_size)
+            .collect())
     }
 
     /// Read access to a sequence's K/V at `layer`, token by token, where they lie in the pool
@@ -329,9 +431,12 @@ impl PagedKvCache {
     pub fn view(&self, seq: SeqId, layer: usize) -> Result<KvView<'_>, KvError> {
         self.check_layer(layer)?;
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let Pool::Host { k, v } = &self.pool else {
+            return Err(KvError::OnDevice);
+        };
         Ok(KvView {
-            k: &self.k[layer],
-            v: &self.v[layer],
+            k: &k[layer],
+            v: &v[layer],
             blocks: &s.blocks,
             len: s.written[layer],
             layout: self.layout,
@@ -360,6 +465,9 @@ impl PagedKvCache {
                 want,
             });
         }
+        let Pool::Host { k, v } = &self.pool else {
+            return Err(KvError::OnDevice);
+        };
         let hd = l.head_dim;
         for t in 0..tokens {
             let at = s.blocks[t / l.block_size] as usize * l.block_width()
@@ -367,8 +475,8 @@ impl PagedKvCache {
             for h in 0..l.kv_heads {
                 let src = at + h * hd;
                 let dst = (h * tmax + t) * hd;
-                k_out[dst..dst + hd].copy_from_slice(&self.k[layer][src..src + hd]);
-                v_out[dst..dst + hd].copy_from_slice(&self.v[layer][src..src + hd]);
+                k_out[dst..dst + hd].copy_from_slice(&k[layer][src..src + hd]);
+                v_out[dst..dst + hd].copy_from_slice(&v[layer][src..src + hd]);
             }
         }
         Ok(tokens)
@@ -379,18 +487,21 @@ impl PagedKvCache {
         let l = self.layout;
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let n = self.blocks_for(s.len);
-        let blocks = s.blocks[..n]
-            .iter()
-            .map(|&b| {
-                let at = b as usize * l.block_width();
-                let mut out = Vec::with_capacity(2 * l.layers * l.block_width());
-                for layer in 0..l.layers {
-                    out.extend_from_slice(&self.k[layer][at..at + l.block_width()]);
-                    out.extend_from_slice(&self.v[layer][at..at + l.block_width()]);
-                }
-                out
-            })
-            .collect();
+        let blocks = match &self.pool {
+            Pool::Host { k, v } => s.blocks[..n]
+                .iter()
+                .map(|&b| {
+                    let at = b as usize * l.block_width();
+                    let mut out = Vec::with_capacity(2 * l.layers * l.block_width());
+                    for layer in 0..l.layers {
+                        out.extend_from_slice(&k[layer][at..at + l.block_width()]);
+                        out.extend_from_slice(&v[layer][at..at + l.block_width()]);
+                    }
+                    out
+                })
+                .collect(),
+            Pool::Device(store) => store.read_blocks(&s.blocks[..n]),
+        };
         Ok(KvExport {
             fingerprint: l.fingerprint(),
             tokens: s.len,
@@ -437,18 +548,24 @@ impl PagedKvCache {
             });
         }
         let id = self.create();
-        let mut owned = Vec::with_capacity(want);
-        for data in &e.blocks {
-            let b = self.free.pop().expect("checked above");
-            let at = b as usize * l.block_width();
-            for layer in 0..l.layers {
-                let base = layer * 2 * l.block_width();
-                self.k[layer][at..at + l.block_width()]
-                    .copy_from_slice(&data[base..base + l.block_width()]);
-                self.v[layer][at..at + l.block_width()]
-                    .copy_from_slice(&data[base + l.block_width()..base + 2 * l.block_width()]);
+        let owned = self.free.split_off(self.free.len() - want);
+        let owned: Vec<u32> = owned.into_iter().rev().collect();
+        match &mut self.pool {
+            Pool::Host { k, v } => {
+                let w = l.block_width();
+                for (data, &b) in e.blocks.iter().zip(&owned) {
+                    let at = b as usize * w;
+                    for layer in 0..l.layers {
+                        let base = layer * 2 * w;
+                        k[layer][at..at + w].copy_from_slice(&data[base..base + w]);
+                        v[layer][at..at + w].copy_from_slice(&data[base + w..base + 2 * w]);
+                    }
+                }
             }
-            owned.push(b);
+            Pool::Device(store) => {
+                let data: Vec<&[f32]> = e.blocks.iter().map(Vec::as_slice).collect();
+                store.write_blocks(&owned, &data);
+            }
         }
         let s = self.seqs.get_mut(&id).expect("just created");
         s.blocks = owned;

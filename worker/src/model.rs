@@ -22,12 +22,14 @@ use burn::tensor::activation::{silu, softmax};
 use dopd_model::gguf::Gguf;
 use std::sync::Arc;
 
-use crate::kv::KvLayout;
+use crate::kv::{KvLayout, PagedKvCache};
 use crate::qmat::QMatrix;
 
 mod attention;
 mod cached;
+mod device_kv;
 mod linear;
+pub use device_kv::DeviceKv;
 use linear::Linear;
 pub use linear::WeightMode;
 
@@ -76,6 +78,13 @@ pub struct Llama<B: Backend> {
     /// Attention over the paged cache on the host, reading K/V in place (the CPU backend), or
     /// as tensor operations on gathered K/V (other backends).
     host_attention: bool,
+}
+
+/// RoPE's cosines and sines for the rows of one forward pass (`[1, n, half, 1]` or
+/// `[1, n, 1, half]`, as the model's RoPE style pairs the dimensions).
+struct Rope<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
 }
 
 /// Where weights come from: a name and a row-major `[rows, cols]` shape (PyTorch's
@@ -275,6 +284,18 @@ impl<B: Backend> Llama<B> {
         self
     }
 
+    /// A KV cache of `capacity` blocks for this model: in host memory where attention runs on
+    /// the host (the CPU backend), otherwise in the device's memory ([`DeviceKv`]), where the
+    /// forward passes write and read it without copying K/V to the host.
+    pub fn new_cache(&self, layout: KvLayout, capacity: usize) -> PagedKvCache {
+        if self.host_attention {
+            PagedKvCache::new(layout, capacity)
+        } else {
+            let store = DeviceKv::<B>::new(layout, capacity, &self.device);
+            PagedKvCache::on_device(layout, capacity, Box::new(store))
+        }
+    }
+
     /// A model with seeded random weights (roughly normal, std 0.2; norms near 1), for tests and
     /// benchmarks of shapes no file provides.
     pub fn random(c: LlamaConfig, seed: u64, device: &B::Device) -> Result<Self, ModelError> {
@@ -318,10 +339,11 @@ impl<B: Backend> Llama<B> {
         x * w.clone().unsqueeze_dim(0)
     }
 
-    /// RoPE on `[heads, n, head_dim]`, row `i` at absolute position `positions[i]`.
-    fn rope(&self, x: Tensor<B, 3>, positions: &[usize]) -> Tensor<B, 3> {
-        let [heads, n, hd] = x.dims();
-        let half = hd / 2;
+    /// The cosines and sines RoPE applies to rows at `positions`, built once per forward pass
+    /// (on a GPU, one upload per pass instead of two per projection and layer).
+    fn rope_table(&self, positions: &[usize]) -> Rope<B> {
+        let n = positions.len();
+        let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
         for &p in positions {
@@ -332,15 +354,29 @@ impl<B: Backend> Llama<B> {
             }
         }
         // Pairs live on axis 3 (adjacent: [.., half, 2]) or axis 2 (halves: [.., 2, half]).
-        let (shape, table_shape, axis) = match self.config.rope_style {
-            RopeStyle::Adjacent => ([heads, n, half, 2], [1, n, half, 1], 3),
-            RopeStyle::Halves => ([heads, n, 2, half], [1, n, 1, half], 2),
+        let table_shape = match self.config.rope_style {
+            RopeStyle::Adjacent => [1, n, half, 1],
+            RopeStyle::Halves => [1, n, 1, half],
         };
         let table = |v: Vec<f32>| -> Tensor<B, 4> {
             Tensor::<B, 2>::from_data(TensorData::new(v, [n, half]), &self.device)
                 .reshape(table_shape)
         };
-        let (cos, sin) = (table(cos), table(sin));
+        Rope {
+            cos: table(cos),
+            sin: table(sin),
+        }
+    }
+
+    /// RoPE on `[heads, n, head_dim]` with the table of the rows' positions.
+    fn rope(&self, x: Tensor<B, 3>, table: &Rope<B>) -> Tensor<B, 3> {
+        let [heads, n, hd] = x.dims();
+        let half = hd / 2;
+        let (shape, axis) = match self.config.rope_style {
+            RopeStyle::Adjacent => ([heads, n, half, 2], 3),
+            RopeStyle::Halves => ([heads, n, 2, half], 2),
+        };
+        let (cos, sin) = (table.cos.clone(), table.sin.clone());
         let pairs: Tensor<B, 4> = x.reshape(shape);
         let x0 = pairs.clone().narrow(axis, 0, 1);
         let x1 = pairs.narrow(axis, 1, 1);
@@ -374,12 +410,12 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Q (`[heads, n, head_dim]`), K and V (`[kv_heads, n, head_dim]`) of `n` new tokens at
-    /// `positions`, RoPE applied to Q and K.
+    /// the positions `rope` was built for, RoPE applied to Q and K.
     fn qkv(
         &self,
         l: &Layer<B>,
         h: Tensor<B, 2>,
-        positions: &[usize],
+        rope: &Rope<B>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let c = &self.config;
         let n = h.dims()[0];
@@ -391,8 +427,8 @@ impl<B: Backend> Llama<B> {
             y.reshape([n, heads, c.head_dim]).swap_dims(0, 1)
         };
         let b = |i: usize| l.bias.as_ref().map(|b| &b[i]);
-        let q = self.rope(split(&l.wq, b(0), c.heads), positions);
-        let k = self.rope(split(&l.wk, b(1), c.kv_heads), positions);
+        let q = self.rope(split(&l.wq, b(0), c.heads), rope);
+        let k = self.rope(split(&l.wk, b(1), c.kv_heads), rope);
         (q, k, split(&l.wv, b(2), c.kv_heads))
     }
 
@@ -449,11 +485,12 @@ impl<B: Backend> Llama<B> {
     pub fn forward(&self, tokens: &[u32]) -> Tensor<B, 2> {
         let seq = tokens.len();
         let positions: Vec<usize> = (0..seq).collect();
+        let rope = self.rope_table(&positions);
         let mut x = self.embed_tokens(tokens);
         let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device).unsqueeze_dim(0);
         for l in &self.layers {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, &positions);
+            let (q, k, v) = self.qkv(l, h, &rope);
             let out = self.attend(
                 q,
                 k.unsqueeze_dim(0),

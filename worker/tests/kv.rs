@@ -210,3 +210,60 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn reserved_slots_are_where_appends_land_and_the_same_at_every_layer() {
+    // Two interleaved sequences: their blocks alternate in the pool.
+    let mut by_append = PagedKvCache::new(layout(), 8);
+    let mut by_reserve = PagedKvCache::new(layout(), 8);
+    let bs = layout().block_size;
+    let (a, b) = (by_append.create(), by_append.create());
+    let (ra, rb) = (by_reserve.create(), by_reserve.create());
+    let mut slots = [Vec::new(), Vec::new()];
+    for (round, n) in [3usize, 1, 5, 2].into_iter().enumerate() {
+        for (i, (s, r)) in [(a, ra), (b, rb)].into_iter().enumerate() {
+            let tag = i as u64 + 1;
+            let start = by_append.len(s).expect("known");
+            for t in start..start + n {
+                push_token(&mut by_append, s, tag, t).expect("room");
+            }
+            let first = by_reserve.reserve(r, 0, n).expect("room");
+            for layer in 1..layout().layers {
+                assert_eq!(
+                    by_reserve.reserve(r, layer, n).expect("room"),
+                    first,
+                    "round {round}"
+                );
+            }
+            slots[i].extend(first);
+        }
+    }
+    for (i, (s, r)) in [(a, ra), (b, rb)].into_iter().enumerate() {
+        assert_eq!(by_reserve.len(r), by_append.len(s));
+        assert_eq!(by_reserve.blocks(r), by_append.blocks(s));
+        let n = by_reserve.len(r).expect("known");
+        assert_eq!(by_reserve.slots(r, n).expect("reserved"), slots[i]);
+        // A slot is its block's id times the block size plus the offset in it.
+        let blocks = by_append.blocks(s).expect("known");
+        for (t, &slot) in slots[i].iter().enumerate() {
+            assert_eq!(slot, blocks[t / bs] as usize * bs + t % bs);
+        }
+        // The view of the appended cache reads each token back at that slot's place.
+        let view = by_append.view(s, 0).expect("known");
+        let (k, _) = view.block(n / bs);
+        assert_eq!(k.len(), (n % bs) * layout().token_width());
+        assert!(by_reserve.slots(r, blocks.len() * bs + 1).is_err());
+    }
+    // Short of blocks: refused, nothing changes.
+    let free = by_reserve.free_blocks();
+    let before = by_reserve.len(ra);
+    assert!(matches!(
+        by_reserve.reserve(ra, 0, (free + 1) * bs + 1),
+        Err(KvError::OutOfBlocks { .. })
+    ));
+    assert_eq!(
+        (by_reserve.free_blocks(), by_reserve.len(ra)),
+        (free, before)
+    );
+    assert!(by_reserve.check_invariants() && by_append.check_invariants());
+}

@@ -5,6 +5,7 @@
 use burn::prelude::*;
 
 use super::attention::{QueryRow, paged_attention};
+use super::device_kv::{DeviceKv, SlotPlan};
 use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
 use crate::kv::{KvError, PagedKvCache, SeqId};
 
@@ -196,10 +197,12 @@ impl<B: Backend> Llama<B> {
         // Per item: its first row in the pass, its length, and (tensor attention) its causal
         // mask over the cache.
         let mut spans = Vec::with_capacity(items.len());
+        let on_device = !cache.on_host();
+        let tensor_attention = on_device || !self.host_attention;
         for &(seq, t) in items {
             let start = cache.len(seq)?;
             let n = t.len();
-            let mask = (!self.host_attention).then(|| {
+            let mask = tensor_attention.then(|| {
                 Tensor::<B, 2, Bool>::tril_mask([n, start + n], start as i64, &self.device)
                     .unsqueeze_dim::<3>(0)
             });
@@ -208,20 +211,40 @@ impl<B: Backend> Llama<B> {
             positions.extend(start..start + n);
             rows.extend((start..start + n).map(|p| (seq, p)));
         }
+        // A device-resident pool: each item's new slots and what it reads, one group each.
+        let grow: Vec<(SeqId, usize)> = items.iter().map(|&(s, t)| (s, t.len())).collect();
+        let groups: Vec<Vec<usize>> = (0..items.len()).map(|i| vec![i]).collect();
+        let mut plan = None;
+        let rope = self.rope_table(&positions);
         let mut x = self.embed_tokens(&tokens);
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, &positions);
+            let (q, k, v) = self.qkv(l, h, &rope);
             let mut out = Vec::with_capacity(items.len());
-            for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
-                let part = |t: &Tensor<B, 3>| t.clone().narrow(1, *first, *n);
-                self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
-                if let Some(mask) = mask {
-                    let (ka, va, _) = self.gather(cache, &[seq], li)?;
-                    out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+            if on_device {
+                if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, &self.device)? {
+                    plan = Some(p);
+                }
+                let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
+                let store = device_kv::<B>(cache)?;
+                store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
+                for (((first, n, mask), (read, t)), _) in spans.iter().zip(&plan.reads).zip(items) {
+                    let (ka, va) = store.read(li, read);
+                    let q = q.clone().narrow(1, *first, *n);
+                    let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
+                    out.push(self.attend(q, ka, va, mask.clone()));
+                }
+            } else {
+                for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
+                    let part = |t: &Tensor<B, 3>| t.clone().narrow(1, *first, *n);
+                    self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
+                    if let Some(mask) = mask {
+                        let (ka, va, _) = self.gather(cache, &[seq], li)?;
+                        out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+                    }
                 }
             }
-            let attended = if self.host_attention {
+            let attended = if !tensor_attention {
                 self.attend_host(cache, li, q, &rows)?
             } else if out.len() == 1 {
                 out.pop().expect("one item")
@@ -232,6 +255,20 @@ impl<B: Backend> Llama<B> {
             x = self.mlp(l, x);
         }
         Ok(self.rms_norm(x, &self.norm))
+    }
+
+    /// `[kv_heads, n, head_dim]` K or V of `n` new tokens as the pool's rows:
+    /// `[n, kv_heads · head_dim]`.
+    fn token_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+        let [kvh, n, hd] = x.dims();
+        x.swap_dims(0, 1).reshape([n, kvh * hd])
+    }
+
+    /// Pool rows of `b` sequences padded to `t` tokens (`[b · t, kv_heads · head_dim]`) as
+    /// attention takes them: `[b, kv_heads, t, head_dim]`.
+    fn head_major(&self, x: Tensor<B, 2>, b: usize, t: usize) -> Tensor<B, 4> {
+        let c = &self.config;
+        x.reshape([b, t, c.kv_heads, c.head_dim]).swap_dims(1, 2)
     }
 
     /// Attention on the host over the paged cache (see [`super::attention`]): `q` is
@@ -290,31 +327,60 @@ impl<B: Backend> Llama<B> {
             .copied()
             .zip(positions.iter().copied())
             .collect();
+        // A device-resident pool: the new tokens' slots and the batch's reads (one group),
+        // with each sequence's padding masked.
+        let on_device = !cache.on_host();
+        let mut plan = None;
+        let rope = self.rope_table(&positions);
+        let pad_mask = |lens: &[usize], tmax: usize| {
+            let pad: Vec<bool> = lens
+                .iter()
+                .flat_map(|&len| (0..tmax).map(move |t| t >= len))
+                .collect();
+            Tensor::<B, 3, Bool>::from_data(TensorData::new(pad, [b, 1, tmax]), &self.device)
+        };
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, &positions);
-            self.append_kv(cache, &seqs, li, k, v)?;
-            let attended = if self.host_attention {
-                self.attend_host(cache, li, q, &rows)?
+            let (q, k, v) = self.qkv(l, h, &rope);
+            let attended = if on_device {
+                if let Some(p) =
+                    SlotPlan::reserve(cache, li, &need, &[(0..b).collect()], &self.device)?
+                {
+                    let t = p.reads[0].1;
+                    let lens: Vec<usize> = positions.iter().map(|p| p + 1).collect();
+                    plan = Some((p, pad_mask(&lens, t)));
+                }
+                let (plan, mask) = plan.as_ref().ok_or(KvError::NoTokens)?;
+                let store = device_kv::<B>(cache)?;
+                store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
+                let (read, t) = &plan.reads[0];
+                let (ka, va) = store.read(li, read);
+                let (ka, va) = (self.head_major(ka, b, *t), self.head_major(va, b, *t));
+                self.attend(q, ka, va, Some(mask.clone()))
             } else {
-                let (ka, va, lens) = self.gather(cache, &seqs, li)?;
-                // Each sequence sees its own length; the padding beyond it is masked.
-                let tmax = ka.dims()[2];
-                let pad: Vec<bool> = lens
-                    .iter()
-                    .flat_map(|&len| (0..tmax).map(move |t| t >= len))
-                    .collect();
-                let mask = Tensor::<B, 3, Bool>::from_data(
-                    TensorData::new(pad, [b, 1, tmax]),
-                    &self.device,
-                );
-                self.attend(q, ka, va, Some(mask))
+                self.append_kv(cache, &seqs, li, k, v)?;
+                if self.host_attention {
+                    self.attend_host(cache, li, q, &rows)?
+                } else {
+                    // Each sequence sees its own length; the padding beyond it is masked.
+                    let (ka, va, lens) = self.gather(cache, &seqs, li)?;
+                    let tmax = ka.dims()[2];
+                    self.attend(q, ka, va, Some(pad_mask(&lens, tmax)))
+                }
             };
             x = x + l.wo.apply(attended);
             x = self.mlp(l, x);
         }
         Ok(self.lm_head.apply(self.rms_norm(x, &self.norm)))
     }
+}
+
+/// The model's store in a cache whose pool is on the device.
+fn device_kv<B: Backend>(cache: &mut PagedKvCache) -> Result<&mut DeviceKv<B>, KvError> {
+    cache
+        .device_store()
+        .and_then(|s| s.as_any_mut().downcast_mut::<DeviceKv<B>>())
+        .ok_or(KvError::ForeignStore)
 }
 
 /// Runs `f` on a thread of the CPU thread pool (at once when already on one). The quantized

@@ -54,6 +54,12 @@ struct Row {
     decode_tokens_per_s: f64,
     /// Mean seconds per decode step.
     decode_step_s: f64,
+    /// Bytes a decode step reads at least: the weights as held, plus the K/V of every
+    /// sequence at the phase's mean context.
+    decode_bytes_per_step: f64,
+    /// `decode_bytes_per_step / decode_step_s`, in GB/s: set against the device's peak memory
+    /// bandwidth, how close decode comes to the bound it has.
+    decode_read_gb_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -220,12 +226,19 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
             steps += 1;
         }
         eprintln!(" done");
+        let c = &model.config;
+        let context = (a.prompt_len + a.decode_tokens.div_ceil(2)) as f64;
+        let kv = (b * c.layers * 2 * c.kv_heads * c.head_dim * 4) as f64 * context;
+        let bytes = model.weight_bytes() as f64 + kv;
+        let step_s = secs / steps.max(1) as f64;
         rows.push(Row {
             batch: b,
             prompt_len: a.prompt_len,
             prefill_tokens_per_s: (b * a.prompt_len) as f64 / prefill_s,
             decode_tokens_per_s: toks as f64 / secs,
-            decode_step_s: secs / steps.max(1) as f64,
+            decode_step_s: step_s,
+            decode_bytes_per_step: bytes,
+            decode_read_gb_per_s: bytes / step_s / 1e9,
         });
     }
     let logits_vs_cpu = if a.check_logits {
@@ -249,17 +262,18 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
     }
     println!("model {}  device {}", report.model, report.device);
     println!(
-        "{:>6} {:>8} {:>16} {:>16} {:>14}",
-        "batch", "prompt", "prefill tok/s", "decode tok/s", "step ms"
+        "{:>6} {:>8} {:>16} {:>16} {:>14} {:>12}",
+        "batch", "prompt", "prefill tok/s", "decode tok/s", "step ms", "read GB/s"
     );
     for r in &report.rows {
         println!(
-            "{:>6} {:>8} {:>16.1} {:>16.1} {:>14.2}",
+            "{:>6} {:>8} {:>16.1} {:>16.1} {:>14.2} {:>12.1}",
             r.batch,
             r.prompt_len,
             r.prefill_tokens_per_s,
             r.decode_tokens_per_s,
-            r.decode_step_s * 1e3
+            r.decode_step_s * 1e3,
+            r.decode_read_gb_per_s
         );
     }
     if let Some(d) = &report.logits_vs_cpu {

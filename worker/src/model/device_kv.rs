@@ -1,0 +1,202 @@
+//! The KV pool in the backend's device memory ([`DeviceKv`]): one `[slots, kv_heads · head_dim]`
+//! tensor per layer for K and one for V, written in place by index and read by index, so a
+//! forward pass on a GPU keeps its K/V on the GPU. The cache ([`PagedKvCache`]) keeps the block
+//! tables and decides the slots; the forward passes turn them into index tensors once per pass
+//! ([`SlotPlan`]) and every layer uses the same ones.
+
+use std::any::Any;
+
+use burn::prelude::*;
+use burn::tensor::IndexingUpdateOp;
+
+use crate::kv::{DeviceStore, KvError, KvLayout, PagedKvCache, SeqId};
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct DeviceKv<B: Backend> {
+    layout: KvLayout,
+    /// Per layer; `None` only inside [`DeviceKv::write`], which takes the tensor so that its
+    /// memory is not shared and the backend writes it in place rather than copying the pool.
+    k: Vec<Option<Tensor<B, 2>>>,
+    v: Vec<Option<Tensor<B, 2>>>,
+    device: B::Device,
+}
+
+impl<B: Backend> DeviceKv<B> {
+    /// A zeroed pool of `capacity` blocks per layer on `device`.
+    pub fn new(layout: KvLayout, capacity: usize, device: &B::Device) -> Self {
+        let shape = [capacity * layout.block_size, layout.token_width()];
+        let pool = || {
+            (0..layout.layers)
+                .map(|_| Some(Tensor::zeros(shape, device)))
+                .collect()
+        };
+        Self {
+            layout,
+            k: pool(),
+            v: pool(),
+            device: device.clone(),
+        }
+    }
+
+    /// Writes `k` and `v` (`[n, kv_heads · head_dim]`) into `slots` (`[n, 1]`) at `layer`.
+    pub(super) fn write(
+        &mut self,
+        layer: usize,
+        slots: &Tensor<B, 2, Int>,
+        k: Tensor<B, 2>,
+        v: Tensor<B, 2>,
+    ) {
+        for (pool, x) in [(&mut self.k[layer], k), (&mut self.v[layer], v)] {
+            if let Some(t) = pool.take() {
+                *pool = Some(t.scatter_nd(slots.clone(), x, IndexingUpdateOp::Assign));
+            }
+        }
+    }
+
+    /// K and V (`[n, kv_heads · head_dim]` each) of `slots` (`[n]`) at `layer`.
+    pub(super) fn read(
+        &self,
+        layer: usize,
+        slots: &Tensor<B, 1, Int>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let get = |pool: &Option<Tensor<B, 2>>| {
+            pool.clone()
+                .expect("a pool is put back by the write that takes it")
+                .select(0, slots.clone())
+        };
+        (get(&self.k[layer]), get(&self.v[layer]))
+    }
+
+    fn index(&self, slots: Vec<i64>) -> Tensor<B, 1, Int> {
+        let n = slots.len();
+        Tensor::from_data(TensorData::new(slots, [n]), &self.device)
+    }
+
+    /// The slots of whole blocks, in order.
+    fn block_slots(&self, blocks: &[u32]) -> Vec<i64> {
+        let bs = self.layout.block_size;
+        blocks
+            .iter()
+            .flat_map(|&b| (0..bs).map(move |i| (b as usize * bs + i) as i64))
+            .collect()
+    }
+}
+
+impl<B: Backend> DeviceStore for DeviceKv<B> {
+    fn write_token(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let w = self.layout.token_width();
+        let row = |x: &[f32]| {
+            Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [1, w]), &self.device)
+        };
+        let (k, v) = (row(k), row(v));
+        let slots = Tensor::from_data(TensorData::new(vec![slot as i64], [1, 1]), &self.device);
+        self.write(layer, &slots, k, v);
+    }
+
+    fn read_blocks(&self, blocks: &[u32]) -> Vec<Vec<f32>> {
+        let l = self.layout;
+        let w = l.block_width();
+        let slots = self.index(self.block_slots(blocks));
+        let mut out: Vec<Vec<f32>> = (0..blocks.len())
+            .map(|_| Vec::with_capacity(2 * l.layers * w))
+            .collect();
+        for layer in 0..l.layers {
+            let (k, v) = self.read(layer, &slots);
+            for t in [k, v] {
+                let d: Vec<f32> = t
+                    .into_data()
+                    .convert::<f32>()
+                    .into_vec()
+                    .unwrap_or_default();
+                for (o, chunk) in out.iter_mut().zip(d.chunks(w)) {
+                    o.extend_from_slice(chunk);
+                }
+            }
+        }
+        out
+    }
+
+    fn write_blocks(&mut self, blocks: &[u32], data: &[&[f32]]) {
+        let l = self.layout;
+        let w = l.block_width();
+        let n = blocks.len() * l.block_size;
+        let slots = self.block_slots(blocks);
+        let slots = Tensor::from_data(TensorData::new(slots, [n, 1]), &self.device);
+        for layer in 0..l.layers {
+            let part = |half: usize| {
+                let at = (2 * layer + half) * w;
+                let d: Vec<f32> = data
+                    .iter()
+                    .flat_map(|b| b[at..at + w].iter().copied())
+                    .collect();
+                Tensor::<B, 2>::from_data(TensorData::new(d, [n, l.token_width()]), &self.device)
+            };
+            let (k, v) = (part(0), part(1));
+            self.write(layer, &slots, k, v);
+        }
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The slots one forward pass writes and reads on a device-resident pool, as index tensors
+/// built once for all layers: the new tokens' slots, and for each group of query rows (a
+/// sequence of a prefill, the whole batch of a decode step) the slots of the K/V it attends to.
+pub(super) struct SlotPlan<B: Backend> {
+    /// `[new tokens, 1]`, in the pass's row order.
+    pub write: Tensor<B, 2, Int>,
+    /// Per group: `[sequences · t]` (each sequence's slots padded to `t` with its first slot;
+    /// the padding is masked) and `t`.
+    pub reads: Vec<(Tensor<B, 1, Int>, usize)>,
+}
+
+impl<B: Backend> SlotPlan<B> {
+    /// Reserves `n` new tokens for each `(seq, n)` at `layer`; at layer 0 also returns the plan:
+    /// where the tokens go and, per group of `groups` (lists of indices into `grow`), the slots
+    /// of each of its sequences' tokens so far. Other layers reuse layer 0's plan: a token has the
+    /// same slot at every layer.
+    pub fn reserve(
+        cache: &mut PagedKvCache,
+        layer: usize,
+        grow: &[(SeqId, usize)],
+        groups: &[Vec<usize>],
+        device: &B::Device,
+    ) -> Result<Option<Self>, KvError> {
+        let mut write = Vec::new();
+        for &(seq, n) in grow {
+            let slots = cache.reserve(seq, layer, n)?;
+            write.extend(slots.into_iter().map(|s| s as i64));
+        }
+        if layer != 0 {
+            return Ok(None);
+        }
+        let mut reads = Vec::with_capacity(groups.len());
+        for group in groups {
+            let slots = group
+                .iter()
+                .map(|&i| cache.slots(grow[i].0, cache.written(grow[i].0, layer)?))
+                .collect::<Result<Vec<_>, _>>()?;
+            let t = slots.iter().map(Vec::len).max().unwrap_or(0);
+            let mut idx = Vec::with_capacity(slots.len() * t);
+            for s in &slots {
+                let pad = s.first().copied().unwrap_or(0);
+                idx.extend(s.iter().map(|&x| x as i64));
+                idx.extend(std::iter::repeat_n(pad as i64, t - s.len()));
+            }
+            let n = idx.len();
+            reads.push((Tensor::from_data(TensorData::new(idx, [n]), device), t));
+        }
+        let n = write.len();
+        Ok(Some(Self {
+            write: Tensor::from_data(TensorData::new(write, [n, 1]), device),
+            reads,
+        }))
+    }
+}
