@@ -28,6 +28,7 @@ use crate::qmat::QMatrix;
 mod attention;
 mod cached;
 mod device_kv;
+mod host;
 mod linear;
 pub use device_kv::DeviceKv;
 use linear::Linear;
@@ -78,6 +79,8 @@ pub struct Llama<B: Backend> {
     /// Attention over the paged cache on the host, reading K/V in place (the CPU backend), or
     /// as tensor operations on gathered K/V (other backends).
     host_attention: bool,
+    /// The weights as the decode step on the host reads them, when every matrix is quantized.
+    host: Option<host::HostWeights>,
 }
 
 /// RoPE's cosines and sines for the rows of one forward pass (`[1, n, half, 1]` or
@@ -264,7 +267,9 @@ impl<B: Backend> Llama<B> {
                 None => Linear::Dense(mat_t("output.weight", c.vocab, h)?),
             }
         };
+        let host = host::HostWeights::new(&embed, &layers, &norm, &lm_head);
         Ok(Self {
+            host,
             inv_freq: c.inv_freq(),
             config: c,
             embed,

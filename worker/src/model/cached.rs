@@ -6,6 +6,7 @@ use burn::prelude::*;
 
 use super::attention::{QueryRow, paged_attention};
 use super::device_kv::{DeviceKv, SlotPlan};
+use super::host::HOST_DECODE_MAX;
 use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
 use crate::kv::{KvError, PagedKvCache, SeqId};
 
@@ -319,6 +320,17 @@ impl<B: Backend> Llama<B> {
             .collect::<Result<Vec<_>, _>>()?;
         let need: Vec<(SeqId, usize)> = seqs.iter().map(|&s| (s, 1)).collect();
         cache.check_room(&need)?;
+        if let Some(w) = &self.host
+            && self.host_attention
+            && cache.on_host()
+            && batch.len() <= HOST_DECODE_MAX
+        {
+            let logits = self.decode_host(w, cache, batch, &positions)?;
+            return Ok(Tensor::from_data(
+                TensorData::new(logits, [batch.len(), self.config.vocab]),
+                &self.device,
+            ));
+        }
         let mut x = self.embed_tokens(&tokens);
         let b = batch.len();
         // Each new token's query row (host attention): its sequence and position.

@@ -1,0 +1,69 @@
+//! Quantized products on SmolLM2-135M's matrix shapes: `cargo bench -p dopd-worker --bench qmat`.
+//!
+//! For each shape and number of input rows, the best of several timed runs of
+//! `QMatrix::matmul_t` (after a warm-up), as time per product, the weights' bytes read per second
+//! and multiply-adds per second. A decode step at batch `n` runs these products with `n` rows:
+//! seven per layer and the output matrix once. Results for this machine are in
+//! docs/benchmarks.md.
+
+use std::time::Instant;
+
+use dopd_worker::qmat::QMatrix;
+
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
+fn main() {
+    let rows_list = [1usize, 2, 4, 8, 16];
+    // (name, output rows, input columns): attention, MLP in and out, the output matrix.
+    let shapes = [
+        ("q/o 576x576", 576usize, 576usize),
+        ("gate/up 1536x576", 1536, 576),
+        ("down 576x1536", 576, 1536),
+        ("output 49152x576", 49152, 576),
+    ];
+    println!(
+        "{:<18} {:<3} {:>5} {:>12} {:>10} {:>12}",
+        "matrix", "fmt", "rows", "us/product", "GB/s", "GFMA/s"
+    );
+    for (name, rows, cols) in shapes {
+        let w = values(rows * cols, 1);
+        let mats = [
+            ("q4", QMatrix::quantize_q4(&w, rows, cols).expect("q4")),
+            ("q8", QMatrix::quantize_q8(&w, rows, cols).expect("q8")),
+        ];
+        for (fmt, m) in &mats {
+            for &n in &rows_list {
+                let x = values(n * cols, 7);
+                let reps = (20_000_000 / (rows * cols)).clamp(3, 2000);
+                let mut best = f64::INFINITY;
+                std::hint::black_box(m.matmul_t(&x, n));
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        std::hint::black_box(m.matmul_t(std::hint::black_box(&x), n));
+                    }
+                    best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+                }
+                println!(
+                    "{:<18} {:<3} {:>5} {:>12.1} {:>10.1} {:>12.1}",
+                    name,
+                    fmt,
+                    n,
+                    best * 1e6,
+                    m.bytes() as f64 / best / 1e9,
+                    (n * rows * cols) as f64 / best / 1e9
+                );
+            }
+        }
+    }
+}
