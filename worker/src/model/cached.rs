@@ -200,6 +200,7 @@ impl<B: Backend> Llama<B> {
         let mut spans = Vec::with_capacity(items.len());
         let on_device = !cache.on_host();
         let tensor_attention = on_device || !self.host_attention;
+        let host = self.host.as_ref().filter(|_| !tensor_attention);
         for &(seq, t) in items {
             let start = cache.len(seq)?;
             let n = t.len();
@@ -211,6 +212,14 @@ impl<B: Backend> Llama<B> {
             tokens.extend_from_slice(t);
             positions.extend(start..start + n);
             rows.extend((start..start + n).map(|p| (seq, p)));
+        }
+        if let Some(w) = host {
+            let n = tokens.len();
+            let hidden = self.hidden_host(w, cache, &tokens, &rows)?;
+            return Ok(Tensor::from_data(
+                TensorData::new(hidden, [n, self.config.hidden]),
+                &self.device,
+            ));
         }
         // A device-resident pool: each item's new slots and what it reads, one group each.
         let grow: Vec<(SeqId, usize)> = items.iter().map(|&(s, t)| (s, t.len())).collect();

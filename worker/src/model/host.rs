@@ -1,5 +1,6 @@
-//! The decode step on the host, for a model whose matrices are all quantized blocks on the CPU
-//! and whose cache is in host memory (the CPU worker's default): every layer runs on plain
+//! The forward passes on the host (a decode step, a packed or chunked prefill), for a model
+//! whose matrices are all quantized blocks on the CPU and whose cache is in host memory (the CPU
+//! worker's default): every layer runs on plain
 //! vectors with the quantized dot products, RoPE, the paged attention that reads the cache in
 //! place, and the element-wise steps written out, so a step makes no tensor of the backend.
 //!
@@ -109,11 +110,33 @@ impl<B: Backend> Llama<B> {
         batch: &[(SeqId, u32)],
         positions: &[usize],
     ) -> Result<Vec<f32>, KvError> {
+        let tokens: Vec<u32> = batch.iter().map(|r| r.1).collect();
+        let rows: Vec<QueryRow> = batch
+            .iter()
+            .map(|r| r.0)
+            .zip(positions.iter().copied())
+            .collect();
+        let hidden = self.hidden_host(w, cache, &tokens, &rows)?;
+        Ok(w.lm_head.matmul_t(&hidden, batch.len()))
+    }
+
+    /// The final-norm hidden states (`[tokens, hidden]`, row-major) of `tokens`, token `i`
+    /// continuing sequence `rows[i].0` at position `rows[i].1`: a decode step's one token per
+    /// sequence, or a packed prefill's runs of consecutive positions. Each layer appends the
+    /// tokens' K/V in row order, then every row attends to its sequence up to its position.
+    /// The caller has checked the room.
+    pub(super) fn hidden_host(
+        &self,
+        w: &HostWeights,
+        cache: &mut PagedKvCache,
+        tokens: &[u32],
+        rows: &[QueryRow],
+    ) -> Result<Vec<f32>, KvError> {
         let c = &self.config;
-        let (b, h, hd) = (batch.len(), c.hidden, c.head_dim);
+        let (n, h, hd) = (tokens.len(), c.hidden, c.head_dim);
         let kv_width = c.kv_heads * hd;
-        let mut x = vec![0.0f32; b * h];
-        for (&(_, t), row) in batch.iter().zip(x.chunks_exact_mut(h)) {
+        let mut x = vec![0.0f32; n * h];
+        for (&t, row) in tokens.iter().zip(x.chunks_exact_mut(h)) {
             // Token ids were checked against the vocabulary by the engine; one past it reads
             // row 0 rather than panicking, as the tensor path does.
             let t = if (t as usize) < w.embed.rows {
@@ -123,18 +146,14 @@ impl<B: Backend> Llama<B> {
             };
             w.embed.dequantize_row(t, row);
         }
-        let rope = RopeRows::new(&self.inv_freq, positions, c.rope_style);
-        let rows: Vec<QueryRow> = batch
-            .iter()
-            .map(|r| r.0)
-            .zip(positions.iter().copied())
-            .collect();
-        let mut hn = vec![0.0f32; b * h];
+        let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
+        let rope = RopeRows::new(&self.inv_freq, &positions, c.rope_style);
+        let mut hn = vec![0.0f32; n * h];
         for (li, l) in w.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.rms_eps as f32, &mut hn);
-            let mut q = l.wq.matmul_t(&hn, b);
-            let mut k = l.wk.matmul_t(&hn, b);
-            let mut v = l.wv.matmul_t(&hn, b);
+            let mut q = l.wq.matmul_t(&hn, n);
+            let mut k = l.wk.matmul_t(&hn, n);
+            let mut v = l.wv.matmul_t(&hn, n);
             if let Some([bq, bk, bv]) = &l.bias {
                 add_rows(&mut q, bq);
                 add_rows(&mut k, bk);
@@ -142,23 +161,23 @@ impl<B: Backend> Llama<B> {
             }
             rope.apply(&mut q, hd);
             rope.apply(&mut k, hd);
-            for (i, &(seq, _)) in batch.iter().enumerate() {
+            for (i, &(seq, _)) in rows.iter().enumerate() {
                 let r = i * kv_width..(i + 1) * kv_width;
                 cache.append(seq, li, &k[r.clone()], &v[r])?;
             }
-            let attended = paged_attention(cache, li, &q, &rows, c.heads)?;
-            add(&mut x, &l.wo.matmul_t(&attended, b));
+            let attended = paged_attention(cache, li, &q, rows, c.heads)?;
+            add(&mut x, &l.wo.matmul_t(&attended, n));
             rms_norm(&x, &l.ffn_norm, c.rms_eps as f32, &mut hn);
-            let mut gate = l.w_gate.matmul_t(&hn, b);
-            let up = l.w_up.matmul_t(&hn, b);
+            let mut gate = l.w_gate.matmul_t(&hn, n);
+            let up = l.w_up.matmul_t(&hn, n);
             for (g, u) in gate.iter_mut().zip(&up) {
                 // SiLU(g) · u
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            add(&mut x, &l.w_down.matmul_t(&gate, b));
+            add(&mut x, &l.w_down.matmul_t(&gate, n));
         }
         rms_norm(&x, &w.norm, c.rms_eps as f32, &mut hn);
-        Ok(w.lm_head.matmul_t(&hn, b))
+        Ok(hn)
     }
 }
 

@@ -1,7 +1,8 @@
-//! The decode step on the host (plain vectors, quantized dot products, no backend tensors)
-//! against the tensor path on the same quantized weights: the same logits for every RoPE style,
-//! with and without QKV bias and tied embeddings, at batch sizes on both sides of the host
-//! step's limit, after prompts prefilled in chunks and packed.
+//! The forward passes on the host (plain vectors, quantized dot products, no backend tensors:
+//! packed and chunked prefill, and decode steps) against the tensor path on the same quantized
+//! weights: the same logits for every RoPE style, with and without QKV bias and tied
+//! embeddings, at decode batch sizes on both sides of the host step's limit. Heads of 32
+//! values, so attention's value accumulation runs in whole vectors.
 
 use burn::backend::Flex;
 use burn::prelude::*;
@@ -46,7 +47,7 @@ fn config(rope_style: RopeStyle, qkv_bias: bool, tied_embeddings: bool) -> Llama
         layers: 3,
         heads: 4,
         kv_heads: 2,
-        head_dim: 16,
+        head_dim: 32,
         ffn: 128,
         context: 1024,
         rope_style,
@@ -97,7 +98,7 @@ fn run(m: &Llama<B>) -> Vec<Vec<f32>> {
 }
 
 #[test]
-fn the_decode_step_on_the_host_equals_the_tensor_path_on_quantized_weights() {
+fn the_forward_passes_on_the_host_equal_the_tensor_path_on_quantized_weights() {
     for (style, bias, tied) in [
         (RopeStyle::Adjacent, false, false),
         (RopeStyle::Halves, true, true),
