@@ -27,6 +27,7 @@ fn main() {
     // (name, output rows, input columns): attention, MLP in and out, the output matrix.
     let shapes = [
         ("q/o 576x576", 576usize, 576usize),
+        ("k/v 192x576", 192, 576),
         ("gate/up 1536x576", 1536, 576),
         ("down 576x1536", 576, 1536),
         ("output 49152x576", 49152, 576),

@@ -50,8 +50,14 @@ pub struct QMatrix {
     q: Vec<u8>,
 }
 
-/// Output rows per parallel task.
-const ROWS_PER_TASK: usize = 64;
+/// Output rows per parallel task for a matrix of `rows`: at least eight tasks per thread, so
+/// that a thread slowed down (a shared machine) leaves work for the other to take, and no more
+/// than 64 rows each (fixed 64-row tasks gave a 192-row product three tasks on two threads: one
+/// idle for a third of it). An even number, for the kernels that take two rows at a time.
+fn task_rows(rows: usize) -> usize {
+    let tasks = 8 * rayon::current_num_threads().max(1);
+    rows.div_ceil(tasks).next_multiple_of(2).clamp(2, 64)
+}
 
 /// Input rows one pass over the weights serves (their accumulators stay in registers or L1).
 pub const QUANT_ROWS: usize = 8;
@@ -223,45 +229,77 @@ impl QMatrix {
     /// Each weight is read once per [`QUANT_ROWS`] input rows, so this is for small `n` (decode
     /// steps, short prompts); many rows go through [`QMatrix::dequantize`] and a GEMM.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.cols, "input of the wrong size");
-        let per_row = self.cols / BLOCK;
+        Self::matmul_t_many(&[self], x, n).pop().unwrap_or_default()
+    }
+
+    /// [`QMatrix::matmul_t`] of several matrices with the same input (Q, K and V; gate and
+    /// up), their tasks handed to the threads in one parallel loop: each loop is a fork and a
+    /// join of every thread, a few microseconds, which a decode step otherwise pays seven times
+    /// a layer. Every matrix must have `x`'s width.
+    pub fn matmul_t_many(ms: &[&QMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let Some(cols) = ms.first().map(|m| m.cols) else {
+            return Vec::new();
+        };
+        assert!(
+            x.len() == n * cols && ms.iter().all(|m| m.cols == cols),
+            "input of the wrong size"
+        );
         if n > QUANT_ROWS {
             // In groups of rows the accumulators hold.
-            let mut y = Vec::with_capacity(n * self.rows);
-            for part in x.chunks(QUANT_ROWS * self.cols) {
-                y.extend(self.matmul_t(part, part.len() / self.cols));
+            let mut ys: Vec<Vec<f32>> = ms.iter().map(|m| Vec::with_capacity(n * m.rows)).collect();
+            for part in x.chunks(QUANT_ROWS * cols) {
+                for (y, p) in ys
+                    .iter_mut()
+                    .zip(Self::matmul_t_many(ms, part, part.len() / cols))
+                {
+                    y.extend(p);
+                }
             }
-            return y;
+            return ys;
         }
+        let per_row = cols / BLOCK;
         // Output rows in tasks; each task writes its rows for every input row, `[task rows, n]`.
-        let mut t = vec![0.0f32; self.rows * n];
-        let run = |(task, out): (usize, &mut [f32])| {
+        let mut ts: Vec<Vec<f32>> = ms.iter().map(|m| vec![0.0f32; m.rows * n]).collect();
+        let mut tasks = Vec::new();
+        for (m, t) in ms.iter().zip(ts.iter_mut()) {
+            let per_task = task_rows(m.rows);
+            tasks.extend(
+                t.chunks_mut(per_task * n)
+                    .enumerate()
+                    .map(|(i, out)| (*m, i * per_task, out)),
+            );
+        }
+        let run = |(m, r0, out): (&QMatrix, usize, &mut [f32])| {
             pulp::Arch::new().dispatch(Dots {
-                m: self,
+                m,
                 x,
                 per_row,
-                r0: task * ROWS_PER_TASK,
+                r0,
                 n,
                 out,
             });
         };
-        if self.rows * self.cols >= PARALLEL_MIN {
-            t.par_chunks_mut(ROWS_PER_TASK * n)
-                .enumerate()
-                .for_each(run);
+        let weights: usize = ms.iter().map(|m| m.rows * m.cols).sum();
+        if weights >= PARALLEL_MIN {
+            tasks.into_par_iter().for_each(run);
         } else {
-            t.chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(run);
+            tasks.into_iter().for_each(run);
         }
         if n == 1 {
-            return t;
+            return ts;
         }
-        let mut y = vec![0.0f32; n * self.rows];
-        for r in 0..self.rows {
-            for i in 0..n {
-                y[i * self.rows + r] = t[r * n + i];
-            }
-        }
-        y
+        ts.into_iter()
+            .zip(ms)
+            .map(|(t, m)| {
+                let mut y = vec![0.0f32; n * m.rows];
+                for r in 0..m.rows {
+                    for i in 0..n {
+                        y[i * m.rows + r] = t[r * n + i];
+                    }
+                }
+                y
+            })
+            .collect()
     }
 
     /// The dot product of weight row `r` with the one input row `x`; `xsum[k]` is the sum of
@@ -580,7 +618,7 @@ mod tests {
         // Enough rows for several parallel tasks and a ragged last one; an odd and an even
         // number of blocks per row.
         for cols in [96, 128] {
-            let rows = 3 * ROWS_PER_TASK + 5;
+            let rows = 197;
             let w = matrix(rows, cols, 1);
             for q in [
                 QMatrix::quantize_q4(&w, rows, cols).expect("q4"),

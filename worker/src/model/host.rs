@@ -151,9 +151,8 @@ impl<B: Backend> Llama<B> {
         let mut hn = vec![0.0f32; n * h];
         for (li, l) in w.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.rms_eps as f32, &mut hn);
-            let mut q = l.wq.matmul_t(&hn, n);
-            let mut k = l.wk.matmul_t(&hn, n);
-            let mut v = l.wv.matmul_t(&hn, n);
+            let [mut q, mut k, mut v] =
+                three(QMatrix::matmul_t_many(&[&l.wq, &l.wk, &l.wv], &hn, n));
             if let Some([bq, bk, bv]) = &l.bias {
                 add_rows(&mut q, bq);
                 add_rows(&mut k, bk);
@@ -168,8 +167,7 @@ impl<B: Backend> Llama<B> {
             let attended = paged_attention(cache, li, &q, rows, c.heads)?;
             add(&mut x, &l.wo.matmul_t(&attended, n));
             rms_norm(&x, &l.ffn_norm, c.rms_eps as f32, &mut hn);
-            let mut gate = l.w_gate.matmul_t(&hn, n);
-            let up = l.w_up.matmul_t(&hn, n);
+            let [mut gate, up] = two(QMatrix::matmul_t_many(&[&l.w_gate, &l.w_up], &hn, n));
             for (g, u) in gate.iter_mut().zip(&up) {
                 // SiLU(g) · u
                 *g = *g / (1.0 + (-*g).exp()) * u;
@@ -191,6 +189,18 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
             *o = v * inv * g;
         }
     }
+}
+
+/// The products of [`QMatrix::matmul_t_many`] as an array (it returns one per matrix).
+fn three(mut v: Vec<Vec<f32>>) -> [Vec<f32>; 3] {
+    let c = v.pop().unwrap_or_default();
+    let b = v.pop().unwrap_or_default();
+    [v.pop().unwrap_or_default(), b, c]
+}
+
+fn two(mut v: Vec<Vec<f32>>) -> [Vec<f32>; 2] {
+    let b = v.pop().unwrap_or_default();
+    [v.pop().unwrap_or_default(), b]
 }
 
 fn add(x: &mut [f32], y: &[f32]) {

@@ -194,9 +194,12 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         start: Start::Prompt,
     };
     // Warm-up (first-use allocations, kernel compilation on GPUs).
+    // Each engine is dropped before the next starts, so that the process holds one KV pool at a
+    // time (its peak memory is then the worker's).
     let mut e = Engine::new(model.clone(), None, cfg.clone());
     e.submit(request(0, Mode::Generate, 4))?;
     e.run_to_completion();
+    drop(e);
 
     let mut rows = Vec::new();
     for &b in &a.batches {
@@ -209,6 +212,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         let t = Instant::now();
         e.run_to_completion();
         let prefill_s = t.elapsed().as_secs_f64();
+        drop(e);
         eprint!(", decode");
         // Decode: b sequences; time the steps after the one that admitted them.
         let mut e = Engine::new(model.clone(), None, cfg.clone());
