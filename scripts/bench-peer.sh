@@ -76,10 +76,15 @@ for r in $(seq 1 "$rounds"); do
     --json > "$out/ours-128-$r.json" 2>/dev/null
   "$dopd" bench worker --model "$model" --batches 8 --prompt-len 32 --decode-tokens 1 \
     --json > "$out/ours-32-$r.json" 2>/dev/null
-  for n in 512 2048; do
-    "$dopd" bench worker --model "$model" --batches 1 --prompt-len "$n" --decode-tokens 16 \
-      --json > "$out/ours-$n-$r.json" 2>/dev/null
-  done
+  "$dopd" bench worker --model "$model" --batches 1 --prompt-len 512 --decode-tokens 16 \
+    --json > "$out/ours-512-$r.json" 2>/dev/null
+  # The 2048-token run also gives the process's peak resident memory (kB).
+  python3 -c 'import resource, subprocess, sys
+subprocess.run(sys.argv[2:], check=True, stdout=open(sys.argv[1], "w"), stderr=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)' "$out/ours-2048-$r.json" \
+    "$dopd" bench worker --model "$model" --batches 1 --prompt-len 2048 --decode-tokens 16 \
+    --json > "$out/rss-$r"
+
 done
 
 python3 - "$out" "$rounds" "$threads" <<'EOF'
@@ -130,5 +135,11 @@ for name, peer, mine in rows:
 p = statistics.median(2048 / peer_pp(r, 2048) for r in range(1, rounds + 1))
 m = statistics.median(2048 / ours(r, 2048, 1, "prefill_tokens_per_s") for r in range(1, rounds + 1))
 print(f"| time to first token, 2048-token prompt (s) | {p:.2f} | {m:.2f} | {p / m:.2f}x as fast |")
+rss = statistics.median(int(open(f"{out}/rss-{r}").read()) for r in range(1, rounds + 1)) / 1024
+rep = load(f"{out}/ours-2048-1.json")
+budget = (2 * rep["model_file_bytes"] + rep["kv_pool_bytes"]) / 2**20
+print()
+print(f"dopd's peak memory, 2048-token prompt: {rss:,.0f} MiB resident; twice the model file plus "
+      f"the KV pool ({rep['kv_pool_bytes'] / 2**20:,.0f} MiB): {budget:,.0f} MiB")
 EOF
 rm -rf "$out"

@@ -177,10 +177,15 @@ pub trait DeviceStore: Send + std::fmt::Debug {
 /// Where the values are.
 #[derive(Debug)]
 enum Pool {
-    /// `k[layer][block · block_width ..]`.
+    /// `k[layer · per_layer + block · block_width ..]`: one allocation for all layers, so that
+    /// it is always its own mapping of fresh pages (the allocator maps allocations this large
+    /// directly): memory becomes resident as blocks are written, and returns whole when the
+    /// cache is dropped. Per-layer vectors of a few megabytes could land in reused heap memory
+    /// that calloc clears, resident at once.
     Host {
-        k: Vec<Vec<f32>>,
-        v: Vec<Vec<f32>>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        per_layer: usize,
     },
     Device(Box<dyn DeviceStore>),
 }
@@ -201,8 +206,9 @@ impl PagedKvCache {
     pub fn new(layout: KvLayout, capacity: usize) -> Self {
         let size = capacity * layout.block_width();
         let pool = Pool::Host {
-            k: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
-            v: (0..layout.layers).map(|_| vec![0.0; size]).collect(),
+            k: vec![0.0; layout.layers * size],
+            v: vec![0.0; layout.layers * size],
+            per_layer: size,
         };
         Self::with_pool(layout, capacity, pool)
     }
@@ -368,10 +374,14 @@ impl PagedKvCache {
         }
         let slot = self.reserve(seq, layer, 1)?[0];
         match &mut self.pool {
-            Pool::Host { k: pk, v: pv } => {
-                let at = slot * l.token_width();
-                pk[layer][at..at + l.token_width()].copy_from_slice(k);
-                pv[layer][at..at + l.token_width()].copy_from_slice(v);
+            Pool::Host {
+                k: pk,
+                v: pv,
+                per_layer,
+            } => {
+                let at = layer * *per_layer + slot * l.token_width();
+                pk[at..at + l.token_width()].copy_from_slice(k);
+                pv[at..at + l.token_width()].copy_from_slice(v);
             }
             Pool::Device(store) => store.write_token(layer, slot, k, v),
         }
@@ -431,12 +441,13 @@ impl PagedKvCache {
     pub fn view(&self, seq: SeqId, layer: usize) -> Result<KvView<'_>, KvError> {
         self.check_layer(layer)?;
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
-        let Pool::Host { k, v } = &self.pool else {
+        let Pool::Host { k, v, per_layer } = &self.pool else {
             return Err(KvError::OnDevice);
         };
+        let r = layer * per_layer..(layer + 1) * per_layer;
         Ok(KvView {
-            k: &k[layer],
-            v: &v[layer],
+            k: &k[r.clone()],
+            v: &v[r],
             blocks: &s.blocks,
             len: s.written[layer],
             layout: self.layout,
@@ -465,9 +476,10 @@ impl PagedKvCache {
                 want,
             });
         }
-        let Pool::Host { k, v } = &self.pool else {
+        let Pool::Host { k, v, per_layer } = &self.pool else {
             return Err(KvError::OnDevice);
         };
+        let base = layer * per_layer;
         let hd = l.head_dim;
         for t in 0..tokens {
             let at = s.blocks[t / l.block_size] as usize * l.block_width()
@@ -475,8 +487,9 @@ impl PagedKvCache {
             for h in 0..l.kv_heads {
                 let src = at + h * hd;
                 let dst = (h * tmax + t) * hd;
-                k_out[dst..dst + hd].copy_from_slice(&k[layer][src..src + hd]);
-                v_out[dst..dst + hd].copy_from_slice(&v[layer][src..src + hd]);
+                let src = base + src;
+                k_out[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                v_out[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
             }
         }
         Ok(tokens)
@@ -488,14 +501,15 @@ impl PagedKvCache {
         let s = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let n = self.blocks_for(s.len);
         let blocks = match &self.pool {
-            Pool::Host { k, v } => s.blocks[..n]
+            Pool::Host { k, v, per_layer } => s.blocks[..n]
                 .iter()
                 .map(|&b| {
                     let at = b as usize * l.block_width();
                     let mut out = Vec::with_capacity(2 * l.layers * l.block_width());
                     for layer in 0..l.layers {
-                        out.extend_from_slice(&k[layer][at..at + l.block_width()]);
-                        out.extend_from_slice(&v[layer][at..at + l.block_width()]);
+                        let at = layer * per_layer + at;
+                        out.extend_from_slice(&k[at..at + l.block_width()]);
+                        out.extend_from_slice(&v[at..at + l.block_width()]);
                     }
                     out
                 })
@@ -551,14 +565,15 @@ impl PagedKvCache {
         let owned = self.free.split_off(self.free.len() - want);
         let owned: Vec<u32> = owned.into_iter().rev().collect();
         match &mut self.pool {
-            Pool::Host { k, v } => {
+            Pool::Host { k, v, per_layer } => {
                 let w = l.block_width();
                 for (data, &b) in e.blocks.iter().zip(&owned) {
                     let at = b as usize * w;
                     for layer in 0..l.layers {
                         let base = layer * 2 * w;
-                        k[layer][at..at + w].copy_from_slice(&data[base..base + w]);
-                        v[layer][at..at + w].copy_from_slice(&data[base + w..base + 2 * w]);
+                        let to = layer * *per_layer + at;
+                        k[to..to + w].copy_from_slice(&data[base..base + w]);
+                        v[to..to + w].copy_from_slice(&data[base + w..base + 2 * w]);
                     }
                 }
             }

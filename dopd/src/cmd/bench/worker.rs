@@ -66,6 +66,10 @@ struct Row {
 struct Report {
     model: String,
     device: String,
+    /// Bytes of the model file (0 for random weights).
+    model_file_bytes: u64,
+    /// Bytes of each engine's KV pool (the largest batch's sequences at full length).
+    kv_pool_bytes: u64,
     rows: Vec<Row>,
     logits_vs_cpu: Option<LogitCheck>,
 }
@@ -207,7 +211,11 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         // Prefill: b prompts admitted in one step.
         let mut e = Engine::new(model.clone(), None, cfg.clone());
         for i in 0..b {
-            e.submit(request(i as u64, Mode::Prefill, 1))?;
+            // A generation of one token: the prompt's prefill and its first token, as a mixed
+            // worker serves it (a prefill-role worker would also export the sequence's K/V,
+            // a copy as large as the sequence's share of the pool, held until the decode
+            // worker pulls it).
+            e.submit(request(i as u64, Mode::Generate, 1))?;
         }
         let t = Instant::now();
         e.run_to_completion();
@@ -257,6 +265,15 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
             a.model.display().to_string()
         },
         device: format!("{:?}", a.device).to_lowercase(),
+        model_file_bytes: if a.random_smollm2 {
+            0
+        } else {
+            std::fs::metadata(&a.model).map_or(0, |m| m.len())
+        },
+        kv_pool_bytes: {
+            let c = &model.config;
+            (cfg.kv_blocks * cfg.block_size * c.layers * 2 * c.kv_heads * c.head_dim * 4) as u64
+        },
         rows,
         logits_vs_cpu,
     };
