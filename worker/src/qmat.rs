@@ -465,7 +465,7 @@ fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
 /// The sum of 16 lanes as a tree of pairwise additions (four vector steps rather than 15
 /// dependent scalar additions).
 #[inline(always)]
-fn tree_sum(a: [f32; 16]) -> f32 {
+pub(crate) fn tree_sum(a: [f32; 16]) -> f32 {
     let b: [f32; 8] = std::array::from_fn(|j| a[j] + a[j + 8]);
     let c: [f32; 4] = std::array::from_fn(|j| b[j] + b[j + 4]);
     (c[0] + c[2]) + (c[1] + c[3])

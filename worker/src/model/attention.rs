@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use crate::kv::{KvError, KvView, PagedKvCache, SeqId};
+use crate::qmat::tree_sum;
 
 /// One query row: the sequence and the position of its token, which sees positions `0..=pos`.
 pub(crate) type QueryRow = (SeqId, usize);
@@ -149,7 +150,7 @@ impl pulp::WithSimd for Task<'_> {
         {
             max.fill(f32::NEG_INFINITY);
             sum.fill(0.0);
-            attend_row(sh, q, out, view, pos, &mut max, &mut sum, &mut scores);
+            attend_row(simd, sh, q, out, view, pos, &mut max, &mut sum, &mut scores);
         }
     }
 }
@@ -157,7 +158,8 @@ impl pulp::WithSimd for Task<'_> {
 /// One query row over its sequence's blocks; `out` starts zeroed and ends normalised.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn attend_row(
+fn attend_row<S: pulp::Simd>(
+    simd: S,
     sh: Shape,
     q: &[f32],
     out: &mut [f32],
@@ -190,11 +192,16 @@ fn attend_row(
                 acc.iter_mut().for_each(|a| *a *= c);
                 max[h] = top;
             }
-            for (t, &s) in scores.iter().enumerate().take(n) {
-                let p = (s - max[h]).exp();
-                sum[h] += p;
-                axpy(acc, p, &values[t * token + kv..t * token + kv + hd]);
+            // The weights, exponentiated a vector of lanes at a time.
+            for part in scores[..n].chunks_mut(TILE) {
+                let mut lanes = [f32::NEG_INFINITY; TILE];
+                lanes[..part.len()].copy_from_slice(part);
+                lanes.iter_mut().for_each(|x| *x -= max[h]);
+                exp_lanes(&mut lanes);
+                part.copy_from_slice(&lanes[..part.len()]);
+                sum[h] += lanes.iter().sum::<f32>();
             }
+            pv(simd, acc, n, |t| scores[t], values, token, kv);
         }
     }
     for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
@@ -281,7 +288,7 @@ fn attend_tile<S: pulp::Simd>(
             }
             let values = &values[..n * token];
             for (r, a) in acc.chunks_exact_mut(hd).enumerate().take(rows) {
-                pv_row(simd, a, &scores[..n], r, values, token, kv);
+                pv(simd, a, n, |j| scores[j][r], values, token, kv);
             }
         }
         for (r, a) in acc.chunks_exact(hd).enumerate().take(rows) {
@@ -352,59 +359,66 @@ fn exp_lanes(x: &mut [f32; TILE]) {
     }
 }
 
+/// `Σ a·b` in two 16-lane accumulators taken in turn, summed as a tree (a single accumulator
+/// and a lane-by-lane sum made each key's score wait on about twenty dependent additions).
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
+    let mut acc = [[0.0f32; 16]; 2];
     let whole = a.len() / 16 * 16;
-    for (x, y) in a[..whole].chunks_exact(16).zip(b[..whole].chunks_exact(16)) {
+    for (i, (x, y)) in a[..whole]
+        .chunks_exact(16)
+        .zip(b[..whole].chunks_exact(16))
+        .enumerate()
+    {
+        let acc = &mut acc[i & 1];
         for j in 0..16 {
             acc[j] = x[j].mul_add(y[j], acc[j]);
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    let mut s = tree_sum(std::array::from_fn(|j| acc[0][j] + acc[1][j]));
     for j in whole..a.len() {
         s = a[j].mul_add(b[j], s);
     }
     s
 }
 
-/// `a += Σ_j scores[j][r] · v_j` for one row `r` of a tile over a block's keys (`v_j` the
-/// key's value at `values[j · token + kv ..][..head_dim]`). The row's accumulator stays in
-/// registers across the keys: taken key by key for every row, it was loaded and stored at
-/// every multiply-add (a third of a 2048-token prefill's attention, measured).
+/// `a += Σ_j w(j) · v_j` over `n` keys of a block (`v_j` the key's value at
+/// `values[j · token + kv ..][..head_dim]`). The accumulator stays in registers across the keys:
+/// taken key by key for every row of a tile, it was loaded and stored at every multiply-add (a
+/// third of a 2048-token prefill's attention, measured).
 #[inline(always)]
-fn pv_row<S: pulp::Simd>(
+fn pv<S: pulp::Simd>(
     simd: S,
     a: &mut [f32],
-    scores: &[[f32; TILE]],
-    r: usize,
+    n: usize,
+    w: impl Fn(usize) -> f32,
     values: &[f32],
     token: usize,
     kv: usize,
 ) {
     let lanes = size_of::<S::f32s>() / 4;
     match (a.len().is_multiple_of(lanes), a.len() / lanes) {
-        (true, 1) => pv_fixed::<S, 1>(simd, a, scores, r, values, token, kv),
-        (true, 2) => pv_fixed::<S, 2>(simd, a, scores, r, values, token, kv),
-        (true, 4) => pv_fixed::<S, 4>(simd, a, scores, r, values, token, kv),
-        (true, 8) => pv_fixed::<S, 8>(simd, a, scores, r, values, token, kv),
-        (true, 16) => pv_fixed::<S, 16>(simd, a, scores, r, values, token, kv),
+        (true, 1) => pv_fixed::<S, 1>(simd, a, n, w, values, token, kv),
+        (true, 2) => pv_fixed::<S, 2>(simd, a, n, w, values, token, kv),
+        (true, 4) => pv_fixed::<S, 4>(simd, a, n, w, values, token, kv),
+        (true, 8) => pv_fixed::<S, 8>(simd, a, n, w, values, token, kv),
+        (true, 16) => pv_fixed::<S, 16>(simd, a, n, w, values, token, kv),
         _ => {
             let hd = a.len();
-            for (j, s) in scores.iter().enumerate() {
-                axpy(a, s[r], &values[j * token + kv..j * token + kv + hd]);
+            for j in 0..n {
+                axpy(a, w(j), &values[j * token + kv..j * token + kv + hd]);
             }
         }
     }
 }
 
-/// [`pv_row`] for a head of `NV` vectors.
+/// [`pv`] for a head of `NV` vectors.
 #[inline(always)]
 fn pv_fixed<S: pulp::Simd, const NV: usize>(
     simd: S,
     a: &mut [f32],
-    scores: &[[f32; TILE]],
-    r: usize,
+    n: usize,
+    w: impl Fn(usize) -> f32,
     values: &[f32],
     token: usize,
     kv: usize,
@@ -412,8 +426,8 @@ fn pv_fixed<S: pulp::Simd, const NV: usize>(
     let hd = a.len();
     let (av, _) = S::as_mut_simd_f32s(a);
     let mut reg: [S::f32s; NV] = std::array::from_fn(|d| av[d]);
-    for (j, s) in scores.iter().enumerate() {
-        let p = simd.splat_f32s(s[r]);
+    for j in 0..n {
+        let p = simd.splat_f32s(w(j));
         let (vv, _) = S::as_simd_f32s(&values[j * token + kv..j * token + kv + hd]);
         for d in 0..NV {
             reg[d] = simd.mul_add_f32s(p, vv[d], reg[d]);
