@@ -201,7 +201,12 @@ fn attend_row<S: pulp::Simd>(
                 part.copy_from_slice(&lanes[..part.len()]);
                 sum[h] += lanes.iter().sum::<f32>();
             }
-            pv(simd, acc, n, |t| scores[t], values, token, kv);
+            let v = HeadValues {
+                data: values,
+                token,
+                kv,
+            };
+            pv(simd, acc, n, |t| scores[t], v);
         }
     }
     for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
@@ -286,9 +291,13 @@ fn attend_tile<S: pulp::Simd>(
                     sum[r] += s[r];
                 }
             }
-            let values = &values[..n * token];
+            let v = HeadValues {
+                data: values,
+                token,
+                kv,
+            };
             for (r, a) in acc.chunks_exact_mut(hd).enumerate().take(rows) {
-                pv(simd, a, n, |j| scores[j][r], values, token, kv);
+                pv(simd, a, n, |j| scores[j][r], v);
             }
         }
         for (r, a) in acc.chunks_exact(hd).enumerate().take(rows) {
@@ -382,31 +391,38 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `a += Σ_j w(j) · v_j` over `n` keys of a block (`v_j` the key's value at
-/// `values[j · token + kv ..][..head_dim]`). The accumulator stays in registers across the keys:
-/// taken key by key for every row of a tile, it was loaded and stored at every multiply-add (a
-/// third of a 2048-token prefill's attention, measured).
-#[inline(always)]
-fn pv<S: pulp::Simd>(
-    simd: S,
-    a: &mut [f32],
-    n: usize,
-    w: impl Fn(usize) -> f32,
-    values: &[f32],
+/// The values of a block's keys for one KV head: key `j`'s at `data[j · token + kv ..]`, one
+/// head wide.
+#[derive(Clone, Copy)]
+struct HeadValues<'a> {
+    data: &'a [f32],
     token: usize,
     kv: usize,
-) {
+}
+
+impl<'a> HeadValues<'a> {
+    #[inline(always)]
+    fn key(&self, j: usize, head_dim: usize) -> &'a [f32] {
+        &self.data[j * self.token + self.kv..j * self.token + self.kv + head_dim]
+    }
+}
+
+/// `a += Σ_j w(j) · v_j` over `n` keys of a block. The accumulator stays in registers across
+/// the keys: taken key by key for every row of a tile, it was loaded and stored at every
+/// multiply-add (a third of a 2048-token prefill's attention, measured).
+#[inline(always)]
+fn pv<S: pulp::Simd>(simd: S, a: &mut [f32], n: usize, w: impl Fn(usize) -> f32, v: HeadValues) {
     let lanes = size_of::<S::f32s>() / 4;
     match (a.len().is_multiple_of(lanes), a.len() / lanes) {
-        (true, 1) => pv_fixed::<S, 1>(simd, a, n, w, values, token, kv),
-        (true, 2) => pv_fixed::<S, 2>(simd, a, n, w, values, token, kv),
-        (true, 4) => pv_fixed::<S, 4>(simd, a, n, w, values, token, kv),
-        (true, 8) => pv_fixed::<S, 8>(simd, a, n, w, values, token, kv),
-        (true, 16) => pv_fixed::<S, 16>(simd, a, n, w, values, token, kv),
+        (true, 1) => pv_fixed::<S, 1>(simd, a, n, w, v),
+        (true, 2) => pv_fixed::<S, 2>(simd, a, n, w, v),
+        (true, 4) => pv_fixed::<S, 4>(simd, a, n, w, v),
+        (true, 8) => pv_fixed::<S, 8>(simd, a, n, w, v),
+        (true, 16) => pv_fixed::<S, 16>(simd, a, n, w, v),
         _ => {
             let hd = a.len();
             for j in 0..n {
-                axpy(a, w(j), &values[j * token + kv..j * token + kv + hd]);
+                axpy(a, w(j), v.key(j, hd));
             }
         }
     }
@@ -419,16 +435,14 @@ fn pv_fixed<S: pulp::Simd, const NV: usize>(
     a: &mut [f32],
     n: usize,
     w: impl Fn(usize) -> f32,
-    values: &[f32],
-    token: usize,
-    kv: usize,
+    v: HeadValues,
 ) {
     let hd = a.len();
     let (av, _) = S::as_mut_simd_f32s(a);
     let mut reg: [S::f32s; NV] = std::array::from_fn(|d| av[d]);
     for j in 0..n {
         let p = simd.splat_f32s(w(j));
-        let (vv, _) = S::as_simd_f32s(&values[j * token + kv..j * token + kv + hd]);
+        let (vv, _) = S::as_simd_f32s(v.key(j, hd));
         for d in 0..NV {
             reg[d] = simd.mul_add_f32s(p, vv[d], reg[d]);
         }
