@@ -612,17 +612,33 @@ impl Controller {
             actuator.set_bypass_threshold(b);
         }
         if self.cfg.headroom {
+            // Placeholders sit beside both what runs now and what the target will run once its
+            // instances are up, so neither with them exceeds the budget (measured against what
+            // runs alone, a target still starting instances plus the placeholders could).
+            let held = self.held();
+            let base = PerRole {
+                prefill: held.prefill.max(self.target.prefill),
+                decode: held.decode.max(self.target.decode),
+            };
+            let cfg = self.planner.config();
             if let Some(f) = &decision.forecast {
-                let running = self.held();
-                let cfg = self.planner.config();
                 self.headroom = Some(headroom::plan(
                     self.planner.profile(),
                     &cfg.sizing,
                     f,
                     decision.kappa,
                     self.cfg.interval_s,
-                    running,
+                    base,
                 ));
+            } else if let Some(h) = &mut self.headroom {
+                // A tick without a forecast keeps the last upper bound, trimmed again for this
+                // tick's target.
+                h.placeholders = headroom::placeholders(
+                    base,
+                    h.upper,
+                    self.planner.profile().gpus,
+                    cfg.sizing.gpu_budget,
+                );
             }
             let p = self
                 .headroom

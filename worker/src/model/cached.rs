@@ -238,7 +238,7 @@ impl<B: Backend> Llama<B> {
                 let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
                 let store = device_kv::<B>(cache)?;
                 store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
-                for (((first, n, mask), (read, t)), _) in spans.iter().zip(&plan.reads).zip(items) {
+                for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
                     let (ka, va) = store.read(li, read);
                     let q = q.clone().narrow(1, *first, *n);
                     let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
