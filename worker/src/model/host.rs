@@ -1,14 +1,15 @@
 //! The forward passes on the host (a decode step, a packed or chunked prefill), for a model
 //! whose matrices are all quantized blocks on the CPU and whose cache is in host memory (the CPU
-//! worker's default): every layer runs on plain
-//! vectors with the quantized dot products, RoPE, the paged attention that reads the cache in
-//! place, and the element-wise steps written out, so a step makes no tensor of the backend.
+//! worker's default): every layer runs on plain vectors with the quantized dot products, RoPE,
+//! the paged attention that reads the cache in place, and the element-wise steps written out,
+//! so a step makes no tensor of the backend.
 //!
 //! A decode step is small (a few rows of a few hundred values between products of a few
 //! hundred thousand weights), and on burn's CPU backend each tensor operation allocates, copies
 //! strided views and hands work to the thread pool: about twenty of them per layer cost as much
-//! as the layer's products at batch 1 (measured: a 12.6 ms step whose products take 6.7 ms). The
-//! values are those of the tensor path up to the order of additions (a test compares both).
+//! as the layer's products at batch 1 (a 12.6 ms step, whose products take about 6.7 ms in the
+//! products' benchmark, `benches/qmat.rs`). The values are those of the tensor path up to the
+//! order of additions (a test compares both).
 
 use std::sync::Arc;
 
