@@ -197,6 +197,11 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         mode,
         start: Start::Prompt,
     };
+    // K and V of one token at every layer, f32.
+    let kv_token_bytes = {
+        let l = model.kv_layout(cfg.block_size, 0);
+        l.layers * 2 * l.token_width() * 4
+    };
     // Warm-up (first-use allocations, kernel compilation on GPUs).
     // Each engine is dropped before the next starts, so that the process holds one KV pool at a
     // time (its peak memory is then the worker's).
@@ -238,9 +243,8 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
             steps += 1;
         }
         eprintln!(" done");
-        let c = &model.config;
         let context = (a.prompt_len + a.decode_tokens.div_ceil(2)) as f64;
-        let kv = (b * c.layers * 2 * c.kv_heads * c.head_dim * 4) as f64 * context;
+        let kv = (b * kv_token_bytes) as f64 * context;
         let bytes = model.weight_bytes() as f64 + kv;
         let step_s = secs / steps.max(1) as f64;
         rows.push(Row {
@@ -270,10 +274,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         } else {
             std::fs::metadata(&a.model).map_or(0, |m| m.len())
         },
-        kv_pool_bytes: {
-            let c = &model.config;
-            (cfg.kv_blocks * cfg.block_size * c.layers * 2 * c.kv_heads * c.head_dim * 4) as u64
-        },
+        kv_pool_bytes: (cfg.kv_blocks * cfg.block_size * kv_token_bytes) as u64,
         rows,
         logits_vs_cpu,
     };
