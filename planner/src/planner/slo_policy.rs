@@ -7,10 +7,13 @@ impl Planner {
     /// How long each role's scale-down waits (the largest count desired within it stays): the
     /// SLO-aware policy prices it in start-ups, the others use `scale_down_stabilization_s`.
     pub(super) fn hold_windows(&self) -> PerRole<f64> {
-        // Bursty arrivals (an index of dispersion well above Poisson's 1) come back: the quieter
-        // spells between them are sat through rather than restarted from, up to eight times
-        // longer.
-        let k = self.cfg.slo_policy.hold_startups * (self.tracker.dispersion / 2.0).clamp(1.0, 8.0);
+        // The hold scales with how bursty the arrivals are: `hold_startups` start-ups at an
+        // index of dispersion of 2, half that for Poisson arrivals (1, the tracker's floor), up
+        // to eight times it at 16. Bursty arrivals come back, and the quieter spells between
+        // them are sat through rather than restarted from; a smooth load's forecast follows it,
+        // and holding its falling side for three start-ups cost the sine row 8% GPU-seconds
+        // (`docs/experiments.md`).
+        let k = self.cfg.slo_policy.hold_startups * (self.tracker.dispersion / 2.0).clamp(0.5, 8.0);
         if self.cfg.policy == PolicyKind::Dopd && k > 0.0 {
             PerRole {
                 prefill: k * self.profile.startup_s.prefill,

@@ -388,3 +388,36 @@ fn a_step_the_forecast_has_not_caught_up_with_is_sized_for_what_was_seen() {
         d.target
     );
 }
+
+#[test]
+fn the_hold_is_priced_in_start_ups_and_grows_with_burstiness() {
+    let run = |counts: &[f64]| {
+        let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+        let mut ready = ONE;
+        for (k, &n) in counts.iter().cycle().take(30).enumerate() {
+            ready = p.tick(k as f64 * 10.0, &obs(n, ready)).target;
+        }
+        (p.hold_windows(), p.tracker.dispersion)
+    };
+    let s = profile().startup_s;
+    // A steady (Poisson-like) load: one and a half start-ups of each role.
+    let (steady, d) = run(&[50.0]);
+    assert!((d - 1.0).abs() < 1e-9, "{d}");
+    assert!(
+        (steady.prefill - 1.5 * s.prefill).abs() < 1e-9,
+        "{steady:?}"
+    );
+    assert!((steady.decode - 1.5 * s.decode).abs() < 1e-9, "{steady:?}");
+    // Bursts that come back: held longer, up to eight times three start-ups.
+    let (bursty, d) = run(&[5.0, 150.0]);
+    assert!(d > 4.0, "{d}");
+    assert!(bursty.prefill > 3.0 * steady.prefill, "{bursty:?}");
+    assert!(bursty.prefill <= 24.0 * s.prefill + 1e-9, "{bursty:?}");
+    // The other policies keep their stabilisation window.
+    let mut p = Planner::new_ok(profile(), cfg(PolicyKind::DopdPaper));
+    p.tick(0.0, &obs(50.0, ONE));
+    assert_eq!(
+        p.hold_windows().prefill,
+        PlannerConfig::default().scale_down_stabilization_s
+    );
+}
