@@ -140,7 +140,7 @@ impl pulp::WithSimd for Task<'_> {
         // Per head: the running maximum and sum; the block's scores.
         let mut max = vec![f32::NEG_INFINITY; sh.heads];
         let mut sum = vec![0.0f32; sh.heads];
-        let mut scores = vec![0.0f32; block];
+        let mut scores = vec![0.0f32; sh.heads * block];
         for (((q, out), &(_, pos)), view) in self
             .q
             .chunks_exact(width)
@@ -155,7 +155,11 @@ impl pulp::WithSimd for Task<'_> {
     }
 }
 
-/// One query row over its sequence's blocks; `out` starts zeroed and ends normalised.
+/// One query row over its sequence's blocks; `out` starts zeroed and ends normalised. A block's
+/// keys and values are read token by token, each token's row (every KV head) in memory order,
+/// for all the query heads at once: read head by head, each head's keys were sixteen short
+/// strided reads the prefetcher did not follow, and the multiply-adds waited on memory (a
+/// third of a batch-8 decode step was attention, most of it stalled on those loads).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_row<S: pulp::Simd>(
@@ -173,18 +177,20 @@ fn attend_row<S: pulp::Simd>(
     let group = sh.heads / sh.kv_heads;
     let token = sh.kv_heads * hd;
     let seen = pos + 1;
-    for b in 0..seen.div_ceil(view.block_size()) {
+    let bs = view.block_size();
+    for b in 0..seen.div_ceil(bs) {
         let (keys, values) = view.block(b);
-        let n = (keys.len() / token).min(seen - b * view.block_size());
-        for h in 0..sh.heads {
-            let kv = (h / group) * hd;
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut top = f32::NEG_INFINITY;
-            for (t, s) in scores.iter_mut().enumerate().take(n) {
-                *s = dot(qh, &keys[t * token + kv..t * token + kv + hd]) * sh.scale;
-                top = top.max(*s);
+        let n = (keys.len() / token).min(seen - b * bs);
+        // Scores, `[head, key]`.
+        for (t, krow) in keys.chunks_exact(token).take(n).enumerate() {
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                let kv = (h / group) * hd;
+                scores[h * bs + t] = dot(qh, &krow[kv..kv + hd]) * sh.scale;
             }
-            let acc = &mut out[h * hd..(h + 1) * hd];
+        }
+        for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+            let s = &mut scores[h * bs..h * bs + n];
+            let top = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             if top > max[h] {
                 // exp(-inf) = 0 on the first block: nothing to rescale yet.
                 let c = (max[h] - top).exp();
@@ -193,7 +199,7 @@ fn attend_row<S: pulp::Simd>(
                 max[h] = top;
             }
             // The weights, exponentiated a vector of lanes at a time.
-            for part in scores[..n].chunks_mut(TILE) {
+            for part in s.chunks_mut(TILE) {
                 let mut lanes = [f32::NEG_INFINITY; TILE];
                 lanes[..part.len()].copy_from_slice(part);
                 lanes.iter_mut().for_each(|x| *x -= max[h]);
@@ -201,18 +207,31 @@ fn attend_row<S: pulp::Simd>(
                 part.copy_from_slice(&lanes[..part.len()]);
                 sum[h] += lanes.iter().sum::<f32>();
             }
-            let v = HeadValues {
-                data: values,
-                token,
-                kv,
-            };
-            pv(simd, acc, n, |t| scores[t], v);
+        }
+        // Values, token by token into every head's accumulator.
+        for (t, vrow) in values.chunks_exact(token).take(n).enumerate() {
+            for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
+                let kv = (h / group) * hd;
+                axpy_lanes(simd, acc, scores[h * bs + t], &vrow[kv..kv + hd]);
+            }
         }
     }
     for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
         let inv = 1.0 / sum[h];
         acc.iter_mut().for_each(|a| *a *= inv);
     }
+}
+
+/// `acc += p · v` in the CPU's vectors.
+#[inline(always)]
+fn axpy_lanes<S: pulp::Simd>(simd: S, acc: &mut [f32], p: f32, v: &[f32]) {
+    let (a, a_tail) = S::as_mut_simd_f32s(acc);
+    let (x, x_tail) = S::as_simd_f32s(v);
+    let pv = simd.splat_f32s(p);
+    for (a, &x) in a.iter_mut().zip(x) {
+        *a = simd.mul_add_f32s(pv, x, *a);
+    }
+    axpy(a_tail, p, x_tail);
 }
 
 /// Below this many rows a tile is attended row by row (a decode step's rows, each of its own
