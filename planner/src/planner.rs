@@ -106,6 +106,9 @@ pub struct Planner {
     /// The last SLO-aware target without what only a prefill backlog asked for: what the hold
     /// remembers (a backlog is cleared once; the instances it needed are not needed again).
     sustained: Option<Replicas>,
+    /// Whether this tick's sizing looks ahead over the start-up horizons (burst readiness on a
+    /// forecast; not for a known next interval): the hold can then be shorter for smooth loads.
+    looks_ahead: bool,
 }
 
 impl Planner {
@@ -135,6 +138,7 @@ impl Planner {
             tracker: Tracker::default(),
             bypass: None,
             sustained: None,
+            looks_ahead: false,
             cfg,
         })
     }
@@ -244,6 +248,7 @@ impl Planner {
             self.last_now.unwrap_or(0.0)
         };
         self.last_now = Some(now);
+        self.looks_ahead = known.is_none() && self.cfg.slo_policy.burst_ready;
         self.observe(now, obs);
         let r = &obs.replicas;
         let running = PerRole {

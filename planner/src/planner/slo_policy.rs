@@ -8,12 +8,18 @@ impl Planner {
     /// SLO-aware policy prices it in start-ups, the others use `scale_down_stabilization_s`.
     pub(super) fn hold_windows(&self) -> PerRole<f64> {
         // The hold scales with how bursty the arrivals are: `hold_startups` start-ups at an
-        // index of dispersion of 2, half that for Poisson arrivals (1, the tracker's floor), up
-        // to eight times it at 16. Bursty arrivals come back, and the quieter spells between
-        // them are sat through rather than restarted from; a smooth load's forecast follows it,
-        // and holding its falling side for three start-ups cost the sine row 8% GPU-seconds
-        // (`docs/experiments.md`).
-        let k = self.cfg.slo_policy.hold_startups * (self.tracker.dispersion / 2.0).clamp(0.5, 8.0);
+        // index of dispersion of 2, up to eight times that at 16. Bursty arrivals come back,
+        // and the quieter spells between them are sat through rather than restarted from.
+        // Below 2 it shortens to half for Poisson arrivals (the tracker's floor of 1), but only
+        // where the sizing itself looks ahead over the start-up horizons (burst readiness on a
+        // forecast): a smooth load's forecast then follows it down, and holding the falling
+        // side of the sine row for three start-ups cost it 8% GPU-seconds. Sizing without that
+        // look-ahead (the oracle's one known interval, or burst readiness off) keeps the
+        // three: an oracle that shrank sooner restarted into each burst (conversation x4: 99.0%
+        // -> 81.1%, `docs/experiments.md`).
+        let floor = if self.looks_ahead { 0.5 } else { 1.0 };
+        let k =
+            self.cfg.slo_policy.hold_startups * (self.tracker.dispersion / 2.0).clamp(floor, 8.0);
         if self.cfg.policy == PolicyKind::Dopd && k > 0.0 {
             PerRole {
                 prefill: k * self.profile.startup_s.prefill,

@@ -391,25 +391,37 @@ fn a_step_the_forecast_has_not_caught_up_with_is_sized_for_what_was_seen() {
 
 #[test]
 fn the_hold_is_priced_in_start_ups_and_grows_with_burstiness() {
-    let run = |counts: &[f64]| {
+    let run = |counts: &[f64], known: bool| {
         let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
         let mut ready = ONE;
         for (k, &n) in counts.iter().cycle().take(30).enumerate() {
-            ready = p.tick(k as f64 * 10.0, &obs(n, ready)).target;
+            let (t, o) = (k as f64 * 10.0, obs(n, ready));
+            ready = if known {
+                p.tick_with_known_next(t, &o, SizingInput::new(n, 1000.0, 245.0))
+            } else {
+                p.tick(t, &o)
+            }
+            .target;
         }
         (p.hold_windows(), p.tracker.dispersion)
     };
     let s = profile().startup_s;
     // A steady (Poisson-like) load: one and a half start-ups of each role.
-    let (steady, d) = run(&[50.0]);
+    let (steady, d) = run(&[50.0], false);
     assert!((d - 1.0).abs() < 1e-9, "{d}");
     assert!(
         (steady.prefill - 1.5 * s.prefill).abs() < 1e-9,
         "{steady:?}"
     );
     assert!((steady.decode - 1.5 * s.decode).abs() < 1e-9, "{steady:?}");
+    // Sizing for a known next interval does not look ahead over the start-ups: three.
+    let (oracle, _) = run(&[50.0], true);
+    assert!(
+        (oracle.prefill - 3.0 * s.prefill).abs() < 1e-9,
+        "{oracle:?}"
+    );
     // Bursts that come back: held longer, up to eight times three start-ups.
-    let (bursty, d) = run(&[5.0, 150.0]);
+    let (bursty, d) = run(&[5.0, 150.0], false);
     assert!(d > 4.0, "{d}");
     assert!(bursty.prefill > 3.0 * steady.prefill, "{bursty:?}");
     assert!(bursty.prefill <= 24.0 * s.prefill + 1e-9, "{bursty:?}");
