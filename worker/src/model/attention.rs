@@ -159,7 +159,7 @@ impl pulp::WithSimd for Task<'_> {
 /// keys and values are read token by token, each token's row (every KV head) in memory order,
 /// for all the query heads at once: read head by head, each head's keys were sixteen short
 /// strided reads the prefetcher did not follow, and the multiply-adds waited on memory (a
-/// third of a batch-8 decode step was attention, most of it stalled on those loads).
+/// quarter of a batch-8 decode step was attention, most of it stalled on those loads).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_row<S: pulp::Simd>(
