@@ -38,6 +38,16 @@ impl KvLayout {
         self.block_size * self.token_width()
     }
 
+    /// Floats of one block's K and V at every layer: the length of an exported block.
+    pub fn block_floats(&self) -> usize {
+        2 * self.layers * self.block_width()
+    }
+
+    /// Bytes of one token's K and V at every layer (f32).
+    pub fn token_bytes(&self) -> usize {
+        2 * self.layers * self.token_width() * size_of::<f32>()
+    }
+
     /// A stable fingerprint of the layout (FNV-1a over its fields, dtype f32).
     pub fn fingerprint(&self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -505,7 +515,7 @@ impl PagedKvCache {
                 .iter()
                 .map(|&b| {
                     let at = b as usize * l.block_width();
-                    let mut out = Vec::with_capacity(2 * l.layers * l.block_width());
+                    let mut out = Vec::with_capacity(l.block_floats());
                     for layer in 0..l.layers {
                         let at = layer * per_layer + at;
                         out.extend_from_slice(&k[at..at + l.block_width()]);
@@ -535,11 +545,7 @@ impl PagedKvCache {
             });
         }
         let want = self.blocks_for(e.tokens);
-        if e.blocks.len() != want
-            || e.blocks
-                .iter()
-                .any(|b| b.len() != 2 * l.layers * l.block_width())
-        {
+        if e.blocks.len() != want || e.blocks.iter().any(|b| b.len() != l.block_floats()) {
             return Err(KvError::BadExport {
                 tokens: e.tokens,
                 blocks: e.blocks.len(),

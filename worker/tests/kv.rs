@@ -267,3 +267,22 @@ fn reserved_slots_are_where_appends_land_and_the_same_at_every_layer() {
     );
     assert!(by_reserve.check_invariants() && by_append.check_invariants());
 }
+
+#[test]
+fn an_exported_block_is_the_layouts_block_of_k_and_v_at_every_layer() {
+    let l = layout();
+    let mut c = PagedKvCache::new(l, 4);
+    let s = c.create();
+    for t in 0..l.block_size + 1 {
+        push_token(&mut c, s, 1, t).expect("room");
+    }
+    let e = c.export(s).expect("exports");
+    assert_eq!(e.blocks.len(), 2);
+    assert!(e.blocks.iter().all(|b| b.len() == l.block_floats()));
+    // The same K/V counted per token, in bytes.
+    assert_eq!(l.block_size * l.token_bytes(), 4 * l.block_floats());
+    assert_eq!(
+        l.token_bytes(),
+        2 * l.layers * l.kv_heads * l.head_dim * size_of::<f32>()
+    );
+}

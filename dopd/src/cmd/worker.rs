@@ -155,13 +155,13 @@ where
         t0.elapsed().as_secs_f64(),
         a.kv_blocks,
         a.block_size,
-        (a.kv_blocks * layout.block_width() * 2 * layout.layers * 4) >> 20
+        (a.kv_blocks * layout.block_size * layout.token_bytes()) >> 20
     );
     let tokenizer = loaded.tokenizer.map(Arc::new);
     let detok = tokenizer.clone().map(|t| t as Arc<dyn Detokenizer>);
     // Decode side: received KV block vectors are recycled (up to a quarter of the cache's size).
     let pool = Arc::new(dopd_worker::transfer::BlockPool::new(
-        a.kv_blocks * layout.block_width() * 2 * layout.layers * 4 / 4,
+        a.kv_blocks * layout.block_size * layout.token_bytes() / 4,
     ));
     let engine = Engine::new(
         Arc::new(loaded.model),

@@ -99,7 +99,7 @@ impl<B: Backend> DeviceStore for DeviceKv<B> {
         let w = l.block_width();
         let slots = self.index(self.block_slots(blocks));
         let mut out: Vec<Vec<f32>> = (0..blocks.len())
-            .map(|_| Vec::with_capacity(2 * l.layers * w))
+            .map(|_| Vec::with_capacity(l.block_floats()))
             .collect();
         for layer in 0..l.layers {
             let (k, v) = self.read(layer, &slots);

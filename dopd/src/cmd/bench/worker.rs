@@ -197,11 +197,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         mode,
         start: Start::Prompt,
     };
-    // K and V of one token at every layer, f32.
-    let kv_token_bytes = {
-        let l = model.kv_layout(cfg.block_size, 0);
-        l.layers * 2 * l.token_width() * 4
-    };
+    let kv_token_bytes = model.kv_layout(cfg.block_size, 0).token_bytes();
     // Warm-up (first-use allocations, kernel compilation on GPUs).
     // Each engine is dropped before the next starts, so that the process holds one KV pool at a
     // time (its peak memory is then the worker's).
