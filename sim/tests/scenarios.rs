@@ -155,6 +155,32 @@ fn a_shared_prefill_queue_waits_for_room_on_the_decode_instances() {
 }
 
 #[test]
+fn decode_room_is_judged_at_the_mean_context_of_what_the_instance_would_hold() {
+    // A step's time grows with the sequences' mean context: four sequences take 0.02 s a step
+    // at 100 tokens of context and 0.2 s at 10,000 (over the 0.08 s TPOT SLO).
+    let mut p = flat();
+    p.decode.concurrency = vec![1.0, 4.0];
+    p.decode.context = vec![100.0, 10_000.0];
+    p.decode.tpot_s = vec![vec![0.01, 0.01], vec![0.02, 0.2]];
+    // Three short sequences decode when a long prompt comes: with it, the instance would hold
+    // four sequences of mean context about 2,600 tokens, a 0.065 s step, within the SLO. (Judged
+    // at the long prompt's own context, 0.2 s, it waited for the short ones to finish.)
+    let reqs = [
+        req(0.0, 100, 81),
+        req(0.0, 100, 81),
+        req(0.0, 100, 81),
+        req(0.35, 9_900, 2),
+    ];
+    let c = SimConfig {
+        prefill_queue: PrefillQueue::Shared,
+        ..cfg(one_p_one_d())
+    };
+    let r = simulate(&reqs, &p, &c).expect("runs");
+    assert!(close(r.records[3].ttft_s, 0.1), "{:?}", r.records[3]);
+    assert!(r.records[0].finish_s > 0.5, "{:?}", r.records[0]);
+}
+
+#[test]
 fn ultra_short_prompts_prefill_on_the_decode_instance() {
     // DOPD routing: 100 tokens <= 511 is ultra-short; the decode step prefills it (0.1 s).
     let r = simulate(&[req(0.0, 100, 11)], &flat(), &cfg(PolicySpec::Dopd)).expect("runs");

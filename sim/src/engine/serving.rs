@@ -180,11 +180,9 @@ impl Sim<'_> {
     /// SLO (an idle one always can).
     pub(super) fn decode_room(&self, batch: &[usize]) -> bool {
         let k = batch.len();
-        let ctx = batch
-            .iter()
-            .map(|&i| f64::from(self.reqs[i].r.isl) + f64::from(self.reqs[i].r.osl) / 2.0)
-            .sum::<f64>()
-            / k.max(1) as f64;
+        // A sequence's mean context over its decode: its prompt and half its output.
+        let ctx = |i: usize| f64::from(self.reqs[i].r.isl) + f64::from(self.reqs[i].r.osl) / 2.0;
+        let added: f64 = batch.iter().map(|&i| ctx(i)).sum();
         // (Prompts still in prefill or in transfer are not counted: counting them too held
         // prefills back while the planner, seeing the backlog, added prefill instances, not
         // decode ones; see docs/experiments.md.)
@@ -193,7 +191,17 @@ impl Sim<'_> {
             .filter(|i| i.kind == self.decode_kind() && i.state == State::Ready && !i.retiring)
             .any(|i| {
                 let n = i.running.len() + i.waiting.len();
-                n == 0 || self.profile.tpot((n + k) as f64, ctx) <= self.cfg.slo_tpot_s
+                // The step the instance would take: every sequence it holds and the batch, at
+                // their mean context (the batch's own context alone made one long prompt at
+                // the head of the queue hold every prefill back behind it).
+                let held: f64 = i
+                    .running
+                    .iter()
+                    .chain(i.waiting.iter())
+                    .map(|&j| ctx(j))
+                    .sum();
+                let mean = (held + added) / (n + k).max(1) as f64;
+                n == 0 || self.profile.tpot((n + k) as f64, mean) <= self.cfg.slo_tpot_s
             })
     }
 
