@@ -121,8 +121,17 @@ impl Planner {
             };
             r / interval
         };
+        // The surges are measured against what the trend already carries over the prefill
+        // horizon: a ramp the trend provisions for is not counted again as a surge, which
+        // (relative to the forecast) would then be applied at the ramp's top, where the trend
+        // is gone and the rate is highest.
         let h_p = headroom::horizon_intervals(self.profile.startup_s.prefill, interval);
-        self.tracker.record_forecast(f.requests.point, h_p);
+        let carried = if p.burst_ready {
+            f.requests.point + trend * f64::from(h_p)
+        } else {
+            f.requests.point
+        };
+        self.tracker.record_forecast(carried, h_p);
         let t = &self.tracker;
         // The profile is trusted for service times (observed latencies include queueing, which
         // the model adds itself); the closed loop corrects what the model misses.

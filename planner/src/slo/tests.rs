@@ -73,6 +73,31 @@ fn surges_are_learned_from_what_the_forecast_missed() {
 }
 
 #[test]
+fn a_ramp_the_trend_carries_is_not_a_surge() {
+    let (slo, pol) = (SloTargets::default(), SloPolicy::default());
+    let obs = |n: f64| crate::observation::Observation {
+        interval_s: 10.0,
+        requests: n,
+        ..Default::default()
+    };
+    // A steady climb of 20 requests an interval, forecast as the last count: over a start-up
+    // horizon of four intervals the load outruns that forecast by 80, which the surge learns
+    // when measured against the bare forecast, and not once the trend is carried.
+    let surge = |carry: bool| {
+        let mut t = Tracker::default();
+        for k in 0..60 {
+            let n = 100.0 + 20.0 * f64::from(k);
+            t.observe(&obs(n), &slo, &pol);
+            let trend = if carry { t.trend() * 4.0 } else { 0.0 };
+            t.record_forecast(n + trend, 4);
+        }
+        t.surge()
+    };
+    assert!(surge(false) > 0.05, "{}", surge(false));
+    assert_eq!(surge(true), 0.0);
+}
+
+#[test]
 fn queue_burstiness_comes_from_the_measured_gaps_when_there_are_any() {
     let (slo, pol) = (SloTargets::default(), SloPolicy::default());
     let obs = |n: f64, cv2: Option<f64>| crate::observation::Observation {
