@@ -477,12 +477,47 @@ impl Planner {
                 }
             }
             // Holding one role back must not push the total over the budget while the other
-            // role scales up: then the scale-up wins and the hold is dropped.
-            if held.gpus(&self.profile) <= self.cfg.sizing.gpu_budget
-                || desired.gpus(&self.profile) > self.cfg.sizing.gpu_budget
-            {
+            // role scales up: then the scale-up wins and the hold is dropped — unless the held
+            // role still has instances starting and the other role only grows back to where it
+            // was (a swap under the budget still landing, [`Swap::landing`]). Reversing such a
+            // swap stopped the starting instances before they served, and the split flapped
+            // with some of its GPUs never serving (conversation x4, `docs/experiments.md`).
+            let budget = self.cfg.sizing.gpu_budget;
+            if held.gpus(&self.profile) <= budget || desired.gpus(&self.profile) > budget {
                 desired = held;
                 reasons.extend(held_reasons);
+            } else if self.cfg.policy == PolicyKind::Dopd {
+                // Which role grows back to a count it was given within its hold (a reversal,
+                // not a new high).
+                let n = self.desired_history.len().saturating_sub(1);
+                let before = |role: Role, w: f64| {
+                    self.desired_history
+                        .iter()
+                        .take(n)
+                        .filter(|(t, _)| within(*t, w))
+                        .map(|(_, r)| r.get(role))
+                        .max()
+                        .unwrap_or(0)
+                };
+                let back = PerRole {
+                    prefill: desired.prefill <= before(Role::Prefill, windows.prefill),
+                    decode: desired.decode <= before(Role::Decode, windows.decode),
+                };
+                let starting = PerRole {
+                    prefill: obs.replicas.prefill.pending > 0,
+                    decode: obs.replicas.decode.pending > 0,
+                };
+                let swap = Swap {
+                    held,
+                    desired,
+                    current,
+                    starting,
+                    back,
+                };
+                if let Some(f) = swap.landing(&self.profile, budget) {
+                    desired = f;
+                    reasons.extend(held_reasons);
+                }
             }
         }
         decision(desired, reasons, forecast, sizing_out, slo_out, self)
@@ -654,3 +689,42 @@ mod slo_policy;
 
 #[cfg(test)]
 mod tests;
+
+/// A split of the budget between the roles that is changing: the counts the hold keeps
+/// (`held`, over the budget), the counts the sizing asks for (`desired`, within it), those last
+/// given (`current`), which roles have instances starting, and which role grows back to a count
+/// it had within its hold.
+struct Swap {
+    held: Replicas,
+    desired: Replicas,
+    current: Replicas,
+    starting: PerRole<bool>,
+    back: PerRole<bool>,
+}
+
+impl Swap {
+    /// The counts that let a swap still landing land: when the held role has instances starting
+    /// and the other role grows back to where it was, the held role keeps its count and the
+    /// other gets what fits beside it, never less than it was given. `None`: the growing role
+    /// wins (a new high, or nothing starting to protect).
+    fn landing(&self, profile: &Profile, budget: u32) -> Option<Replicas> {
+        let (h, d, c) = (self.held, self.desired, self.current);
+        let g = profile.gpus;
+        let fitted = if h.decode > d.decode && self.starting.decode && self.back.prefill {
+            let room = budget.saturating_sub(h.decode * g.decode) / g.prefill.max(1);
+            Replicas {
+                prefill: d.prefill.min(room).max(c.prefill),
+                decode: h.decode,
+            }
+        } else if h.prefill > d.prefill && self.starting.prefill && self.back.decode {
+            let room = budget.saturating_sub(h.prefill * g.prefill) / g.decode.max(1);
+            Replicas {
+                prefill: h.prefill,
+                decode: d.decode.min(room).max(c.decode),
+            }
+        } else {
+            return None;
+        };
+        (fitted.gpus(profile) <= budget).then_some(fitted)
+    }
+}

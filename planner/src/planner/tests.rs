@@ -433,3 +433,63 @@ fn the_hold_is_priced_in_start_ups_and_grows_with_burstiness() {
         PlannerConfig::default().scale_down_stabilization_s
     );
 }
+
+#[test]
+fn a_swap_under_the_budget_lands_before_it_is_reversed() {
+    let p = profile();
+    let gpus = |r: Replicas| r.gpus(&p);
+    let budget = gpus(Replicas {
+        prefill: 4,
+        decode: 2,
+    });
+    // Decode was given a second instance (still starting) in exchange for prefill; prefill now
+    // asks for its old count back, which the budget only holds without that instance.
+    let swap = Swap {
+        held: Replicas {
+            prefill: 5,
+            decode: 2,
+        },
+        desired: Replicas {
+            prefill: 5,
+            decode: 1,
+        },
+        current: Replicas {
+            prefill: 4,
+            decode: 2,
+        },
+        starting: PerRole {
+            prefill: false,
+            decode: true,
+        },
+        back: PerRole {
+            prefill: true,
+            decode: false,
+        },
+    };
+    let kept = swap.landing(&p, budget).expect("the swap lands");
+    assert_eq!(
+        kept,
+        Replicas {
+            prefill: 4,
+            decode: 2
+        }
+    );
+    assert!(gpus(kept) <= budget);
+    // Once decode's instance is up, or where prefill grows to a new high, prefill wins.
+    let landed = Swap {
+        starting: PerRole {
+            prefill: false,
+            decode: false,
+        },
+        ..swap
+    };
+    assert_eq!(landed.landing(&p, budget), None);
+    let new_high = Swap {
+        back: PerRole {
+            prefill: false,
+            decode: false,
+        },
+        ..swap
+    };
+    assert_eq!(new_high.landing(&p, budget), None);
+}
