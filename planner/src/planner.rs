@@ -430,11 +430,28 @@ impl Planner {
         }
 
         // 6. Scale-down stabilisation. The SLO-aware policy's hold remembers what the arrivals
-        // need, not what a backlog or an emergency asked for once.
+        // need, not what a backlog or a prefill-queue emergency asked for once: a backlog is
+        // cleared once. A full KV cache is different: it says the decode instances hold more
+        // than the model gives them, and dropping the instance it asked for before it was up
+        // left the cache full (a decode-heavy load flapped 2 <-> 3 decode instances with the
+        // third never serving; `docs/experiments.md`).
+        let kv_emergency = reasons.iter().any(|r| {
+            matches!(
+                r,
+                Reason::Emergency {
+                    signal: Signal::KvUsage,
+                    ..
+                }
+            )
+        });
         let basis = match (self.cfg.policy, self.sustained.take()) {
             (PolicyKind::Dopd, Some(s)) => PerRole {
                 prefill: desired.prefill.min(s.prefill),
-                decode: desired.decode.min(s.decode),
+                decode: if kv_emergency {
+                    desired.decode
+                } else {
+                    desired.decode.min(s.decode)
+                },
             },
             _ => desired,
         };

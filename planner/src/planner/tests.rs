@@ -493,3 +493,24 @@ fn a_swap_under_the_budget_lands_before_it_is_reversed() {
     };
     assert_eq!(new_high.landing(&p, budget), None);
 }
+
+#[test]
+fn an_instance_a_full_kv_cache_asked_for_is_held() {
+    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+    let mut ready = ONE;
+    for k in 0..12 {
+        ready = p.tick(f64::from(k) * 10.0, &obs(50.0, ready)).target;
+    }
+    let steady = ready;
+    // The decode instances' KV cache is full: one decode instance more, at once.
+    let mut o = obs(50.0, ready);
+    o.kv_usage = 0.97;
+    let up = p.tick(120.0, &o).target;
+    assert_eq!(up.decode, steady.decode + 1, "{up:?} vs {steady:?}");
+    // The next interval looks like the steady ones (the new instance is still starting): it
+    // is kept, not stopped before it serves.
+    let mut o = obs(50.0, ready);
+    o.replicas.decode.pending = 1;
+    let next = p.tick(130.0, &o).target;
+    assert_eq!(next.decode, up.decode, "{next:?}");
+}
