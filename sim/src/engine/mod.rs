@@ -105,6 +105,9 @@ struct Inst {
     waiting: VecDeque<usize>,
     running: Vec<usize>,
     blocks_used: u64,
+    /// Twice the summed mean decode context (prompt plus half the output) of the waiting and
+    /// running sequences, kept as they come and go (the paced queue's room check reads it).
+    ctx2_held: u64,
     stepping: bool,
     /// Prompt tokens each running request prefills in the step under way.
     step_prefill: Vec<(usize, u32)>,
@@ -125,6 +128,7 @@ impl Inst {
             waiting: VecDeque::new(),
             running: Vec::new(),
             blocks_used: 0,
+            ctx2_held: 0,
             stepping: false,
             step_prefill: Vec::new(),
             retiring: false,

@@ -176,13 +176,16 @@ impl Sim<'_> {
         }
     }
 
+    /// Twice a sequence's mean context over its decode (its prompt and half its output).
+    fn ctx2(&self, i: usize) -> u64 {
+        2 * u64::from(self.reqs[i].r.isl) + u64::from(self.reqs[i].r.osl)
+    }
+
     /// Whether some ready decode instance can take `batch` and keep its steps within the TPOT
     /// SLO (an idle one always can).
     pub(super) fn decode_room(&self, batch: &[usize]) -> bool {
         let k = batch.len();
-        // A sequence's mean context over its decode: its prompt and half its output.
-        let ctx = |i: usize| f64::from(self.reqs[i].r.isl) + f64::from(self.reqs[i].r.osl) / 2.0;
-        let added: f64 = batch.iter().map(|&i| ctx(i)).sum();
+        let added: u64 = batch.iter().map(|&i| self.ctx2(i)).sum();
         // (Prompts still in prefill or in transfer are not counted: counting them too held
         // prefills back while the planner, seeing the backlog, added prefill instances, not
         // decode ones; see docs/experiments.md.)
@@ -194,13 +197,7 @@ impl Sim<'_> {
                 // The step the instance would take: every sequence it holds and the batch, at
                 // their mean context (the batch's own context alone made one long prompt at
                 // the head of the queue hold every prefill back behind it).
-                let held: f64 = i
-                    .running
-                    .iter()
-                    .chain(i.waiting.iter())
-                    .map(|&j| ctx(j))
-                    .sum();
-                let mean = (held + added) / (n + k).max(1) as f64;
+                let mean = (i.ctx2_held + added) as f64 / 2.0 / (n + k).max(1) as f64;
                 n == 0 || self.profile.tpot((n + k) as f64, mean) <= self.cfg.slo_tpot_s
             })
     }
@@ -245,6 +242,7 @@ impl Sim<'_> {
         };
         let q = &mut self.reqs[i];
         q.prefill_left = if local { q.r.isl } else { 0 };
+        self.insts[k].ctx2_held += self.ctx2(i);
         self.insts[k].waiting.push_back(i);
         self.kick(k);
     }
@@ -312,6 +310,7 @@ impl Sim<'_> {
                 self.reqs[i].generated += 1;
                 if self.reqs[i].generated >= self.reqs[i].r.osl {
                     self.insts[k].blocks_used -= self.reqs[i].blocks;
+                    self.insts[k].ctx2_held -= self.ctx2(i);
                     self.finish(i);
                     continue;
                 }
@@ -325,6 +324,7 @@ impl Sim<'_> {
                 if self.reqs[i].r.osl <= 1 {
                     keep.retain(|&j| j != i);
                     self.insts[k].blocks_used -= self.reqs[i].blocks;
+                    self.insts[k].ctx2_held -= self.ctx2(i);
                     self.finish(i);
                 }
             }
