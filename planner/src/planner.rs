@@ -702,11 +702,6 @@ impl Planner {
     }
 }
 
-mod slo_policy;
-
-#[cfg(test)]
-mod tests;
-
 /// A split of the budget between the roles that is changing: the counts the hold keeps
 /// (`held`, over the budget), the counts the sizing asks for (`desired`, within it), those last
 /// given (`current`), which roles have instances starting, and which role grows back to a count
@@ -745,3 +740,8 @@ impl Swap {
         (fitted.gpus(profile) <= budget).then_some(fitted)
     }
 }
+
+mod slo_policy;
+
+#[cfg(test)]
+mod tests;
