@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use dopd_planner::load::LoadTotals;
 use dopd_planner::routing::{
-    self, FlushReason, PrefillQueue, Route, RoutingConfig, ShortBatcher, classify,
+    self, FlushReason, PrefillQueue, RequestClass, Route, RoutingConfig, ShortBatcher, classify,
 };
 use dopd_planner::slo::SloTargets;
 use dopd_protocol::proto::{self, generate_event::Event as Ev};
@@ -42,6 +42,18 @@ pub struct Job {
     pub prompt_tokens: Vec<u32>,
     pub sampling: Sampling,
     pub arrived: Instant,
+}
+
+/// The prefill budget a prompt routed to a decode worker asks of the step that prefills it
+/// ([`proto::GenerateRequest::step_prefill_budget`]): for a prompt sent past prefill, the bypass
+/// threshold, so that a burst of them is spread over steps, each within the TPOT SLO; none (0)
+/// for a prompt that runs there because no prefill worker can take it.
+pub fn step_prefill_budget(class: RequestClass, routing: &RoutingConfig) -> u32 {
+    if class == RequestClass::UltraShort && routing.ultra_short_bypass {
+        routing.ultra_short_max_isl
+    } else {
+        0
+    }
 }
 
 /// What the API layer streams to the client.
@@ -236,7 +248,8 @@ impl Scheduler {
             self.metrics
                 .decision(class_label, route.as_str(), reason.as_str());
             let r = if route == Route::Local {
-                self.local(&job, &exclude).await
+                self.local(&job, &exclude, step_prefill_budget(class, &routing))
+                    .await
             } else {
                 self.disaggregated(&job, batch_prefill.take(), &exclude)
                     .await
@@ -309,6 +322,7 @@ impl Scheduler {
 
     fn request(job: &Job) -> proto::GenerateRequest {
         proto::GenerateRequest {
+            step_prefill_budget: 0,
             request_id: job.id.clone(),
             inline_kv: false,
             prompt: String::new(),
@@ -335,6 +349,7 @@ impl Scheduler {
         self: &Arc<Self>,
         job: &Job,
         exclude: &[String],
+        step_budget: u32,
     ) -> Result<mpsc::Receiver<Piece>, Failure> {
         let w = self
             .pool
@@ -347,7 +362,10 @@ impl Scheduler {
         let charge = w.charge(Self::cost(job));
         let mut c = w.client.clone();
         let stream = c
-            .generate(Self::request(job))
+            .generate(proto::GenerateRequest {
+                step_prefill_budget: step_budget,
+                ..Self::request(job)
+            })
             .await
             .map_err(|s| failure(&w, &s))?
             .into_inner();

@@ -191,6 +191,27 @@ fn ultra_short_prompts_prefill_on_the_decode_instance() {
 }
 
 #[test]
+fn bypassed_prompts_are_spread_over_decode_steps_within_the_threshold() {
+    // Length-aware routing on a fixed 1P+1D split, prompts up to 150 tokens bypassed: the
+    // router's step budget for each is 150 tokens.
+    let mut c = cfg(one_p_one_d());
+    c.length_aware_routing = Some(true);
+    c.routing.ultra_short_max_isl = 150;
+    // A long request decodes from 0.1 s (0.01 s steps) when two 100-token prompts arrive: one
+    // step can prefill one of them (0.01 + 0.1 s), not both (200 > 150 tokens).
+    let reqs = [req(0.0, 1000, 100), req(0.205, 100, 5), req(0.205, 100, 5)];
+    let r = simulate(&reqs, &flat(), &c).expect("runs");
+    let (b, d) = (r.records[1], r.records[2]);
+    assert_eq!((b.route, d.route), (Route::UltraShort, Route::UltraShort));
+    assert!(d.ttft_s > b.ttft_s + 0.1, "{b:?} {d:?}");
+    // A threshold of 250 tokens lets one step take both.
+    c.routing.ultra_short_max_isl = 250;
+    let r = simulate(&reqs, &flat(), &c).expect("runs");
+    let (b, d) = (r.records[1], r.records[2]);
+    assert!(close(b.ttft_s, d.ttft_s), "{b:?} {d:?}");
+}
+
+#[test]
 fn kv_capacity_makes_admission_wait() {
     // Each request reserves ceil((200+56)/128) = 2 blocks; the instance has 2.
     let mut p = flat();

@@ -4,8 +4,10 @@
 //! 1. **Admission.** Waiting requests are admitted first-come first-served while the running
 //!    batch has a free slot, the KV cache has the blocks for the request's tokens plus the next
 //!    one, and the step's prefill-token budget lasts (the first admission always fits the budget,
-//!    so a long prompt is never starved). Admitting runs the prompt's prefill (or imports KV blocks
-//!    a prefill worker produced, or recomputes a preempted sequence).
+//!    so a long prompt is never starved). While sequences decode, a prompt that carries a step
+//!    budget of its own ([`Request::step_budget`]) also waits for the next step unless the
+//!    step's prefill, its own included, stays within it. Admitting runs the prompt's prefill (or
+//!    imports KV blocks a prefill worker produced, or recomputes a preempted sequence).
 //! 2. **Decode.** Every running sequence gets one token from a single batched forward pass. When
 //!    the cache cannot hold one more token for everyone, the most recently admitted sequences are
 //!    preempted: their blocks are freed and they go back to the head of the queue, to be
@@ -43,6 +45,8 @@ struct Seq {
     cache: Option<SeqId>,
     /// Admission order, for choosing preemption victims.
     admitted: u64,
+    /// [`Request::step_budget`].
+    step_budget: Option<usize>,
     text: String,
     /// Bytes of `text` already streamed.
     sent: usize,
@@ -229,6 +233,7 @@ impl<B: Backend> Engine<B> {
             import,
             cache: None,
             admitted: 0,
+            step_budget: r.step_budget,
             text: String::new(),
             sent: 0,
         };
@@ -388,6 +393,7 @@ impl<B: Backend> Engine<B> {
     /// Admission; returns the prompt tokens prefilled.
     fn admit(&mut self, events: &mut Vec<Event>) -> usize {
         let mut budget = self.cfg.max_prefill_tokens;
+        let decoding = !self.running.is_empty();
         let mut prefilled = 0;
         let mut admitted_any = false;
         // Blocks the new prompts admitted so far in this step will take.
@@ -404,7 +410,13 @@ impl<B: Backend> Engine<B> {
                 break;
             }
             let compute = if front.import.is_some() { 0 } else { fill };
-            if admitted_any && compute > budget {
+            // A prompt with a step budget of its own joins a step only if the step's prefill
+            // stays within it while other sequences decode (it waits for the next step).
+            let own = match front.step_budget {
+                Some(b) if decoding => prefilled + compute > b,
+                _ => false,
+            };
+            if admitted_any && (compute > budget || own) {
                 break;
             }
             let s = self.waiting.pop_front().expect("front exists");

@@ -405,6 +405,7 @@ impl WorkerService {
             },
             mode,
             start,
+            step_budget: None,
         }
     }
 }
@@ -469,13 +470,10 @@ impl Worker for WorkerService {
         self.admit("Generate", &[Role::Decode, Role::Mixed])?;
         let r = req.into_inner();
         let prompt = self.prompt(&r.prompt, &r.prompt_tokens)?;
-        let rx = self.engine.submit(self.request(
-            prompt,
-            r.sampling,
-            r.stop,
-            Mode::Generate,
-            Start::Prompt,
-        ));
+        let rx = self.engine.submit(Request {
+            step_budget: (r.step_prefill_budget > 0).then_some(r.step_prefill_budget as usize),
+            ..self.request(prompt, r.sampling, r.stop, Mode::Generate, Start::Prompt)
+        });
         Ok(Response::new(event_stream(rx)))
     }
 

@@ -172,6 +172,7 @@ fn req(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Request {
         },
         mode: Mode::Generate,
         start: Start::Prompt,
+        step_budget: None,
     }
 }
 

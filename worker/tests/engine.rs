@@ -70,6 +70,7 @@ fn req(id: RequestId, prompt: Vec<u32>, max_tokens: usize, seed: Option<u64>) ->
         },
         mode: Mode::Generate,
         start: Start::Prompt,
+        step_budget: None,
     }
 }
 
@@ -428,6 +429,48 @@ fn cancellation_frees_the_blocks_and_the_rest_continue() {
         .expect("ok in this test");
     assert!(e.cancel(9));
     assert!(!e.has_work());
+}
+
+#[test]
+fn prompts_with_a_step_budget_are_spread_over_steps_while_others_decode() {
+    // Two 10-token prompts, each allowed a step that prefills at most 15 tokens in all (the
+    // router's bypass threshold), arrive together.
+    let budgeted = |id, budget| Request {
+        step_budget: budget,
+        ..req(id, prompt(id, 10), 4, None)
+    };
+    let first_step = |events: &[Vec<Event>], id| {
+        events
+            .iter()
+            .position(|ev| !tokens_of(ev, id).is_empty())
+            .expect("a token")
+    };
+    for (budget, apart) in [(Some(15), true), (None, false)] {
+        let mut e = Engine::new(model(), None, cfg(64));
+        e.submit(req(0, prompt(0, 8), 20, None))
+            .expect("ok in this test");
+        e.step();
+        // While sequence 0 decodes, the second prompt waits for the next step (20 > 15); with
+        // no budget of their own, the engine's 64 tokens take both in one step.
+        e.submit(budgeted(1, budget)).expect("ok in this test");
+        e.submit(budgeted(2, budget)).expect("ok in this test");
+        let mut steps = Vec::new();
+        while e.has_work() {
+            steps.push(e.step());
+        }
+        let (a, b) = (first_step(&steps, 1), first_step(&steps, 2));
+        assert_eq!(a, 0, "{budget:?}");
+        assert_eq!(b, usize::from(apart), "{budget:?}");
+        // The tokens are those of each prompt run alone.
+        let all: Vec<Event> = steps.concat();
+        assert_eq!(tokens_of(&all, 2), run_alone(budgeted(2, budget)));
+    }
+    // With nothing decoding, both budgeted prompts are taken in the first step.
+    let mut e = Engine::new(model(), None, cfg(64));
+    e.submit(budgeted(1, Some(15))).expect("ok in this test");
+    e.submit(budgeted(2, Some(15))).expect("ok in this test");
+    let ev = e.step();
+    assert!(!tokens_of(&ev, 1).is_empty() && !tokens_of(&ev, 2).is_empty());
 }
 
 #[test]

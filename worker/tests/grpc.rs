@@ -142,6 +142,7 @@ fn gen_req(max_tokens: u32, seed: u64) -> GenerateRequest {
             stop: vec![],
             ignore_eos: false,
         }),
+        step_prefill_budget: 0,
     }
 }
 

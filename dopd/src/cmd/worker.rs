@@ -307,6 +307,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             stop: vec![],
             ignore_eos: false,
         }),
+        step_prefill_budget: 0,
     };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -163,6 +163,9 @@ struct Req {
     generated: u32,
     prefill_left: u32,
     blocks: u64,
+    /// The router's hint for a bypassed prompt: the most prompt tokens the decode step that
+    /// prefills it may prefill in all (the bypass threshold when it was routed; 0: none).
+    step_budget: u32,
 }
 
 struct Sim<'a> {
@@ -295,6 +298,7 @@ pub fn simulate_with_progress(
                 finish: None,
                 generated: 0,
                 prefill_left: 0,
+                step_budget: 0,
                 blocks: 0,
             })
             .collect(),

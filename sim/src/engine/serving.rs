@@ -18,6 +18,9 @@ impl Sim<'_> {
             RequestClass::Short => Route::Short,
             RequestClass::Long => Route::Long,
         };
+        if class == RequestClass::UltraShort {
+            self.reqs[i].step_budget = self.routing.ultra_short_max_isl;
+        }
         // The router's policy. Whether a prefill instance can take the request is decided when
         // the prefill is dispatched (`dispatch_prefill`), as the router does for batches.
         match routing::route(class, true).0 {
@@ -270,19 +273,14 @@ impl Sim<'_> {
         }
         let mut n = 0u32;
         let mut ctx = 0.0;
-        let mut budget = self.cfg.prefill_chunk_tokens;
-        let mut plan = Vec::new();
         for &i in &self.insts[k].running {
             let q = &self.reqs[i];
             if q.prefill_left == 0 {
                 n += 1;
                 ctx += f64::from(q.r.isl) + f64::from(q.generated);
-            } else if budget > 0 {
-                let take = q.prefill_left.min(budget);
-                budget -= take;
-                plan.push((i, take));
             }
         }
+        let plan = self.local_prefill_plan(k, n > 0);
         let prefill_tokens: u64 = plan.iter().map(|p| u64::from(p.1)).sum();
         let mut dt = 0.0;
         if n > 0 {
@@ -291,9 +289,65 @@ impl Sim<'_> {
         if prefill_tokens > 0 {
             dt += self.prefill_time(prefill_tokens);
         }
+        if std::env::var("DOPD_DEBUG_STEPS").is_ok() && dt > 0.08 {
+            eprintln!(
+                "step t={:.2} k={} n={} ctx={:.0} prefill={} items={:?} dt={:.3} thr={}",
+                self.now,
+                k,
+                n,
+                ctx / f64::from(n.max(1)),
+                prefill_tokens,
+                plan.iter()
+                    .map(|p| (self.reqs[p.0].r.isl, p.1, self.reqs[p.0].route))
+                    .collect::<Vec<_>>(),
+                dt,
+                self.routing.ultra_short_max_isl
+            );
+        }
         self.insts[k].step_prefill = plan;
         self.insts[k].stepping = true;
         self.push(self.now + dt, Ev::StepDone(k));
+    }
+
+    /// The prompt tokens a decode step on instance `k` prefills locally, in admission order, as
+    /// the worker admits them: the first prompt always (up to a chunk,
+    /// [`SimConfig::prefill_chunk_tokens`]), the others while the step's chunk lasts. A bypassed
+    /// prompt carries the router's step budget (the bypass threshold): while sequences are
+    /// decoding, it joins a step only if the step's local prefill stays within it. The threshold
+    /// is the largest prompt whose prefill keeps a step within the TPOT SLO; steps that took a
+    /// burst of bypassed prompts at once ran 0.1-0.2 s at an 80 ms SLO and slowed every running
+    /// sequence past it (every TPOT miss of the bursty row, `docs/experiments.md`).
+    pub(super) fn local_prefill_plan(&self, k: usize, decoding: bool) -> Vec<(usize, u32)> {
+        let chunk = self.cfg.prefill_chunk_tokens;
+        let mut plan = Vec::new();
+        let mut taken = 0u32;
+        for &i in &self.insts[k].running {
+            let q = &self.reqs[i];
+            let left = q.prefill_left;
+            if left == 0 {
+                continue;
+            }
+            if plan.is_empty() {
+                let take = left.min(chunk);
+                taken = take;
+                plan.push((i, take));
+                continue;
+            }
+            if taken >= chunk {
+                break;
+            }
+            if decoding && q.step_budget > 0 {
+                if taken + left <= q.step_budget.min(chunk) {
+                    taken += left;
+                    plan.push((i, left));
+                }
+                continue;
+            }
+            let take = left.min(chunk - taken);
+            taken += take;
+            plan.push((i, take));
+        }
+        plan
     }
 
     pub(super) fn step_done(&mut self, k: usize) {

@@ -81,6 +81,12 @@ pub struct Request {
     pub stop: StopConditions,
     pub mode: Mode,
     pub start: Start,
+    /// For a prompt prefilled here while other sequences decode (a prompt the router sent past
+    /// prefill): the most prompt tokens the step that prefills it may prefill in all, its own
+    /// included (`None`: the engine's `max_prefill_tokens`). The router sets the bypass
+    /// threshold, the largest prompt whose prefill keeps a step within the TPOT SLO, so a burst
+    /// of such prompts is spread over steps.
+    pub step_budget: Option<usize>,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).

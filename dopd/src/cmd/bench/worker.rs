@@ -196,6 +196,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         },
         mode,
         start: Start::Prompt,
+        step_budget: None,
     };
     let kv_token_bytes = model.kv_layout(cfg.block_size, 0).token_bytes();
     // Warm-up (first-use allocations, kernel compilation on GPUs).
@@ -370,6 +371,7 @@ fn greedy<B: Backend>(
         },
         mode: Mode::Generate,
         start: Start::Prompt,
+        step_budget: None,
     })?;
     Ok(e.run_to_completion()
         .into_iter()
