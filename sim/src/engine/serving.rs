@@ -289,21 +289,6 @@ impl Sim<'_> {
         if prefill_tokens > 0 {
             dt += self.prefill_time(prefill_tokens);
         }
-        if std::env::var("DOPD_DEBUG_STEPS").is_ok() && dt > 0.08 {
-            eprintln!(
-                "step t={:.2} k={} n={} ctx={:.0} prefill={} items={:?} dt={:.3} thr={}",
-                self.now,
-                k,
-                n,
-                ctx / f64::from(n.max(1)),
-                prefill_tokens,
-                plan.iter()
-                    .map(|p| (self.reqs[p.0].r.isl, p.1, self.reqs[p.0].route))
-                    .collect::<Vec<_>>(),
-                dt,
-                self.routing.ultra_short_max_isl
-            );
-        }
         self.insts[k].step_prefill = plan;
         self.insts[k].stepping = true;
         self.push(self.now + dt, Ev::StepDone(k));
