@@ -103,8 +103,10 @@ pub struct Planner {
     tracker: Tracker,
     /// The bypass threshold of the last SLO-aware sizing.
     bypass: Option<u32>,
-    /// The last SLO-aware target without what only a prefill backlog asked for: what the hold
-    /// remembers (a backlog is cleared once; the instances it needed are not needed again).
+    /// The last SLO-aware target for the arrivals as they are, with the surges they have shown
+    /// but without what a prefill backlog or a trend's look-ahead asked for: what the hold
+    /// remembers (a backlog is cleared once; a trend that is gone no longer calls for the
+    /// instances it readied).
     sustained: Option<Replicas>,
     /// Whether this tick's sizing looks ahead over the start-up horizons (burst readiness on a
     /// forecast; not for a known next interval): the hold can then be shorter for smooth loads.

@@ -514,3 +514,42 @@ fn an_instance_a_full_kv_cache_asked_for_is_held() {
     let next = p.tick(130.0, &o).target;
     assert_eq!(next.decode, up.decode, "{next:?}");
 }
+
+#[test]
+fn what_a_trend_looked_ahead_for_is_not_held_once_the_trend_is_gone() {
+    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 200));
+    let mut ready = ONE;
+    let mut t = 0.0;
+    let mut run = |p: &mut Planner, counts: &[f64]| {
+        let mut out = Vec::new();
+        for &n in counts {
+            let d = p.tick(t, &obs(n, ready));
+            ready = d.target;
+            t += 10.0;
+            out.push(d);
+        }
+        out
+    };
+    // A steady load, then a gentle climb (15 requests an interval, within what the forecast
+    // misses by noise, so no surge is learnt) that the trend carries over the decode start-up:
+    // a third decode instance is asked for ahead of the load.
+    run(&mut p, &[400.0; 20]);
+    let ramp = run(&mut p, &[415.0, 430.0, 445.0, 460.0, 475.0, 490.0]);
+    let peak = ramp.iter().map(|d| d.target.decode).max().unwrap_or(0);
+    // The load stays where the climb ended. Once the trend is gone (the decode rate sized for
+    // is the count's own), the target is what that rate needs: the look-ahead is not held.
+    let flat = run(&mut p, &[490.0; 10]);
+    let need = |d: &Decision| {
+        d.reasons.iter().find_map(|r| match r {
+            Reason::SloNeed { decode, rate_d, .. } => Some((*decode, *rate_d)),
+            _ => None,
+        })
+    };
+    let settled = flat
+        .iter()
+        .find(|d| need(d).is_some_and(|(_, r)| r <= 49.0 + 1e-9))
+        .expect("the trend fades");
+    let (decode, _) = need(settled).expect("an SLO need");
+    assert!(decode < peak, "{decode} vs {peak}");
+    assert_eq!(settled.target.decode, decode, "{:?}", settled.reasons);
+}
