@@ -85,6 +85,19 @@ pub fn classify(isl: u32, forecast_mean_isl: f64, cfg: &RoutingConfig) -> Reques
     }
 }
 
+/// The prefill budget a prompt run on a decode instance asks of the decode step that prefills it
+/// (0: none). A prompt sent past prefill (ultra-short) asks for the bypass threshold, the
+/// largest prompt whose prefill keeps a step within the TPOT SLO, so that a burst of them is
+/// spread over steps; one that runs there because no prefill instance can take it asks for
+/// nothing. The router sends it with the request; the simulator models the same.
+pub fn step_prefill_budget(class: RequestClass, cfg: &RoutingConfig) -> u32 {
+    if class == RequestClass::UltraShort && cfg.ultra_short_bypass {
+        cfg.ultra_short_max_isl
+    } else {
+        0
+    }
+}
+
 /// Why a batch was released.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -332,6 +345,24 @@ pub fn threshold(forecast_mean_isl: f64, running_mean_isl: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_prompt_sent_past_prefill_carries_a_step_budget() {
+        let cfg = RoutingConfig {
+            ultra_short_max_isl: 300,
+            ..RoutingConfig::default()
+        };
+        assert_eq!(step_prefill_budget(RequestClass::UltraShort, &cfg), 300);
+        // Short and long prompts run on a decode instance only when no prefill instance can
+        // take them.
+        assert_eq!(step_prefill_budget(RequestClass::Short, &cfg), 0);
+        assert_eq!(step_prefill_budget(RequestClass::Long, &cfg), 0);
+        let off = RoutingConfig {
+            ultra_short_bypass: false,
+            ..cfg
+        };
+        assert_eq!(step_prefill_budget(RequestClass::UltraShort, &off), 0);
+    }
 
     #[test]
     fn classification_follows_the_paper() {

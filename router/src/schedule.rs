@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use dopd_planner::load::LoadTotals;
 use dopd_planner::routing::{
-    self, FlushReason, PrefillQueue, RequestClass, Route, RoutingConfig, ShortBatcher, classify,
+    self, FlushReason, PrefillQueue, Route, RoutingConfig, ShortBatcher, classify,
 };
 use dopd_planner::slo::SloTargets;
 use dopd_protocol::proto::{self, generate_event::Event as Ev};
@@ -42,18 +42,6 @@ pub struct Job {
     pub prompt_tokens: Vec<u32>,
     pub sampling: Sampling,
     pub arrived: Instant,
-}
-
-/// The prefill budget a prompt routed to a decode worker asks of the step that prefills it
-/// ([`proto::GenerateRequest::step_prefill_budget`]): for a prompt sent past prefill, the bypass
-/// threshold, so that a burst of them is spread over steps, each within the TPOT SLO; none (0)
-/// for a prompt that runs there because no prefill worker can take it.
-pub fn step_prefill_budget(class: RequestClass, routing: &RoutingConfig) -> u32 {
-    if class == RequestClass::UltraShort && routing.ultra_short_bypass {
-        routing.ultra_short_max_isl
-    } else {
-        0
-    }
 }
 
 /// What the API layer streams to the client.
@@ -248,8 +236,12 @@ impl Scheduler {
             self.metrics
                 .decision(class_label, route.as_str(), reason.as_str());
             let r = if route == Route::Local {
-                self.local(&job, &exclude, step_prefill_budget(class, &routing))
-                    .await
+                self.local(
+                    &job,
+                    &exclude,
+                    routing::step_prefill_budget(class, &routing),
+                )
+                .await
             } else {
                 self.disaggregated(&job, batch_prefill.take(), &exclude)
                     .await

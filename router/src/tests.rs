@@ -377,25 +377,3 @@ async fn the_planner_forecast_sets_the_short_long_threshold() {
     assert_eq!(json(resp).await["error"]["param"], "mean_isl");
     assert_eq!(r.scheduler.threshold(), 812.5);
 }
-
-#[test]
-fn only_a_prompt_sent_past_prefill_carries_a_step_budget() {
-    use dopd_planner::routing::{RequestClass, RoutingConfig};
-    let routing = RoutingConfig {
-        ultra_short_max_isl: 300,
-        ..RoutingConfig::default()
-    };
-    let budget = |c| schedule::step_prefill_budget(c, &routing);
-    assert_eq!(budget(RequestClass::UltraShort), 300);
-    // Short and long prompts run on a decode worker only when no prefill worker can take them.
-    assert_eq!(budget(RequestClass::Short), 0);
-    assert_eq!(budget(RequestClass::Long), 0);
-    let off = RoutingConfig {
-        ultra_short_bypass: false,
-        ..routing.clone()
-    };
-    assert_eq!(
-        schedule::step_prefill_budget(RequestClass::UltraShort, &off),
-        0
-    );
-}

@@ -18,9 +18,7 @@ impl Sim<'_> {
             RequestClass::Short => Route::Short,
             RequestClass::Long => Route::Long,
         };
-        if class == RequestClass::UltraShort {
-            self.reqs[i].step_budget = self.routing.ultra_short_max_isl;
-        }
+        self.reqs[i].step_budget = routing::step_prefill_budget(class, &self.routing);
         // The router's policy. Whether a prefill instance can take the request is decided when
         // the prefill is dispatched (`dispatch_prefill`), as the router does for batches.
         match routing::route(class, true).0 {
