@@ -201,10 +201,17 @@ impl Planner {
         // that the hold then kept for minutes (a decode-heavy load held a third decode instance
         // it needed for one tick in six, `docs/experiments.md`); a real ramp keeps its trend
         // and is provisioned at every tick of it.
-        self.sustained = Some({
+        let held = (
+            (w.rate_now * (1.0 + surge)).min(w.rate_p - backlog),
+            (w.rate_now * (1.0 + surge)).min(w.rate_d),
+        );
+        // Sized again only when a trend or a backlog added to the rates (most ticks add none).
+        self.sustained = Some(if held == (w.rate_p, w.rate_d) {
+            s.target
+        } else {
             let arrivals = slo::Workload {
-                rate_p: (w.rate_now * (1.0 + surge)).min(w.rate_p - backlog),
-                rate_d: (w.rate_now * (1.0 + surge)).min(w.rate_d),
+                rate_p: held.0,
+                rate_d: held.1,
                 ..w.clone()
             };
             slo::size(&self.profile, &arrivals, &self.cfg.slo, p, extra, &bounds).target
