@@ -33,13 +33,16 @@ fn main() {
         ("output 49152x576", 49152, 576),
     ];
     println!(
-        "{:<18} {:<3} {:>5} {:>12} {:>10} {:>12}",
+        "{:<18} {:<4} {:>5} {:>12} {:>10} {:>12}",
         "matrix", "fmt", "rows", "us/product", "GB/s", "GFMA/s"
     );
     for (name, rows, cols) in shapes {
         let w = values(rows * cols, 1);
+        let q4 = QMatrix::quantize_q4(&w, rows, cols).expect("q4");
+        let q4i = q4.interleaved().expect("rows in 16s");
         let mats = [
-            ("q4", QMatrix::quantize_q4(&w, rows, cols).expect("q4")),
+            ("q4", q4),
+            ("q4i", q4i),
             ("q8", QMatrix::quantize_q8(&w, rows, cols).expect("q8")),
         ];
         for (fmt, m) in &mats {
@@ -56,7 +59,7 @@ fn main() {
                     best = best.min(t.elapsed().as_secs_f64() / reps as f64);
                 }
                 println!(
-                    "{:<18} {:<3} {:>5} {:>12.1} {:>10.1} {:>12.1}",
+                    "{:<18} {:<4} {:>5} {:>12.1} {:>10.1} {:>12.1}",
                     name,
                     fmt,
                     n,

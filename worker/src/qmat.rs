@@ -22,6 +22,8 @@ use rayon::prelude::*;
 
 use dopd_model::gguf::{GgmlType, Gguf, GgufError, f16_to_f32};
 
+pub mod packed;
+
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
 
@@ -34,6 +36,9 @@ pub enum QFormat {
     Q4,
     /// 8-bit signed values with a scale per block: `d·q` (ggml's Q8_0).
     Q8,
+    /// [`QFormat::Q4`] with its rows interleaved in groups of 16 ([`QMatrix::interleaved`]),
+    /// multiplied with its inputs rounded to 8 bits ([`packed`]).
+    Q4x16,
 }
 
 /// A `[rows, cols]` matrix in quantized blocks along its rows (`cols` a multiple of 32).
@@ -121,7 +126,7 @@ impl QMatrix {
     fn empty(rows: usize, cols: usize, format: QFormat) -> Self {
         let blocks = rows * cols / BLOCK;
         let per = match format {
-            QFormat::Q4 => BLOCK / 2,
+            QFormat::Q4 | QFormat::Q4x16 => BLOCK / 2,
             QFormat::Q8 => BLOCK,
         };
         Self {
@@ -129,7 +134,7 @@ impl QMatrix {
             cols,
             format,
             scales: Vec::with_capacity(blocks),
-            mins: Vec::with_capacity(if format == QFormat::Q4 { blocks } else { 0 }),
+            mins: Vec::with_capacity(if format == QFormat::Q8 { 0 } else { blocks }),
             q: Vec::with_capacity(blocks * per),
         }
     }
@@ -194,17 +199,25 @@ impl QMatrix {
 
     /// The values of block `b` into `out` (32 long).
     fn block_values(&self, b: usize, out: &mut [f32]) {
-        let d = self.scales[b];
+        let q4 = |qs: &[u8], d: f32, m: f32, out: &mut [f32]| {
+            for (j, &q) in qs.iter().enumerate() {
+                out[j] = f32::from(q & 0x0f) * d + m;
+                out[j + 16] = f32::from(q >> 4) * d + m;
+            }
+        };
         match self.format {
-            QFormat::Q4 => {
-                let m = self.mins[b];
-                let qs = &self.q[b * 16..b * 16 + 16];
-                for (j, &q) in qs.iter().enumerate() {
-                    out[j] = f32::from(q & 0x0f) * d + m;
-                    out[j + 16] = f32::from(q >> 4) * d + m;
-                }
+            QFormat::Q4 => q4(
+                &self.q[b * 16..b * 16 + 16],
+                self.scales[b],
+                self.mins[b],
+                out,
+            ),
+            QFormat::Q4x16 => {
+                let (qs, d, m) = self.interleaved_block(b);
+                q4(&qs, d, m, out);
             }
             QFormat::Q8 => {
+                let d = self.scales[b];
                 let qs = &self.q[b * 32..b * 32 + 32];
                 for (o, &q) in out.iter_mut().zip(qs) {
                     *o = f32::from(q as i8) * d;
@@ -262,14 +275,26 @@ impl QMatrix {
         let mut ts: Vec<Vec<f32>> = ms.iter().map(|m| vec![0.0f32; m.rows * n]).collect();
         let mut tasks = Vec::new();
         for (m, t) in ms.iter().zip(ts.iter_mut()) {
-            let per_task = task_rows(m.rows);
+            let per_task = match m.format {
+                QFormat::Q4x16 => task_rows(m.rows).next_multiple_of(packed::GROUP),
+                _ => task_rows(m.rows),
+            };
             tasks.extend(
                 t.chunks_mut(per_task * n)
                     .enumerate()
                     .map(|(i, out)| (*m, i * per_task, out)),
             );
         }
+        // Inputs rounded to 8 bits once for every interleaved matrix.
+        let xq = ms
+            .iter()
+            .any(|m| m.format == QFormat::Q4x16)
+            .then(|| packed::Quantized::new(x, cols));
         let run = |(m, r0, out): (&QMatrix, usize, &mut [f32])| {
+            if let (QFormat::Q4x16, Some(xq)) = (m.format, &xq) {
+                packed::products(m, xq, r0, n, out);
+                return;
+            }
             pulp::Arch::new().dispatch(Dots {
                 m,
                 x,
@@ -364,6 +389,15 @@ impl QMatrix {
                     block(a1, &qs[32..], &xb[32..], d[1]);
                 }
             }
+            QFormat::Q4x16 => {
+                // Not reached from the products (interleaved matrices take their own kernel);
+                // the values dequantized, for completeness.
+                let mut w = [0.0f32; BLOCK];
+                for (k, b) in blocks.enumerate() {
+                    self.block_values(b, &mut w);
+                    offset += lane_dot(&w, &x[k * BLOCK..(k + 1) * BLOCK]);
+                }
+            }
         }
         let acc: [f32; 16] = std::array::from_fn(|j| acc[0][j] + acc[1][j]);
         tree_sum(acc) + offset
@@ -379,23 +413,7 @@ impl QMatrix {
         let mut w = [0.0f32; 32];
         for k in 0..per_row {
             let b = r * per_row + k;
-            let d = self.scales[b];
-            match self.format {
-                QFormat::Q4 => {
-                    let m = self.mins[b];
-                    let qs: &[u8] = &self.q[b * 16..b * 16 + 16];
-                    for j in 0..16 {
-                        w[j] = f32::from(qs[j] & 0x0f) * d + m;
-                        w[j + 16] = f32::from(qs[j] >> 4) * d + m;
-                    }
-                }
-                QFormat::Q8 => {
-                    let qs: &[u8] = &self.q[b * 32..b * 32 + 32];
-                    for j in 0..32 {
-                        w[j] = f32::from(qs[j] as i8) * d;
-                    }
-                }
-            }
+            self.block_values(b, &mut w);
             for (i, a) in acc.iter_mut().enumerate().take(n) {
                 let xb = &x[i * cols + k * 32..i * cols + k * 32 + 32];
                 for j in 0..16 {
@@ -657,6 +675,88 @@ mod tests {
                 assert_eq!(row, dense[(rows - 1) * cols..]);
                 // At least three times smaller than f32.
                 assert!(q.bytes() * 3 < w.len() * 4, "{} bytes", q.bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_products_on_8_bit_inputs_equal_the_rounded_inputs_products() {
+        let (rows, cols) = (48, 96);
+        let w = matrix(rows, cols, 3);
+        let q = QMatrix::quantize_q4(&w, rows, cols).expect("q4");
+        let qi = q.interleaved().expect("rows in 16s");
+        assert_eq!(qi.format, QFormat::Q4x16);
+        assert_eq!(qi.bytes(), q.bytes());
+        // Same values, reordered.
+        assert_eq!(qi.dequantize(), q.dequantize());
+        // Q8, and rows that do not fill groups of 16, stay as they are.
+        assert!(
+            QMatrix::quantize_q8(&w, rows, cols)
+                .expect("q8")
+                .interleaved()
+                .is_none()
+        );
+        let odd = QMatrix::quantize_q4(&w[..40 * cols], 40, cols).expect("q4");
+        assert!(odd.interleaved().is_none());
+        let dense = q.dequantize();
+        for n in [1, 2, 3, QUANT_ROWS, QUANT_ROWS + 3] {
+            let x = matrix(n, cols, 11 + n as u64);
+            // The inputs rounded to 8 bits per block, as the kernel rounds them.
+            let xr: Vec<f32> = x
+                .chunks_exact(BLOCK)
+                .flat_map(|b| {
+                    let d = b.iter().fold(0.0f32, |a, v| a.max(v.abs())) / 127.0;
+                    b.iter().map(move |v| {
+                        if d > 0.0 {
+                            (v / d).round().clamp(-127.0, 127.0) * d
+                        } else {
+                            0.0
+                        }
+                    })
+                })
+                .collect();
+            let y = qi.matmul_t(&x, n);
+            // `d·q` times the rounded inputs plus the offset times the exact inputs' sum, per
+            // block, in f64.
+            let per_row = cols / BLOCK;
+            let mut want = vec![0.0f64; n * rows];
+            for i in 0..n {
+                for r in 0..rows {
+                    for k in 0..per_row {
+                        let b = r * per_row + k;
+                        let m = f64::from(q.mins[b]);
+                        for j in k * BLOCK..(k + 1) * BLOCK {
+                            want[i * rows + r] += (f64::from(dense[r * cols + j]) - m)
+                                * f64::from(xr[i * cols + j])
+                                + m * f64::from(x[i * cols + j]);
+                        }
+                    }
+                }
+            }
+            let exact = reference(&dense, &x, rows, cols);
+            for ((a, b), e) in y.iter().zip(&want).zip(&exact) {
+                assert!(
+                    (f64::from(*a) - b).abs() < 1e-5,
+                    "n={n}: {a} vs {b} (exact {e})"
+                );
+                assert!((f64::from(*a) - e).abs() < 2e-2, "n={n}: {a} vs exact {e}");
+            }
+            // A row's products do not depend on the rows beside it (the integer sums are exact
+            // and each row's scales apply in the same order): a batch gives what each row gives
+            // alone, bit for bit.
+            for i in 0..n {
+                let alone = qi.matmul_t(&x[i * cols..(i + 1) * cols], 1);
+                assert_eq!(alone, y[i * rows..(i + 1) * rows], "n={n} row {i}");
+            }
+            // The plain kernel (CPUs without AVX-512) gives the same results, bit for bit.
+            if n <= QUANT_ROWS {
+                let xq = packed::Quantized::new(&x, cols);
+                let mut out = vec![0.0f32; rows * n];
+                packed::plain(&qi, &xq, 0, n, &mut out);
+                let t: Vec<f32> = (0..n * rows)
+                    .map(|j| out[(j % rows) * n + j / rows])
+                    .collect();
+                assert_eq!(t, y, "n={n}");
             }
         }
     }
