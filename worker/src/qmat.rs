@@ -36,9 +36,6 @@ pub enum QFormat {
     Q4,
     /// 8-bit signed values with a scale per block: `d·q` (ggml's Q8_0).
     Q8,
-    /// [`QFormat::Q4`] with its rows interleaved in groups of 16 ([`QMatrix::interleaved`]),
-    /// multiplied with its inputs rounded to 8 bits ([`packed`]).
-    Q4x16,
 }
 
 /// A `[rows, cols]` matrix in quantized blocks along its rows (`cols` a multiple of 32).
@@ -53,6 +50,12 @@ pub struct QMatrix {
     mins: Vec<f32>,
     /// Packed values: 16 bytes per block (Q4) or 32 (Q8).
     q: Vec<u8>,
+    /// Q4 with the rows interleaved in groups of 16 ([`QMatrix::interleaved`]): the scales,
+    /// offsets and bytes in [`packed`]'s order, multiplied there on 8-bit inputs. The f32
+    /// kernels below never see such a matrix (the products and [`QMatrix::dequantize_row`]
+    /// route it), so their code is the same as without it: a third case in their block
+    /// function, even one that only fills NaN, made the batch kernel twice as slow (measured).
+    interleaved: bool,
 }
 
 /// Output rows per parallel task for a matrix of `rows`: at least eight tasks per thread, so
@@ -126,7 +129,7 @@ impl QMatrix {
     fn empty(rows: usize, cols: usize, format: QFormat) -> Self {
         let blocks = rows * cols / BLOCK;
         let per = match format {
-            QFormat::Q4 | QFormat::Q4x16 => BLOCK / 2,
+            QFormat::Q4 => BLOCK / 2,
             QFormat::Q8 => BLOCK,
         };
         Self {
@@ -134,8 +137,9 @@ impl QMatrix {
             cols,
             format,
             scales: Vec::with_capacity(blocks),
-            mins: Vec::with_capacity(if format == QFormat::Q8 { 0 } else { blocks }),
+            mins: Vec::with_capacity(if format == QFormat::Q4 { blocks } else { 0 }),
             q: Vec::with_capacity(blocks * per),
+            interleaved: false,
         }
     }
 
@@ -183,6 +187,11 @@ impl QMatrix {
         Some(m)
     }
 
+    /// Whether the rows are interleaved for products on 8-bit inputs ([`QMatrix::interleaved`]).
+    pub fn is_interleaved(&self) -> bool {
+        self.interleaved
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.q.len() + 4 * (self.scales.len() + self.mins.len())
@@ -191,6 +200,12 @@ impl QMatrix {
     /// Row `r` as f32 into `out` (`cols` long).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let per_row = self.cols / BLOCK;
+        if self.interleaved {
+            for (k, o) in out.chunks_exact_mut(BLOCK).enumerate().take(per_row) {
+                o.copy_from_slice(&self.interleaved_values(r * per_row + k));
+            }
+            return;
+        }
         for (k, o) in out.chunks_exact_mut(BLOCK).enumerate().take(per_row) {
             let b = r * per_row + k;
             self.block_values(b, o);
@@ -199,25 +214,17 @@ impl QMatrix {
 
     /// The values of block `b` into `out` (32 long).
     fn block_values(&self, b: usize, out: &mut [f32]) {
-        let q4 = |qs: &[u8], d: f32, m: f32, out: &mut [f32]| {
-            for (j, &q) in qs.iter().enumerate() {
-                out[j] = f32::from(q & 0x0f) * d + m;
-                out[j + 16] = f32::from(q >> 4) * d + m;
-            }
-        };
+        let d = self.scales[b];
         match self.format {
-            QFormat::Q4 => q4(
-                &self.q[b * 16..b * 16 + 16],
-                self.scales[b],
-                self.mins[b],
-                out,
-            ),
-            QFormat::Q4x16 => {
-                let (qs, d, m) = self.interleaved_block(b);
-                q4(&qs, d, m, out);
+            QFormat::Q4 => {
+                let m = self.mins[b];
+                let qs = &self.q[b * 16..b * 16 + 16];
+                for (j, &q) in qs.iter().enumerate() {
+                    out[j] = f32::from(q & 0x0f) * d + m;
+                    out[j + 16] = f32::from(q >> 4) * d + m;
+                }
             }
             QFormat::Q8 => {
-                let d = self.scales[b];
                 let qs = &self.q[b * 32..b * 32 + 32];
                 for (o, &q) in out.iter_mut().zip(qs) {
                     *o = f32::from(q as i8) * d;
@@ -275,9 +282,10 @@ impl QMatrix {
         let mut ts: Vec<Vec<f32>> = ms.iter().map(|m| vec![0.0f32; m.rows * n]).collect();
         let mut tasks = Vec::new();
         for (m, t) in ms.iter().zip(ts.iter_mut()) {
-            let per_task = match m.format {
-                QFormat::Q4x16 => task_rows(m.rows).next_multiple_of(packed::GROUP),
-                _ => task_rows(m.rows),
+            let per_task = if m.interleaved {
+                task_rows(m.rows).next_multiple_of(packed::GROUP)
+            } else {
+                task_rows(m.rows)
             };
             tasks.extend(
                 t.chunks_mut(per_task * n)
@@ -288,10 +296,10 @@ impl QMatrix {
         // Inputs rounded to 8 bits once for every interleaved matrix.
         let xq = ms
             .iter()
-            .any(|m| m.format == QFormat::Q4x16)
+            .any(|m| m.interleaved)
             .then(|| packed::Quantized::new(x, cols));
         let run = |(m, r0, out): (&QMatrix, usize, &mut [f32])| {
-            if let (QFormat::Q4x16, Some(xq)) = (m.format, &xq) {
+            if let (true, Some(xq)) = (m.interleaved, &xq) {
                 packed::products(m, xq, r0, n, out);
                 return;
             }
@@ -389,15 +397,6 @@ impl QMatrix {
                     block(a1, &qs[32..], &xb[32..], d[1]);
                 }
             }
-            QFormat::Q4x16 => {
-                // Not reached from the products (interleaved matrices take their own kernel);
-                // the values dequantized, for completeness.
-                let mut w = [0.0f32; BLOCK];
-                for (k, b) in blocks.enumerate() {
-                    self.block_values(b, &mut w);
-                    offset += lane_dot(&w, &x[k * BLOCK..(k + 1) * BLOCK]);
-                }
-            }
         }
         let acc: [f32; 16] = std::array::from_fn(|j| acc[0][j] + acc[1][j]);
         tree_sum(acc) + offset
@@ -413,7 +412,23 @@ impl QMatrix {
         let mut w = [0.0f32; 32];
         for k in 0..per_row {
             let b = r * per_row + k;
-            self.block_values(b, &mut w);
+            let d = self.scales[b];
+            match self.format {
+                QFormat::Q4 => {
+                    let m = self.mins[b];
+                    let qs: &[u8] = &self.q[b * 16..b * 16 + 16];
+                    for j in 0..16 {
+                        w[j] = f32::from(qs[j] & 0x0f) * d + m;
+                        w[j + 16] = f32::from(qs[j] >> 4) * d + m;
+                    }
+                }
+                QFormat::Q8 => {
+                    let qs: &[u8] = &self.q[b * 32..b * 32 + 32];
+                    for j in 0..32 {
+                        w[j] = f32::from(qs[j] as i8) * d;
+                    }
+                }
+            }
             for (i, a) in acc.iter_mut().enumerate().take(n) {
                 let xb = &x[i * cols + k * 32..i * cols + k * 32 + 32];
                 for j in 0..16 {
@@ -685,7 +700,7 @@ mod tests {
         let w = matrix(rows, cols, 3);
         let q = QMatrix::quantize_q4(&w, rows, cols).expect("q4");
         let qi = q.interleaved().expect("rows in 16s");
-        assert_eq!(qi.format, QFormat::Q4x16);
+        assert!(qi.is_interleaved() && qi.format == QFormat::Q4);
         assert_eq!(qi.bytes(), q.bytes());
         // Same values, reordered.
         assert_eq!(qi.dequantize(), q.dequantize());

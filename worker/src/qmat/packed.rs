@@ -33,28 +33,11 @@ pub struct Quantized {
 }
 
 impl Quantized {
-    /// `x` (`[n, cols]`, `cols` a multiple of 32) rounded to 8 bits per block of 32.
+    /// `x` (`[n, cols]`, `cols` a multiple of 32) rounded to 8 bits per block of 32. Compiled
+    /// for the CPU's vector unit (pulp's dispatch): for the baseline, each rounding was a call
+    /// and the rounding of a decode step's inputs took longer than a small matrix's product.
     pub fn new(x: &[f32], cols: usize) -> Self {
-        let blocks = x.len() / BLOCK;
-        let mut q = Self {
-            words: Vec::with_capacity(x.len() / 4),
-            scales: Vec::with_capacity(blocks),
-            sums: Vec::with_capacity(blocks),
-            per_row: cols / BLOCK,
-        };
-        for b in x.chunks_exact(BLOCK) {
-            let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let v = |f: f32| (f * inv).round().clamp(-127.0, 127.0) as i8 as u8;
-            q.words.extend(
-                b.chunks_exact(4)
-                    .map(|c| i32::from_le_bytes([v(c[0]), v(c[1]), v(c[2]), v(c[3])])),
-            );
-            q.scales.push(d);
-            q.sums.push(b.iter().sum());
-        }
-        q
+        pulp::Arch::new().dispatch(Rounding { x, cols })
     }
 
     /// Input row `i`'s block `k`: its eight words, scale and sum.
@@ -65,21 +48,61 @@ impl Quantized {
     }
 }
 
+/// [`Quantized::new`]'s work, run with the CPU's vector features enabled.
+struct Rounding<'a> {
+    x: &'a [f32],
+    cols: usize,
+}
+
+impl pulp::WithSimd for Rounding<'_> {
+    type Output = Quantized;
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> Quantized {
+        let Self { x, cols } = self;
+        let blocks = x.len() / BLOCK;
+        let mut q = Quantized {
+            words: Vec::with_capacity(x.len() / 4),
+            scales: Vec::with_capacity(blocks),
+            sums: Vec::with_capacity(blocks),
+            per_row: cols / BLOCK,
+        };
+        for b in x.chunks_exact(BLOCK) {
+            let Some(b) = b.first_chunk::<BLOCK>() else {
+                continue;
+            };
+            let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let v: [u8; BLOCK] =
+                std::array::from_fn(|j| (b[j] * inv).round().clamp(-127.0, 127.0) as i8 as u8);
+            q.words.extend(
+                v.chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            q.scales.push(d);
+            q.sums.push(b.iter().sum());
+        }
+        q
+    }
+}
+
 impl QMatrix {
-    /// This Q4 matrix with its rows interleaved by [`GROUP`] ([`QFormat::Q4x16`]), for products
-    /// on 8-bit inputs; `None` for Q8 or when the rows are not a multiple of 16. Same bytes.
+    /// This Q4 matrix with its rows interleaved by [`GROUP`], for products on 8-bit inputs;
+    /// `None` for Q8, an interleaved matrix, or rows not a multiple of 16. Same bytes.
     pub fn interleaved(&self) -> Option<QMatrix> {
-        if self.format != QFormat::Q4 || !self.rows.is_multiple_of(GROUP) {
+        if self.format != QFormat::Q4 || self.interleaved || !self.rows.is_multiple_of(GROUP) {
             return None;
         }
         let per_row = self.cols / BLOCK;
         let mut m = QMatrix {
             rows: self.rows,
             cols: self.cols,
-            format: QFormat::Q4x16,
+            format: QFormat::Q4,
             scales: vec![0.0; self.scales.len()],
             mins: vec![0.0; self.mins.len()],
             q: vec![0; self.q.len()],
+            interleaved: true,
         };
         for g in 0..self.rows / GROUP {
             for k in 0..per_row {
@@ -99,9 +122,20 @@ impl QMatrix {
         Some(m)
     }
 
+    /// The values of block `b` (row-major numbering) of an interleaved matrix.
+    pub(super) fn interleaved_values(&self, b: usize) -> [f32; BLOCK] {
+        let (qs, d, m) = self.interleaved_block(b);
+        let mut out = [0.0f32; BLOCK];
+        for (j, &q) in qs.iter().enumerate() {
+            out[j] = f32::from(q & 0x0f) * d + m;
+            out[j + 16] = f32::from(q >> 4) * d + m;
+        }
+        out
+    }
+
     /// Block `b` (row-major numbering) of an interleaved matrix as its original 16 bytes, scale
     /// and offset.
-    pub(super) fn interleaved_block(&self, b: usize) -> ([u8; 16], f32, f32) {
+    fn interleaved_block(&self, b: usize) -> ([u8; 16], f32, f32) {
         let per_row = self.cols / BLOCK;
         let (r, k) = (b / per_row, b % per_row);
         let (g, lane) = (r / GROUP, r % GROUP);
