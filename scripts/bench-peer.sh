@@ -71,20 +71,25 @@ for r in $(seq 1 "$rounds"); do
     -npl 1,8 --output-format jsonl 2>/dev/null | grep '^{' > "$out/peer-b-$r.jsonl"
   "$cache/bin/llama-batched-bench" -m "$model" -t "$threads" -nr -c 4096 -npp 32 -ntg 1 \
     -npl 8 --output-format jsonl 2>/dev/null | grep '^{' > "$out/peer-p-$r.jsonl"
-  echo "== round $r of $rounds: dopd" >&2
-  "$dopd" bench worker --model "$model" --batches 1,8 --prompt-len 128 --decode-tokens 32 \
-    --json > "$out/ours-128-$r.json" 2>/dev/null
-  "$dopd" bench worker --model "$model" --batches 8 --prompt-len 32 --decode-tokens 1 \
-    --json > "$out/ours-32-$r.json" 2>/dev/null
-  "$dopd" bench worker --model "$model" --batches 1 --prompt-len 512 --decode-tokens 16 \
-    --json > "$out/ours-512-$r.json" 2>/dev/null
-  # The 2048-token run also gives the process's peak resident memory (kB).
-  python3 -c 'import resource, subprocess, sys
+  # dopd twice: f32 inputs (the default) and 8-bit inputs (--int8-activations, the
+  # arithmetic llama.cpp's CPU kernels use).
+  for v in f32 int8; do
+    flags=()
+    [ "$v" = int8 ] && flags=(--int8-activations)
+    echo "== round $r of $rounds: dopd ($v inputs)" >&2
+    "$dopd" bench worker --model "$model" --batches 1,8 --prompt-len 128 --decode-tokens 32 \
+      "${flags[@]}" --json > "$out/ours-$v-128-$r.json" 2>/dev/null
+    "$dopd" bench worker --model "$model" --batches 8 --prompt-len 32 --decode-tokens 1 \
+      "${flags[@]}" --json > "$out/ours-$v-32-$r.json" 2>/dev/null
+    "$dopd" bench worker --model "$model" --batches 1 --prompt-len 512 --decode-tokens 16 \
+      "${flags[@]}" --json > "$out/ours-$v-512-$r.json" 2>/dev/null
+    # The 2048-token run also gives the process's peak resident memory (kB).
+    python3 -c 'import resource, subprocess, sys
 subprocess.run(sys.argv[2:], check=True, stdout=open(sys.argv[1], "w"), stderr=subprocess.DEVNULL)
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)' "$out/ours-2048-$r.json" \
-    "$dopd" bench worker --model "$model" --batches 1 --prompt-len 2048 --decode-tokens 16 \
-    --json > "$out/rss-$r"
-
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)' "$out/ours-$v-2048-$r.json" \
+      "$dopd" bench worker --model "$model" --batches 1 --prompt-len 2048 --decode-tokens 16 \
+      "${flags[@]}" --json > "$out/rss-$v-$r"
+  done
 done
 
 python3 - "$out" "$rounds" "$threads" <<'EOF'
@@ -106,40 +111,47 @@ def peer_batch(r, pl, name="b", key="speed_tg"):
         rows = [json.loads(line) for line in f if line.strip()]
     return next(x[key] for x in rows if x["pl"] == pl)
 
-def ours(r, n, batch, key):
-    rows = load(f"{out}/ours-{n}-{r}.json")["rows"]
+def ours(r, n, batch, key, v):
+    rows = load(f"{out}/ours-{v}-{n}-{r}.json")["rows"]
     return next(x[key] for x in rows if x["batch"] == batch)
 
 rows = [
     ("prefill tok/s, 128-token prompt", lambda r: peer_pp(r, 128),
-     lambda r: ours(r, 128, 1, "prefill_tokens_per_s")),
+     lambda r, v: ours(r, 128, 1, "prefill_tokens_per_s", v)),
     ("prefill tok/s, 512-token prompt", lambda r: peer_pp(r, 512),
-     lambda r: ours(r, 512, 1, "prefill_tokens_per_s")),
+     lambda r, v: ours(r, 512, 1, "prefill_tokens_per_s", v)),
     ("prefill tok/s, 2048-token prompt", lambda r: peer_pp(r, 2048),
-     lambda r: ours(r, 2048, 1, "prefill_tokens_per_s")),
+     lambda r, v: ours(r, 2048, 1, "prefill_tokens_per_s", v)),
     ("prefill tok/s, 8 prompts of 32 tokens together", lambda r: peer_batch(r, 8, "p", "speed_pp"),
-     lambda r: ours(r, 32, 8, "prefill_tokens_per_s")),
+     lambda r, v: ours(r, 32, 8, "prefill_tokens_per_s", v)),
     ("decode tok/s, batch 1, after 128 tokens", peer_tg,
-     lambda r: ours(r, 128, 1, "decode_tokens_per_s")),
+     lambda r, v: ours(r, 128, 1, "decode_tokens_per_s", v)),
     ("decode tok/s, batch 8, aggregate", lambda r: peer_batch(r, 8),
-     lambda r: ours(r, 128, 8, "decode_tokens_per_s")),
+     lambda r, v: ours(r, 128, 8, "decode_tokens_per_s", v)),
 ]
-print(f"{rounds} alternating rounds, medians; {threads} threads each")
+runs = range(1, rounds + 1)
+med = statistics.median
+print(f"{rounds} alternating rounds, medians; {threads} threads each; dopd with f32 inputs (the "
+      "default) and with --int8-activations")
 print()
-print("| measure | llama.cpp (AMX off) | dopd | dopd / llama.cpp |")
-print("|---|---:|---:|---:|")
+print("| measure | llama.cpp (AMX off) | dopd | dopd / llama.cpp | dopd, int8 inputs | ratio |")
+print("|---|---:|---:|---:|---:|---:|")
 for name, peer, mine in rows:
-    p = statistics.median(peer(r) for r in range(1, rounds + 1))
-    m = statistics.median(mine(r) for r in range(1, rounds + 1))
-    print(f"| {name} | {p:,.1f} | {m:,.1f} | {m / p:.2f}x |")
-p = statistics.median(2048 / peer_pp(r, 2048) for r in range(1, rounds + 1))
-m = statistics.median(2048 / ours(r, 2048, 1, "prefill_tokens_per_s") for r in range(1, rounds + 1))
-print(f"| time to first token, 2048-token prompt (s) | {p:.2f} | {m:.2f} | {p / m:.2f}x as fast |")
-rss = statistics.median(int(open(f"{out}/rss-{r}").read()) for r in range(1, rounds + 1)) / 1024
-rep = load(f"{out}/ours-2048-1.json")
+    p = med(peer(r) for r in runs)
+    m = med(mine(r, "f32") for r in runs)
+    i = med(mine(r, "int8") for r in runs)
+    print(f"| {name} | {p:,.1f} | {m:,.1f} | {m / p:.2f}x | {i:,.1f} | {i / p:.2f}x |")
+p = med(2048 / peer_pp(r, 2048) for r in runs)
+m = med(2048 / ours(r, 2048, 1, "prefill_tokens_per_s", "f32") for r in runs)
+i = med(2048 / ours(r, 2048, 1, "prefill_tokens_per_s", "int8") for r in runs)
+print(f"| time to first token, 2048-token prompt (s) | {p:.2f} | {m:.2f} | {p / m:.2f}x as fast "
+      f"| {i:.2f} | {p / i:.2f}x as fast |")
+rep = load(f"{out}/ours-f32-2048-1.json")
 budget = (2 * rep["model_file_bytes"] + rep["kv_pool_bytes"]) / 2**20
+rss = {v: med(int(open(f"{out}/rss-{v}-{r}").read()) for r in runs) / 1024 for v in ("f32", "int8")}
 print()
-print(f"dopd's peak memory, 2048-token prompt: {rss:,.0f} MiB resident; twice the model file plus "
-      f"the KV pool ({rep['kv_pool_bytes'] / 2**20:,.0f} MiB): {budget:,.0f} MiB")
+print(f"dopd's peak memory, 2048-token prompt: {rss['f32']:,.0f} MiB resident ({rss['int8']:,.0f} "
+      f"with int8 inputs); twice the model file plus the KV pool "
+      f"({rep['kv_pool_bytes'] / 2**20:,.0f} MiB): {budget:,.0f} MiB")
 EOF
 rm -rf "$out"

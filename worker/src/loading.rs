@@ -5,6 +5,8 @@ use burn::prelude::Backend;
 
 use dopd_model::tokenizer::ModelTokenizer;
 
+use crate::model::WeightMode;
+
 /// A model ready to serve.
 pub struct LoadedModel<B: Backend> {
     pub model: crate::model::Llama<B>,
@@ -23,10 +25,19 @@ pub fn load_model<B: Backend>(
     path: &std::path::Path,
     device: &B::Device,
 ) -> Result<LoadedModel<B>, crate::model::ModelError> {
+    load_model_with(path, device, WeightMode::for_backend::<B>())
+}
+
+/// [`load_model`] with the weights kept as `mode` says.
+pub fn load_model_with<B: Backend>(
+    path: &std::path::Path,
+    device: &B::Device,
+    mode: WeightMode,
+) -> Result<LoadedModel<B>, crate::model::ModelError> {
     if path.is_dir() {
-        load_hf(path, device)
+        load_hf(path, device, mode)
     } else {
-        load_gguf(path, device)
+        load_gguf(path, device, mode)
     }
 }
 
@@ -34,12 +45,13 @@ pub fn load_model<B: Backend>(
 pub fn load_hf<B: Backend>(
     dir: &std::path::Path,
     device: &B::Device,
+    mode: WeightMode,
 ) -> Result<LoadedModel<B>, crate::model::ModelError> {
     use crate::model::ModelError;
     let config = dir.join("config.json");
     let c = dopd_model::hf::config_from_json(&config)?;
     let weights = crate::hf::HfWeights::open(dir)?;
-    let model = crate::model::Llama::load(c, &weights, device)?;
+    let model = crate::model::Llama::load_with(c, &weights, device, mode)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
         Some(
@@ -80,9 +92,10 @@ pub fn load_hf<B: Backend>(
 pub fn load_gguf<B: Backend>(
     path: &std::path::Path,
     device: &B::Device,
+    mode: WeightMode,
 ) -> Result<LoadedModel<B>, crate::model::ModelError> {
     let g = dopd_model::gguf::Gguf::open(path)?;
-    let model = crate::model::Llama::from_gguf(&g, device)?;
+    let model = crate::model::Llama::from_gguf_with(&g, device, mode)?;
     let tokenizer = ModelTokenizer::from_gguf(&g).map_err(|e| crate::model::ModelError::File {
         file: path.display().to_string(),
         msg: format!("tokenizer: {e}"),

@@ -191,11 +191,14 @@ impl<B: Backend> Llama<B> {
         c.validate()?;
         let quant =
             |name: &str, rows: usize, cols: usize| -> Result<Option<Arc<QMatrix>>, ModelError> {
-                if mode == WeightMode::Quantized {
-                    Ok(src.load_quant(name, rows, cols)?.map(Arc::new))
-                } else {
-                    Ok(None)
-                }
+                let q = match mode {
+                    WeightMode::Dense => return Ok(None),
+                    WeightMode::Quantized => src.load_quant(name, rows, cols)?,
+                    WeightMode::QuantizedInt8 => src
+                        .load_quant(name, rows, cols)?
+                        .map(|q| q.interleaved().unwrap_or(q)),
+                };
+                Ok(q.map(Arc::new))
             };
         let (h, hd) = (c.hidden, c.head_dim);
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Tensor<B, 2>, ModelError> {

@@ -58,6 +58,11 @@ pub enum WeightMode {
     /// In the file's quantized blocks where it has them (Q4_0, Q4_1, Q8_0), multiplied on the
     /// CPU ([`QMatrix`]); other tensors dense.
     Quantized,
+    /// As [`WeightMode::Quantized`], with the 4-bit matrices' rows interleaved by 16 and their
+    /// inputs rounded to 8 bits for integer products ([`crate::qmat::packed`]): the arithmetic
+    /// llama.cpp's CPU kernels use, several times faster at a batch of rows, and the logits
+    /// move by about the inputs' rounding (`docs/worker.md`).
+    QuantizedInt8,
 }
 
 impl WeightMode {
