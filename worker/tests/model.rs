@@ -39,6 +39,16 @@ fn reference() -> Value {
     serde_json::from_str(&text).expect("JSON")
 }
 
+/// A reference sequence's full last-position logits.
+fn last_logits(seq: &Value) -> Vec<f32> {
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(seq["last"]["logits_f32le_b64"].as_str().expect("b64"))
+        .expect("base64");
+    blob.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .expect("ids")
@@ -70,13 +80,7 @@ fn logits_match_the_numpy_reference_and_greedy_chat_answers_paris() {
         let out = rows(model.forward(&input));
         assert_eq!(out.len(), input.len());
         // Full last-position logits.
-        let blob = base64::engine::general_purpose::STANDARD
-            .decode(seq["last"]["logits_f32le_b64"].as_str().expect("b64"))
-            .expect("base64");
-        let want: Vec<f32> = blob
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let want = last_logits(seq);
         let last = out.last().expect("non-empty");
         assert_eq!(want.len(), last.len(), "{name}");
         let worst = want
@@ -261,13 +265,7 @@ fn int8_inputs_keep_decoding_near_the_reference() {
         for &t in &input[split..] {
             last = rows(model.forward_cached(&mut cache, s, &[t]).expect("room"));
         }
-        let blob = base64::engine::general_purpose::STANDARD
-            .decode(seq["last"]["logits_f32le_b64"].as_str().expect("b64"))
-            .expect("base64");
-        let want: Vec<f32> = blob
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let want = last_logits(seq);
         let got = last.last().expect("row");
         assert_eq!(want.len(), got.len());
         let diffs: Vec<f64> = want
