@@ -60,8 +60,9 @@ pub struct UpArgs {
     /// KV blocks per worker (16 tokens each).
     #[arg(long, default_value_t = 512)]
     pub kv_blocks: usize,
-    /// Extra arguments for every worker (e.g. "--device cuda"), split on spaces.
-    #[arg(long, default_value = "")]
+    /// Extra arguments for every worker (e.g. "--device cuda" or --int8-activations), split on
+    /// spaces.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub worker_args: String,
 }
 
@@ -638,5 +639,22 @@ mod tests {
         // Never fewer than one prefill and one decode worker.
         assert_eq!(worker_budget(1, 1), 2);
         assert_eq!(worker_budget(8, 0), 8);
+    }
+
+    #[test]
+    fn worker_args_may_start_with_a_dash() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        for (given, want) in [
+            ("--int8-activations", "--int8-activations"),
+            ("--device cuda", "--device cuda"),
+        ] {
+            let cli = <Cli as clap::Parser>::try_parse_from(["dopd up", "--worker-args", given])
+                .expect("parses");
+            assert_eq!(cli.up.worker_args, want);
+        }
     }
 }
