@@ -61,13 +61,8 @@ pub struct Args {
     pub worker_id: Option<String>,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
-    /// CPU: multiply the 4-bit weight matrices with their inputs rounded to 8 bits per block
-    /// of 32 (integer products, the arithmetic of llama.cpp's CPU kernels): several times
-    /// faster at a batch of sequences, and the logits move by about that rounding (measured in
-    /// docs/worker.md). Without it the inputs stay f32 and the logits within 2e-3 of the
-    /// reference.
-    #[arg(long)]
-    pub int8_activations: bool,
+    #[command(flatten)]
+    pub weights: WeightArgs,
     /// How KV blocks move between prefill and decode workers: `ucx` (the system libucp; fails
     /// to start without it), `grpc` (streamed over the control connection), or `auto` (UCX when
     /// the library loads, else gRPC). UCX honours UCX_TLS, UCX_NET_DEVICES and the rest.
@@ -99,13 +94,27 @@ pub enum KvTransportChoice {
     Grpc,
 }
 
-/// How backend `B` keeps the weights: quantized on the CPU (with 8-bit inputs when
-/// `int8_activations`), dense elsewhere, where 8-bit inputs are refused.
-pub fn weight_mode<B: Backend>(int8_activations: bool) -> anyhow::Result<WeightMode> {
-    match (WeightMode::for_backend::<B>(), int8_activations) {
-        (m, false) => Ok(m),
-        (WeightMode::Quantized, true) => Ok(WeightMode::QuantizedInt8),
-        (_, true) => bail!("--int8-activations is for the CPU device (its quantized kernels)"),
+/// How a worker keeps its weights (`dopd worker`, `dopd bench worker`).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct WeightArgs {
+    /// CPU: multiply the 4-bit weight matrices with their inputs rounded to 8 bits per block
+    /// of 32 (integer products, the arithmetic of llama.cpp's CPU kernels): several times
+    /// faster at a batch of sequences, and the logits move by about that rounding (measured in
+    /// docs/worker.md). Without it the inputs stay f32 and the logits within 2e-3 of the
+    /// reference.
+    #[arg(long)]
+    pub int8_activations: bool,
+}
+
+impl WeightArgs {
+    /// How backend `B` keeps the weights: quantized on the CPU (with 8-bit inputs when asked),
+    /// dense elsewhere, where 8-bit inputs are refused.
+    pub fn mode<B: Backend>(self) -> anyhow::Result<WeightMode> {
+        match (WeightMode::for_backend::<B>(), self.int8_activations) {
+            (m, false) => Ok(m),
+            (WeightMode::Quantized, true) => Ok(WeightMode::QuantizedInt8),
+            (_, true) => bail!("--int8-activations is for the CPU device (its quantized kernels)"),
+        }
     }
 }
 
@@ -164,7 +173,7 @@ where
 {
     eprintln!("dopd worker: loading {}", a.model.display());
     let t0 = std::time::Instant::now();
-    let loaded = load_model_with::<B>(&a.model, &device, weight_mode::<B>(a.int8_activations)?)
+    let loaded = load_model_with::<B>(&a.model, &device, a.weights.mode::<B>()?)
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let context = loaded.model.config.context;
     let layout = loaded.model.kv_layout(a.block_size, loaded.model_hash);

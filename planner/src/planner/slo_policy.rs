@@ -201,10 +201,8 @@ impl Planner {
         // that the hold then kept for minutes (a decode-heavy load held a third decode instance
         // it needed for one tick in six, `docs/experiments.md`); a real ramp keeps its trend
         // and is provisioned at every tick of it.
-        let held = (
-            (w.rate_now * (1.0 + surge)).min(w.rate_p - backlog),
-            (w.rate_now * (1.0 + surge)).min(w.rate_d),
-        );
+        let arriving = w.rate_now * (1.0 + surge);
+        let held = (arriving.min(w.rate_p - backlog), arriving.min(w.rate_d));
         // Sized again only when a trend or a backlog added to the rates (most ticks add none).
         self.sustained = Some(if held == (w.rate_p, w.rate_d) {
             s.target

@@ -31,13 +31,8 @@ pub struct WorkerArgs {
     pub decode_tokens: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
-    /// CPU: multiply the 4-bit weight matrices with their inputs rounded to 8 bits per block
-    /// of 32 (integer products, the arithmetic of llama.cpp's CPU kernels): several times
-    /// faster at a batch of sequences, and the logits move by about that rounding (measured in
-    /// docs/worker.md). Without it the inputs stay f32 and the logits within 2e-3 of the
-    /// reference.
-    #[arg(long)]
-    pub int8_activations: bool,
+    #[command(flatten)]
+    pub weights: crate::cmd::worker::WeightArgs,
     /// Also run a fixed prompt on the CPU backend and report the largest logit difference.
     #[arg(long)]
     pub check_logits: bool,
@@ -162,7 +157,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         let m = random_smollm2::<B>(a.layers, &device)?;
         (m, 1)
     } else {
-        let mode = crate::cmd::worker::weight_mode::<B>(a.int8_activations)?;
+        let mode = a.weights.mode::<B>()?;
         let loaded = load_model_with::<B>(&a.model, &device, mode)
             .with_context(|| format!("loading {}", a.model.display()))?;
         (loaded.model, loaded.model_hash)
