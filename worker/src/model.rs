@@ -17,7 +17,7 @@
 //! (not the halves that Hugging Face's `rotate_half` pairs up).
 
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 
 use dopd_model::gguf::Gguf;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ mod cached;
 mod device_kv;
 mod host;
 mod linear;
-pub use device_kv::DeviceKv;
+pub use device_kv::{ATTENTION_PAD, DeviceKv};
 use linear::Linear;
 pub use linear::WeightMode;
 
@@ -75,6 +75,8 @@ pub struct Llama<B: Backend> {
     lm_head: Linear<B>,
     /// One inverse frequency per rotated pair (scaling applied).
     inv_freq: Vec<f64>,
+    /// `[head_dim]`: for each dimension of a head, the other one of its RoPE pair.
+    rope_partner: Tensor<B, 1, Int>,
     device: B::Device,
     /// Attention over the paged cache on the host, reading K/V in place (the CPU backend), or
     /// as tensor operations on gathered K/V (other backends).
@@ -83,11 +85,15 @@ pub struct Llama<B: Backend> {
     host: Option<host::HostWeights>,
 }
 
-/// RoPE's cosines and sines for the rows of one forward pass (`[1, n, half, 1]` or
-/// `[1, n, 1, half]`, as the model's RoPE style pairs the dimensions).
+/// RoPE's cosines and signed sines for the rows of one forward pass, `[n, 1, head_dim]` each
+/// (see [`Llama::rope_table`]).
 struct Rope<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
+    /// The same times attention's `1/√head_dim`, for Q: the scores come out scaled, with no
+    /// operation of their own.
+    q_cos: Tensor<B, 3>,
+    q_sin: Tensor<B, 3>,
 }
 
 /// Where weights come from: a name and a row-major `[rows, cols]` shape (PyTorch's
@@ -274,6 +280,7 @@ impl<B: Backend> Llama<B> {
         Ok(Self {
             host,
             inv_freq: c.inv_freq(),
+            rope_partner: rope_partner(&c, device),
             config: c,
             embed,
             layers,
@@ -342,55 +349,56 @@ impl<B: Backend> Llama<B> {
     }
 
     fn rms_norm(&self, x: Tensor<B, 2>, w: &Tensor<B, 1>) -> Tensor<B, 2> {
+        // `(var + eps)^-1/2` as one operation (on a GPU, one kernel launch, not two).
         let var = x.clone().powf_scalar(2.0).mean_dim(1);
-        let x = x * (var + self.config.rms_eps).sqrt().recip();
+        let x = x * (var + self.config.rms_eps).powf_scalar(-0.5);
         x * w.clone().unsqueeze_dim(0)
     }
 
     /// The cosines and sines RoPE applies to rows at `positions`, built once per forward pass
-    /// (on a GPU, one upload per pass instead of two per projection and layer).
+    /// (on a GPU, one upload per pass instead of two per projection and layer), each spread over
+    /// the head's dimensions as the model's RoPE style pairs them, the sines signed as the
+    /// rotation takes them.
     fn rope_table(&self, positions: &[usize]) -> Rope<B> {
         let n = positions.len();
+        let hd = self.config.head_dim;
         let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
         for &p in positions {
-            for f in &self.inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+            let angle = |j: usize| p as f64 * self.inv_freq[j];
+            for d in 0..hd {
+                // Pair index and whether `d` is the first of its pair.
+                let (i, first) = match self.config.rope_style {
+                    RopeStyle::Adjacent => (d / 2, d % 2 == 0),
+                    RopeStyle::Halves => (d % half, d < half),
+                };
+                let a = angle(i);
+                cos.push(a.cos() as f32);
+                sin.push(if first { -a.sin() } else { a.sin() } as f32);
             }
         }
-        // Pairs live on axis 3 (adjacent: [.., half, 2]) or axis 2 (halves: [.., 2, half]).
-        let table_shape = match self.config.rope_style {
-            RopeStyle::Adjacent => [1, n, half, 1],
-            RopeStyle::Halves => [1, n, 1, half],
+        let table = |v: &[f32], scale: f32| -> Tensor<B, 3> {
+            let v: Vec<f32> = v.iter().map(|x| x * scale).collect();
+            Tensor::<B, 2>::from_data(TensorData::new(v, [n, hd]), &self.device).reshape([n, 1, hd])
         };
-        let table = |v: Vec<f32>| -> Tensor<B, 4> {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [n, half]), &self.device)
-                .reshape(table_shape)
-        };
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
         Rope {
-            cos: table(cos),
-            sin: table(sin),
+            cos: table(&cos, 1.0),
+            sin: table(&sin, 1.0),
+            q_cos: table(&cos, scale),
+            q_sin: table(&sin, scale),
         }
     }
 
-    /// RoPE on `[heads, n, head_dim]` with the table of the rows' positions.
-    fn rope(&self, x: Tensor<B, 3>, table: &Rope<B>) -> Tensor<B, 3> {
-        let [heads, n, hd] = x.dims();
-        let half = hd / 2;
-        let (shape, axis) = match self.config.rope_style {
-            RopeStyle::Adjacent => ([heads, n, half, 2], 3),
-            RopeStyle::Halves => ([heads, n, 2, half], 2),
-        };
-        let (cos, sin) = (table.cos.clone(), table.sin.clone());
-        let pairs: Tensor<B, 4> = x.reshape(shape);
-        let x0 = pairs.clone().narrow(axis, 0, 1);
-        let x1 = pairs.narrow(axis, 1, 1);
-        let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
-        let r1 = x0 * sin + x1 * cos;
-        Tensor::cat(vec![r0, r1], axis).reshape([heads, n, hd])
+    /// RoPE on `[n, heads, head_dim]` with the table of the rows' positions:
+    /// `x·cos + partner(x)·sin`, where `partner` swaps each dimension with the other of its pair
+    /// (one index select) and the table's sines carry the rotation's sign. Four operations for
+    /// all heads, where slicing each pair's halves apart and joining them took eleven, which
+    /// on a GPU are eleven kernel launches.
+    fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+        let partner = x.clone().select(2, self.rope_partner.clone());
+        x * cos.clone() + partner * sin.clone()
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Tensor<B, 2> {
@@ -417,8 +425,11 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// Q (`[heads, n, head_dim]`), K and V (`[kv_heads, n, head_dim]`) of `n` new tokens at
-    /// the positions `rope` was built for, RoPE applied to Q and K.
+    /// Q (`[n, heads, head_dim]`), K and V (`[n, kv_heads, head_dim]`) of `n` new tokens at
+    /// the positions `rope` was built for, RoPE applied to Q and K, Q scaled by attention's
+    /// `1/√head_dim`. Token-major, as the
+    /// projections lay them out: the pool takes K/V rows so, and a decode step's attention
+    /// takes Q so, without a copy.
     fn qkv(
         &self,
         l: &Layer<B>,
@@ -432,20 +443,34 @@ impl<B: Backend> Llama<B> {
             if let Some(b) = b {
                 y = y + b.clone().unsqueeze_dim(0);
             }
-            y.reshape([n, heads, c.head_dim]).swap_dims(0, 1)
+            y.reshape([n, heads, c.head_dim])
         };
         let b = |i: usize| l.bias.as_ref().map(|b| &b[i]);
-        let q = self.rope(split(&l.wq, b(0), c.heads), rope);
-        let k = self.rope(split(&l.wk, b(1), c.kv_heads), rope);
+        let q = self.rope(split(&l.wq, b(0), c.heads), &rope.q_cos, &rope.q_sin);
+        let k = self.rope(split(&l.wk, b(1), c.kv_heads), &rope.cos, &rope.sin);
         (q, k, split(&l.wv, b(2), c.kv_heads))
+    }
+
+    /// A mask over `b` sequences' scores, `[b, n, t]` (true where a row of `n` new tokens may
+    /// not see one of `t` positions), laid out as [`Llama::attend`] takes it:
+    /// `[b, kv_heads, group·n, t]`.
+    pub(crate) fn attention_mask(&self, mask: Tensor<B, 3, Bool>) -> Tensor<B, 4, Bool> {
+        let c = &self.config;
+        let [b, n, t] = mask.dims();
+        let group = c.heads / c.kv_heads;
+        mask.reshape([b, 1, 1, n, t])
+            .expand([b, c.kv_heads, group, n, t])
+            .reshape([b, c.kv_heads, group * n, t])
     }
 
     /// Grouped-query attention for `b` sequences of `n` new tokens each.
     ///
-    /// - `q`: `[heads, b·n, head_dim]` (rows sequence-major);
+    /// - `q`: `[b·n, heads, head_dim]` (rows sequence-major);
     /// - `k`, `v`: `[b, kv_heads, t, head_dim]` (K/V need not be repeated per query head: the
     ///   `group = heads / kv_heads` query heads that share a KV head attend as one matrix);
-    /// - `mask`: `[b, n, t]`, true where attention is forbidden (future or padding).
+    /// - `mask`: true where attention is forbidden (future or padding), laid out as the scores
+    ///   (`[b, kv_heads, group·n, t]`, see [`Llama::attention_mask`]): built once per forward
+    ///   pass, not expanded again at every layer (on a GPU, a copy kernel per layer).
     ///
     /// Returns `[b·n, heads · head_dim]`.
     fn attend(
@@ -453,40 +478,45 @@ impl<B: Backend> Llama<B> {
         q: Tensor<B, 3>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-        mask: Option<Tensor<B, 3, Bool>>,
+        mask: Option<Tensor<B, 4, Bool>>,
     ) -> Tensor<B, 2> {
         let c = &self.config;
-        let [b, kvh, t, hd] = k.dims();
-        let n = q.dims()[1] / b;
+        let [b, kvh, _, hd] = k.dims();
+        let n = q.dims()[0] / b;
         let group = c.heads / kvh;
-        // [heads, b·n, hd] -> [b, kv_heads, group·n, hd]
-        let q = q
-            .reshape([kvh, group, b, n, hd])
-            .permute([2, 0, 1, 3, 4])
-            .reshape([b, kvh, group * n, hd]);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+        // [b·n, heads, hd] -> [b, kv_heads, group·n, hd]: for one token per sequence (a decode
+        // step) the same memory, otherwise a copy.
+        let q = if n == 1 {
+            q.reshape([b, kvh, group, hd])
+        } else {
+            q.reshape([b, n, kvh, group, hd])
+                .permute([0, 2, 3, 1, 4])
+                .reshape([b, kvh, group * n, hd])
+        };
+        let mut scores = q.matmul(k.swap_dims(2, 3));
         if let Some(mask) = mask {
-            let m = mask
-                .reshape([b, 1, 1, n, t])
-                .expand([b, kvh, group, n, t])
-                .reshape([b, kvh, group * n, t]);
-            scores = scores.mask_fill(m, f32::NEG_INFINITY);
+            scores = scores.mask_fill(mask, f32::NEG_INFINITY);
         }
-        // [b, kv_heads, group·n, hd] -> [b·n, heads·hd]
-        softmax(scores, 3)
-            .matmul(v)
-            .reshape([b, kvh * group, n, hd])
-            .swap_dims(1, 2)
-            .reshape([b * n, c.heads * hd])
+        // [b, kv_heads, group·n, hd] -> [b·n, heads·hd] (for n = 1, the same memory)
+        let out = softmax(scores, 3).matmul(v);
+        if n == 1 {
+            out.reshape([b, c.heads * hd])
+        } else {
+            out.reshape([b, kvh * group, n, hd])
+                .swap_dims(1, 2)
+                .reshape([b * n, c.heads * hd])
+        }
     }
 
     /// The feed-forward half of a layer, residual included.
     fn mlp(&self, l: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let h = self.rms_norm(x.clone(), &l.ffn_norm);
-        let gate = silu(l.w_gate.apply(h.clone()));
+        // silu(gate)·up = gate·up / (1 + e^-gate): five element-wise operations (on a GPU,
+        // kernel launches), where burn's `silu` and the product took eight.
+        let gate = l.w_gate.apply(h.clone());
         let up = l.w_up.apply(h);
-        x + l.w_down.apply(gate * up)
+        let denom = gate.clone().mul_scalar(-1.0).exp().add_scalar(1.0);
+        x + l.w_down.apply((gate * up) / denom)
     }
 
     /// Logits for every position of `tokens` (`[seq, vocab]`), no cache (dense attention).
@@ -495,16 +525,15 @@ impl<B: Backend> Llama<B> {
         let positions: Vec<usize> = (0..seq).collect();
         let rope = self.rope_table(&positions);
         let mut x = self.embed_tokens(tokens);
-        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device).unsqueeze_dim(0);
+        let mask = self.attention_mask(
+            Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device).unsqueeze_dim(0),
+        );
         for l in &self.layers {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &rope);
-            let out = self.attend(
-                q,
-                k.unsqueeze_dim(0),
-                v.unsqueeze_dim(0),
-                Some(mask.clone()),
-            );
+            // [seq, kv_heads, hd] -> [1, kv_heads, seq, hd]
+            let heads_first = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze_dim(0);
+            let out = self.attend(q, heads_first(k), heads_first(v), Some(mask.clone()));
             x = x + l.wo.apply(out);
             x = self.mlp(l, x);
         }
@@ -576,6 +605,19 @@ impl WeightSource for RandomWeights {
     fn has(&self, _: &str) -> bool {
         true
     }
+}
+
+/// For each dimension of a head, the other one of its RoPE pair (adjacent dimensions, or the
+/// same place in the other half), as an index tensor.
+fn rope_partner<B: Backend>(c: &LlamaConfig, device: &B::Device) -> Tensor<B, 1, Int> {
+    let (hd, half) = (c.head_dim, c.head_dim / 2);
+    let idx: Vec<i64> = (0..hd)
+        .map(|d| match c.rope_style {
+            RopeStyle::Adjacent => d ^ 1,
+            RopeStyle::Halves => (d + half) % hd,
+        } as i64)
+        .collect();
+    Tensor::from_data(TensorData::new(idx, [hd]), device)
 }
 
 #[cfg(test)]

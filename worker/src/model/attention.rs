@@ -14,7 +14,8 @@ use crate::qmat::tree_sum;
 /// One query row: the sequence and the position of its token, which sees positions `0..=pos`.
 pub(crate) type QueryRow = (SeqId, usize);
 
-/// Attention of `rows` at `layer`: `q` is `[rows, heads, head_dim]` (RoPE applied), the result
+/// Attention of `rows` at `layer`: `q` is `[rows, heads, head_dim]` (RoPE applied), the scores
+/// `q·k` times `scale` (`1/√head_dim`, or 1 for queries that come scaled), the result
 /// `[rows, heads · head_dim]`. Every row's K/V must already be in the cache up to its position.
 pub(crate) fn paged_attention(
     cache: &PagedKvCache,
@@ -22,6 +23,7 @@ pub(crate) fn paged_attention(
     q: &[f32],
     rows: &[QueryRow],
     heads: usize,
+    scale: f32,
 ) -> Result<Vec<f32>, KvError> {
     let l = *cache.layout();
     let width = heads * l.head_dim;
@@ -49,7 +51,7 @@ pub(crate) fn paged_attention(
         heads,
         kv_heads: l.kv_heads,
         head_dim: l.head_dim,
-        scale: 1.0 / (l.head_dim as f32).sqrt(),
+        scale,
     };
     let mut out = vec![0.0f32; rows.len() * width];
     let tiles = tiles(rows);

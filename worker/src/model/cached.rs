@@ -5,7 +5,7 @@
 use burn::prelude::*;
 
 use super::attention::{QueryRow, paged_attention};
-use super::device_kv::{DeviceKv, SlotPlan};
+use super::device_kv::{DeviceKv, SlotPlan, padded_len};
 use super::host::HOST_DECODE_MAX;
 use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
 use crate::kv::{KvError, PagedKvCache, SeqId};
@@ -42,7 +42,7 @@ impl<B: Backend> Llama<B> {
         Ok((t(k), t(v), lens))
     }
 
-    /// Appends the K/V rows (`[kv_heads, n, head_dim]`) of `n` tokens to the sequences `seqs`
+    /// Appends the K/V rows (`[n, kv_heads, head_dim]`) of `n` tokens to the sequences `seqs`
     /// (one token each when `seqs.len() == n`, all to one sequence when it is 1).
     fn append_kv(
         &self,
@@ -53,8 +53,8 @@ impl<B: Backend> Llama<B> {
         v: Tensor<B, 3>,
     ) -> Result<(), KvError> {
         let width = self.config.kv_heads * self.config.head_dim;
-        let kd: Vec<f32> = k.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
-        let vd: Vec<f32> = v.swap_dims(0, 1).into_data().to_vec().unwrap_or_default();
+        let kd: Vec<f32> = k.into_data().to_vec().unwrap_or_default();
+        let vd: Vec<f32> = v.into_data().to_vec().unwrap_or_default();
         for t in 0..kd.len() / width {
             let seq = seqs[if seqs.len() == 1 { 0 } else { t }];
             let r = t * width..(t + 1) * width;
@@ -204,9 +204,18 @@ impl<B: Backend> Llama<B> {
         for &(seq, t) in items {
             let start = cache.len(seq)?;
             let n = t.len();
+            // Each row sees the cached positions up to its own; on a device pool the attended
+            // length is padded (see `ATTENTION_PAD`), and the padding lies beyond every row.
+            let width = if on_device {
+                padded_len(start + n)
+            } else {
+                start + n
+            };
             let mask = tensor_attention.then(|| {
-                Tensor::<B, 2, Bool>::tril_mask([n, start + n], start as i64, &self.device)
-                    .unsqueeze_dim::<3>(0)
+                self.attention_mask(
+                    Tensor::<B, 2, Bool>::tril_mask([n, width], start as i64, &self.device)
+                        .unsqueeze_dim::<3>(0),
+                )
             });
             spans.push((tokens.len(), n, mask));
             tokens.extend_from_slice(t);
@@ -240,13 +249,13 @@ impl<B: Backend> Llama<B> {
                 store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
                 for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
                     let (ka, va) = store.read(li, read);
-                    let q = q.clone().narrow(1, *first, *n);
+                    let q = q.clone().narrow(0, *first, *n);
                     let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
                     out.push(self.attend(q, ka, va, mask.clone()));
                 }
             } else {
                 for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
-                    let part = |t: &Tensor<B, 3>| t.clone().narrow(1, *first, *n);
+                    let part = |t: &Tensor<B, 3>| t.clone().narrow(0, *first, *n);
                     self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
                     if let Some(mask) = mask {
                         let (ka, va, _) = self.gather(cache, &[seq], li)?;
@@ -267,11 +276,11 @@ impl<B: Backend> Llama<B> {
         Ok(self.rms_norm(x, &self.norm))
     }
 
-    /// `[kv_heads, n, head_dim]` K or V of `n` new tokens as the pool's rows:
-    /// `[n, kv_heads · head_dim]`.
+    /// `[n, kv_heads, head_dim]` K or V of `n` new tokens as the pool's rows:
+    /// `[n, kv_heads · head_dim]` (the same memory).
     fn token_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
-        let [kvh, n, hd] = x.dims();
-        x.swap_dims(0, 1).reshape([n, kvh * hd])
+        let [n, kvh, hd] = x.dims();
+        x.reshape([n, kvh * hd])
     }
 
     /// Pool rows of `b` sequences padded to `t` tokens (`[b · t, kv_heads · head_dim]`) as
@@ -282,7 +291,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Attention on the host over the paged cache (see [`super::attention`]): `q` is
-    /// `[heads, rows, head_dim]`, the result `[rows, heads · head_dim]`.
+    /// `[rows, heads, head_dim]`, the result `[rows, heads · head_dim]`.
     fn attend_host(
         &self,
         cache: &PagedKvCache,
@@ -292,12 +301,12 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B, 2>, KvError> {
         let c = &self.config;
         let q: Vec<f32> = q
-            .swap_dims(0, 1)
             .into_data()
             .convert::<f32>()
             .into_vec()
             .unwrap_or_default();
-        let out = paged_attention(cache, layer, &q, rows, c.heads)?;
+        // Q comes scaled by `1/√head_dim` (see `Llama::qkv`).
+        let out = paged_attention(cache, layer, &q, rows, c.heads, 1.0)?;
         Ok(Tensor::from_data(
             TensorData::new(out, [rows.len(), c.heads * c.head_dim]),
             &self.device,
@@ -358,7 +367,10 @@ impl<B: Backend> Llama<B> {
                 .iter()
                 .flat_map(|&len| (0..tmax).map(move |t| t >= len))
                 .collect();
-            Tensor::<B, 3, Bool>::from_data(TensorData::new(pad, [b, 1, tmax]), &self.device)
+            self.attention_mask(Tensor::<B, 3, Bool>::from_data(
+                TensorData::new(pad, [b, 1, tmax]),
+                &self.device,
+            ))
         };
         for (li, l) in self.layers.iter().enumerate() {
             let h = self.rms_norm(x.clone(), &l.attn_norm);

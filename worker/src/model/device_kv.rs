@@ -146,14 +146,26 @@ impl<B: Backend> DeviceStore for DeviceKv<B> {
     }
 }
 
+/// Attention over the device pool reads a multiple of this many positions per sequence (the
+/// rest masked). A GPU backend compiles a kernel for each new combination of vector width and
+/// bounds checks, which the attended length decides: a length that grew by one at every decode
+/// step crossed a new combination every few steps, each compile costing a decode step many
+/// times over. Padded, the lengths a worker sees all share one combination, compiled once.
+pub const ATTENTION_PAD: usize = 64;
+
+/// `len` rounded up to a multiple of [`ATTENTION_PAD`].
+pub(super) fn padded_len(len: usize) -> usize {
+    len.div_ceil(ATTENTION_PAD) * ATTENTION_PAD
+}
+
 /// The slots one forward pass writes and reads on a device-resident pool, as index tensors
 /// built once for all layers: the new tokens' slots, and for each group of query rows (a
 /// sequence of a prefill, the whole batch of a decode step) the slots of the K/V it attends to.
 pub(super) struct SlotPlan<B: Backend> {
     /// `[new tokens, 1]`, in the pass's row order.
     pub write: Tensor<B, 2, Int>,
-    /// Per group: `[sequences · t]` (each sequence's slots padded to `t` with its first slot;
-    /// the padding is masked) and `t`.
+    /// Per group: `[sequences · t]` (each sequence's slots padded to `t`, the group's longest
+    /// rounded up to [`ATTENTION_PAD`], with its first slot; the padding is masked) and `t`.
     pub reads: Vec<(Tensor<B, 1, Int>, usize)>,
 }
 
@@ -183,7 +195,7 @@ impl<B: Backend> SlotPlan<B> {
                 .iter()
                 .map(|&i| cache.slots(grow[i].0, cache.written(grow[i].0, layer)?))
                 .collect::<Result<Vec<_>, _>>()?;
-            let t = slots.iter().map(Vec::len).max().unwrap_or(0);
+            let t = padded_len(slots.iter().map(Vec::len).max().unwrap_or(0));
             let mut idx = Vec::with_capacity(slots.len() * t);
             for s in &slots {
                 let pad = s.first().copied().unwrap_or(0);
@@ -198,5 +210,62 @@ impl<B: Backend> SlotPlan<B> {
             write: Tensor::from_data(TensorData::new(write, [n, 1]), device),
             reads,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    /// A decode step's reads cover each sequence's positions, padded with its first slot to
+    /// the batch's longest rounded up to `ATTENTION_PAD`: lengths that grow step by step give
+    /// the same shape until they cross a multiple of it.
+    #[test]
+    fn reads_are_padded_to_a_multiple_of_the_attention_pad_with_the_first_slot() {
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: 2,
+            block_size: 4,
+            model_hash: 0,
+        };
+        let device = Default::default();
+        let store = DeviceKv::<Flex>::new(layout, 64, &device);
+        let mut cache = PagedKvCache::on_device(layout, 64, Box::new(store));
+        let (a, b) = (cache.create(), cache.create());
+        let mut ts = Vec::new();
+        for (la, lb) in [(3, 1), (40, 9), (ATTENTION_PAD - 1, 5)] {
+            for (s, len) in [(a, la), (b, lb)] {
+                let have = cache.len(s).expect("known");
+                if len > have {
+                    cache.reserve(s, 0, len - have).expect("room");
+                }
+            }
+            // One more token each, as a decode step reserves.
+            let grow = [(a, 1), (b, 1)];
+            let plan = SlotPlan::<Flex>::reserve(&mut cache, 0, &grow, &[vec![0, 1]], &device)
+                .expect("room")
+                .expect("layer 0 plans");
+            let (idx, t) = &plan.reads[0];
+            ts.push(*t);
+            let idx: Vec<i64> = idx
+                .clone()
+                .into_data()
+                .convert::<i64>()
+                .to_vec()
+                .expect("ints");
+            assert_eq!(idx.len(), 2 * t);
+            for (row, s) in [(0, a), (1, b)] {
+                let slots = cache
+                    .slots(s, cache.written(s, 0).expect("known"))
+                    .expect("slots");
+                let got = &idx[row * t..(row + 1) * t];
+                let want: Vec<i64> = slots.iter().map(|&x| x as i64).collect();
+                assert_eq!(&got[..want.len()], want.as_slice());
+                assert!(got[want.len()..].iter().all(|&x| x == want[0]));
+            }
+        }
+        assert_eq!(ts, vec![ATTENTION_PAD, ATTENTION_PAD, ATTENTION_PAD]);
     }
 }

@@ -165,7 +165,14 @@ impl<B: Backend> Llama<B> {
                 let r = i * kv_width..(i + 1) * kv_width;
                 cache.append(seq, li, &k[r.clone()], &v[r])?;
             }
-            let attended = paged_attention(cache, li, &q, rows, c.heads)?;
+            let attended = paged_attention(
+                cache,
+                li,
+                &q,
+                rows,
+                c.heads,
+                1.0 / (c.head_dim as f32).sqrt(),
+            )?;
             add(&mut x, &l.wo.matmul_t(&attended, n));
             rms_norm(&x, &l.ffn_norm, c.rms_eps as f32, &mut hn);
             let [mut gate, up] = two(QMatrix::matmul_t_many(&[&l.w_gate, &l.w_up], &hn, n));
