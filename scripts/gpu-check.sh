@@ -19,7 +19,9 @@
 # 98 MB model file exceeds) seeded random weights of SmolLM2-135M's exact shape, which exercise
 # the same kernels and give the same throughput.
 # CUDA libraries: the driver's libcuda and an NVRTC are found on the usual paths (a CUDA
-# toolkit, or the NVIDIA pip wheels); stub libraries are skipped.
+# toolkit, or the NVIDIA pip wheels); stub libraries are skipped. Where the machine's python3
+# has torch and transformers, the peer (scripts/gpu-peer-transformers.py: transformers'
+# LlamaForCausalLM of the same shape) runs in the same call and prints its tokens/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=dist/gpu-check
@@ -53,6 +55,11 @@ run)
     "$BIN" bench worker --random-smollm2 --layers 1 --device cuda --check-logits --batches 1 \
         --json > "$OUT/gpu-one-layer.json"
     "$BIN" bench worker "${SRC[@]}" --device cpu --batches 1,8 --json > "$OUT/cpu-bench.json"
+    # The peer in the same run, where the machine's python3 has torch and transformers.
+    if python3 -c 'import torch, transformers' 2>/dev/null; then
+        timeout 300 python3 scripts/gpu-peer-transformers.py 1,8,32,128 "$OUT/peer.json" ||
+            echo "gpu-check: the transformers peer failed (its figures are missing)" >&2
+    fi
     python3 - "$OUT/gpu-bench.json" "$OUT/cpu-bench.json" "$OUT/gpu-one-layer.json" "$TOL" \
         "$OUT/gpu-prefill-2048.json" "$PEAK_GBPS" <<'PY'
 import json, sys
