@@ -6,9 +6,10 @@
 //!
 //! `scripts/kernel-count.sh` runs it with CubeCL's logs on and tallies them; alone:
 //! `CUBECL_DEBUG_OPTION=profile-full CUBECL_DEBUG_LOG=stderr cargo run --release -p dopd-worker
-//! --features wgpu --example kernel_count -- LAYERS STEPS`. Each step is framed by `=== STEP i`
-//! and `=== END i` lines on stderr; batch 2 for the first STEPS steps, then one more sequence
-//! every three steps up to batch 8.
+//! --features wgpu --example kernel_count -- LAYERS STEPS [warm]`. With `warm`, the model's
+//! warm-up for batches up to 40 runs first. Each step is framed by `=== STEP i batch b` and
+//! `=== END i` lines on stderr; batch 2 for the first STEPS steps, then one more sequence a step
+//! up to batch 40.
 
 use dopd_worker::model::{Llama, LlamaConfig};
 
@@ -22,6 +23,7 @@ fn main() {
             .unwrap_or(default)
     };
     let (layers, steps) = (arg(2), arg(40));
+    let warm = std::env::args().nth(3).is_some_and(|a| a == "warm");
     let device = Default::default();
     let c = LlamaConfig {
         layers,
@@ -35,7 +37,12 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let mut cache = m.new_cache(m.kv_layout(16, 0), 256);
+    if warm && let Err(e) = m.warm_up(16, 40) {
+        eprintln!("kernel_count: warm-up: {e}");
+        std::process::exit(1);
+    }
+    eprintln!("=== WARMED");
+    let mut cache = m.new_cache(m.kv_layout(16, 0), 512);
     let prompt: Vec<u32> = (0..37).map(|i| (i * 7 % 40) as u32).collect();
     let mut seqs = Vec::new();
     let add = |cache: &mut dopd_worker::kv::PagedKvCache, seqs: &mut Vec<u64>| {
@@ -49,8 +56,8 @@ fn main() {
     };
     add(&mut cache, &mut seqs);
     add(&mut cache, &mut seqs);
-    for step in 0..steps + 18 {
-        if step >= steps && (step - steps) % 3 == 0 {
+    for step in 0..steps + 38 {
+        if step >= steps {
             add(&mut cache, &mut seqs);
         }
         eprintln!("=== STEP {step} batch {}", seqs.len());

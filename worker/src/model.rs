@@ -30,7 +30,7 @@ mod cached;
 mod device_kv;
 mod host;
 mod linear;
-pub use device_kv::{ATTENTION_PAD, DeviceKv};
+pub use device_kv::{ATTENTION_PAD, DeviceKv, decode_bucket, decode_buckets};
 use linear::Linear;
 pub use linear::WeightMode;
 
@@ -427,9 +427,8 @@ impl<B: Backend> Llama<B> {
 
     /// Q (`[n, heads, head_dim]`), K and V (`[n, kv_heads, head_dim]`) of `n` new tokens at
     /// the positions `rope` was built for, RoPE applied to Q and K, Q scaled by attention's
-    /// `1/√head_dim`. Token-major, as the
-    /// projections lay them out: the pool takes K/V rows so, and a decode step's attention
-    /// takes Q so, without a copy.
+    /// `1/√head_dim`. Token-major, as the projections lay them out: the pool takes K/V rows
+    /// so, and a decode step's attention takes Q so, without a copy.
     fn qkv(
         &self,
         l: &Layer<B>,

@@ -226,3 +226,34 @@ fn an_engine_on_a_device_pool_batches_and_preempts_without_changing_a_token() {
     }
     assert_eq!(e.stats().kv_blocks_used, 0);
 }
+
+/// After the warm-up (a decode step at every batch bucket), a decode of five sequences, which
+/// runs padded to a batch of eight on a device pool, gives each sequence the logits the host
+/// pool gives it, and the pool holds exactly the blocks of the five.
+#[test]
+fn a_padded_decode_batch_gives_each_sequence_its_own_logits() {
+    let (host, tensor) = (model(true), model(false));
+    tensor.warm_up(4, 12).expect("warm-up");
+    let layout = host.kv_layout(4, 0);
+    let mut caches = [host.new_cache(layout, 256), tensor.new_cache(layout, 256)];
+    let mut out = Vec::new();
+    for (m, cache) in [&host, &tensor].into_iter().zip(caches.iter_mut()) {
+        let seqs: Vec<u64> = (0..5).map(|_| cache.create()).collect();
+        for (i, &s) in seqs.iter().enumerate() {
+            m.prefill(cache, s, &prompt(i as u64, 3 + 4 * i))
+                .expect("room");
+        }
+        let batch: Vec<(u64, u32)> = seqs.iter().map(|&s| (s, 5)).collect();
+        out.push(rows(m.forward_decode(cache, &batch).expect("room")));
+        assert!(cache.check_invariants());
+    }
+    assert_eq!(out[1].len(), 5, "the padding rows are dropped");
+    for (i, (a, b)) in out[0].iter().zip(&out[1]).enumerate() {
+        assert!(
+            close(a, b) < 1e-4,
+            "sequence {i} differs by {}",
+            close(a, b)
+        );
+    }
+    assert_eq!(caches[0].used_blocks(), caches[1].used_blocks());
+}

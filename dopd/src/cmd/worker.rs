@@ -167,47 +167,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
 }
 
-/// One short generation on a throw-away engine before serving: a GPU backend compiles each
-/// kernel at its first use (tens of milliseconds each), which would otherwise stall the first
-/// requests. The attended length is padded (`dopd_worker::model::ATTENTION_PAD`), so these
-/// kernels serve every context length; a batch size's few own kernels still compile at its
-/// first step.
-fn warm_up<B: Backend>(
-    model: &Arc<dopd_worker::model::Llama<B>>,
-    block_size: usize,
-    model_hash: u64,
-) -> anyhow::Result<()> {
-    use dopd_worker::engine::{Mode, Request, Start};
-    use dopd_worker::sampling::{SamplingParams, StopConditions};
-    let (prompt, tokens) = (16usize, 8usize);
-    let cfg = EngineConfig {
-        block_size,
-        kv_blocks: (prompt + tokens).div_ceil(block_size) + 1,
-        max_running: 1,
-        max_prefill_tokens: usize::MAX,
-        model_hash,
-    };
-    let mut e = Engine::new(model.clone(), None, cfg);
-    e.submit(Request {
-        id: 0,
-        prompt: (1..=prompt as u32)
-            .map(|t| t % model.config.vocab.max(1) as u32)
-            .collect(),
-        sampling: SamplingParams::default(),
-        stop: StopConditions {
-            eos: vec![],
-            max_tokens: tokens,
-            stop_strings: vec![],
-        },
-        mode: Mode::Generate,
-        start: Start::Prompt,
-        step_budget: None,
-    })
-    .context("warming up the engine")?;
-    e.run_to_completion();
-    Ok(())
-}
-
 fn run_on<B: Backend>(a: Args, device: B::Device) -> anyhow::Result<()>
 where
     Engine<B>: Send + 'static,
@@ -228,7 +187,12 @@ where
     let model = Arc::new(loaded.model);
     if !matches!(a.device, Device::Cpu) {
         let t = std::time::Instant::now();
-        warm_up(&model, a.block_size, loaded.model_hash)?;
+        // A GPU backend compiles each kernel at its first use (tens of milliseconds each),
+        // which would stall the first requests: a prefill and a decode step at every batch
+        // bucket first.
+        model
+            .warm_up(a.block_size, a.max_running)
+            .context("warming the GPU's kernels up")?;
         eprintln!(
             "dopd worker: warmed up (the GPU's kernels compiled) in {:.1} s",
             t.elapsed().as_secs_f64()

@@ -5,7 +5,7 @@
 use burn::prelude::*;
 
 use super::attention::{QueryRow, paged_attention};
-use super::device_kv::{DeviceKv, SlotPlan, padded_len};
+use super::device_kv::{DeviceKv, SlotPlan, decode_bucket, decode_buckets, padded_len};
 use super::host::HOST_DECODE_MAX;
 use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
 use crate::kv::{KvError, PagedKvCache, SeqId};
@@ -241,7 +241,7 @@ impl<B: Backend> Llama<B> {
             let (q, k, v) = self.qkv(l, h, &rope);
             let mut out = Vec::with_capacity(items.len());
             if on_device {
-                if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, &self.device)? {
+                if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, 0, &self.device)? {
                     plan = Some(p);
                 }
                 let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
@@ -322,13 +322,41 @@ impl<B: Backend> Llama<B> {
         cache: &mut PagedKvCache,
         batch: &[(SeqId, u32)],
     ) -> Result<Tensor<B, 2>, KvError> {
-        on_pool(|| self.decode_step(cache, batch))
+        on_pool(|| self.decode_step(cache, batch, 0))
     }
 
+    /// Runs, before serving, a prefill and one decode step at each batch [`decode_bucket`]
+    /// gives up to `max_batch` (one sequence, its row repeated), so that a GPU backend has
+    /// compiled the kernels serving uses; with the attended length padded
+    /// ([`super::ATTENTION_PAD`]), those serve every context length. A no-op on a host pool,
+    /// whose attention compiles nothing.
+    pub fn warm_up(&self, block_size: usize, max_batch: usize) -> Result<(), KvError> {
+        let sizes = decode_buckets(max_batch);
+        let prompt: Vec<u32> = (1..=16u32)
+            .map(|t| t % self.config.vocab.max(1) as u32)
+            .collect();
+        let tokens = prompt.len() + sizes.len() + 1;
+        let mut cache = self.new_cache(self.kv_layout(block_size, 0), tokens.div_ceil(block_size));
+        if cache.on_host() {
+            return Ok(());
+        }
+        let seq = cache.create();
+        let _ = self.prefill(&mut cache, seq, &prompt)?.into_data();
+        on_pool(|| {
+            for &b in &sizes {
+                let _ = self.decode_step(&mut cache, &[(seq, 1)], b)?.into_data();
+            }
+            Ok(())
+        })
+    }
+
+    /// A decode step; on a device pool the batch runs padded to at least `pad_to` rows and to
+    /// its [`decode_bucket`].
     fn decode_step(
         &self,
         cache: &mut PagedKvCache,
         batch: &[(SeqId, u32)],
+        pad_to: usize,
     ) -> Result<Tensor<B, 2>, KvError> {
         let seqs: Vec<SeqId> = batch.iter().map(|b| b.0).collect();
         let tokens: Vec<u32> = batch.iter().map(|b| b.1).collect();
@@ -349,8 +377,6 @@ impl<B: Backend> Llama<B> {
                 &self.device,
             ));
         }
-        let mut x = self.embed_tokens(&tokens);
-        let b = batch.len();
         // Each new token's query row (host attention): its sequence and position.
         let rows: Vec<QueryRow> = seqs
             .iter()
@@ -358,8 +384,21 @@ impl<B: Backend> Llama<B> {
             .zip(positions.iter().copied())
             .collect();
         // A device-resident pool: the new tokens' slots and the batch's reads (one group),
-        // with each sequence's padding masked.
+        // with each sequence's padding masked, the batch padded to its bucket by repeating the
+        // last row (dropped from the logits).
         let on_device = !cache.on_host();
+        let real = batch.len();
+        let b = if on_device {
+            decode_bucket(real.max(pad_to))
+        } else {
+            real
+        };
+        let (mut tokens, mut positions) = (tokens, positions);
+        if let (Some(&t), Some(&p)) = (tokens.last(), positions.last()) {
+            tokens.resize(b, t);
+            positions.resize(b, p);
+        }
+        let mut x = self.embed_tokens(&tokens);
         let mut plan = None;
         let rope = self.rope_table(&positions);
         let pad_mask = |lens: &[usize], tmax: usize| {
@@ -376,9 +415,14 @@ impl<B: Backend> Llama<B> {
             let h = self.rms_norm(x.clone(), &l.attn_norm);
             let (q, k, v) = self.qkv(l, h, &rope);
             let attended = if on_device {
-                if let Some(p) =
-                    SlotPlan::reserve(cache, li, &need, &[(0..b).collect()], &self.device)?
-                {
+                if let Some(p) = SlotPlan::reserve(
+                    cache,
+                    li,
+                    &need,
+                    &[(0..real).collect()],
+                    b - real,
+                    &self.device,
+                )? {
                     let t = p.reads[0].1;
                     let lens: Vec<usize> = positions.iter().map(|p| p + 1).collect();
                     plan = Some((p, pad_mask(&lens, t)));
@@ -404,7 +448,12 @@ impl<B: Backend> Llama<B> {
             x = x + l.wo.apply(attended);
             x = self.mlp(l, x);
         }
-        Ok(self.lm_head.apply(self.rms_norm(x, &self.norm)))
+        let logits = self.lm_head.apply(self.rms_norm(x, &self.norm));
+        Ok(if b > real {
+            logits.narrow(0, 0, real)
+        } else {
+            logits
+        })
     }
 }
 

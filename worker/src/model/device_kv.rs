@@ -153,6 +153,30 @@ impl<B: Backend> DeviceStore for DeviceKv<B> {
 /// times over. Padded, the lengths a worker sees all share one combination, compiled once.
 pub const ATTENTION_PAD: usize = 64;
 
+/// The batch a decode step of `b` sequences runs at on a device pool: the next power of two up
+/// to 8, then the next multiple of 8 up to 64, of 16 up to 128, of 32 up to 256, of 64 beyond
+/// (the padding rows repeat the last sequence and are dropped from the logits). A GPU backend
+/// compiles some kernels anew for each batch size's vector widths and bounds checks, at
+/// irregular sizes (a test run compiled at batches 2-9, 13, 16, 17, 25 and 32); a few sizes,
+/// all warmed up before serving ([`super::Llama::warm_up`]), compile nothing while serving.
+pub fn decode_bucket(b: usize) -> usize {
+    let up = |m: usize| b.div_ceil(m) * m;
+    match b {
+        0..=8 => b.max(1).next_power_of_two(),
+        9..=64 => up(8),
+        65..=128 => up(16),
+        129..=256 => up(32),
+        _ => up(64),
+    }
+}
+
+/// Every batch [`decode_bucket`] gives for `1..=max_batch`, ascending.
+pub fn decode_buckets(max_batch: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = (1..=max_batch.max(1)).map(decode_bucket).collect();
+    out.dedup();
+    out
+}
+
 /// `len` rounded up to a multiple of [`ATTENTION_PAD`].
 pub(super) fn padded_len(len: usize) -> usize {
     len.div_ceil(ATTENTION_PAD) * ATTENTION_PAD
@@ -174,11 +198,16 @@ impl<B: Backend> SlotPlan<B> {
     /// where the tokens go and, per group of `groups` (lists of indices into `grow`), the slots
     /// of each of its sequences' tokens so far. Other layers reuse layer 0's plan: a token has the
     /// same slot at every layer.
+    ///
+    /// `pad_rows` more rows repeat the last one (its write slot, and its reads in the last
+    /// group): a decode step padded to its batch bucket ([`decode_bucket`]) writes the same
+    /// K/V to the same slot again and reads what the row it copies reads.
     pub fn reserve(
         cache: &mut PagedKvCache,
         layer: usize,
         grow: &[(SeqId, usize)],
         groups: &[Vec<usize>],
+        pad_rows: usize,
         device: &B::Device,
     ) -> Result<Option<Self>, KvError> {
         let mut write = Vec::new();
@@ -189,12 +218,20 @@ impl<B: Backend> SlotPlan<B> {
         if layer != 0 {
             return Ok(None);
         }
+        if let Some(&last) = write.last() {
+            write.extend(std::iter::repeat_n(last, pad_rows));
+        }
         let mut reads = Vec::with_capacity(groups.len());
-        for group in groups {
-            let slots = group
+        for (gi, group) in groups.iter().enumerate() {
+            let mut slots = group
                 .iter()
                 .map(|&i| cache.slots(grow[i].0, cache.written(grow[i].0, layer)?))
                 .collect::<Result<Vec<_>, _>>()?;
+            if gi + 1 == groups.len()
+                && let Some(last) = slots.last().cloned()
+            {
+                slots.extend(std::iter::repeat_n(last, pad_rows));
+            }
             let t = padded_len(slots.iter().map(Vec::len).max().unwrap_or(0));
             let mut idx = Vec::with_capacity(slots.len() * t);
             for s in &slots {
@@ -217,6 +254,28 @@ impl<B: Backend> SlotPlan<B> {
 mod tests {
     use super::*;
     use burn::backend::Flex;
+
+    /// Every batch has a bucket at least as large, the buckets are few, a bucket is its own
+    /// bucket, and the padding stays within a power of two up to 8 and a step above.
+    #[test]
+    fn decode_buckets_cover_every_batch_with_few_sizes() {
+        let all = decode_buckets(300);
+        assert_eq!(all.len(), 4 + 7 + 4 + 4 + 1, "{all:?}");
+        for b in 1..=300 {
+            let p = decode_bucket(b);
+            assert!(p >= b && all.contains(&p), "batch {b} -> {p}");
+            assert_eq!(decode_bucket(p), p);
+            let step = match b {
+                0..=8 => b,
+                9..=64 => 8,
+                65..=128 => 16,
+                129..=256 => 32,
+                _ => 64,
+            };
+            assert!(p - b < step, "batch {b} -> {p}");
+        }
+        assert_eq!(&all[..6], &[1, 2, 4, 8, 16, 24]);
+    }
 
     /// A decode step's reads cover each sequence's positions, padded with its first slot to
     /// the batch's longest rounded up to `ATTENTION_PAD`: lengths that grow step by step give
@@ -244,7 +303,7 @@ mod tests {
             }
             // One more token each, as a decode step reserves.
             let grow = [(a, 1), (b, 1)];
-            let plan = SlotPlan::<Flex>::reserve(&mut cache, 0, &grow, &[vec![0, 1]], &device)
+            let plan = SlotPlan::<Flex>::reserve(&mut cache, 0, &grow, &[vec![0, 1]], 0, &device)
                 .expect("room")
                 .expect("layer 0 plans");
             let (idx, t) = &plan.reads[0];
