@@ -359,8 +359,8 @@ impl<B: Backend> Llama<B> {
         pad_to: usize,
     ) -> Result<Tensor<B, 2>, KvError> {
         let seqs: Vec<SeqId> = batch.iter().map(|b| b.0).collect();
-        let tokens: Vec<u32> = batch.iter().map(|b| b.1).collect();
-        let positions = seqs
+        let mut tokens: Vec<u32> = batch.iter().map(|b| b.1).collect();
+        let mut positions = seqs
             .iter()
             .map(|&s| cache.len(s))
             .collect::<Result<Vec<_>, _>>()?;
@@ -393,7 +393,6 @@ impl<B: Backend> Llama<B> {
         } else {
             real
         };
-        let (mut tokens, mut positions) = (tokens, positions);
         if let (Some(&t), Some(&p)) = (tokens.last(), positions.last()) {
             tokens.resize(b, t);
             positions.resize(b, p);

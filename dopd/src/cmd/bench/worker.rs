@@ -210,19 +210,12 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
     e.run_to_completion();
     drop(e);
 
+    // A GPU backend compiles each kernel at its first use: the warm-up `dopd worker` runs
+    // before serving (a decode step at every batch bucket), so that the rows measure serving,
+    // not compilation. A no-op on the CPU.
+    model.warm_up(cfg.block_size, max_b)?;
     let mut rows = Vec::new();
     for &b in &a.batches {
-        if !matches!(a.device, Device::Cpu) {
-            // A GPU backend compiles kernels for each new batch size at first use (tens of
-            // milliseconds each, once per process): an untimed pass at this batch first, so
-            // that the rows measure serving, not compilation.
-            eprint!("batch {b}: warm-up, ");
-            let mut e = Engine::new(model.clone(), None, cfg.clone());
-            for i in 0..b {
-                e.submit(request(i as u64, Mode::Generate, 4))?;
-            }
-            e.run_to_completion();
-        }
         eprint!("batch {b}: prefill");
         // Prefill: b prompts admitted in one step.
         let mut e = Engine::new(model.clone(), None, cfg.clone());
