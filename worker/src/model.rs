@@ -28,6 +28,7 @@ use crate::qmat::QMatrix;
 mod attention;
 mod cached;
 mod device_kv;
+mod fused;
 mod host;
 mod linear;
 pub use device_kv::{ATTENTION_PAD, DeviceKv, decode_bucket, decode_buckets};
@@ -57,11 +58,35 @@ struct Layer<B: Backend> {
     wv: Linear<B>,
     /// `[out]` each, when the architecture has QKV bias.
     bias: Option<[Tensor<B, 1>; 3]>,
+    /// With the fused GPU kernels: `[Wq Wk Wv]` as one `[in, q + k + v]` matrix and the three
+    /// biases (zeros without) as one vector; `wq`, `wk` and `wv` are then views of its columns.
+    qkv: Option<(Tensor<B, 2>, Tensor<B, 1>)>,
     wo: Linear<B>,
     ffn_norm: Tensor<B, 1>,
     w_gate: Linear<B>,
     w_up: Linear<B>,
     w_down: Linear<B>,
+}
+
+impl<B: Backend> Layer<B> {
+    /// Joins Q, K and V's dense matrices into one (see `qkv`), keeping views of it.
+    fn fuse_qkv(&mut self, device: &B::Device) {
+        let (Linear::Dense(q), Linear::Dense(k), Linear::Dense(v)) = (&self.wq, &self.wk, &self.wv)
+        else {
+            return;
+        };
+        let widths = [q.dims()[1], k.dims()[1], v.dims()[1]];
+        let w = Tensor::cat(vec![q.clone(), k.clone(), v.clone()], 1);
+        let bias = match &self.bias {
+            Some(b) => Tensor::cat(b.to_vec(), 0),
+            None => Tensor::zeros([widths.iter().sum::<usize>()], device),
+        };
+        let view = |from: usize, n: usize| Linear::Dense(w.clone().narrow(1, from, n));
+        self.wq = view(0, widths[0]);
+        self.wk = view(widths[0], widths[1]);
+        self.wv = view(widths[0] + widths[1], widths[2]);
+        self.qkv = Some((w, bias));
+    }
 }
 
 /// A loaded model.
@@ -83,6 +108,8 @@ pub struct Llama<B: Backend> {
     host_attention: bool,
     /// The weights as the decode step on the host reads them, when every matrix is quantized.
     host: Option<host::HostWeights>,
+    /// One-kernel versions of the hot operations, on burn's CubeCL backends ([`fused`]).
+    fused: Option<Arc<dyn fused::FusedOps<B>>>,
 }
 
 /// RoPE's cosines and signed sines for the rows of one forward pass, `[n, 1, head_dim]` each
@@ -257,6 +284,7 @@ impl<B: Backend> Llama<B> {
                 wk: proj("attn_k", h, c.kv_heads * hd)?,
                 wv: proj("attn_v", h, c.kv_heads * hd)?,
                 bias,
+                qkv: None,
                 wo: proj("attn_output", c.heads * hd, h)?,
                 ffn_norm: vec(&n("ffn_norm"), h)?,
                 w_gate: proj("ffn_gate", h, c.ffn)?,
@@ -276,6 +304,12 @@ impl<B: Backend> Llama<B> {
                 None => Linear::Dense(mat_t("output.weight", c.vocab, h)?),
             }
         };
+        let fused = fused::for_backend::<B>();
+        if fused.is_some() {
+            for l in &mut layers {
+                l.fuse_qkv(device);
+            }
+        }
         let host = host::HostWeights::new(&embed, &layers, &norm, &lm_head);
         Ok(Self {
             host,
@@ -288,7 +322,21 @@ impl<B: Backend> Llama<B> {
             lm_head,
             device: device.clone(),
             host_attention: WeightMode::for_backend::<B>() == WeightMode::Quantized,
+            fused,
         })
+    }
+
+    /// Turns the fused GPU kernels off (or back on, where the backend has them): the forward
+    /// passes then run every operation as burn's tensor operations. For comparisons; both
+    /// compute the same values within rounding, and tests compare them.
+    pub fn with_fused_kernels(mut self, on: bool) -> Self {
+        self.fused = if on { fused::for_backend::<B>() } else { None };
+        self
+    }
+
+    /// Whether the forward passes use fused GPU kernels (see [`Llama::with_fused_kernels`]).
+    pub fn fused_kernels(&self) -> bool {
+        self.fused.is_some()
     }
 
     /// Chooses the attention over the paged cache: on the host, reading K/V where they lie
@@ -349,6 +397,11 @@ impl<B: Backend> Llama<B> {
     }
 
     fn rms_norm(&self, x: Tensor<B, 2>, w: &Tensor<B, 1>) -> Tensor<B, 2> {
+        if let Some(f) = &self.fused
+            && let Some(y) = f.rms_norm(&x, w, self.config.rms_eps as f32)
+        {
+            return y;
+        }
         // `(var + eps)^-1/2` as one operation (on a GPU, one kernel launch, not two).
         let var = x.clone().powf_scalar(2.0).mean_dim(1);
         let x = x * (var + self.config.rms_eps).powf_scalar(-0.5);
@@ -397,6 +450,11 @@ impl<B: Backend> Llama<B> {
     /// all heads, where slicing each pair's halves apart and joining them took eleven, which
     /// on a GPU are eleven kernel launches.
     fn rope(&self, x: Tensor<B, 3>, cos: &Tensor<B, 3>, sin: &Tensor<B, 3>) -> Tensor<B, 3> {
+        if let Some(f) = &self.fused
+            && let Some(y) = f.rope(&x, cos, sin, &self.rope_partner)
+        {
+            return y;
+        }
         let partner = x.clone().select(2, self.rope_partner.clone());
         x * cos.clone() + partner * sin.clone()
     }
@@ -437,17 +495,55 @@ impl<B: Backend> Llama<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 3>) {
         let c = &self.config;
         let n = h.dims()[0];
-        let split = |w: &Linear<B>, b: Option<&Tensor<B, 1>>, heads: usize| {
-            let mut y = w.apply(h.clone());
-            if let Some(b) = b {
-                y = y + b.clone().unsqueeze_dim(0);
-            }
-            y.reshape([n, heads, c.head_dim])
-        };
-        let b = |i: usize| l.bias.as_ref().map(|b| &b[i]);
-        let q = self.rope(split(&l.wq, b(0), c.heads), &rope.q_cos, &rope.q_sin);
-        let k = self.rope(split(&l.wk, b(1), c.kv_heads), &rope.cos, &rope.sin);
-        (q, k, split(&l.wv, b(2), c.kv_heads))
+        let (qw, kw) = (c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        // Joined matrices (the GPU backends): one product, its columns split.
+        let joined = l.qkv.as_ref().map(|(w, b)| {
+            let y = h.clone().matmul(w.clone()) + b.clone().unsqueeze_dim(0);
+            [(0, qw), (qw, kw), (qw + kw, kw)].map(|(from, len)| y.clone().narrow(1, from, len))
+        });
+        let [q, k, v] = joined.unwrap_or_else(|| {
+            let b = |i: usize| l.bias.as_ref().map(|b| &b[i]);
+            [(&l.wq, b(0)), (&l.wk, b(1)), (&l.wv, b(2))].map(|(w, b)| {
+                let y = w.apply(h.clone());
+                match b {
+                    Some(b) => y + b.clone().unsqueeze_dim(0),
+                    None => y,
+                }
+            })
+        });
+        let heads = |y: Tensor<B, 2>, heads: usize| y.reshape([n, heads, c.head_dim]);
+        let q = self.rope(heads(q, c.heads), &rope.q_cos, &rope.q_sin);
+        let k = self.rope(heads(k, c.kv_heads), &rope.cos, &rope.sin);
+        (q, k, heads(v, c.kv_heads))
+    }
+
+    /// On a device pool with the fused kernels and joined Q/K/V matrices: Q of `h`'s rows
+    /// (as [`Llama::qkv`] gives it), their K/V written into the pool of `layer` at `slots`
+    /// (`[n, 1]`), in two kernels. `None` (nothing done) otherwise.
+    fn qkv_into_pool(
+        &self,
+        l: &Layer<B>,
+        h: &Tensor<B, 2>,
+        rope: &Rope<B>,
+        store: &DeviceKv<B>,
+        layer: usize,
+        slots: &Tensor<B, 2, Int>,
+    ) -> Option<Tensor<B, 3>> {
+        let f = self.fused.as_ref()?;
+        let (w, bias) = l.qkv.as_ref()?;
+        let (kp, vp) = store.pools(layer)?;
+        let y = h.clone().matmul(w.clone());
+        let tables = [&rope.q_cos, &rope.q_sin, &rope.cos, &rope.sin];
+        f.qkv_into_pool(
+            &y,
+            bias,
+            tables,
+            &self.rope_partner,
+            slots,
+            kp,
+            vp,
+            self.config.heads,
+        )
     }
 
     /// A mask over `b` sequences' scores, `[b, n, t]` (true where a row of `n` new tokens may
@@ -507,15 +603,48 @@ impl<B: Backend> Llama<B> {
         }
     }
 
-    /// The feed-forward half of a layer, residual included.
-    fn mlp(&self, l: &Layer<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let h = self.rms_norm(x.clone(), &l.ffn_norm);
-        // silu(gate)·up = gate·up / (1 + e^-gate): five element-wise operations (on a GPU,
-        // kernel launches), where burn's `silu` and the product took eight.
+    /// `x + y` (when there is a `y`: the last sub-layer's output, added to the residual stream)
+    /// and its RMS norm with `w`, in one kernel where the fused kernels run.
+    fn add_norm(
+        &self,
+        x: Tensor<B, 2>,
+        y: Option<Tensor<B, 2>>,
+        w: &Tensor<B, 1>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let Some(y) = y else {
+            let h = self.rms_norm(x.clone(), w);
+            return (x, h);
+        };
+        if let Some(f) = &self.fused
+            && let Some(r) = f.add_rms_norm(&x, &y, w, self.config.rms_eps as f32)
+        {
+            return r;
+        }
+        let x = x + y;
+        let h = self.rms_norm(x.clone(), w);
+        (x, h)
+    }
+
+    /// The feed-forward half of a layer: adds the attention's output `attn` to the residual
+    /// stream `x` and returns the stream and the MLP's output (which the next norm adds).
+    fn mlp(
+        &self,
+        l: &Layer<B>,
+        x: Tensor<B, 2>,
+        attn: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let (x, h) = self.add_norm(x, Some(attn), &l.ffn_norm);
         let gate = l.w_gate.apply(h.clone());
         let up = l.w_up.apply(h);
+        if let Some(f) = &self.fused
+            && let Some(y) = f.silu_mul(&gate, &up)
+        {
+            return (x, l.w_down.apply(y));
+        }
+        // silu(gate)·up = gate·up / (1 + e^-gate): five element-wise operations (on a GPU,
+        // kernel launches), where burn's `silu` and the product took eight.
         let denom = gate.clone().mul_scalar(-1.0).exp().add_scalar(1.0);
-        x + l.w_down.apply((gate * up) / denom)
+        (x, l.w_down.apply((gate * up) / denom))
     }
 
     /// Logits for every position of `tokens` (`[seq, vocab]`), no cache (dense attention).
@@ -527,16 +656,18 @@ impl<B: Backend> Llama<B> {
         let mask = self.attention_mask(
             Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &self.device).unsqueeze_dim(0),
         );
+        let mut pending = None;
         for l in &self.layers {
-            let h = self.rms_norm(x.clone(), &l.attn_norm);
+            let (xs, h) = self.add_norm(x, pending.take(), &l.attn_norm);
+            x = xs;
             let (q, k, v) = self.qkv(l, h, &rope);
             // [seq, kv_heads, hd] -> [1, kv_heads, seq, hd]
             let heads_first = |t: Tensor<B, 3>| t.swap_dims(0, 1).unsqueeze_dim(0);
             let out = self.attend(q, heads_first(k), heads_first(v), Some(mask.clone()));
-            x = x + l.wo.apply(out);
-            x = self.mlp(l, x);
+            let (xs, y) = self.mlp(l, x, l.wo.apply(out));
+            (x, pending) = (xs, Some(y));
         }
-        self.lm_head.apply(self.rms_norm(x, &self.norm))
+        self.lm_head.apply(self.add_norm(x, pending, &self.norm).1)
     }
 
     /// The cache layout this model's K/V need (`model_hash` identifies the weights).

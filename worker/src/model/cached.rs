@@ -198,6 +198,8 @@ impl<B: Backend> Llama<B> {
         // Per item: its first row in the pass, its length, and (tensor attention) its causal
         // mask over the cache.
         let mut spans = Vec::with_capacity(items.len());
+        // Per item: its first position and its length.
+        let mut positions_of = Vec::with_capacity(items.len());
         let on_device = !cache.on_host();
         let tensor_attention = on_device || !self.host_attention;
         let host = self.host.as_ref().filter(|_| !tensor_attention);
@@ -218,6 +220,7 @@ impl<B: Backend> Llama<B> {
                 )
             });
             spans.push((tokens.len(), n, mask));
+            positions_of.push((start, n));
             tokens.extend_from_slice(t);
             positions.extend(start..start + n);
             rows.extend((start..start + n).map(|p| (seq, p)));
@@ -234,35 +237,64 @@ impl<B: Backend> Llama<B> {
         let grow: Vec<(SeqId, usize)> = items.iter().map(|&(s, t)| (s, t.len())).collect();
         let groups: Vec<Vec<usize>> = (0..items.len()).map(|i| vec![i]).collect();
         let mut plan = None;
+        let mut fused_rows = None;
         let rope = self.rope_table(&positions);
         let mut x = self.embed_tokens(&tokens);
+        let mut pending = None;
         for (li, l) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, &rope);
+            let (xs, h) = self.add_norm(x, pending.take(), &l.attn_norm);
+            x = xs;
             let mut out = Vec::with_capacity(items.len());
-            if on_device {
-                if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, 0, &self.device)? {
-                    plan = Some(p);
-                }
-                let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
-                let store = device_kv::<B>(cache)?;
-                store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
-                for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
-                    let (ka, va) = store.read(li, read);
-                    let q = q.clone().narrow(0, *first, *n);
-                    let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
-                    out.push(self.attend(q, ka, va, mask.clone()));
-                }
-            } else {
-                for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
-                    let part = |t: &Tensor<B, 3>| t.clone().narrow(0, *first, *n);
-                    self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
-                    if let Some(mask) = mask {
-                        let (ka, va, _) = self.gather(cache, &[seq], li)?;
-                        out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+            let q =
+                if on_device {
+                    if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, 0, &self.device)?
+                    {
+                        if self.fused.is_some() {
+                            // Row j of an item starting at position `start` attends to
+                            // `start + j + 1` slots of its group's reads.
+                            let rows = p.offsets.iter().zip(&positions_of).flat_map(
+                                |(&base, &(start, n))| (0..n).map(move |j| (base, start + j + 1)),
+                            );
+                            fused_rows = Some(self.pool_rows(rows));
+                        }
+                        plan = Some(p);
                     }
-                }
-            }
+                    let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
+                    let store = device_kv::<B>(cache)?;
+                    let q = match self.qkv_into_pool(l, &h, &rope, store, li, &plan.write) {
+                        Some(q) => q,
+                        None => {
+                            let (q, k, v) = self.qkv(l, h, &rope);
+                            store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
+                            q
+                        }
+                    };
+                    let fused = fused_rows
+                        .as_ref()
+                        .and_then(|r| self.attend_pool(store, li, &q, &plan.all, r));
+                    if let Some(a) = fused {
+                        out.push(a);
+                    } else {
+                        for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
+                            let (ka, va) = store.read(li, read);
+                            let q = q.clone().narrow(0, *first, *n);
+                            let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
+                            out.push(self.attend(q, ka, va, mask.clone()));
+                        }
+                    }
+                    q
+                } else {
+                    let (q, k, v) = self.qkv(l, h, &rope);
+                    for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
+                        let part = |t: &Tensor<B, 3>| t.clone().narrow(0, *first, *n);
+                        self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
+                        if let Some(mask) = mask {
+                            let (ka, va, _) = self.gather(cache, &[seq], li)?;
+                            out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+                        }
+                    }
+                    q
+                };
             let attended = if !tensor_attention {
                 self.attend_host(cache, li, q, &rows)?
             } else if out.len() == 1 {
@@ -270,10 +302,10 @@ impl<B: Backend> Llama<B> {
             } else {
                 Tensor::cat(out, 0)
             };
-            x = x + l.wo.apply(attended);
-            x = self.mlp(l, x);
+            let (xs, y) = self.mlp(l, x, l.wo.apply(attended));
+            (x, pending) = (xs, Some(y));
         }
-        Ok(self.rms_norm(x, &self.norm))
+        Ok(self.add_norm(x, pending, &self.norm).1)
     }
 
     /// `[n, kv_heads, head_dim]` K or V of `n` new tokens as the pool's rows:
@@ -410,9 +442,10 @@ impl<B: Backend> Llama<B> {
                 &self.device,
             ))
         };
+        let mut pending = None;
         for (li, l) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(x.clone(), &l.attn_norm);
-            let (q, k, v) = self.qkv(l, h, &rope);
+            let (xs, h) = self.add_norm(x, pending.take(), &l.attn_norm);
+            x = xs;
             let attended = if on_device {
                 if let Some(p) = SlotPlan::reserve(
                     cache,
@@ -424,16 +457,48 @@ impl<B: Backend> Llama<B> {
                 )? {
                     let t = p.reads[0].1;
                     let lens: Vec<usize> = positions.iter().map(|p| p + 1).collect();
-                    plan = Some((p, pad_mask(&lens, t)));
+                    // The fused kernel reads each sequence's own length; the tensor
+                    // operations mask the padding.
+                    let guard = if self.fused.is_some() {
+                        Guard::Rows(
+                            self.pool_rows(lens.iter().enumerate().map(|(i, &n)| (i * t, n))),
+                        )
+                    } else {
+                        Guard::Mask(pad_mask(&lens, t))
+                    };
+                    plan = Some((p, guard));
                 }
-                let (plan, mask) = plan.as_ref().ok_or(KvError::NoTokens)?;
+                let (plan, guard) = plan.as_ref().ok_or(KvError::NoTokens)?;
                 let store = device_kv::<B>(cache)?;
-                store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
+                let q = match self.qkv_into_pool(l, &h, &rope, store, li, &plan.write) {
+                    Some(q) => q,
+                    None => {
+                        let (q, k, v) = self.qkv(l, h, &rope);
+                        store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
+                        q
+                    }
+                };
                 let (read, t) = &plan.reads[0];
-                let (ka, va) = store.read(li, read);
-                let (ka, va) = (self.head_major(ka, b, *t), self.head_major(va, b, *t));
-                self.attend(q, ka, va, Some(mask.clone()))
+                let fused = match guard {
+                    Guard::Rows(rows) => self.attend_pool(store, li, &q, &plan.all, rows),
+                    Guard::Mask(_) => None,
+                };
+                match fused {
+                    Some(out) => out,
+                    None => {
+                        let mask = match guard {
+                            Guard::Mask(m) => m.clone(),
+                            Guard::Rows(_) => {
+                                pad_mask(&(0..b).map(|i| positions[i] + 1).collect::<Vec<_>>(), *t)
+                            }
+                        };
+                        let (ka, va) = store.read(li, read);
+                        let (ka, va) = (self.head_major(ka, b, *t), self.head_major(va, b, *t));
+                        self.attend(q, ka, va, Some(mask))
+                    }
+                }
             } else {
+                let (q, k, v) = self.qkv(l, h, &rope);
                 self.append_kv(cache, &seqs, li, k, v)?;
                 if self.host_attention {
                     self.attend_host(cache, li, q, &rows)?
@@ -444,15 +509,56 @@ impl<B: Backend> Llama<B> {
                     self.attend(q, ka, va, Some(pad_mask(&lens, tmax)))
                 }
             };
-            x = x + l.wo.apply(attended);
-            x = self.mlp(l, x);
+            let (xs, y) = self.mlp(l, x, l.wo.apply(attended));
+            (x, pending) = (xs, Some(y));
         }
-        let logits = self.lm_head.apply(self.rms_norm(x, &self.norm));
+        let logits = self.lm_head.apply(self.add_norm(x, pending, &self.norm).1);
         Ok(if b > real {
             logits.narrow(0, 0, real)
         } else {
             logits
         })
+    }
+}
+
+/// What keeps a decode step's attention on the device pool off each sequence's padding: its
+/// rows' reads and lengths (the fused kernel) or a mask (tensor operations).
+enum Guard<B: Backend> {
+    Rows(PoolRows<B>),
+    Mask(Tensor<B, 4, Bool>),
+}
+
+/// For the fused attention over the device pool, per query row: where its slots start in the
+/// pass's reads ([`SlotPlan::all`]) and how many it attends to. Built once per pass.
+pub(super) struct PoolRows<B: Backend> {
+    bases: Tensor<B, 1, Int>,
+    lens: Tensor<B, 1, Int>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// [`PoolRows`] of `(base, len)` per query row.
+    fn pool_rows(&self, rows: impl Iterator<Item = (usize, usize)>) -> PoolRows<B> {
+        let (bases, lens): (Vec<i64>, Vec<i64>) = rows.map(|(b, n)| (b as i64, n as i64)).unzip();
+        let n = bases.len();
+        let t = |v: Vec<i64>| Tensor::from_data(TensorData::new(v, [n]), &self.device);
+        PoolRows {
+            bases: t(bases),
+            lens: t(lens),
+        }
+    }
+
+    /// The fused attention of `q`'s rows over the pool of `layer` (`None`: not available).
+    fn attend_pool(
+        &self,
+        store: &DeviceKv<B>,
+        layer: usize,
+        q: &Tensor<B, 3>,
+        reads: &Tensor<B, 1, Int>,
+        rows: &PoolRows<B>,
+    ) -> Option<Tensor<B, 2>> {
+        let f = self.fused.as_ref()?;
+        let (kp, vp) = store.pools(layer)?;
+        f.attention(q, kp, vp, reads, &rows.bases, &rows.lens)
     }
 }
 

@@ -68,6 +68,11 @@ impl<B: Backend> DeviceKv<B> {
         (get(&self.k[layer]), get(&self.v[layer]))
     }
 
+    /// The K and V pools (`[slots, kv_heads · head_dim]`) of `layer`.
+    pub(super) fn pools(&self, layer: usize) -> Option<(&Tensor<B, 2>, &Tensor<B, 2>)> {
+        Some((self.k.get(layer)?.as_ref()?, self.v.get(layer)?.as_ref()?))
+    }
+
     fn index(&self, slots: Vec<i64>) -> Tensor<B, 1, Int> {
         let n = slots.len();
         Tensor::from_data(TensorData::new(slots, [n]), &self.device)
@@ -190,7 +195,11 @@ pub(super) struct SlotPlan<B: Backend> {
     pub write: Tensor<B, 2, Int>,
     /// Per group: `[sequences · t]` (each sequence's slots padded to `t`, the group's longest
     /// rounded up to [`ATTENTION_PAD`], with its first slot; the padding is masked) and `t`.
+    /// Views of `all`.
     pub reads: Vec<(Tensor<B, 1, Int>, usize)>,
+    /// Every group's reads, one after the other (one upload), and where each group's start.
+    pub all: Tensor<B, 1, Int>,
+    pub offsets: Vec<usize>,
 }
 
 impl<B: Backend> SlotPlan<B> {
@@ -221,7 +230,8 @@ impl<B: Backend> SlotPlan<B> {
         if let Some(&last) = write.last() {
             write.extend(std::iter::repeat_n(last, pad_rows));
         }
-        let mut reads = Vec::with_capacity(groups.len());
+        let mut all = Vec::new();
+        let mut spans = Vec::with_capacity(groups.len());
         for (gi, group) in groups.iter().enumerate() {
             let mut slots = group
                 .iter()
@@ -233,19 +243,27 @@ impl<B: Backend> SlotPlan<B> {
                 slots.extend(std::iter::repeat_n(last, pad_rows));
             }
             let t = padded_len(slots.iter().map(Vec::len).max().unwrap_or(0));
-            let mut idx = Vec::with_capacity(slots.len() * t);
+            let start = all.len();
             for s in &slots {
                 let pad = s.first().copied().unwrap_or(0);
-                idx.extend(s.iter().map(|&x| x as i64));
-                idx.extend(std::iter::repeat_n(pad as i64, t - s.len()));
+                all.extend(s.iter().map(|&x| x as i64));
+                all.extend(std::iter::repeat_n(pad as i64, t - s.len()));
             }
-            let n = idx.len();
-            reads.push((Tensor::from_data(TensorData::new(idx, [n]), device), t));
+            spans.push((start, all.len() - start, t));
         }
+        let total = all.len();
+        let all = Tensor::<B, 1, Int>::from_data(TensorData::new(all, [total]), device);
+        let reads = spans
+            .iter()
+            .map(|&(start, n, t)| (all.clone().narrow(0, start, n), t))
+            .collect();
+        let offsets = spans.iter().map(|s| s.0).collect();
         let n = write.len();
         Ok(Some(Self {
             write: Tensor::from_data(TensorData::new(write, [n, 1]), device),
             reads,
+            all,
+            offsets,
         }))
     }
 }
