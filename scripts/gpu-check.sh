@@ -55,6 +55,9 @@ run)
     "$BIN" bench worker --random-smollm2 --layers 1 --device cuda --check-logits --batches 1 \
         --json > "$OUT/gpu-one-layer.json"
     "$BIN" bench worker "${SRC[@]}" --device cpu --batches 1,8 --json > "$OUT/cpu-bench.json"
+    # The same decode with burn's tensor operations instead of the fused kernels (A/B).
+    "$BIN" bench worker "${SRC[@]}" --device cuda --no-fused-kernels --batches 1,32 --json \
+        > "$OUT/gpu-bench-unfused.json" || echo "gpu-check: the unfused run failed" >&2
     # The peer in the same run, where the machine's python3 has torch and transformers.
     if python3 -c 'import torch, transformers' 2>/dev/null; then
         timeout 300 python3 scripts/gpu-peer-transformers.py 1,8,32,128 "$OUT/peer.json" ||
@@ -85,6 +88,14 @@ for r in long["rows"]:
 for r in cpu["rows"]:
     print(f"cpu  batch {r['batch']:>3}: prefill {r['prefill_tokens_per_s']:9.1f} tok/s, "
           f"decode {r['decode_tokens_per_s']:8.1f} tok/s")
+print(f"fused kernels: {gpu.get('fused_kernels')}")
+try:
+    unfused = json.load(open(sys.argv[1].replace("gpu-bench.json", "gpu-bench-unfused.json")))
+    for r in unfused["rows"]:
+        print(f"cuda batch {r['batch']:>3}, tensor operations only: decode "
+              f"{r['decode_tokens_per_s']:8.1f} tok/s, step {1e3 * r['decode_step_s']:.2f} ms")
+except (OSError, ValueError, KeyError) as e:
+    print(f"(no unfused figures: {e})")
 sys.exit(0 if ok else 1)
 PY
     ;;

@@ -12,7 +12,7 @@ use dopd_protocol::{Role, connect, proto};
 use dopd_worker::engine::{Detokenizer, Engine, EngineConfig};
 use dopd_worker::engine_thread::EngineHandle;
 use dopd_worker::loading::load_model_with;
-use dopd_worker::model::WeightMode;
+use dopd_worker::model::{Llama, WeightMode};
 use dopd_worker::service::{WorkerInfo, WorkerService, serve};
 
 /// The model the set-up step fetches.
@@ -104,6 +104,12 @@ pub struct WeightArgs {
     /// reference.
     #[arg(long)]
     pub int8_activations: bool,
+    /// GPU: run every operation as burn's tensor operations instead of the fused kernels
+    /// (RMS norm, Q/K/V with RoPE and the KV write, attention over the paged pool, SiLU·up).
+    /// Both give the same logits within rounding; the fused kernels launch a quarter as many
+    /// kernels per decode step. For comparisons, or a GPU where a fused kernel misbehaves.
+    #[arg(long)]
+    pub no_fused_kernels: bool,
 }
 
 impl WeightArgs {
@@ -114,6 +120,15 @@ impl WeightArgs {
             (m, false) => Ok(m),
             (WeightMode::Quantized, true) => Ok(WeightMode::QuantizedInt8),
             (_, true) => bail!("--int8-activations is for the CPU device (its quantized kernels)"),
+        }
+    }
+
+    /// `model` with the fused GPU kernels on or off as asked (the CPU has none).
+    pub fn kernels<B: Backend>(self, model: Llama<B>) -> Llama<B> {
+        if self.no_fused_kernels {
+            model.with_fused_kernels(false)
+        } else {
+            model
         }
     }
 }
@@ -184,7 +199,7 @@ where
         a.block_size,
         (a.kv_blocks * layout.block_size * layout.token_bytes()) >> 20
     );
-    let model = Arc::new(loaded.model);
+    let model = Arc::new(a.weights.kernels(loaded.model));
     if !matches!(a.device, Device::Cpu) {
         let t = std::time::Instant::now();
         // A GPU backend compiles each kernel at its first use (tens of milliseconds each),
@@ -194,8 +209,9 @@ where
             .warm_up(a.block_size, a.max_running)
             .context("warming the GPU's kernels up")?;
         eprintln!(
-            "dopd worker: warmed up (the GPU's kernels compiled) in {:.1} s",
-            t.elapsed().as_secs_f64()
+            "dopd worker: warmed up (the GPU's kernels compiled) in {:.1} s; fused kernels {}",
+            t.elapsed().as_secs_f64(),
+            if model.fused_kernels() { "on" } else { "off" }
         );
     }
     let tokenizer = loaded.tokenizer.map(Arc::new);

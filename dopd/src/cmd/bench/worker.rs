@@ -72,6 +72,9 @@ struct Report {
     model_file_bytes: u64,
     /// Bytes of each engine's KV pool (the largest batch's sequences at full length).
     kv_pool_bytes: u64,
+    /// Whether the forward passes ran the fused GPU kernels (`--no-fused-kernels` turns them
+    /// off; the CPU has none).
+    fused_kernels: bool,
     rows: Vec<Row>,
     logits_vs_cpu: Option<LogitCheck>,
 }
@@ -171,7 +174,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
         },
         t0.elapsed().as_secs_f64()
     );
-    let model = Arc::new(model);
+    let model = Arc::new(a.weights.kernels(model));
     let vocab = model.config.vocab;
     if a.prompt_len + a.decode_tokens >= model.config.context {
         bail!(
@@ -273,6 +276,7 @@ fn bench_on<B: Backend>(a: WorkerArgs, device: B::Device) -> anyhow::Result<()> 
             a.model.display().to_string()
         },
         device: format!("{:?}", a.device).to_lowercase(),
+        fused_kernels: model.fused_kernels(),
         model_file_bytes: if a.random_smollm2 {
             0
         } else {
