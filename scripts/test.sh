@@ -11,10 +11,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo clippy --features cuda (the GPU build compiles; no GPU needed)"
+echo "== cargo clippy --features cuda (the GPU build and its fused kernels compile; no GPU needed)"
 cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
-echo "== cargo clippy --features wgpu (the fused GPU kernels on CubeCL's wgpu backend)"
-cargo clippy -p dopd-worker --features wgpu --all-targets --locked -- -D warnings
 echo "== layout: the router and the operator build no engine; files stay under ~800 lines"
 scripts/layout-check.sh
 echo "== Helm chart: lint, template, schema validation, CRD and examples"

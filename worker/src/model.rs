@@ -517,33 +517,33 @@ impl<B: Backend> Llama<B> {
         (q, k, heads(v, c.kv_heads))
     }
 
-    /// On a device pool with the fused kernels and joined Q/K/V matrices: Q of `h`'s rows
-    /// (as [`Llama::qkv`] gives it), their K/V written into the pool of `layer` at `slots`
-    /// (`[n, 1]`), in two kernels. `None` (nothing done) otherwise.
-    fn qkv_into_pool(
+    /// On a device pool: Q of `h`'s rows (as [`Llama::qkv`] gives it), their K/V written into
+    /// the pool of `layer` at `slots` (`[n, 1]`). With the fused kernels and joined Q/K/V
+    /// matrices, two kernels; otherwise tensor operations.
+    fn qkv_to_pool(
         &self,
         l: &Layer<B>,
-        h: &Tensor<B, 2>,
+        h: Tensor<B, 2>,
         rope: &Rope<B>,
-        store: &DeviceKv<B>,
+        store: &mut DeviceKv<B>,
         layer: usize,
         slots: &Tensor<B, 2, Int>,
-    ) -> Option<Tensor<B, 3>> {
-        let f = self.fused.as_ref()?;
-        let (w, bias) = l.qkv.as_ref()?;
-        let (kp, vp) = store.pools(layer)?;
-        let y = h.clone().matmul(w.clone());
-        let tables = [&rope.q_cos, &rope.q_sin, &rope.cos, &rope.sin];
-        f.qkv_into_pool(
-            &y,
-            bias,
-            tables,
-            &self.rope_partner,
-            slots,
-            kp,
-            vp,
-            self.config.heads,
-        )
+    ) -> Tensor<B, 3> {
+        let fused = || {
+            let f = self.fused.as_ref()?;
+            let (w, bias) = l.qkv.as_ref()?;
+            let (kp, vp) = store.pools(layer)?;
+            let y = h.clone().matmul(w.clone());
+            let tables = [&rope.q_cos, &rope.q_sin, &rope.cos, &rope.sin];
+            let heads = self.config.heads;
+            f.qkv_into_pool(&y, bias, tables, &self.rope_partner, slots, kp, vp, heads)
+        };
+        if let Some(q) = fused() {
+            return q;
+        }
+        let (q, k, v) = self.qkv(l, h, rope);
+        store.write(layer, slots, self.token_rows(k), self.token_rows(v));
+        q
     }
 
     /// A mask over `b` sequences' scores, `[b, n, t]` (true where a row of `n` new tokens may

@@ -261,14 +261,7 @@ impl<B: Backend> Llama<B> {
                     }
                     let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
                     let store = device_kv::<B>(cache)?;
-                    let q = match self.qkv_into_pool(l, &h, &rope, store, li, &plan.write) {
-                        Some(q) => q,
-                        None => {
-                            let (q, k, v) = self.qkv(l, h, &rope);
-                            store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
-                            q
-                        }
-                    };
+                    let q = self.qkv_to_pool(l, h, &rope, store, li, &plan.write);
                     let fused = fused_rows
                         .as_ref()
                         .and_then(|r| self.attend_pool(store, li, &q, &plan.all, r));
@@ -310,7 +303,7 @@ impl<B: Backend> Llama<B> {
 
     /// `[n, kv_heads, head_dim]` K or V of `n` new tokens as the pool's rows:
     /// `[n, kv_heads · head_dim]` (the same memory).
-    fn token_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
+    pub(super) fn token_rows(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [n, kvh, hd] = x.dims();
         x.reshape([n, kvh * hd])
     }
@@ -470,14 +463,7 @@ impl<B: Backend> Llama<B> {
                 }
                 let (plan, guard) = plan.as_ref().ok_or(KvError::NoTokens)?;
                 let store = device_kv::<B>(cache)?;
-                let q = match self.qkv_into_pool(l, &h, &rope, store, li, &plan.write) {
-                    Some(q) => q,
-                    None => {
-                        let (q, k, v) = self.qkv(l, h, &rope);
-                        store.write(li, &plan.write, self.token_rows(k), self.token_rows(v));
-                        q
-                    }
-                };
+                let q = self.qkv_to_pool(l, h, &rope, store, li, &plan.write);
                 let (read, t) = &plan.reads[0];
                 let fused = match guard {
                     Guard::Rows(rows) => self.attend_pool(store, li, &q, &plan.all, rows),

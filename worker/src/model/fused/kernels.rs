@@ -14,6 +14,26 @@ const ELEMENTWISE_THREADS: u32 = 256;
 /// Threads of an RMS norm's cube (one cube per row; a power of two).
 const NORM_THREADS: usize = 128;
 
+/// `(mean + eps)^-1/2` of the row whose squares the cube's threads summed in part (`part`,
+/// each): the parts added up in shared memory (a cube of `threads` threads, a power of two).
+#[cube]
+fn inverse_rms<F: Float>(part: F, cols: usize, eps: f32, #[comptime] threads: usize) -> F {
+    let u = UNIT_POS_X as usize;
+    let mut sum = SharedMemory::<F>::new(threads);
+    sum[u] = part;
+    sync_cube();
+    let mut s = CUBE_DIM_X as usize / 2;
+    while s > 0 {
+        if u < s {
+            let other = sum[u + s];
+            sum[u] += other;
+        }
+        sync_cube();
+        s /= 2;
+    }
+    F::new(1.0) / (sum[0] / F::cast_from(cols) + F::cast_from(eps)).sqrt()
+}
+
 #[cube(launch)]
 fn rms_norm_kernel<F: Float>(
     x: &Tensor<F>,
@@ -34,19 +54,7 @@ fn rms_norm_kernel<F: Float>(
         acc += v * v;
         c += threads;
     }
-    let mut sum = SharedMemory::<F>::new(threads);
-    sum[u] = acc;
-    sync_cube();
-    let mut s = CUBE_DIM_X as usize / 2;
-    while s > 0 {
-        if u < s {
-            let other = sum[u + s];
-            sum[u] += other;
-        }
-        sync_cube();
-        s /= 2;
-    }
-    let inv = F::new(1.0) / (sum[0] / F::cast_from(cols) + F::cast_from(eps)).sqrt();
+    let inv = inverse_rms::<F>(acc, cols, eps, threads);
     let wc = w.stride(0);
     let o = row * cols;
     let mut c = u;
@@ -82,19 +90,7 @@ fn add_rms_norm_kernel<F: Float>(
         acc += v * v;
         c += threads;
     }
-    let mut sum = SharedMemory::<F>::new(threads);
-    sum[u] = acc;
-    sync_cube();
-    let mut s = CUBE_DIM_X as usize / 2;
-    while s > 0 {
-        if u < s {
-            let other = sum[u + s];
-            sum[u] += other;
-        }
-        sync_cube();
-        s /= 2;
-    }
-    let inv = F::new(1.0) / (sum[0] / F::cast_from(cols) + F::cast_from(eps)).sqrt();
+    let inv = inverse_rms::<F>(acc, cols, eps, threads);
     let wc = w.stride(0);
     let mut c = u;
     while c < cols {
