@@ -198,8 +198,6 @@ impl<B: Backend> Llama<B> {
         // Per item: its first row in the pass, its length, and (tensor attention) its causal
         // mask over the cache.
         let mut spans = Vec::with_capacity(items.len());
-        // Per item: its first position and its length.
-        let mut positions_of = Vec::with_capacity(items.len());
         let on_device = !cache.on_host();
         let tensor_attention = on_device || !self.host_attention;
         let host = self.host.as_ref().filter(|_| !tensor_attention);
@@ -220,7 +218,6 @@ impl<B: Backend> Llama<B> {
                 )
             });
             spans.push((tokens.len(), n, mask));
-            positions_of.push((start, n));
             tokens.extend_from_slice(t);
             positions.extend(start..start + n);
             rows.extend((start..start + n).map(|p| (seq, p)));
@@ -245,49 +242,52 @@ impl<B: Backend> Llama<B> {
             let (xs, h) = self.add_norm(x, pending.take(), &l.attn_norm);
             x = xs;
             let mut out = Vec::with_capacity(items.len());
-            let q =
-                if on_device {
-                    if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, 0, &self.device)?
-                    {
-                        if self.fused.is_some() {
-                            // Row j of an item starting at position `start` attends to
-                            // `start + j + 1` slots of its group's reads.
-                            let rows = p.offsets.iter().zip(&positions_of).flat_map(
-                                |(&base, &(start, n))| (0..n).map(move |j| (base, start + j + 1)),
-                            );
-                            fused_rows = Some(self.pool_rows(rows));
-                        }
-                        plan = Some(p);
+            let q = if on_device {
+                if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, 0, &self.device)? {
+                    if self.fused.is_some() {
+                        // Row j of an item starting at position `start` attends to
+                        // `start + j + 1` slots of its group's reads.
+                        let rows =
+                            p.offsets
+                                .iter()
+                                .zip(&spans)
+                                .flat_map(|(&base, &(first, n, _))| {
+                                    let start = positions[first];
+                                    (0..n).map(move |j| (base, start + j + 1))
+                                });
+                        fused_rows = Some(self.pool_rows(rows));
                     }
-                    let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
-                    let store = device_kv::<B>(cache)?;
-                    let q = self.qkv_to_pool(l, h, &rope, store, li, &plan.write);
-                    let fused = fused_rows
-                        .as_ref()
-                        .and_then(|r| self.attend_pool(store, li, &q, &plan.all, r));
-                    if let Some(a) = fused {
-                        out.push(a);
-                    } else {
-                        for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
-                            let (ka, va) = store.read(li, read);
-                            let q = q.clone().narrow(0, *first, *n);
-                            let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
-                            out.push(self.attend(q, ka, va, mask.clone()));
-                        }
-                    }
-                    q
+                    plan = Some(p);
+                }
+                let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
+                let store = device_kv::<B>(cache)?;
+                let q = self.qkv_to_pool(l, h, &rope, store, li, &plan.write);
+                let fused = fused_rows
+                    .as_ref()
+                    .and_then(|r| self.attend_pool(store, li, &q, &plan.all, r));
+                if let Some(a) = fused {
+                    out.push(a);
                 } else {
-                    let (q, k, v) = self.qkv(l, h, &rope);
-                    for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
-                        let part = |t: &Tensor<B, 3>| t.clone().narrow(0, *first, *n);
-                        self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
-                        if let Some(mask) = mask {
-                            let (ka, va, _) = self.gather(cache, &[seq], li)?;
-                            out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
-                        }
+                    for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
+                        let (ka, va) = store.read(li, read);
+                        let q = q.clone().narrow(0, *first, *n);
+                        let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
+                        out.push(self.attend(q, ka, va, mask.clone()));
                     }
-                    q
-                };
+                }
+                q
+            } else {
+                let (q, k, v) = self.qkv(l, h, &rope);
+                for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
+                    let part = |t: &Tensor<B, 3>| t.clone().narrow(0, *first, *n);
+                    self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
+                    if let Some(mask) = mask {
+                        let (ka, va, _) = self.gather(cache, &[seq], li)?;
+                        out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+                    }
+                }
+                q
+            };
             let attended = if !tensor_attention {
                 self.attend_host(cache, li, q, &rows)?
             } else if out.len() == 1 {
