@@ -154,6 +154,63 @@ fn workers_up(addr: &str) -> (u64, u64) {
     )
 }
 
+/// The router's load summary (`/v1/dopd/load`).
+fn load_now(addr: &str) -> Value {
+    let (_, b) = get(addr, "/v1/dopd/load");
+    serde_json::from_str(&b).unwrap_or_default()
+}
+
+/// The port of a decode worker that surely holds a stream past its first token, if one does:
+/// streams with a first token and no end yet (since `start`) outnumber what the other decode
+/// workers hold. Among several, `pick` chooses.
+fn streaming_decode_worker(addr: &str, start: &Value, pick: usize) -> Option<u16> {
+    let now = load_now(addr);
+    let count = |v: &Value| v["ttft_s"]["count"].as_u64().unwrap_or(0);
+    let done = |v: &Value| v["finished"].as_u64().unwrap_or(0) + v["failed"].as_u64().unwrap_or(0);
+    let streaming = (count(&now) + done(start)).saturating_sub(count(start) + done(&now));
+    let decode: Vec<(u64, &str)> = now["workers"]
+        .as_array()?
+        .iter()
+        .filter(|w| w["role"] == "decode")
+        .filter_map(|w| Some((w["in_flight"].as_u64()?, w["url"].as_str()?)))
+        .collect();
+    let total: u64 = decode.iter().map(|d| d.0).sum();
+    let sure: Vec<&str> = decode
+        .iter()
+        .filter(|(held, _)| *held > 0 && streaming > total - held)
+        .map(|d| d.1)
+        .collect();
+    let url = sure.get(pick % sure.len().max(1))?;
+    url.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
+/// Which of `candidates` listens on TCP `port` (from the socket inodes in `/proc`).
+fn listener_pid(port: u16, candidates: &[u32]) -> Option<u32> {
+    let mut inodes = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let local = f.get(1).and_then(|a| a.rsplit_once(':'));
+            let on_port = local.is_some_and(|(_, p)| u16::from_str_radix(p, 16) == Ok(port));
+            if let (true, true, Some(inode)) = (listening, on_port, f.get(9)) {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    candidates.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|l| inodes.contains(&l.to_string_lossy().into_owned()))
+            })
+        })
+    })
+}
+
 fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let t = Instant::now();
     while !ok() {
@@ -204,40 +261,61 @@ fn workers_killed_at_random_lose_no_request_and_change_no_token() {
         assert!(a.is_ok(), "request {i} failed undisturbed: {a:?}");
     }
 
-    // The same burst, with one prefill and one decode worker killed at seeded moments while it
-    // is served (within the first 70% of the time it took undisturbed).
-    let victims = [
-        (workers_of(pid, "prefill"), rng.between(0.0, 0.1) * span),
-        (workers_of(pid, "decode"), rng.between(0.3, 0.7) * span),
-    ];
+    // The same burst, with a prefill worker killed at a seeded moment early in it, and a decode
+    // worker killed at a seeded moment while streams are cut mid-way: from that moment on, as
+    // soon as the router's counts prove that the victim holds a stream past its first token
+    // (however fast or slow the machine serves the burst).
+    let prefill_victim = workers_of(pid, "prefill");
     let pick = (rng.next() % 2) as usize;
+    let prefill_at = rng.between(0.0, 0.1) * span;
+    let decode_at = rng.between(0.1, 0.4) * span;
+    let start = load_now(&addr);
     let before: HashSet<u32> = children(pid).into_iter().map(|c| c.0).collect();
     let (disturbed, killed) = std::thread::scope(|s| {
         let load = s.spawn(|| burst(&addr, &model));
         let t0 = Instant::now();
-        let mut killed = Vec::new();
-        for (pids, at) in &victims {
-            let Some(&victim) = pids.get(pick.min(pids.len().saturating_sub(1))) else {
-                continue;
-            };
+        let wait_until = |at: f64| {
             std::thread::sleep(Duration::from_secs_f64(
                 (at - t0.elapsed().as_secs_f64()).max(0.0),
-            ));
+            ))
+        };
+        let mut killed = Vec::new();
+        wait_until(prefill_at);
+        if let Some(&victim) = prefill_victim.first() {
             kill(victim);
             eprintln!(
-                "chaos (seed {seed}): killed worker {victim} at {:.2} s of a {span:.1} s burst",
+                "chaos (seed {seed}): killed prefill worker {victim} at {:.2} s of a {span:.1} s burst",
                 t0.elapsed().as_secs_f64()
             );
             killed.push(victim);
         }
+        wait_until(decode_at);
+        while !load.is_finished() {
+            let victim = streaming_decode_worker(&addr, &start, pick)
+                .and_then(|port| listener_pid(port, &workers_of(pid, "decode")));
+            if let Some(victim) = victim {
+                kill(victim);
+                eprintln!(
+                    "chaos (seed {seed}): killed decode worker {victim} mid-stream at {:.2} s",
+                    t0.elapsed().as_secs_f64()
+                );
+                killed.push(victim);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         (load.join().expect("the client threads"), killed)
     });
-    assert_eq!(killed.len(), 2, "one prefill and one decode worker killed");
+    assert_eq!(
+        killed.len(),
+        2,
+        "one prefill and one decode worker killed (the burst ended before a decode worker was \
+         seen holding a stream past its first token)"
+    );
     for (i, (a, b)) in undisturbed.iter().zip(&disturbed).enumerate() {
         assert_eq!(b, a, "request {i}: the answer changed or was lost");
     }
-    let (_, load) = get(&addr, "/v1/dopd/load");
-    let load: Value = serde_json::from_str(&load).expect("JSON");
+    let load = load_now(&addr);
     eprintln!(
         "chaos (seed {seed}): {} requests, all identical; {} streams resumed, {} failed",
         disturbed.len(),
