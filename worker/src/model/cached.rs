@@ -7,7 +7,7 @@ use burn::prelude::*;
 use super::attention::{QueryRow, paged_attention};
 use super::device_kv::{DeviceKv, SlotPlan, decode_bucket, decode_buckets, padded_len};
 use super::host::HOST_DECODE_MAX;
-use super::{Llama, PACK_TOKENS, PREFILL_CHUNK};
+use super::{Layer, Llama, PACK_TOKENS, PREFILL_CHUNK, Rope};
 use crate::kv::{KvError, PagedKvCache, SeqId};
 
 impl<B: Backend> Llama<B> {
@@ -195,32 +195,17 @@ impl<B: Backend> Llama<B> {
         let mut positions = Vec::new();
         // Per query row: its sequence and position (host attention).
         let mut rows = Vec::new();
-        // Per item: its first row in the pass, its length, and (tensor attention) its causal
-        // mask over the cache.
+        // Per item: its first row in the pass and its length.
         let mut spans = Vec::with_capacity(items.len());
         let on_device = !cache.on_host();
         let tensor_attention = on_device || !self.host_attention;
         let host = self.host.as_ref().filter(|_| !tensor_attention);
         for &(seq, t) in items {
             let start = cache.len(seq)?;
-            let n = t.len();
-            // Each row sees the cached positions up to its own; on a device pool the attended
-            // length is padded (see `ATTENTION_PAD`), and the padding lies beyond every row.
-            let width = if on_device {
-                padded_len(start + n)
-            } else {
-                start + n
-            };
-            let mask = tensor_attention.then(|| {
-                self.attention_mask(
-                    Tensor::<B, 2, Bool>::tril_mask([n, width], start as i64, &self.device)
-                        .unsqueeze_dim::<3>(0),
-                )
-            });
-            spans.push((tokens.len(), n, mask));
+            spans.push((tokens.len(), t.len()));
             tokens.extend_from_slice(t);
-            positions.extend(start..start + n);
-            rows.extend((start..start + n).map(|p| (seq, p)));
+            positions.extend(start..start + t.len());
+            rows.extend((start..start + t.len()).map(|p| (seq, p)));
         }
         if let Some(w) = host {
             let n = tokens.len();
@@ -230,70 +215,34 @@ impl<B: Backend> Llama<B> {
                 &self.device,
             ));
         }
-        // A device-resident pool: each item's new slots and what it reads, one group each.
-        let grow: Vec<(SeqId, usize)> = items.iter().map(|&(s, t)| (s, t.len())).collect();
-        let groups: Vec<Vec<usize>> = (0..items.len()).map(|i| vec![i]).collect();
-        let mut plan = None;
-        let mut fused_rows = None;
+        let mut pass = PackedPass::new(items, &spans, &positions);
         let rope = self.rope_table(&positions);
         let mut x = self.embed_tokens(&tokens);
         let mut pending = None;
         for (li, l) in self.layers.iter().enumerate() {
             let (xs, h) = self.add_norm(x, pending.take(), &l.attn_norm);
             x = xs;
-            let mut out = Vec::with_capacity(items.len());
-            let q = if on_device {
-                if let Some(p) = SlotPlan::reserve(cache, li, &grow, &groups, 0, &self.device)? {
-                    if self.fused.is_some() {
-                        // Row j of an item starting at position `start` attends to
-                        // `start + j + 1` slots of its group's reads.
-                        let rows =
-                            p.offsets
-                                .iter()
-                                .zip(&spans)
-                                .flat_map(|(&base, &(first, n, _))| {
-                                    let start = positions[first];
-                                    (0..n).map(move |j| (base, start + j + 1))
-                                });
-                        fused_rows = Some(self.pool_rows(rows));
-                    }
-                    plan = Some(p);
-                }
-                let plan = plan.as_ref().ok_or(KvError::NoTokens)?;
-                let store = device_kv::<B>(cache)?;
-                let q = self.qkv_to_pool(l, h, &rope, store, li, &plan.write);
-                let fused = fused_rows
-                    .as_ref()
-                    .and_then(|r| self.attend_pool(store, li, &q, &plan.all, r));
-                if let Some(a) = fused {
-                    out.push(a);
-                } else {
-                    for ((first, n, mask), (read, t)) in spans.iter().zip(&plan.reads) {
-                        let (ka, va) = store.read(li, read);
-                        let q = q.clone().narrow(0, *first, *n);
-                        let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
-                        out.push(self.attend(q, ka, va, mask.clone()));
-                    }
-                }
-                q
+            let attended = if on_device {
+                self.attend_packed_on_device(cache, li, l, h, &rope, &mut pass)?
             } else {
                 let (q, k, v) = self.qkv(l, h, &rope);
-                for (&(seq, _), (first, n, mask)) in items.iter().zip(&spans) {
-                    let part = |t: &Tensor<B, 3>| t.clone().narrow(0, *first, *n);
-                    self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
-                    if let Some(mask) = mask {
+                if tensor_attention {
+                    let mut out = Vec::with_capacity(items.len());
+                    for (i, (&(seq, _), &(first, n))) in items.iter().zip(&spans).enumerate() {
+                        let part = |t: &Tensor<B, 3>| t.clone().narrow(0, first, n);
+                        self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
                         let (ka, va, _) = self.gather(cache, &[seq], li)?;
-                        out.push(self.attend(part(&q), ka, va, Some(mask.clone())));
+                        let mask = self.causal_mask(&mut pass, i, false);
+                        out.push(self.attend(part(&q), ka, va, Some(mask)));
                     }
+                    cat_rows(out)
+                } else {
+                    for (&(seq, _), &(first, n)) in items.iter().zip(&spans) {
+                        let part = |t: &Tensor<B, 3>| t.clone().narrow(0, first, n);
+                        self.append_kv(cache, &[seq], li, part(&k), part(&v))?;
+                    }
+                    self.attend_host(cache, li, q, &rows)?
                 }
-                q
-            };
-            let attended = if !tensor_attention {
-                self.attend_host(cache, li, q, &rows)?
-            } else if out.len() == 1 {
-                out.pop().expect("one item")
-            } else {
-                Tensor::cat(out, 0)
             };
             let (xs, y) = self.mlp(l, x, l.wo.apply(attended));
             (x, pending) = (xs, Some(y));
@@ -545,6 +494,124 @@ impl<B: Backend> Llama<B> {
         let f = self.fused.as_ref()?;
         let (kp, vp) = store.pools(layer)?;
         f.attention(q, kp, vp, reads, &rows.bases, &rows.lens)
+    }
+}
+
+/// What a packed prefill keeps from layer to layer: each item's rows and slots, and what its
+/// attention over them needs (built at the first layer that needs it).
+struct PackedPass<'a, B: Backend> {
+    /// `(sequence, new tokens)` per item, as [`SlotPlan::reserve`] takes them.
+    grow: Vec<(SeqId, usize)>,
+    /// Per item: its first row in the pass and its length.
+    spans: &'a [(usize, usize)],
+    /// Per row: its position in its sequence.
+    positions: &'a [usize],
+    /// On a device pool: where the new tokens go and what each item reads (layer 0's plan).
+    plan: Option<SlotPlan<B>>,
+    /// The fused attention's rows over [`SlotPlan::all`].
+    rows: Option<PoolRows<B>>,
+    /// Per item: its causal mask over the cache (tensor attention only).
+    masks: Vec<Option<Tensor<B, 4, Bool>>>,
+}
+
+impl<'a, B: Backend> PackedPass<'a, B> {
+    fn new(items: &[(SeqId, &[u32])], spans: &'a [(usize, usize)], positions: &'a [usize]) -> Self {
+        Self {
+            grow: items.iter().map(|&(s, t)| (s, t.len())).collect(),
+            spans,
+            positions,
+            plan: None,
+            rows: None,
+            masks: vec![None; items.len()],
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// One layer's Q/K/V of a packed prefill written into the device pool, and each item's
+    /// attention over its own slots: one fused launch for every item where the backend has the
+    /// kernel, tensor operations with a causal mask per item otherwise. `[rows, heads · hd]`.
+    fn attend_packed_on_device(
+        &self,
+        cache: &mut PagedKvCache,
+        li: usize,
+        l: &Layer<B>,
+        h: Tensor<B, 2>,
+        rope: &Rope<B>,
+        pass: &mut PackedPass<B>,
+    ) -> Result<Tensor<B, 2>, KvError> {
+        // One group per item.
+        let groups: Vec<Vec<usize>> = (0..pass.spans.len()).map(|i| vec![i]).collect();
+        if let Some(p) = SlotPlan::reserve(cache, li, &pass.grow, &groups, 0, &self.device)? {
+            if self.fused.is_some() {
+                // Row j of an item starting at position `start` attends to `start + j + 1`
+                // slots of its group's reads.
+                let rows = p
+                    .offsets
+                    .iter()
+                    .zip(pass.spans)
+                    .flat_map(|(&base, &(first, n))| {
+                        let start = pass.positions[first];
+                        (0..n).map(move |j| (base, start + j + 1))
+                    });
+                pass.rows = Some(self.pool_rows(rows));
+            }
+            pass.plan = Some(p);
+        }
+        let plan = pass.plan.take().ok_or(KvError::NoTokens)?;
+        let store = device_kv::<B>(cache)?;
+        let q = self.qkv_to_pool(l, h, rope, store, li, &plan.write);
+        let fused = pass
+            .rows
+            .as_ref()
+            .and_then(|r| self.attend_pool(store, li, &q, &plan.all, r));
+        let attended = match fused {
+            Some(a) => a,
+            None => {
+                let mut out = Vec::with_capacity(pass.spans.len());
+                for (i, (read, t)) in plan.reads.iter().enumerate() {
+                    let (first, n) = pass.spans[i];
+                    let (ka, va) = store.read(li, read);
+                    let q = q.clone().narrow(0, first, n);
+                    let (ka, va) = (self.head_major(ka, 1, *t), self.head_major(va, 1, *t));
+                    let mask = self.causal_mask(pass, i, true);
+                    out.push(self.attend(q, ka, va, Some(mask)));
+                }
+                cat_rows(out)
+            }
+        };
+        pass.plan = Some(plan);
+        Ok(attended)
+    }
+
+    /// Item `i`'s causal mask over its cache: each of its rows sees the positions up to its own.
+    /// On a device pool the attended length is padded (see `ATTENTION_PAD`), and the padding
+    /// lies beyond every row. Built once per pass.
+    fn causal_mask(&self, pass: &mut PackedPass<B>, i: usize, padded: bool) -> Tensor<B, 4, Bool> {
+        let (first, n) = pass.spans[i];
+        let start = pass.positions[first];
+        let width = if padded {
+            padded_len(start + n)
+        } else {
+            start + n
+        };
+        pass.masks[i]
+            .get_or_insert_with(|| {
+                self.attention_mask(
+                    Tensor::<B, 2, Bool>::tril_mask([n, width], start as i64, &self.device)
+                        .unsqueeze_dim::<3>(0),
+                )
+            })
+            .clone()
+    }
+}
+
+/// Rows of several items' attention, one after the other.
+fn cat_rows<B: Backend>(mut out: Vec<Tensor<B, 2>>) -> Tensor<B, 2> {
+    if out.len() == 1 {
+        out.pop().expect("one item")
+    } else {
+        Tensor::cat(out, 0)
     }
 }
 
