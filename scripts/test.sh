@@ -7,30 +7,33 @@ if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
 fi
 # kubectl and helm from scripts/setup.sh when the machine has none; pip's --user scripts.
 export PATH="$PWD/.bin:$HOME/.local/bin:$PATH"
-echo "== cargo fmt --check"
+# Each step's header says when it starts (seconds since this script started), so a slow CI run
+# shows where its time went.
+step() { echo "== $* [at ${SECONDS}s]"; }
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy -D warnings"
+step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo clippy --features cuda (the GPU build and its fused kernels compile; no GPU needed)"
+step "cargo clippy --features cuda (the GPU build and its fused kernels compile; no GPU needed)"
 cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
-echo "== layout: the router and the operator build no engine; files stay under ~800 lines"
+step "layout: the router and the operator build no engine; files stay under ~800 lines"
 scripts/layout-check.sh
-echo "== Helm chart: lint, template, schema validation, CRD and examples"
+step "Helm chart: lint, template, schema validation, CRD and examples"
 scripts/chart-check.sh
-echo "== Dockerfile: lint, and the binaries it copies are the workspace's"
+step "Dockerfile: lint, and the binaries it copies are the workspace's"
 scripts/docker-check.sh
-echo "== cargo test"
+step "cargo test"
 # UCX tests run over loopback TCP unless the caller chose other transports.
 export UCX_TLS=${UCX_TLS:-tcp}
 cargo test --workspace --locked -- --skip workers_killed_at_random
-echo "== fused GPU kernels against tensor operations, on wgpu (Mesa's software Vulkan device)"
+step "fused GPU kernels against tensor operations, on wgpu (Mesa's software Vulkan device)"
 # XDG_RUNTIME_DIR only quiets the Vulkan loader's complaint about a machine without a session.
 XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} cargo test -p dopd-worker --features wgpu --test fused_kernels --locked
-echo "== chaos: workers of dopd up killed at random moments (seeded); nothing lost or changed"
+step "chaos: workers of dopd up killed at random moments (seeded); nothing lost or changed"
 cargo test -p dopd --test chaos --locked -- --nocapture
-echo "== end to end: dopd up driven by the openai Python client"
+step "end to end: dopd up driven by the openai Python client"
 scripts/e2e-local.sh target/debug/dopd
-echo "== operator against a real control plane (kube-apiserver, controller-manager, scheduler, etcd, KWOK)"
+step "operator against a real control plane (kube-apiserver, controller-manager, scheduler, etcd, KWOK)"
 # The control plane is built from Go modules once per machine (e2e/controlplane/build.sh, cached
 # in ~/.cache/dopd/controlplane keyed by go.sum); it needs Go >= 1.26.
 if command -v go >/dev/null 2>&1; then
@@ -38,11 +41,11 @@ if command -v go >/dev/null 2>&1; then
 else
   echo "SKIPPED: the real-control-plane tier needs Go >= 1.26 to build Kubernetes' components: install Go and rerun"
 fi
-echo "== operator on a real cluster (skipped without one)"
+step "operator on a real cluster (skipped without one)"
 e2e/cluster.sh target/debug/dopd
-echo "== cargo doc"
+step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
-echo "== container images: both targets built with buildah from local bases, run and exported"
+step "container images: both targets built with buildah from local bases, run and exported"
 # The binaries are this run's debug builds (a release build would compile everything again):
 # the plain one as the tests left it, then the same with the cuda feature.
 # buildah (vfs, chroot) and the run's mount namespaces need root: CI has it; elsewhere, sudo
@@ -56,3 +59,4 @@ if [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
 else
   echo "SKIPPED: the container images need root (or sudo without a password): run scripts/images.sh as root"
 fi
+step "done"
