@@ -14,8 +14,13 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-step "cargo clippy --features cuda (the GPU build and its fused kernels compile; no GPU needed)"
-cargo clippy -p dopd -p dopd-worker --features cuda --all-targets --locked -- -D warnings
+# The GPU features: cuda (serving on NVIDIA GPUs) and wgpu (the fused kernels' test on a Vulkan
+# device). One feature set for both, here and in the GPU build below, so their dependencies compile
+# once; --workspace keeps every other dependency's features as the plain build has them (resolver 2
+# unifies over the selected packages), so those are not compiled again.
+gpu_features=(--workspace --features dopd/cuda,dopd-worker/wgpu --locked)
+step "cargo clippy with the GPU features (the CUDA build and its fused kernels compile; no GPU needed)"
+cargo clippy "${gpu_features[@]}" --all-targets -- -D warnings
 step "layout: the router and the operator build no engine; files stay under ~800 lines"
 scripts/layout-check.sh
 step "Helm chart: lint, template, schema validation, CRD and examples"
@@ -25,10 +30,9 @@ scripts/docker-check.sh
 step "cargo test"
 # UCX tests run over loopback TCP unless the caller chose other transports.
 export UCX_TLS=${UCX_TLS:-tcp}
+cargo test --workspace --locked --no-run
+step "cargo test: run"
 cargo test --workspace --locked -- --skip workers_killed_at_random
-step "fused GPU kernels against tensor operations, on wgpu (Mesa's software Vulkan device)"
-# XDG_RUNTIME_DIR only quiets the Vulkan loader's complaint about a machine without a session.
-XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} cargo test -p dopd-worker --features wgpu --test fused_kernels --locked
 step "chaos: workers of dopd up killed at random moments (seeded); nothing lost or changed"
 cargo test -p dopd --test chaos --locked -- --nocapture
 step "end to end: dopd up driven by the openai Python client"
@@ -45,16 +49,22 @@ step "operator on a real cluster (skipped without one)"
 e2e/cluster.sh target/debug/dopd
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+# The images take this run's test-profile builds (a release build would compile everything again):
+# the plain binary as the tests left it, kept before the GPU build below replaces it.
+mkdir -p target/images
+strip -o target/images/dopd target/debug/dopd
+step "GPU build: dopd with the cuda feature, and the fused GPU kernels against tensor operations on wgpu (Mesa's software Vulkan device)"
+# One invocation in the test profile: the dependencies the tests compiled are reused, and the cuda
+# binary and the fused-kernel test share the GPU features' build (the binary carries the wgpu
+# backend too, unused: `dopd` never opens a wgpu device).
+cargo build --profile test "${gpu_features[@]}" --bin dopd --test fused_kernels
+strip -o target/images/dopd-cuda target/debug/dopd
+# XDG_RUNTIME_DIR only quiets the Vulkan loader's complaint about a machine without a session.
+XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} cargo test "${gpu_features[@]}" --test fused_kernels
 step "container images: both targets built with buildah from local bases, run and exported"
-# The binaries are this run's debug builds (a release build would compile everything again):
-# the plain one as the tests left it, then the same with the cuda feature.
 # buildah (vfs, chroot) and the run's mount namespaces need root: CI has it; elsewhere, sudo
 # without a password, or this step says it is skipped.
 if [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; then
-  mkdir -p target/images
-  strip -o target/images/dopd target/debug/dopd
-  cargo build -p dopd --features cuda --locked --quiet
-  strip -o target/images/dopd-cuda target/debug/dopd
   scripts/images.sh --dopd-binary target/images/dopd --cuda-binary target/images/dopd-cuda
 else
   echo "SKIPPED: the container images need root (or sudo without a password): run scripts/images.sh as root"
