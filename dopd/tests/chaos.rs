@@ -160,14 +160,18 @@ fn load_now(addr: &str) -> Value {
     serde_json::from_str(&b).unwrap_or_default()
 }
 
-/// The port of a decode worker that surely holds a stream past its first token, if one does:
-/// streams with a first token and no end yet (since `start`) outnumber what the other decode
-/// workers hold. Among several, `pick` chooses.
-fn streaming_decode_worker(addr: &str, start: &Value, pick: usize) -> Option<u16> {
+/// The port of a decode worker that surely holds a stream past its first token, if one does.
+/// Streams with a first token and no end yet (since `start`) are counted low: first tokens from
+/// one read of the router's load, which reads its totals before the workers' counts of requests
+/// held, and ends from a second read after it, so a stream that ends between the reads is not
+/// counted. A worker holds at least that many less what all other decode workers hold; among
+/// the workers with the most, `pick` chooses.
+fn streaming_decode_worker(addr: &str, start: &Value, pick: usize) -> Option<(u16, u64)> {
     let now = load_now(addr);
+    let after = load_now(addr);
     let count = |v: &Value| v["ttft_s"]["count"].as_u64().unwrap_or(0);
     let done = |v: &Value| v["finished"].as_u64().unwrap_or(0) + v["failed"].as_u64().unwrap_or(0);
-    let streaming = (count(&now) + done(start)).saturating_sub(count(start) + done(&now));
+    let streaming = (count(&now) + done(start)).saturating_sub(count(start) + done(&after));
     let decode: Vec<(u64, &str)> = now["workers"]
         .as_array()?
         .iter()
@@ -175,13 +179,20 @@ fn streaming_decode_worker(addr: &str, start: &Value, pick: usize) -> Option<u16
         .filter_map(|w| Some((w["in_flight"].as_u64()?, w["url"].as_str()?)))
         .collect();
     let total: u64 = decode.iter().map(|d| d.0).sum();
-    let sure: Vec<&str> = decode
+    let surely = |held: u64| streaming.saturating_sub(total - held).min(held);
+    let most = decode
         .iter()
-        .filter(|(held, _)| *held > 0 && streaming > total - held)
+        .map(|d| surely(d.0))
+        .max()
+        .filter(|&m| m > 0)?;
+    let best: Vec<&str> = decode
+        .iter()
+        .filter(|d| surely(d.0) == most)
         .map(|d| d.1)
         .collect();
-    let url = sure.get(pick % sure.len().max(1))?;
-    url.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+    let url = best.get(pick % best.len())?;
+    let port = url.rsplit(':').next()?.trim_end_matches('/').parse().ok()?;
+    Some((port, most))
 }
 
 /// Which of `candidates` listens on TCP `port` (from the socket inodes in `/proc`).
@@ -291,12 +302,14 @@ fn workers_killed_at_random_lose_no_request_and_change_no_token() {
         }
         wait_until(decode_at);
         while !load.is_finished() {
-            let victim = streaming_decode_worker(&addr, &start, pick)
-                .and_then(|port| listener_pid(port, &workers_of(pid, "decode")));
-            if let Some(victim) = victim {
+            let victim = streaming_decode_worker(&addr, &start, pick).and_then(|(port, held)| {
+                Some((listener_pid(port, &workers_of(pid, "decode"))?, held))
+            });
+            if let Some((victim, held)) = victim {
                 kill(victim);
                 eprintln!(
-                    "chaos (seed {seed}): killed decode worker {victim} mid-stream at {:.2} s",
+                    "chaos (seed {seed}): killed decode worker {victim} at {:.2} s, while it \
+                     surely held {held} stream(s) past the first token",
                     t0.elapsed().as_secs_f64()
                 );
                 killed.push(victim);
