@@ -502,6 +502,8 @@ impl<B: Backend> Llama<B> {
 struct PackedPass<'a, B: Backend> {
     /// `(sequence, new tokens)` per item, as [`SlotPlan::reserve`] takes them.
     grow: Vec<(SeqId, usize)>,
+    /// One read group per item, as [`SlotPlan::reserve`] takes them.
+    groups: Vec<Vec<usize>>,
     /// Per item: its first row in the pass and its length.
     spans: &'a [(usize, usize)],
     /// Per row: its position in its sequence.
@@ -518,6 +520,7 @@ impl<'a, B: Backend> PackedPass<'a, B> {
     fn new(items: &[(SeqId, &[u32])], spans: &'a [(usize, usize)], positions: &'a [usize]) -> Self {
         Self {
             grow: items.iter().map(|&(s, t)| (s, t.len())).collect(),
+            groups: (0..items.len()).map(|i| vec![i]).collect(),
             spans,
             positions,
             plan: None,
@@ -540,9 +543,7 @@ impl<B: Backend> Llama<B> {
         rope: &Rope<B>,
         pass: &mut PackedPass<B>,
     ) -> Result<Tensor<B, 2>, KvError> {
-        // One group per item.
-        let groups: Vec<Vec<usize>> = (0..pass.spans.len()).map(|i| vec![i]).collect();
-        if let Some(p) = SlotPlan::reserve(cache, li, &pass.grow, &groups, 0, &self.device)? {
+        if let Some(p) = SlotPlan::reserve(cache, li, &pass.grow, &pass.groups, 0, &self.device)? {
             if self.fused.is_some() {
                 // Row j of an item starting at position `start` attends to `start + j + 1`
                 // slots of its group's reads.
