@@ -54,6 +54,10 @@ echo "== E4: bursty workload from 1P+1D"
   --plot-dir docs/img/e4 > "$out/e4.txt"
 echo "== The scoreboard: every policy on every row of examples/scoreboard/suite.yaml"
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml --out "$out/scoreboard.md" > /dev/null
+echo "== The flash crowd beside its base alone (same arrivals until the crowd)"
+"$dopd" sim scoreboard --suite examples/scoreboard/flash-onset.yaml \
+  --policies dopd,dopd-paper,static:search,oracle,static:1x1,static:2x1,static:3x1,static:2x2 \
+  --out "$out/flash-onset.md" > /dev/null
 echo "== Ablations of dopd's mechanisms, same rows"
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml \
   --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-no-hold,dopd-no-kv-calibration,dopd-fixed-bypass,dopd-no-bypass,static:search \

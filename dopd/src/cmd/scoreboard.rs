@@ -285,6 +285,57 @@ mod tests {
     }
 
     #[test]
+    fn the_flash_crowds_base_alone_is_the_flash_crowd_until_the_crowd_comes() {
+        // The argument of docs/experiments.md ("The flash crowd cannot be met by a causal
+        // policy") rests on the two workloads of examples/scoreboard/flash-onset.yaml drawing
+        // the same requests until the crowd's onset.
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+        let suite: Suite = serde_yaml::from_str(
+            &std::fs::read_to_string(format!("{dir}/scoreboard/flash-onset.yaml"))
+                .expect("the suite"),
+        )
+        .expect("parses");
+        let base = Path::new(dir).join("scoreboard");
+        let mut runs = Vec::new();
+        for row in &suite.rows {
+            let c = common(row, &suite.defaults, &base).expect("a valid row");
+            let file = c.synthetic.expect("a synthetic workload");
+            let spec: dopd_sim::SyntheticSpec =
+                serde_yaml::from_str(&std::fs::read_to_string(&file).expect("the workload"))
+                    .expect("a valid workload");
+            runs.push(dopd_sim::synthetic(&spec).expect("generates"));
+        }
+        let [crowd, base_alone] = runs.as_slice() else {
+            panic!("two rows, the flash crowd and its base")
+        };
+        let before = |w: &[dopd_sim::SimRequest], t: f64| {
+            w.iter()
+                .filter(|r| r.arrival_s < t)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let onset = 600.0;
+        let early = before(crowd, onset);
+        assert!(
+            early.len() > 2000,
+            "{} requests before the onset",
+            early.len()
+        );
+        assert_eq!(early, before(base_alone, onset));
+        // The crowd is there in one and not in the other: its two minutes hold about five
+        // times the base's arrivals.
+        let during = |w: &[dopd_sim::SimRequest]| {
+            w.iter()
+                .filter(|r| r.arrival_s >= onset && r.arrival_s < onset + 120.0)
+                .count()
+        };
+        assert!(during(crowd) > 4 * during(base_alone));
+        // Both runs last about as long, so their GPU-seconds compare.
+        let end = |w: &[dopd_sim::SimRequest]| w.last().map_or(0.0, |r| r.arrival_s);
+        assert!((end(crowd) - end(base_alone)).abs() < 0.05 * end(crowd));
+    }
+
+    #[test]
     fn what_a_suite_leaves_out_is_dopd_sims_own_default() {
         let row = Row {
             name: "bare".into(),
