@@ -335,6 +335,49 @@ fn sim_run_writes_per_request_records() {
 }
 
 #[test]
+fn sim_run_writes_the_decisions_with_their_reasons() {
+    let trace = TempFile::new("trace.csv", &small_trace());
+    let jsonl = trace.0.with_file_name("decisions.jsonl");
+    let out = dopd(&[
+        "sim",
+        "run",
+        "--trace",
+        trace.path(),
+        "--policy",
+        "dopd",
+        "--decisions",
+        jsonl.to_str().expect("utf-8"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&jsonl).expect("decisions written");
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(steps.len() > 3, "{} control steps", steps.len());
+    let decided: Vec<&serde_json::Value> =
+        steps.iter().filter(|s| !s["decision"].is_null()).collect();
+    assert!(!decided.is_empty());
+    for d in decided {
+        let d = &d["decision"];
+        assert!(
+            d["target"]["prefill"].as_u64().is_some_and(|p| p >= 1),
+            "{d}"
+        );
+        assert!(
+            d["reasons"].as_array().is_some_and(|r| !r.is_empty()),
+            "{d}"
+        );
+    }
+    // The ticks come in time order.
+    let at: Vec<f64> = steps
+        .iter()
+        .map(|s| s["at"].as_f64().expect("a time"))
+        .collect();
+    assert!(at.windows(2).all(|w| w[0] <= w[1]));
+}
+
+#[test]
 fn sim_rejects_unknown_policies_before_running() {
     let trace = TempFile::new("trace.csv", &small_trace());
     let out = dopd(&[

@@ -23,6 +23,11 @@ pub enum Command {
         /// Write one CSV row per request here.
         #[arg(long, value_name = "FILE.csv")]
         records: Option<PathBuf>,
+        /// Write every control-loop tick here, one JSON object per line: what the loop saw
+        /// (`snapshot`), what it ordered (`orders`) and the planner's decision with its
+        /// reasons and predicted latencies (`decision`, on the ticks where it decided).
+        #[arg(long, value_name = "FILE.jsonl")]
+        decisions: Option<PathBuf>,
     },
     /// Run several policies on the same workload and print one row each.
     Compare {
@@ -347,9 +352,20 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             common,
             policy,
             records,
+            decisions,
         } => {
-            let s = setup(&common)?;
+            let mut s = setup(&common)?;
+            s.base.record_control = decisions.is_some();
             let r = run_one(&policy, &s, common.budget)?;
+            if let Some(path) = decisions {
+                let mut lines = String::new();
+                for step in &r.control {
+                    lines += &serde_json::to_string(step)?;
+                    lines.push('\n');
+                }
+                std::fs::write(&path, lines)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
             if let Some(path) = records {
                 let mut csv =
                     String::from("id,arrival_s,isl,osl,route,ttft_s,tpot_s,finish_s,met_slo\n");
