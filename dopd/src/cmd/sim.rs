@@ -43,7 +43,8 @@ pub enum Command {
         /// scale-down window instead of one priced in start-ups), dopd-fixed-bypass (the
         /// routing's fixed ultra-short threshold instead of one from the profile),
         /// dopd-no-kv-calibration (decode concurrency from the tracked lengths alone, not
-        /// corrected by the measured KV occupancy).
+        /// corrected by the measured KV occupancy), dopd-fifo-model (the prefill model waits
+        /// every prompt in arrival order, not deadline-first as the router serves them).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -242,6 +243,10 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-no-kv-calibration" => {
             cfg.planner.slo_policy.kv_calibration = false;
+            PolicySpec::Dopd
+        }
+        "dopd-fifo-model" => {
+            cfg.planner.slo_policy.deadline_first = false;
             PolicySpec::Dopd
         }
         "dopd-fixed-bypass" => {

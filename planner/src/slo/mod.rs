@@ -97,6 +97,10 @@ pub struct SloPolicy {
     pub fixed_bypass_isl: u32,
     /// KV link bandwidth between prefill and decode, bytes/s (0: transfers not modelled).
     pub kv_link_bytes_per_s: f64,
+    /// Prefill work waits in the router's deadline-first queue (its default), so under a
+    /// length-aware TTFT SLO a short prompt waits only behind work due no later than itself
+    /// (off: one arrival-order queue, as `shared-fifo` and the per-instance queues).
+    pub deadline_first: bool,
 }
 
 impl Default for SloPolicy {
@@ -115,6 +119,7 @@ impl Default for SloPolicy {
             kv_calibration: true,
             fixed_bypass_isl: 511,
             kv_link_bytes_per_s: 0.0,
+            deadline_first: true,
         }
     }
 }

@@ -92,9 +92,46 @@ impl<'a> PrefillModel<'a> {
         }
         feasible
             .iter()
-            .map(|&x| wait_tail(c, a, self.mean_s, self.beta, self.slack(x)))
+            .map(|&x| {
+                let mean = self.mean_s * self.priority_factor(c, x);
+                wait_tail(c, a, mean, self.beta, self.slack(x))
+            })
             .sum::<f64>()
             / feasible.len() as f64
+    }
+
+    /// How a prompt of `x` tokens' wait compares with the arrival-order wait, when the queue
+    /// serves the earliest deadline first: it waits behind the work due no later than itself
+    /// (under a length-aware TTFT SLO, the shorter prompts'), not behind everything queued.
+    /// Each deadline class's mean wait scales as in the non-preemptive M/G/1 priority queue
+    /// (Cobham's formula, which Bondi and Buzen carry over to `c` servers):
+    /// `(1 - rho) / ((1 - sigma_before) (1 - sigma_upto))`, with `rho` the instances'
+    /// utilisation and the sigmas that of the work due strictly before and no later than `x`.
+    /// A fixed SLO gives every prompt one deadline offset and the factor 1; so does an
+    /// arrival-order queue.
+    pub(super) fn priority_factor(&self, c: u32, x: f64) -> f64 {
+        if !self.policy.deadline_first || self.points.is_empty() || c == 0 {
+            return 1.0;
+        }
+        let per_point = self.rate / (self.points.len() as f64 * f64::from(c));
+        let due = self.slo.ttft_at(x);
+        let (mut before, mut upto) = (0.0, 0.0);
+        for &y in &self.points {
+            let u = per_point * self.service(y);
+            let d = self.slo.ttft_at(y);
+            if d < due {
+                before += u;
+            }
+            if d <= due {
+                upto += u;
+            }
+        }
+        let rho = (self.load() / f64::from(c)).min(1.0);
+        let denom = (1.0 - before) * (1.0 - upto);
+        if rho >= 1.0 || denom <= 0.0 {
+            return 1.0;
+        }
+        ((1.0 - rho) / denom).max(0.0)
     }
 
     /// TTFT of a mean-length prompt at the miss-budget quantile of its wait.
@@ -111,7 +148,7 @@ impl<'a> PrefillModel<'a> {
         let wait = if pw <= eps {
             0.0
         } else {
-            (pw / eps).ln() * self.beta * self.mean_s / (cf - a)
+            (pw / eps).ln() * self.beta * self.mean_s * self.priority_factor(c, x) / (cf - a)
         };
         base + wait
     }

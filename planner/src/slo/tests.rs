@@ -415,3 +415,70 @@ fn the_measured_kv_occupancy_corrects_the_decode_model() {
         kv_occupancy(&p, &base, &slo, &pol, 0, 4)
     );
 }
+
+#[test]
+fn a_deadline_first_queue_under_a_length_aware_slo_puts_short_prompts_first() {
+    let p = profile();
+    let mut w = workload(0.5, 8000.0, 300.0);
+    w.isl_cv2 = 1.5;
+    let aware = SloTargets {
+        ttft_per_token_s: 0.0002,
+        ..SloTargets::default()
+    };
+    let edf = SloPolicy::default();
+    let fifo = SloPolicy {
+        deadline_first: false,
+        ..SloPolicy::default()
+    };
+    let m = PrefillModel::new(&p, &aware, &edf, &w, 0);
+    let c = 3;
+    let (short, long) = (m.points[0], m.points[m.points.len() - 1]);
+    assert!(
+        m.priority_factor(c, short) < 1.0,
+        "{}",
+        m.priority_factor(c, short)
+    );
+    assert!(
+        m.priority_factor(c, long) > 1.0,
+        "{}",
+        m.priority_factor(c, long)
+    );
+    // Priorities move waiting between prompts, not its total: weighted by each prompt's
+    // work, the factors average to one (the conservation law Cobham's formula keeps).
+    let rho = m.load() / f64::from(c);
+    let weighted: f64 = m
+        .points
+        .iter()
+        .map(|&x| m.service(x) * m.priority_factor(c, x))
+        .sum::<f64>()
+        / m.points.iter().map(|&x| m.service(x)).sum::<f64>();
+    assert!(
+        rho > 0.05 && (weighted - 1.0).abs() < 1e-9,
+        "{weighted} at {rho}"
+    );
+    // Arrival order, or one deadline offset for every prompt, leaves the wait as it is.
+    let m_fifo = PrefillModel::new(&p, &aware, &fifo, &w, 0);
+    let fixed = SloTargets::default();
+    let m_fixed = PrefillModel::new(&p, &fixed, &edf, &w, 0);
+    for &x in &m.points {
+        assert_eq!(m_fifo.priority_factor(c, x), 1.0);
+        assert!((m_fixed.priority_factor(c, x) - 1.0).abs() < 1e-12);
+    }
+    // Short prompts that no longer wait behind long ones need no more instances, and fewer at
+    // some load.
+    let needs: Vec<(u32, u32)> = [0.3, 0.6, 1.0, 1.5, 2.0]
+        .iter()
+        .map(|&rate| {
+            let w = Workload {
+                rate_p: rate,
+                rate_d: rate,
+                rate_now: rate,
+                ..w.clone()
+            };
+            let n = |pol: &SloPolicy| sized(&p, &w, &aware, pol).need.prefill;
+            (n(&edf), n(&fifo))
+        })
+        .collect();
+    assert!(needs.iter().all(|(e, f)| e <= f), "{needs:?}");
+    assert!(needs.iter().any(|(e, f)| e < f), "{needs:?}");
+}
