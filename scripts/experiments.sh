@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces docs/experiments.md: every table under docs/experiments/ and every plot under
-# docs/img/e*/ (about ten minutes on 2 cores). Run from the repository root after scripts/setup.sh.
+# docs/img/e*/ (about fifteen minutes on 2 cores). Run from the repository root after scripts/setup.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p dopd
@@ -60,8 +60,10 @@ echo "== The flash crowd beside its base alone (same arrivals until the crowd)"
   --out "$out/flash-onset.md" > /dev/null
 echo "== Ablations of dopd's mechanisms, same rows"
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml \
-  --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-no-hold,dopd-no-kv-calibration,dopd-fixed-bypass,dopd-no-bypass,static:search \
+  --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-no-hold,dopd-no-kv-calibration,dopd-fixed-bypass,dopd-no-bypass,dopd-fifo-model,static:search \
   --out "$out/ablations.md" > /dev/null
+echo "== Held-out workloads (examples/scoreboard/heldout.yaml), every policy"
+"$dopd" sim scoreboard --suite examples/scoreboard/heldout.yaml --out "$out/heldout.md" > /dev/null
 echo "== Ablation of the shared prefill queue: the same rows with per-instance queues"
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml --policies dopd,static:search \
   "${pq[@]}" --out "$out/ablation-per-instance-queue.md" > /dev/null

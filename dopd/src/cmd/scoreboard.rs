@@ -275,6 +275,24 @@ mod tests {
             let file = c.trace.or(c.synthetic).expect("a workload");
             assert!(file.exists(), "{}: {}", row.name, file.display());
         }
+        // The held-out suite, too, and every synthetic workload it names parses.
+        let heldout: Suite = serde_yaml::from_str(
+            &std::fs::read_to_string(base.join("heldout.yaml")).expect("the held-out suite"),
+        )
+        .expect("parses");
+        assert!(heldout.rows.len() >= 9);
+        for row in &heldout.rows {
+            let c = common(row, &heldout.defaults, base).expect("a valid row");
+            if let Some(file) = c.synthetic {
+                let text = std::fs::read_to_string(&file).expect("the workload");
+                let spec: dopd_sim::SyntheticSpec =
+                    serde_yaml::from_str(&text).expect("a valid workload");
+                assert!(dopd_sim::synthetic(&spec).is_ok(), "{}", row.name);
+            } else {
+                let file = c.trace.expect("a workload");
+                assert!(file.exists(), "{}: {}", row.name, file.display());
+            }
+        }
         let bad = Row {
             name: "both".into(),
             trace: Some("a".into()),
