@@ -315,28 +315,9 @@ fn sim_compare_runs_every_policy_on_the_same_workload() {
 }
 
 #[test]
-fn sim_run_writes_per_request_records() {
+fn sim_run_writes_per_request_records_and_the_decisions_with_their_reasons() {
     let trace = TempFile::new("trace.csv", &small_trace());
     let csv = trace.0.with_file_name("records.csv");
-    let out = dopd(&[
-        "sim",
-        "run",
-        "--trace",
-        trace.path(),
-        "--policy",
-        "dyn-load",
-        "--records",
-        csv.to_str().expect("utf-8"),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = std::fs::read_to_string(&csv).expect("records written");
-    assert_eq!(text.lines().count(), 601, "header + one line per request");
-    assert!(stdout(&out).contains("dyn-load"));
-}
-
-#[test]
-fn sim_run_writes_the_decisions_with_their_reasons() {
-    let trace = TempFile::new("trace.csv", &small_trace());
     let jsonl = trace.0.with_file_name("decisions.jsonl");
     let out = dopd(&[
         "sim",
@@ -345,10 +326,15 @@ fn sim_run_writes_the_decisions_with_their_reasons() {
         trace.path(),
         "--policy",
         "dopd",
+        "--records",
+        csv.to_str().expect("utf-8"),
         "--decisions",
         jsonl.to_str().expect("utf-8"),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("dopd"));
+    let text = std::fs::read_to_string(&csv).expect("records written");
+    assert_eq!(text.lines().count(), 601, "header + one line per request");
     let text = std::fs::read_to_string(&jsonl).expect("decisions written");
     let steps: Vec<serde_json::Value> = text
         .lines()
