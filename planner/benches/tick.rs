@@ -7,7 +7,8 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use dopd_planner::forecast::{ArimaConfig, auto_arima};
 use dopd_planner::planner::{Observation, Planner, PlannerConfig, ReplicaState};
 use dopd_planner::profile::{PerRole, roofline::RooflineSpec};
-use dopd_planner::sizing::{SizingConfig, SizingInput, size_dopd};
+use dopd_planner::sizing::{Replicas, SizingConfig, SizingInput, size_dopd};
+use dopd_planner::slo::{Bounds, SloPolicy, SloTargets, Workload, size};
 use dopd_planner::trace::{IntervalStats, Series, Trace};
 
 fn intervals() -> Vec<IntervalStats> {
@@ -80,6 +81,69 @@ fn bench(c: &mut Criterion) {
         let cfg = SizingConfig::default();
         b.iter(|| size_dopd(&profile, &SizingInput::new(300.0, 1000.0, 245.0), &cfg));
     });
+    // The SLO-aware sizing of one tick (the `dopd` policy), on a long-prompt load: with a fixed
+    // TTFT SLO, and with a length-aware one whose prefill model waits prompts deadline-first
+    // (as the router's queue serves them) or in arrival order.
+    let long_prompts = Workload {
+        rate_p: 0.8,
+        rate_d: 0.8,
+        rate_now: 0.8,
+        isl: 8000.0,
+        isl_cv2: 1.7,
+        osl: 300.0,
+        osl_cv2: 0.4,
+        arrival_cv2: 1.0,
+        kappa: PerRole {
+            prefill: 1.0,
+            decode: 1.0,
+        },
+        transfer_s_per_token: 0.0,
+        isl_shares: None,
+        kv_scale: 1.0,
+    };
+    let bounds = Bounds {
+        min: Replicas::default(),
+        max: PerRole {
+            prefill: None,
+            decode: None,
+        },
+        budget: 16,
+        current: None,
+    };
+    let aware = SloTargets {
+        ttft_per_token_s: 0.0002,
+        ..SloTargets::default()
+    };
+    let fifo = SloPolicy {
+        deadline_first: false,
+        ..SloPolicy::default()
+    };
+    for (name, slo, policy) in [
+        (
+            "size_slo_fixed_ttft",
+            SloTargets::default(),
+            SloPolicy::default(),
+        ),
+        (
+            "size_slo_length_aware_deadline_first",
+            aware.clone(),
+            SloPolicy::default(),
+        ),
+        ("size_slo_length_aware_arrival_order", aware, fifo),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                size(
+                    &profile,
+                    &long_prompts,
+                    &slo,
+                    &policy,
+                    Replicas::default(),
+                    &bounds,
+                )
+            })
+        });
+    }
     group.finish();
 
     let mut group = c.benchmark_group("auto_arima_window50");
