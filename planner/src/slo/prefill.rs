@@ -16,6 +16,12 @@ pub(super) struct PrefillModel<'a> {
     pub(super) mean_s: f64,
     pub(super) beta: f64,
     pub(super) points: Vec<f64>,
+    /// Each point's prefill time.
+    services: Vec<f64>,
+    /// For each point, the prefill work (seconds per arriving request) due strictly before it
+    /// and no later than it, when a deadline-first queue orders prompts by length (a
+    /// length-aware SLO); empty when every prompt waits in arrival order.
+    ahead: Vec<(f64, f64)>,
 }
 
 impl<'a> PrefillModel<'a> {
@@ -29,9 +35,13 @@ impl<'a> PrefillModel<'a> {
         let lengths = w.isl_dist();
         let from = f64::from(bypass);
         let points = lengths.points_above(from, 16);
-        let service = |x: f64| w.kappa.prefill * prefill_time(profile, x);
-        let mean_s = points.iter().map(|&x| service(x)).sum::<f64>() / points.len() as f64;
-        let s2 = points.iter().map(|&x| service(x).powi(2)).sum::<f64>() / points.len() as f64;
+        let services: Vec<f64> = points
+            .iter()
+            .map(|&x| w.kappa.prefill * prefill_time(profile, x))
+            .collect();
+        let n = points.len() as f64;
+        let mean_s = services.iter().sum::<f64>() / n;
+        let s2 = services.iter().map(|s| s.powi(2)).sum::<f64>() / n;
         let cs2 = if mean_s > 0.0 {
             (s2 / (mean_s * mean_s) - 1.0).max(0.0)
         } else {
@@ -47,7 +57,16 @@ impl<'a> PrefillModel<'a> {
             lengths,
             mean_s,
             beta: (w.arrival_cv2.max(0.0) + cs2) / 2.0,
+            ahead: if policy.deadline_first && slo.ttft_per_token_s > 0.0 {
+                points
+                    .iter()
+                    .map(|&x| work_ahead(&points, &services, slo, x))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             points,
+            services,
         }
     }
 
@@ -81,23 +100,21 @@ impl<'a> PrefillModel<'a> {
         if a >= f64::from(c) {
             return 1.0 - f64::from(c) / a * 0.5;
         }
-        let feasible: Vec<f64> = self
-            .points
-            .iter()
-            .copied()
-            .filter(|&x| self.slack(x) > 0.0)
-            .collect();
-        if feasible.is_empty() {
+        let mut late = 0.0;
+        let mut counted = 0usize;
+        for (i, &x) in self.points.iter().enumerate() {
+            let slack = self.slack(x);
+            if slack <= 0.0 {
+                continue;
+            }
+            let factor = self.ahead.get(i).map_or(1.0, |&w| self.factor(c, w));
+            late += wait_tail(c, a, self.mean_s * factor, self.beta, slack);
+            counted += 1;
+        }
+        if counted == 0 {
             return 0.0;
         }
-        feasible
-            .iter()
-            .map(|&x| {
-                let mean = self.mean_s * self.priority_factor(c, x);
-                wait_tail(c, a, mean, self.beta, self.slack(x))
-            })
-            .sum::<f64>()
-            / feasible.len() as f64
+        late / counted as f64
     }
 
     /// How a prompt of `x` tokens' wait compares with the arrival-order wait, when the queue
@@ -110,24 +127,20 @@ impl<'a> PrefillModel<'a> {
     /// A fixed SLO gives every prompt one deadline offset and the factor 1; so does an
     /// arrival-order queue.
     pub(super) fn priority_factor(&self, c: u32, x: f64) -> f64 {
-        if !self.policy.deadline_first || self.points.is_empty() || c == 0 {
+        if self.ahead.is_empty() {
             return 1.0;
         }
-        let per_point = self.rate / (self.points.len() as f64 * f64::from(c));
-        let due = self.slo.ttft_at(x);
-        let (mut before, mut upto) = (0.0, 0.0);
-        for &y in &self.points {
-            let u = per_point * self.service(y);
-            let d = self.slo.ttft_at(y);
-            if d < due {
-                before += u;
-            }
-            if d <= due {
-                upto += u;
-            }
+        self.factor(c, work_ahead(&self.points, &self.services, self.slo, x))
+    }
+
+    /// The factor for work `(before, upto)` due ahead, in seconds per arriving request.
+    fn factor(&self, c: u32, (before, upto): (f64, f64)) -> f64 {
+        if c == 0 {
+            return 1.0;
         }
-        let rho = (self.load() / f64::from(c)).min(1.0);
-        let denom = (1.0 - before) * (1.0 - upto);
+        let cf = f64::from(c);
+        let rho = (self.load() / cf).min(1.0);
+        let denom = (1.0 - self.rate * before / cf) * (1.0 - self.rate * upto / cf);
         if rho >= 1.0 || denom <= 0.0 {
             return 1.0;
         }
@@ -175,4 +188,22 @@ impl<'a> PrefillModel<'a> {
         }
         c
     }
+}
+
+/// The prefill work (seconds per arriving request, over the equally likely `points` with
+/// their prefill `services`) due strictly before and no later than a prompt of `x` tokens.
+fn work_ahead(points: &[f64], services: &[f64], slo: &SloTargets, x: f64) -> (f64, f64) {
+    let n = points.len().max(1) as f64;
+    let due = slo.ttft_at(x);
+    let (mut before, mut upto) = (0.0, 0.0);
+    for (&y, &s) in points.iter().zip(services) {
+        let d = slo.ttft_at(y);
+        if d < due {
+            before += s / n;
+        }
+        if d <= due {
+            upto += s / n;
+        }
+    }
+    (before, upto)
 }
