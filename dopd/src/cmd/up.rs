@@ -434,9 +434,7 @@ fn planner_config(a: &UpArgs, budget: u32, gpus: PerRole<u32>) -> PlannerConfig 
         ..Default::default()
     };
     c.follow_routing(&routing, true);
-    // The prefill model orders waiting work as the router's queue does.
-    c.slo_policy.deadline_first =
-        a.front.prefill_queue == dopd_planner::routing::PrefillQueue::Shared;
+    c.follow_prefill_queue(a.front.prefill_queue);
     if a.no_planner {
         c.policy = PolicyKind::Static;
         c.static_replicas = PerRole {

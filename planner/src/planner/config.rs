@@ -167,6 +167,12 @@ impl PlannerConfig {
         self.slo_policy.bypass_from_profile &= on;
     }
 
+    /// The prefill model orders waiting work as the router's prefill queue `q` does:
+    /// deadline-first only in the shared queue (an ablation may have turned it off already).
+    pub fn follow_prefill_queue(&mut self, q: crate::routing::PrefillQueue) {
+        self.slo_policy.deadline_first &= q == crate::routing::PrefillQueue::Shared;
+    }
+
     /// Checks every number the tick relies on; errors name the field and value.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field, value: String, reason| {

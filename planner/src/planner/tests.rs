@@ -553,3 +553,19 @@ fn what_a_trend_looked_ahead_for_is_not_held_once_the_trend_is_gone() {
     assert!(decode < peak, "{decode} vs {peak}");
     assert_eq!(settled.target.decode, decode, "{:?}", settled.reasons);
 }
+
+#[test]
+fn the_prefill_model_orders_waiting_work_as_the_routers_queue_does() {
+    use crate::routing::PrefillQueue;
+    let follow = |deadline_first: bool, q: PrefillQueue| {
+        let mut c = PlannerConfig::default();
+        c.slo_policy.deadline_first = deadline_first;
+        c.follow_prefill_queue(q);
+        c.slo_policy.deadline_first
+    };
+    assert!(follow(true, PrefillQueue::Shared));
+    assert!(!follow(true, PrefillQueue::SharedFifo));
+    assert!(!follow(true, PrefillQueue::PerInstance));
+    // An ablation that turned it off stays off.
+    assert!(!follow(false, PrefillQueue::Shared));
+}

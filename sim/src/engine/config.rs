@@ -147,9 +147,7 @@ pub fn planner_config(cfg: &SimConfig) -> PlannerConfig {
         tpot_s: cfg.slo_tpot_s,
     };
     planner_cfg.slo_policy.kv_link_bytes_per_s = cfg.kv_link_bytes_per_s;
-    // The prefill model orders waiting work as the run's queue does (an ablation may turn the
-    // deadline-first order off in the model alone).
-    planner_cfg.slo_policy.deadline_first &= cfg.prefill_queue == PrefillQueue::Shared;
+    planner_cfg.follow_prefill_queue(cfg.prefill_queue);
     planner_cfg.follow_routing(
         &cfg.routing,
         cfg.length_aware_routing
