@@ -257,37 +257,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// A committed suite under examples/scoreboard, and the folder its paths are relative to.
+    fn committed(name: &str) -> (Suite, PathBuf) {
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/scoreboard");
+        let text = std::fs::read_to_string(base.join(name)).expect("the suite");
+        (serde_yaml::from_str(&text).expect("parses"), base)
+    }
+
     #[test]
     fn the_committed_suite_parses_and_every_row_names_one_workload() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/scoreboard/suite.yaml"
-        );
-        let suite: Suite = serde_yaml::from_str(&std::fs::read_to_string(path).expect("the suite"))
-            .expect("parses");
+        let (suite, base) = committed("suite.yaml");
+        let base = base.as_path();
         assert!(suite.rows.len() >= 11);
-        let base = Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../examples/scoreboard"
-        ));
         for row in &suite.rows {
             let c = common(row, &suite.defaults, base).expect("a valid row");
             let file = c.trace.or(c.synthetic).expect("a workload");
             assert!(file.exists(), "{}: {}", row.name, file.display());
         }
-        // The held-out suite, too, and every synthetic workload it names parses.
-        let heldout: Suite = serde_yaml::from_str(
-            &std::fs::read_to_string(base.join("heldout.yaml")).expect("the held-out suite"),
-        )
-        .expect("parses");
+        // The held-out suite, too, and every synthetic workload it names generates.
+        let (heldout, heldout_base) = committed("heldout.yaml");
         assert!(heldout.rows.len() >= 9);
         for row in &heldout.rows {
-            let c = common(row, &heldout.defaults, base).expect("a valid row");
-            if let Some(file) = c.synthetic {
-                let text = std::fs::read_to_string(&file).expect("the workload");
-                let spec: dopd_sim::SyntheticSpec =
-                    serde_yaml::from_str(&text).expect("a valid workload");
-                assert!(dopd_sim::synthetic(&spec).is_ok(), "{}", row.name);
+            let c = common(row, &heldout.defaults, &heldout_base).expect("a valid row");
+            if c.synthetic.is_some() {
+                assert!(setup(&c).is_ok(), "{}", row.name);
             } else {
                 let file = c.trace.expect("a workload");
                 assert!(file.exists(), "{}: {}", row.name, file.display());
@@ -307,22 +300,15 @@ mod tests {
         // The argument of docs/experiments.md ("The flash crowd cannot be met by a causal
         // policy") rests on the two workloads of examples/scoreboard/flash-onset.yaml drawing
         // the same requests until the crowd's onset.
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
-        let suite: Suite = serde_yaml::from_str(
-            &std::fs::read_to_string(format!("{dir}/scoreboard/flash-onset.yaml"))
-                .expect("the suite"),
-        )
-        .expect("parses");
-        let base = Path::new(dir).join("scoreboard");
-        let mut runs = Vec::new();
-        for row in &suite.rows {
-            let c = common(row, &suite.defaults, &base).expect("a valid row");
-            let file = c.synthetic.expect("a synthetic workload");
-            let spec: dopd_sim::SyntheticSpec =
-                serde_yaml::from_str(&std::fs::read_to_string(&file).expect("the workload"))
-                    .expect("a valid workload");
-            runs.push(dopd_sim::synthetic(&spec).expect("generates"));
-        }
+        let (suite, base) = committed("flash-onset.yaml");
+        let runs: Vec<Vec<dopd_sim::SimRequest>> = suite
+            .rows
+            .iter()
+            .map(|row| {
+                let c = common(row, &suite.defaults, &base).expect("a valid row");
+                setup(&c).expect("a workload").requests
+            })
+            .collect();
         let [crowd, base_alone] = runs.as_slice() else {
             panic!("two rows, the flash crowd and its base")
         };

@@ -128,7 +128,7 @@ pub(super) fn parse_prefill_queue(s: &str) -> Result<PrefillQueue, String> {
 }
 
 pub(super) struct Setup {
-    requests: Vec<SimRequest>,
+    pub(super) requests: Vec<SimRequest>,
     profile: Profile,
     base: SimConfig,
 }
