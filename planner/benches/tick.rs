@@ -85,21 +85,9 @@ fn bench(c: &mut Criterion) {
     // TTFT SLO, and with a length-aware one whose prefill model waits prompts deadline-first
     // (as the router's queue serves them) or in arrival order.
     let long_prompts = Workload {
-        rate_p: 0.8,
-        rate_d: 0.8,
-        rate_now: 0.8,
-        isl: 8000.0,
         isl_cv2: 1.7,
-        osl: 300.0,
         osl_cv2: 0.4,
-        arrival_cv2: 1.0,
-        kappa: PerRole {
-            prefill: 1.0,
-            decode: 1.0,
-        },
-        transfer_s_per_token: 0.0,
-        isl_shares: None,
-        kv_scale: 1.0,
+        ..Workload::new(0.8, 8000.0, 300.0)
     };
     let bounds = Bounds {
         min: Replicas::default(),

@@ -164,6 +164,29 @@ fn one() -> f64 {
 }
 
 impl Workload {
+    /// Poisson arrivals at `rate` per second with mean lengths `isl` and `osl` (moderately
+    /// spread: squared coefficients of variation 0.5), the profile trusted as it is, no KV
+    /// transfer modelled.
+    pub fn new(rate: f64, isl: f64, osl: f64) -> Self {
+        Self {
+            rate_p: rate,
+            rate_d: rate,
+            rate_now: rate,
+            isl,
+            isl_cv2: 0.5,
+            osl,
+            osl_cv2: 0.5,
+            arrival_cv2: 1.0,
+            kappa: PerRole {
+                prefill: 1.0,
+                decode: 1.0,
+            },
+            transfer_s_per_token: 0.0,
+            isl_shares: None,
+            kv_scale: 1.0,
+        }
+    }
+
     fn isl_dist(&self) -> LengthDist {
         LengthDist::new(self.isl_shares.as_deref(), self.isl, self.isl_cv2)
     }

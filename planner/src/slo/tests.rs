@@ -26,23 +26,7 @@ fn sized(p: &Profile, w: &Workload, slo: &SloTargets, pol: &SloPolicy) -> SloSiz
 }
 
 fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
-    Workload {
-        rate_p: rate,
-        rate_d: rate,
-        rate_now: rate,
-        isl,
-        isl_cv2: 0.5,
-        osl,
-        osl_cv2: 0.5,
-        arrival_cv2: 1.0,
-        kappa: PerRole {
-            prefill: 1.0,
-            decode: 1.0,
-        },
-        transfer_s_per_token: 0.0,
-        isl_shares: None,
-        kv_scale: 1.0,
-    }
+    Workload::new(rate, isl, osl)
 }
 
 #[test]
