@@ -33,7 +33,9 @@ cargo test --workspace --locked --no-run
 step "cargo test: run"
 cargo test --workspace --locked -- --skip workers_killed_at_random
 step "chaos: workers of dopd up killed at random moments (seeded); nothing lost or changed"
-cargo test -p dopd --test chaos --locked -- --nocapture
+# --workspace: the same packages as the test build above, so features unify the same way (with
+# -p dopd alone, burn, the worker and dopd compiled again: 5 minutes of a clean run).
+cargo test --workspace --test chaos --locked -- --nocapture
 step "end to end: dopd up driven by the openai Python client"
 scripts/e2e-local.sh target/debug/dopd
 step "operator against a real control plane (kube-apiserver, controller-manager, scheduler, etcd, KWOK)"
