@@ -22,6 +22,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 gpu_features=(--workspace --features dopd/cuda,dopd-worker/wgpu --locked)
 step "layout: the router and the operator build no engine; files stay under ~800 lines"
 scripts/layout-check.sh
+step "GPU features: they change no shared crate's features (else the GPU build compiles it again)"
+scripts/gpu-features-check.sh
 step "Helm chart: lint, template, schema validation, CRD and examples"
 scripts/chart-check.sh
 step "Dockerfile: lint, and the binaries it copies are the workspace's"
