@@ -13,13 +13,20 @@ step() { echo "== $* [at ${SECONDS}s]"; }
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# In the test profile, as the test build below: the build scripts and proc macros that clippy has to
+# compile (not just check) are then the same units the test build needs, compiled once.
+cargo clippy --profile test --workspace --all-targets --locked -- -D warnings
 # The GPU features: cuda (serving on NVIDIA GPUs) and wgpu (the fused kernels' test on a Vulkan
 # device), built once below. worker/Cargo.toml turns on in every build the features they turn on in
 # shared dependencies, so the GPU build compiles only what depends on them, not the rest again. No
 # clippy pass with them: checking their dependencies (wgpu, CubeCL, cudarc) took 8.5 minutes of an
 # 85-minute run on a clean clone; the GPU build below compiles that code, its warnings errors.
-gpu_features=(--workspace --features dopd/cuda,dopd-worker/wgpu --locked)
+# Our two crates that the GPU features change (compiled again for them anyway) are unoptimised in
+# that build, as the GPU-only dependencies are (Cargo.toml): the cuda binary is only checked and
+# packed here, and the fused-kernel test runs a tiny model.
+gpu_features=(--workspace --features dopd/cuda,dopd-worker/wgpu --locked
+  --config profile.test.package.dopd.opt-level=0
+  --config profile.test.package.dopd-worker.opt-level=0)
 step "layout: the router and the operator build no engine; files stay under ~800 lines"
 scripts/layout-check.sh
 step "GPU features: they change no shared crate's features (else the GPU build compiles it again)"
@@ -51,7 +58,8 @@ fi
 step "operator on a real cluster (skipped without one)"
 e2e/cluster.sh target/debug/dopd
 step "cargo doc"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+# The test profile: the dependencies' metadata from the clippy step serves again.
+RUSTDOCFLAGS="-D warnings" cargo doc --profile test --workspace --no-deps --locked --quiet
 # The images take this run's test-profile builds (a release build would compile everything again):
 # the plain binary as the tests left it, kept before the GPU build below replaces it.
 mkdir -p target/images
