@@ -335,10 +335,15 @@ impl Planner {
         } else {
             self.cfg.idle_after_s
         };
+        // The SLO-aware policy sizes quiet spells itself when told to: its surge readiness keeps
+        // what the bursts ending such spells have needed, and each role's hold runs its course
+        // (the idle rule cut both roles' holds at the shorter one).
+        let sizes_idle = slo_policy && self.cfg.slo_policy.size_idle;
         if self.cfg.idle_after_s > 0.0
             && idle_s >= idle_after
             && drained
             && self.cfg.policy != PolicyKind::Static
+            && !sizes_idle
         {
             reasons.push(Reason::Idle { idle_s });
             let target = self.cfg.sizing.min_replicas;

@@ -44,7 +44,10 @@ pub enum Command {
         /// routing's fixed ultra-short threshold instead of one from the profile),
         /// dopd-no-kv-calibration (decode concurrency from the tracked lengths alone, not
         /// corrected by the measured KV occupancy), dopd-fifo-model (the prefill model waits
-        /// every prompt in arrival order, not deadline-first as the router serves them).
+        /// every prompt in arrival order, not deadline-first as the router serves them),
+        /// dopd-ratio-surges (surges as a share of the forecast, read at any level, instead of
+        /// requests above forecasts like the current one), dopd-idle-shrink (quiet spells shrink
+        /// to the minimums after `idle_after_s` instead of being sized).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -235,6 +238,14 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-no-trend" => {
             cfg.planner.slo_policy.burst_ready = false;
+            PolicySpec::Dopd
+        }
+        "dopd-ratio-surges" => {
+            cfg.planner.slo_policy.level_surges = false;
+            PolicySpec::Dopd
+        }
+        "dopd-idle-shrink" => {
+            cfg.planner.slo_policy.size_idle = false;
             PolicySpec::Dopd
         }
         "dopd-no-hold" => {

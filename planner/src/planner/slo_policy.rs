@@ -112,10 +112,21 @@ impl Planner {
         } else {
             f.requests.point
         };
+        // The surges at forecasts like this one, in requests, once enough were seen there;
+        // else the share of the forecast they rose by at any level.
+        let near = if known.is_none() && p.burst_ready && p.level_surges {
+            t.surge_near(point)
+        } else {
+            None
+        };
+        let ready_for = match near {
+            Some(above) => point + above,
+            None => point * (1.0 + surge),
+        };
         let rate = |startup: f64| {
             let h = headroom::horizon_intervals(startup, interval);
             let r = if p.burst_ready {
-                (point + trend * f64::from(h)).max(point * (1.0 + surge))
+                (point + trend * f64::from(h)).max(ready_for)
             } else {
                 point
             };
@@ -201,7 +212,10 @@ impl Planner {
         // that the hold then kept for minutes (a decode-heavy load held a third decode instance
         // it needed for one tick in six, `docs/experiments.md`); a real ramp keeps its trend
         // and is provisioned at every tick of it.
-        let arriving = w.rate_now * (1.0 + surge);
+        let arriving = match near {
+            Some(above) => w.rate_now + above / interval,
+            None => w.rate_now * (1.0 + surge),
+        };
         let held = (arriving.min(w.rate_p - backlog), arriving.min(w.rate_d));
         // Sized again only when a trend or a backlog added to the rates (most ticks add none).
         self.sustained = Some(if held == (w.rate_p, w.rate_d) {

@@ -569,3 +569,42 @@ fn the_prefill_model_orders_waiting_work_as_the_routers_queue_does() {
     // An ablation that turned it off stays off.
     assert!(!follow(false, PrefillQueue::Shared));
 }
+
+#[test]
+fn quiet_spells_are_sized_by_the_policy_not_cut_short_by_the_idle_rule() {
+    // Bursts of 300 requests an interval for six intervals, then 200 quiet ones, three times.
+    let run = |size_idle: bool| {
+        let mut c = with_budget(cfg(PolicyKind::Dopd), 200);
+        c.slo_policy.size_idle = size_idle;
+        let mut p = Planner::new_ok(profile(), c);
+        let mut ready = ONE;
+        let mut out = Vec::new();
+        for k in 0..(206 * 3) {
+            let n = if k % 206 < 6 { 300.0 } else { 0.0 };
+            let d = p.tick(f64::from(k) * 10.0, &obs(n, ready));
+            ready = d.target;
+            let idle = d.reasons.iter().any(|r| matches!(r, Reason::Idle { .. }));
+            out.push((d.target, idle));
+        }
+        out
+    };
+    // The last quiet spell, after two cycles of learning.
+    let (sized, cut) = (run(true), run(false));
+    let last = 206 * 2 + 6..206 * 3;
+    // With the idle rule, both roles drop to the minimums together at some point of the spell.
+    let at = last
+        .clone()
+        .find(|&k| cut[k].1)
+        .expect("the idle rule fires in a long quiet spell");
+    assert_eq!(cut[at].0, ONE);
+    // Sized by the policy, nothing is cut short: each role keeps its instances for its own
+    // hold, so more than the minimums still run where the idle rule had dropped them, and the
+    // spell still ends at the minimums once the holds have run out.
+    assert!(sized.iter().all(|(_, idle)| !idle));
+    assert!(
+        sized[at].0.gpus(&profile()) > ONE.gpus(&profile()),
+        "{:?}",
+        sized[at]
+    );
+    assert_eq!(sized[206 * 3 - 1].0, ONE);
+}

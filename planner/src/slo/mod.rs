@@ -81,6 +81,17 @@ pub struct SloPolicy {
     /// Size each role for the load at the end of its start-up horizon when arrivals trend up
     /// (off: the next interval's forecast).
     pub burst_ready: bool,
+    /// Surges are kept as requests above the forecast they rose over and read at forecasts
+    /// like the current one (within a factor of two), once a dozen were seen there: a quiet
+    /// spell is readied for the bursts that ended quiet spells, a burst for the surges within
+    /// bursts (off: as a share of the forecast, read at any level; measured from near-idle
+    /// forecasts, that share sized a burst for several times its rate).
+    pub level_surges: bool,
+    /// Quiet spells are sized as any other interval: each role keeps what the surges seen at
+    /// quiet levels call for, and its other instances for its own hold (off: no arrivals and
+    /// nothing in flight for `idle_after_s`, or the shorter role's hold if longer, shrinks both
+    /// roles to the minimums at once).
+    pub size_idle: bool,
     /// A role shrinks only after its surplus has lasted this many of its start-ups (0: the
     /// planner's `scale_down_stabilization_s`).
     pub hold_startups: f64,
@@ -113,6 +124,8 @@ impl Default for SloPolicy {
             max_local_prefill_share: 0.3,
             bypass_from_profile: true,
             burst_ready: true,
+            level_surges: true,
+            size_idle: true,
             hold_startups: 3.0,
             closed_loop: true,
             max_correction: 1.25,

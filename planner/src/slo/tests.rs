@@ -57,6 +57,44 @@ fn surges_are_learned_from_what_the_forecast_missed() {
 }
 
 #[test]
+fn surges_are_read_at_forecasts_like_the_current_one() {
+    let (slo, pol) = (SloTargets::default(), SloPolicy::default());
+    let obs = |n: f64| crate::observation::Observation {
+        interval_s: 10.0,
+        requests: n,
+        ..Default::default()
+    };
+    // On/off: eight quiet intervals (forecast 0), then eight busy ones (forecast 100, with
+    // bursts of 140). From the quiet forecasts, the load rises by a burst's 100 or more; within
+    // the bursts, by 40 less the noise allowance.
+    let mut t = Tracker::default();
+    for k in 0..60 {
+        let n = if k % 16 < 8 {
+            0.0
+        } else if k % 4 == 0 {
+            140.0
+        } else {
+            100.0
+        };
+        t.observe(&obs(n), &slo, &pol);
+        t.record_forecast(
+            if k % 16 < 7 || k % 16 == 15 {
+                0.0
+            } else {
+                100.0
+            },
+            2,
+        );
+    }
+    let quiet = t.surge_near(0.0).expect("quiet horizons measured");
+    let busy = t.surge_near(100.0).expect("busy horizons measured");
+    assert!((100.0..=140.0).contains(&quiet), "{quiet}");
+    assert!(busy > 10.0 && busy <= 20.0, "{busy}");
+    // No horizon started at a forecast near 20: nothing is read there.
+    assert_eq!(t.surge_near(20.0), None);
+}
+
+#[test]
 fn a_ramp_the_trend_carries_is_not_a_surge() {
     let (slo, pol) = (SloTargets::default(), SloPolicy::default());
     let obs = |n: f64| crate::observation::Observation {

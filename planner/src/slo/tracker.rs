@@ -46,6 +46,10 @@ pub struct Tracker {
     /// Recent surges: how far the busiest interval within a start-up horizon rose above the
     /// forecast made at its start, beyond Poisson noise, relative to that forecast.
     surges: std::collections::VecDeque<f64>,
+    /// The same surges in requests above the forecast, each with the forecast it rose over
+    /// (at least 1).
+    #[serde(default)]
+    surges_at: std::collections::VecDeque<(f64, f64)>,
     /// The start-up horizon, intervals, the surges are measured over.
     horizon: u32,
 }
@@ -79,6 +83,7 @@ impl Default for Tracker {
             counts: std::collections::VecDeque::new(),
             history: std::collections::VecDeque::new(),
             surges: std::collections::VecDeque::new(),
+            surges_at: std::collections::VecDeque::new(),
             horizon: 1,
         }
     }
@@ -127,6 +132,28 @@ impl Tracker {
         let mut v: Vec<f64> = self.surges.iter().copied().collect();
         v.sort_by(f64::total_cmp);
         crate::stats::nearest_rank(&v, 0.9)
+    }
+
+    /// The upper surge, in requests above the forecast, that start-up horizons beginning at a
+    /// forecast like `forecast` (within a factor of two; below one request counts as one) have
+    /// seen recently: the 90th percentile, once a dozen such horizons were measured.
+    pub fn surge_near(&self, forecast: f64) -> Option<f64> {
+        let b = if forecast.is_finite() {
+            forecast.max(1.0)
+        } else {
+            return None;
+        };
+        let mut v: Vec<f64> = self
+            .surges_at
+            .iter()
+            .filter(|(at, _)| *at >= b / 2.0 && *at <= b * 2.0)
+            .map(|(_, above)| *above)
+            .collect();
+        if v.len() < 12 {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        Some(crate::stats::nearest_rank(&v, 0.9))
     }
 
     /// The arrival trend, requests per interval per interval: the least-squares slope of the
@@ -233,10 +260,14 @@ impl Tracker {
                     .map(|x| x.0)
                     .fold(0.0, f64::max);
                 let base = f.max(1.0);
-                let excess = ((busiest - f - 2.0 * base.sqrt()) / base).clamp(0.0, 4.0);
-                self.surges.push_back(excess);
+                let above = (busiest - f - 2.0 * base.sqrt()).max(0.0);
+                self.surges.push_back((above / base).min(4.0));
+                self.surges_at.push_back((base, above));
                 while self.surges.len() > SURGE_MEMORY {
                     self.surges.pop_front();
+                }
+                while self.surges_at.len() > SURGE_MEMORY {
+                    self.surges_at.pop_front();
                 }
             }
         }
