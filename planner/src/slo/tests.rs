@@ -29,14 +29,18 @@ fn workload(rate: f64, isl: f64, osl: f64) -> Workload {
     Workload::new(rate, isl, osl)
 }
 
-#[test]
-fn surges_are_learned_from_what_the_forecast_missed() {
-    let (slo, pol) = (SloTargets::default(), SloPolicy::default());
-    let obs = |n: f64| crate::observation::Observation {
+/// An interval's observation that holds only its arrival count.
+fn obs(n: f64) -> crate::observation::Observation {
+    crate::observation::Observation {
         interval_s: 10.0,
         requests: n,
         ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn surges_are_learned_from_what_the_forecast_missed() {
+    let (slo, pol) = (SloTargets::default(), SloPolicy::default());
     // A steady load that the forecast (100 per interval) gets right: no surge, even with
     // Poisson-sized noise.
     let mut t = Tracker::default();
@@ -59,11 +63,6 @@ fn surges_are_learned_from_what_the_forecast_missed() {
 #[test]
 fn surges_are_read_at_forecasts_like_the_current_one() {
     let (slo, pol) = (SloTargets::default(), SloPolicy::default());
-    let obs = |n: f64| crate::observation::Observation {
-        interval_s: 10.0,
-        requests: n,
-        ..Default::default()
-    };
     // On/off: eight quiet intervals (forecast 0), then eight busy ones (forecast 100, with
     // bursts of 140). From the quiet forecasts, the load rises by a burst's 100 or more; within
     // the bursts, by 40 less the noise allowance.
@@ -97,11 +96,6 @@ fn surges_are_read_at_forecasts_like_the_current_one() {
 #[test]
 fn a_ramp_the_trend_carries_is_not_a_surge() {
     let (slo, pol) = (SloTargets::default(), SloPolicy::default());
-    let obs = |n: f64| crate::observation::Observation {
-        interval_s: 10.0,
-        requests: n,
-        ..Default::default()
-    };
     // A steady climb of 20 requests an interval, forecast as the last count: over a start-up
     // horizon of four intervals the load outruns that forecast by 80, which the surge learns
     // when measured against the bare forecast, and not once the trend is carried.
