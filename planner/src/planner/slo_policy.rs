@@ -119,10 +119,12 @@ impl Planner {
         } else {
             None
         };
-        let ready_for = match near {
-            Some(above) => point + above,
-            None => point * (1.0 + surge),
+        // What a level of `n` requests an interval is readied for.
+        let with_surge = |n: f64| match near {
+            Some(above) => n + above,
+            None => n * (1.0 + surge),
         };
+        let ready_for = with_surge(point);
         let rate = |startup: f64| {
             let h = headroom::horizon_intervals(startup, interval);
             let r = if p.burst_ready {
@@ -212,10 +214,7 @@ impl Planner {
         // that the hold then kept for minutes (a decode-heavy load held a third decode instance
         // it needed for one tick in six, `docs/experiments.md`); a real ramp keeps its trend
         // and is provisioned at every tick of it.
-        let arriving = match near {
-            Some(above) => w.rate_now + above / interval,
-            None => w.rate_now * (1.0 + surge),
-        };
+        let arriving = with_surge(w.rate_now * interval) / interval;
         let held = (arriving.min(w.rate_p - backlog), arriving.min(w.rate_d));
         // Sized again only when a trend or a backlog added to the rates (most ticks add none).
         self.sustained = Some(if held == (w.rate_p, w.rate_d) {

@@ -43,13 +43,10 @@ pub struct Tracker {
     /// Arrival counts and the point forecasts made at the same ticks (newest last), for the
     /// forecast's surges.
     history: std::collections::VecDeque<(f64, Option<f64>)>,
-    /// Recent surges: how far the busiest interval within a start-up horizon rose above the
-    /// forecast made at its start, beyond Poisson noise, relative to that forecast.
-    surges: std::collections::VecDeque<f64>,
-    /// The same surges in requests above the forecast, each with the forecast it rose over
-    /// (at least 1).
-    #[serde(default)]
-    surges_at: std::collections::VecDeque<(f64, f64)>,
+    /// Recent surges: the forecast made at the start of a start-up horizon (at least 1) and how
+    /// many requests the busiest interval within it rose above that forecast, beyond Poisson
+    /// noise.
+    surges: std::collections::VecDeque<(f64, f64)>,
     /// The start-up horizon, intervals, the surges are measured over.
     horizon: u32,
 }
@@ -83,7 +80,6 @@ impl Default for Tracker {
             counts: std::collections::VecDeque::new(),
             history: std::collections::VecDeque::new(),
             surges: std::collections::VecDeque::new(),
-            surges_at: std::collections::VecDeque::new(),
             horizon: 1,
         }
     }
@@ -129,7 +125,11 @@ impl Tracker {
         if self.surges.len() < 12 {
             return 0.0;
         }
-        let mut v: Vec<f64> = self.surges.iter().copied().collect();
+        let mut v: Vec<f64> = self
+            .surges
+            .iter()
+            .map(|(at, above)| (above / at).min(4.0))
+            .collect();
         v.sort_by(f64::total_cmp);
         crate::stats::nearest_rank(&v, 0.9)
     }
@@ -144,7 +144,7 @@ impl Tracker {
             return None;
         };
         let mut v: Vec<f64> = self
-            .surges_at
+            .surges
             .iter()
             .filter(|(at, _)| *at >= b / 2.0 && *at <= b * 2.0)
             .map(|(_, above)| *above)
@@ -261,13 +261,9 @@ impl Tracker {
                     .fold(0.0, f64::max);
                 let base = f.max(1.0);
                 let above = (busiest - f - 2.0 * base.sqrt()).max(0.0);
-                self.surges.push_back((above / base).min(4.0));
-                self.surges_at.push_back((base, above));
+                self.surges.push_back((base, above));
                 while self.surges.len() > SURGE_MEMORY {
                     self.surges.pop_front();
-                }
-                while self.surges_at.len() > SURGE_MEMORY {
-                    self.surges_at.pop_front();
                 }
             }
         }
