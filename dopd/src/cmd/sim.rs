@@ -47,7 +47,9 @@ pub enum Command {
         /// every prompt in arrival order, not deadline-first as the router serves them),
         /// dopd-ratio-surges (surges as a share of the forecast, read at any level, instead of
         /// requests above forecasts like the current one), dopd-idle-shrink (quiet spells shrink
-        /// to the minimums after `idle_after_s` instead of being sized).
+        /// to the minimums after `idle_after_s` instead of being sized), dopd-hold-dispersion
+        /// (the hold stretched by the index of dispersion alone, not damped for loads whose rate
+        /// swings little relative to its level).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -246,6 +248,10 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-idle-shrink" => {
             cfg.planner.slo_policy.size_idle = false;
+            PolicySpec::Dopd
+        }
+        "dopd-hold-dispersion" => {
+            cfg.planner.slo_policy.hold_by_swing = false;
             PolicySpec::Dopd
         }
         "dopd-no-hold" => {

@@ -435,6 +435,42 @@ fn the_hold_is_priced_in_start_ups_and_grows_with_burstiness() {
 }
 
 #[test]
+fn a_busy_level_load_is_not_held_as_long_as_one_that_falls_quiet_and_comes_back() {
+    let run = |counts: &[f64], by_swing: bool| {
+        let mut c = with_budget(cfg(PolicyKind::Dopd), 100);
+        c.slo_policy.hold_by_swing = by_swing;
+        let mut p = Planner::new_ok(profile(), c);
+        let mut ready = ONE;
+        for (k, &n) in counts.iter().cycle().take(30).enumerate() {
+            ready = p.tick(k as f64 * 10.0, &obs(n, ready)).target;
+        }
+        (p.hold_windows(), p.tracker.dispersion, p.tracker.swing)
+    };
+    let s = profile().startup_s;
+    // 80 <-> 120 requests an interval: an index of dispersion of 8, but the rate moves by a
+    // fifth of its level.
+    let (level, d, swing) = run(&[80.0, 120.0], true);
+    assert!(d > 6.0, "{d}");
+    assert!(swing < 0.1, "{swing}");
+    // 5 <-> 150: the load falls quiet and comes back.
+    let (on_off, _, swing) = run(&[5.0, 150.0], true);
+    assert!(swing > 1.0, "{swing}");
+    assert!(
+        on_off.prefill > 3.0 * level.prefill,
+        "{on_off:?} vs {level:?}"
+    );
+    assert!(level.prefill < 4.0 * s.prefill, "{level:?}");
+    assert!(level.prefill >= 3.0 * s.prefill, "{level:?}");
+    // By the index of dispersion alone, both are held about as long.
+    let (level_by_d, _, _) = run(&[80.0, 120.0], false);
+    assert!(
+        level_by_d.prefill > 2.0 * level.prefill,
+        "{level_by_d:?} vs {level:?}"
+    );
+    assert_eq!(run(&[5.0, 150.0], false).0, on_off);
+}
+
+#[test]
 fn a_swap_under_the_budget_lands_before_it_is_reversed() {
     let p = profile();
     let gpus = |r: Replicas| r.gpus(&p);

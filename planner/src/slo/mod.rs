@@ -95,6 +95,11 @@ pub struct SloPolicy {
     /// A role shrinks only after its surplus has lasted this many of its start-ups (0: the
     /// planner's `scale_down_stabilization_s`).
     pub hold_startups: f64,
+    /// The hold's stretch for bursty arrivals (beyond `hold_startups`, growing with the index of
+    /// dispersion) applies in proportion to the rate's swings relative to its level, in full
+    /// once their squared coefficient of variation reaches 1 (off: by the index of dispersion
+    /// alone, which grows with the rate for the same relative swings).
+    pub hold_by_swing: bool,
     /// Add instances to a role whose observed latencies miss the SLO while the model says it has
     /// enough (off: open loop).
     pub closed_loop: bool,
@@ -127,6 +132,7 @@ impl Default for SloPolicy {
             level_surges: true,
             size_idle: true,
             hold_startups: 3.0,
+            hold_by_swing: true,
             closed_loop: true,
             max_correction: 1.25,
             kv_calibration: true,

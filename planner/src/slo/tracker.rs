@@ -18,6 +18,12 @@ pub struct Tracker {
     /// Index of dispersion of arrival counts from one interval to the next (smoothed; 1 =
     /// Poisson): how bursty the load is at the scale of intervals.
     pub dispersion: f64,
+    /// Squared coefficient of variation of the arrival rate's swings from one interval to the
+    /// next beyond Poisson noise (smoothed; 0 = a level rate): how far the load moves relative
+    /// to its level. Unlike the index of dispersion it does not grow with the rate, so a busy
+    /// but level load and a load that falls quiet and comes back are told apart.
+    #[serde(default)]
+    pub swing: f64,
     /// Squared coefficient of variation of the gaps between arrivals within intervals
     /// (smoothed; 1 = Poisson; `None` until measured): how bursty the load is at the scale of a
     /// queue.
@@ -63,6 +69,7 @@ impl Default for Tracker {
             isl_cv2: 1.0,
             osl_cv2: 1.0,
             dispersion: 1.0,
+            swing: 0.0,
             arrival_cv2: None,
             extra: PerRole {
                 prefill: 0.0,
@@ -282,6 +289,8 @@ impl Tracker {
                     .collect();
                 let var = d2.iter().sum::<f64>() / d2.len() as f64 / 2.0;
                 self.dispersion = smooth(self.dispersion, (var / mean).clamp(1.0, 16.0), 0.3);
+                let swing = ((var - mean) / (mean * mean)).clamp(0.0, 4.0);
+                self.swing = smooth(self.swing, swing, 0.3);
             }
         }
         if !p.closed_loop {
