@@ -214,22 +214,13 @@ impl QMatrix {
 
     /// The values of block `b` into `out` (32 long).
     fn block_values(&self, b: usize, out: &mut [f32]) {
+        let Some(out) = out.first_chunk_mut::<BLOCK>() else {
+            return;
+        };
         let d = self.scales[b];
         match self.format {
-            QFormat::Q4 => {
-                let m = self.mins[b];
-                let qs = &self.q[b * 16..b * 16 + 16];
-                for (j, &q) in qs.iter().enumerate() {
-                    out[j] = f32::from(q & 0x0f) * d + m;
-                    out[j + 16] = f32::from(q >> 4) * d + m;
-                }
-            }
-            QFormat::Q8 => {
-                let qs = &self.q[b * 32..b * 32 + 32];
-                for (o, &q) in out.iter_mut().zip(qs) {
-                    *o = f32::from(q as i8) * d;
-                }
-            }
+            QFormat::Q4 => q4_values(&self.q[b * 16..b * 16 + 16], d, self.mins[b], out),
+            QFormat::Q8 => q8_values(&self.q[b * 32..b * 32 + 32], d, out),
         }
     }
 
@@ -293,6 +284,8 @@ impl QMatrix {
                     .map(|(i, out)| (*m, i * per_task, out)),
             );
         }
+        // The input rows block-major (`[block, row, 32]`) once for every task's batch kernel.
+        let xt = (n > 1 && ms.iter().any(|m| !m.interleaved)).then(|| block_major(x, n, cols));
         // Inputs rounded to 8 bits once for every interleaved matrix.
         let xq = ms
             .iter()
@@ -306,6 +299,7 @@ impl QMatrix {
             pulp::Arch::new().dispatch(Dots {
                 m,
                 x,
+                xt: xt.as_deref(),
                 per_row,
                 r0,
                 n,
@@ -511,6 +505,8 @@ pub(crate) fn tree_sum(a: [f32; 16]) -> f32 {
 struct Dots<'a> {
     m: &'a QMatrix,
     x: &'a [f32],
+    /// `x` block-major ([`block_major`]), for batches.
+    xt: Option<&'a [f32]>,
     per_row: usize,
     r0: usize,
     n: usize,
@@ -525,6 +521,7 @@ impl pulp::WithSimd for Dots<'_> {
         let Self {
             m,
             x,
+            xt,
             per_row,
             r0,
             n,
@@ -537,74 +534,143 @@ impl pulp::WithSimd for Dots<'_> {
             }
             return;
         }
-        let cols = m.cols;
-        let xs: Vec<&[S::f32s]> = x.chunks_exact(cols).map(|r| S::as_simd_f32s(r).0).collect();
-        if !BLOCK.is_multiple_of(size_of::<S::f32s>() / 4) {
+        let (Some(xt), true) = (xt, BLOCK.is_multiple_of(size_of::<S::f32s>() / 4)) else {
             // Vectors that do not tile a block (no SIMD found): the plain loop.
             for (i, o) in out.chunks_exact_mut(n).enumerate() {
                 m.row_dots(r0 + i, x, per_row, o);
             }
             return;
-        }
+        };
         match n {
-            2 => rows_by::<S, 2>(simd, m, r0, &xs, per_row, out),
-            3 => rows_by::<S, 3>(simd, m, r0, &xs, per_row, out),
-            4 => rows_by::<S, 4>(simd, m, r0, &xs, per_row, out),
-            5 => rows_by::<S, 5>(simd, m, r0, &xs, per_row, out),
-            6 => rows_by::<S, 6>(simd, m, r0, &xs, per_row, out),
-            7 => rows_by::<S, 7>(simd, m, r0, &xs, per_row, out),
-            _ => rows_by::<S, 8>(simd, m, r0, &xs, per_row, out),
+            2 => blocked_rows::<S, 2>(simd, m, r0, xt, per_row, out),
+            3 => blocked_rows::<S, 3>(simd, m, r0, xt, per_row, out),
+            4 => blocked_rows::<S, 4>(simd, m, r0, xt, per_row, out),
+            5 => blocked_rows::<S, 5>(simd, m, r0, xt, per_row, out),
+            6 => blocked_rows::<S, 6>(simd, m, r0, xt, per_row, out),
+            7 => blocked_rows::<S, 7>(simd, m, r0, xt, per_row, out),
+            _ => blocked_rows::<S, 8>(simd, m, r0, xt, per_row, out),
         }
     }
 }
 
-/// The task's weight rows two at a time (one alone at the end), each against `N` input rows.
+/// `x` (`[n, cols]`) as `[cols / 32, n, 32]`: a block's inputs for every row together, so the
+/// batch kernel reads them at fixed offsets from one pointer.
+fn block_major(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
+    let per_row = cols / BLOCK;
+    let mut t = vec![0.0f32; x.len()];
+    for (i, row) in x.chunks_exact(cols).enumerate() {
+        for (k, b) in row.chunks_exact(BLOCK).enumerate() {
+            let to = (k * n + i) * BLOCK;
+            t[to..to + BLOCK].copy_from_slice(b);
+        }
+    }
+    debug_assert_eq!(t.len(), per_row * n * BLOCK);
+    t
+}
+
+/// The task's weight rows against `N` block-major input rows: two weight rows at a time where
+/// the `2 · N` accumulators fit in registers (AVX-512's 32; AVX2's 16 up to 4 input rows), else
+/// one at a time. On AVX2, two weight rows against 8 input rows spilled the accumulators to the
+/// stack: a batch-8 decode step ran slower than a batch-1 step (`docs/benchmarks.md`).
 #[inline(always)]
-fn rows_by<S: pulp::Simd, const N: usize>(
+fn blocked_rows<S: pulp::Simd, const N: usize>(
     simd: S,
     m: &QMatrix,
     r0: usize,
-    xs: &[&[S::f32s]],
+    xt: &[f32],
     per_row: usize,
     out: &mut [f32],
 ) {
-    let mut pairs = out.chunks_exact_mut(2 * N);
+    let wide = size_of::<S::f32s>() >= 64 || N <= 4;
     let mut r = r0;
-    for o in &mut pairs {
-        dots::<S, 2, N>(simd, m, r, xs, per_row, o);
-        r += 2;
+    if wide {
+        let mut pairs = out.chunks_exact_mut(2 * N);
+        for o in &mut pairs {
+            blocked_dots_of::<S, 2, N>(simd, m, r, xt, per_row, o);
+            r += 2;
+        }
+        let rest = pairs.into_remainder();
+        if !rest.is_empty() {
+            blocked_dots_of::<S, 1, N>(simd, m, r, xt, per_row, rest);
+        }
+        return;
     }
-    let rest = pairs.into_remainder();
-    if !rest.is_empty() {
-        dots::<S, 1, N>(simd, m, r, xs, per_row, rest);
+    for o in out.chunks_exact_mut(N) {
+        blocked_dots_of::<S, 1, N>(simd, m, r, xt, per_row, o);
+        r += 1;
     }
 }
 
-/// Dot products of the `R` weight rows from `r0` with the `N` input rows `xs` (as vectors)
-/// into `out` (`[R, N]`). The accumulators (`R · N` vectors) stay in registers, since both
-/// counts are constants; each block is widened to f32 once and each input vector is loaded once
-/// for the `R` rows.
+/// [`blocked_dots`] for `m`'s format.
 #[inline(always)]
-fn dots<S: pulp::Simd, const R: usize, const N: usize>(
+fn blocked_dots_of<S: pulp::Simd, const R: usize, const N: usize>(
     simd: S,
     m: &QMatrix,
     r0: usize,
-    xs: &[&[S::f32s]],
+    xt: &[f32],
+    per_row: usize,
+    out: &mut [f32],
+) {
+    match m.format {
+        QFormat::Q4 => blocked_dots::<S, R, N, true>(simd, m, r0, xt, per_row, out),
+        QFormat::Q8 => blocked_dots::<S, R, N, false>(simd, m, r0, xt, per_row, out),
+    }
+}
+
+/// A Q4 block's 32 values, `d·q + m`.
+#[inline(always)]
+fn q4_values(qs: &[u8], d: f32, m: f32, out: &mut [f32; BLOCK]) {
+    let Some(qs) = qs.first_chunk::<16>() else {
+        return;
+    };
+    for j in 0..16 {
+        out[j] = f32::from(qs[j] & 0x0f) * d + m;
+        out[j + 16] = f32::from(qs[j] >> 4) * d + m;
+    }
+}
+
+/// A Q8 block's 32 values, `d·q`.
+#[inline(always)]
+fn q8_values(qs: &[u8], d: f32, out: &mut [f32; BLOCK]) {
+    let Some(qs) = qs.first_chunk::<BLOCK>() else {
+        return;
+    };
+    for j in 0..BLOCK {
+        out[j] = f32::from(qs[j] as i8) * d;
+    }
+}
+
+/// Dot products of the `R` weight rows from `r0` with the `N` block-major input rows `xt` into
+/// `out` (`[R, N]`). The accumulators (`R · N` vectors) stay in registers, since both counts are
+/// constants; each block is widened to f32 once (in the kernel, with the CPU's vector features:
+/// out of line, the widening was a fifth of a batch-8 decode step on AVX2) and each input vector
+/// is read once for the `R` rows, at a fixed offset from the block's start.
+#[inline(always)]
+fn blocked_dots<S: pulp::Simd, const R: usize, const N: usize, const Q4: bool>(
+    simd: S,
+    m: &QMatrix,
+    r0: usize,
+    xt: &[f32],
     per_row: usize,
     out: &mut [f32],
 ) {
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; N]; R];
     let mut w = [[0.0f32; BLOCK]; R];
-    // Vectors per block: 2 with AVX-512, 4 with AVX2.
-    let vpb = xs[0].len() / per_row;
-    for k in 0..per_row {
+    for (k, xk) in xt.chunks_exact(N * BLOCK).enumerate().take(per_row) {
         for (j, wj) in w.iter_mut().enumerate() {
-            m.block_values((r0 + j) * per_row + k, wj);
+            let b = (r0 + j) * per_row + k;
+            if Q4 {
+                q4_values(&m.q[b * 16..b * 16 + 16], m.scales[b], m.mins[b], wj);
+            } else {
+                q8_values(&m.q[b * 32..b * 32 + 32], m.scales[b], wj);
+            }
         }
         let wv: [&[S::f32s]; R] = std::array::from_fn(|j| S::as_simd_f32s(&w[j]).0);
-        for (i, x) in xs.iter().enumerate().take(N) {
-            for (v, &b) in x[k * vpb..(k + 1) * vpb].iter().enumerate() {
+        let xv = S::as_simd_f32s(xk).0;
+        let vpb = BLOCK * 4 / size_of::<S::f32s>();
+        for (i, xi) in xv.chunks_exact(vpb).enumerate() {
+            for (v, &b) in xi.iter().enumerate() {
                 for j in 0..R {
                     acc[j][i] = simd.mul_add_f32s(wv[j][v], b, acc[j][i]);
                 }
@@ -672,7 +738,9 @@ mod tests {
                     "{:?}",
                     q.format
                 );
-                for n in [1, 2, 3, QUANT_ROWS, QUANT_ROWS + 3] {
+                // 2-4 and 5-8 rows take different kernels on AVX2 (two weight rows at a time,
+                // then one).
+                for n in [1, 2, 3, 4, 5, QUANT_ROWS, QUANT_ROWS + 3] {
                     let x = matrix(n, cols, 7 + n as u64);
                     let y = q.matmul_t(&x, n);
                     let want = reference(&dense, &x, rows, cols);
