@@ -4,7 +4,8 @@
 //! `QMatrix::matmul_t` (after a warm-up), as time per product, the weights' bytes read per second
 //! and multiply-adds per second. A decode step at batch `n` runs these products with `n` rows:
 //! seven per layer and the output matrix once. Results for this machine are in
-//! docs/benchmarks.md.
+//! docs/benchmarks.md. `QMAT_SHAPES` (names), `QMAT_FORMATS` (`q4`, `q4i`, `q8`) and
+//! `QMAT_ROWS` (input row counts), each comma-separated, narrow the run.
 
 use std::time::Instant;
 
@@ -23,7 +24,13 @@ fn values(len: usize, seed: u64) -> Vec<f32> {
 }
 
 fn main() {
-    let rows_list = [1usize, 2, 4, 8, 16];
+    // `QMAT_ROWS=1,8` and `QMAT_SHAPES=output` narrow the run (an A/B of one kernel).
+    let rows_list: Vec<usize> = std::env::var("QMAT_ROWS")
+        .ok()
+        .and_then(|v| v.split(',').map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4, 8, 16]);
+    let only = std::env::var("QMAT_SHAPES").unwrap_or_default();
+    let formats = std::env::var("QMAT_FORMATS").unwrap_or_default();
     // (name, output rows, input columns): attention, MLP in and out, the output matrix.
     let shapes = [
         ("q/o 576x576", 576usize, 576usize),
@@ -37,6 +44,9 @@ fn main() {
         "matrix", "fmt", "rows", "us/product", "GB/s", "GFMA/s"
     );
     for (name, rows, cols) in shapes {
+        if !only.is_empty() && !only.split(',').any(|o| name.contains(o)) {
+            continue;
+        }
         let w = values(rows * cols, 1);
         let q4 = QMatrix::quantize_q4(&w, rows, cols).expect("q4");
         let q4i = q4.interleaved().expect("rows in 16s");
@@ -46,6 +56,9 @@ fn main() {
             ("q8", QMatrix::quantize_q8(&w, rows, cols).expect("q8")),
         ];
         for (fmt, m) in &mats {
+            if !formats.is_empty() && !formats.split(',').any(|f| f == *fmt) {
+                continue;
+            }
             for &n in &rows_list {
                 let x = values(n * cols, 7);
                 let reps = (20_000_000 / (rows * cols)).clamp(3, 2000);
