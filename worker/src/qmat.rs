@@ -541,14 +541,15 @@ impl pulp::WithSimd for Dots<'_> {
             }
             return;
         };
+        let b = Batch { m, xt, per_row };
         match n {
-            2 => blocked_rows::<S, 2>(simd, m, r0, xt, per_row, out),
-            3 => blocked_rows::<S, 3>(simd, m, r0, xt, per_row, out),
-            4 => blocked_rows::<S, 4>(simd, m, r0, xt, per_row, out),
-            5 => blocked_rows::<S, 5>(simd, m, r0, xt, per_row, out),
-            6 => blocked_rows::<S, 6>(simd, m, r0, xt, per_row, out),
-            7 => blocked_rows::<S, 7>(simd, m, r0, xt, per_row, out),
-            _ => blocked_rows::<S, 8>(simd, m, r0, xt, per_row, out),
+            2 => blocked_rows::<S, 2>(simd, b, r0, out),
+            3 => blocked_rows::<S, 3>(simd, b, r0, out),
+            4 => blocked_rows::<S, 4>(simd, b, r0, out),
+            5 => blocked_rows::<S, 5>(simd, b, r0, out),
+            6 => blocked_rows::<S, 6>(simd, b, r0, out),
+            7 => blocked_rows::<S, 7>(simd, b, r0, out),
+            _ => blocked_rows::<S, 8>(simd, b, r0, out),
         }
     }
 }
@@ -568,52 +569,51 @@ fn block_major(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// The task's weight rows against `N` block-major input rows: two weight rows at a time where
-/// the `2 · N` accumulators fit in registers (AVX-512's 32; AVX2's 16 up to 4 input rows), else
-/// one at a time. On AVX2, two weight rows against 8 input rows spilled the accumulators to the
-/// stack: a batch-8 decode step ran slower than a batch-1 step (`docs/benchmarks.md`).
-#[inline(always)]
-fn blocked_rows<S: pulp::Simd, const N: usize>(
-    simd: S,
-    m: &QMatrix,
-    r0: usize,
-    xt: &[f32],
+/// A product's block-major input rows (`[block, row, 32]`) and the matrix they multiply.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    m: &'a QMatrix,
+    xt: &'a [f32],
     per_row: usize,
+}
+
+/// The task's weight rows from `r0` against `N` block-major input rows: two weight rows at a
+/// time where the `2 · N` accumulators fit in registers (AVX-512's 32; AVX2's 16 up to 4 input
+/// rows), else one at a time. On AVX2, two weight rows against 8 input rows spilled the
+/// accumulators to the stack: a batch-8 decode step ran slower than a batch-1 step
+/// (`docs/benchmarks.md`).
+#[inline(always)]
+fn blocked_rows<S: pulp::Simd, const N: usize>(simd: S, b: Batch, r0: usize, out: &mut [f32]) {
+    match b.m.format {
+        QFormat::Q4 => rows_of::<S, N, true>(simd, b, r0, out),
+        QFormat::Q8 => rows_of::<S, N, false>(simd, b, r0, out),
+    }
+}
+
+/// [`blocked_rows`] for one format.
+#[inline(always)]
+fn rows_of<S: pulp::Simd, const N: usize, const Q4: bool>(
+    simd: S,
+    b: Batch,
+    r0: usize,
     out: &mut [f32],
 ) {
-    let wide = size_of::<S::f32s>() >= 64 || N <= 4;
     let mut r = r0;
-    if wide {
+    if size_of::<S::f32s>() >= 64 || N <= 4 {
         let mut pairs = out.chunks_exact_mut(2 * N);
         for o in &mut pairs {
-            blocked_dots_of::<S, 2, N>(simd, m, r, xt, per_row, o);
+            blocked_dots::<S, 2, N, Q4>(simd, b, r, o);
             r += 2;
         }
         let rest = pairs.into_remainder();
         if !rest.is_empty() {
-            blocked_dots_of::<S, 1, N>(simd, m, r, xt, per_row, rest);
+            blocked_dots::<S, 1, N, Q4>(simd, b, r, rest);
         }
         return;
     }
     for o in out.chunks_exact_mut(N) {
-        blocked_dots_of::<S, 1, N>(simd, m, r, xt, per_row, o);
+        blocked_dots::<S, 1, N, Q4>(simd, b, r, o);
         r += 1;
-    }
-}
-
-/// [`blocked_dots`] for `m`'s format.
-#[inline(always)]
-fn blocked_dots_of<S: pulp::Simd, const R: usize, const N: usize>(
-    simd: S,
-    m: &QMatrix,
-    r0: usize,
-    xt: &[f32],
-    per_row: usize,
-    out: &mut [f32],
-) {
-    match m.format {
-        QFormat::Q4 => blocked_dots::<S, R, N, true>(simd, m, r0, xt, per_row, out),
-        QFormat::Q8 => blocked_dots::<S, R, N, false>(simd, m, r0, xt, per_row, out),
     }
 }
 
@@ -648,22 +648,21 @@ fn q8_values(qs: &[u8], d: f32, out: &mut [f32; BLOCK]) {
 #[inline(always)]
 fn blocked_dots<S: pulp::Simd, const R: usize, const N: usize, const Q4: bool>(
     simd: S,
-    m: &QMatrix,
+    b: Batch,
     r0: usize,
-    xt: &[f32],
-    per_row: usize,
     out: &mut [f32],
 ) {
+    let Batch { m, xt, per_row } = b;
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; N]; R];
     let mut w = [[0.0f32; BLOCK]; R];
     for (k, xk) in xt.chunks_exact(N * BLOCK).enumerate().take(per_row) {
         for (j, wj) in w.iter_mut().enumerate() {
-            let b = (r0 + j) * per_row + k;
+            let at = (r0 + j) * per_row + k;
             if Q4 {
-                q4_values(&m.q[b * 16..b * 16 + 16], m.scales[b], m.mins[b], wj);
+                q4_values(&m.q[at * 16..at * 16 + 16], m.scales[at], m.mins[at], wj);
             } else {
-                q8_values(&m.q[b * 32..b * 32 + 32], m.scales[b], wj);
+                q8_values(&m.q[at * 32..at * 32 + 32], m.scales[at], wj);
             }
         }
         let wv: [&[S::f32s]; R] = std::array::from_fn(|j| S::as_simd_f32s(&w[j]).0);
