@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use dopd_model::gguf::{GgmlType, Gguf, GgufError, f16_to_f32};
 
+pub mod digits;
 pub mod packed;
 
 /// Values per quantization block.
@@ -291,9 +292,21 @@ impl QMatrix {
             .iter()
             .any(|m| m.interleaved)
             .then(|| packed::Quantized::new(x, cols));
+        // One input row as 8-bit digits for the Q4 matrices, where the CPU has the integer
+        // kernel for them (AVX-512).
+        let xd = (n == 1
+            && digits::available()
+            && ms.iter().any(|m| m.format == QFormat::Q4 && !m.interleaved))
+        .then(|| digits::Digits::new(x))
+        .flatten();
         let run = |(m, r0, out): (&QMatrix, usize, &mut [f32])| {
             if let (true, Some(xq)) = (m.interleaved, &xq) {
                 packed::products(m, xq, r0, n, out);
+                return;
+            }
+            if let Some(xd) = &xd
+                && digits::products(m, xd, r0, out).is_some()
+            {
                 return;
             }
             pulp::Arch::new().dispatch(Dots {
