@@ -69,9 +69,31 @@ pub(crate) fn paged_attention(
             out,
             rows: &rows[first..first + len],
             views: &views[first..first + len],
+            heads: 0..heads,
         });
     };
     let work: usize = rows.iter().map(|r| r.1 + 1).sum::<usize>() * width;
+    let threads = rayon::current_num_threads();
+    if rows.len() == 1 && threads > 1 && work >= 1 << 16 {
+        // One row (a decode step at batch 1): its heads split over the threads, else one
+        // thread attends while the others wait (a tenth of a batch-1 step at 128 tokens).
+        let per = heads.div_ceil(threads.min(heads));
+        out.par_chunks_mut(per * l.head_dim)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let h0 = i * per;
+                let h1 = h0 + out.len() / l.head_dim;
+                pulp::Arch::new().dispatch(Task {
+                    shape,
+                    q: &q[h0 * l.head_dim..h1 * l.head_dim],
+                    out,
+                    rows,
+                    views: &views,
+                    heads: h0..h1,
+                });
+            });
+        return Ok(out);
+    }
     if work >= 1 << 16 {
         parts.into_par_iter().zip(tiles.par_iter()).for_each(run);
     } else {
@@ -116,6 +138,8 @@ struct Task<'a> {
     out: &'a mut [f32],
     rows: &'a [QueryRow],
     views: &'a [KvView<'a>],
+    /// The query heads `q` and `out` hold (all of them but for a split row).
+    heads: std::ops::Range<usize>,
 }
 
 impl pulp::WithSimd for Task<'_> {
@@ -124,7 +148,7 @@ impl pulp::WithSimd for Task<'_> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
         let sh = self.shape;
-        let width = sh.heads * sh.head_dim;
+        let width = self.heads.len() * sh.head_dim;
         let block = self.views.first().map_or(1, |v| v.block_size());
         if self.rows.len() >= TILE_MIN {
             // Consecutive positions of one sequence (see `tiles`).
@@ -140,9 +164,10 @@ impl pulp::WithSimd for Task<'_> {
             return;
         }
         // Per head: the running maximum and sum; the block's scores.
-        let mut max = vec![f32::NEG_INFINITY; sh.heads];
-        let mut sum = vec![0.0f32; sh.heads];
-        let mut scores = vec![0.0f32; sh.heads * block];
+        let here = self.heads.len();
+        let mut max = vec![f32::NEG_INFINITY; here];
+        let mut sum = vec![0.0f32; here];
+        let mut scores = vec![0.0f32; here * block];
         for (((q, out), &(_, pos)), view) in self
             .q
             .chunks_exact(width)
@@ -152,7 +177,16 @@ impl pulp::WithSimd for Task<'_> {
         {
             max.fill(f32::NEG_INFINITY);
             sum.fill(0.0);
-            attend_row(simd, sh, q, out, view, pos, &mut max, &mut sum, &mut scores);
+            attend_row(
+                simd,
+                sh,
+                self.heads.start,
+                q,
+                out,
+                view,
+                pos,
+                (&mut max, &mut sum, &mut scores),
+            );
         }
     }
 }
@@ -167,13 +201,12 @@ impl pulp::WithSimd for Task<'_> {
 fn attend_row<S: pulp::Simd>(
     simd: S,
     sh: Shape,
+    first_head: usize,
     q: &[f32],
     out: &mut [f32],
     view: &KvView,
     pos: usize,
-    max: &mut [f32],
-    sum: &mut [f32],
-    scores: &mut [f32],
+    (max, sum, scores): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     let hd = sh.head_dim;
     let group = sh.heads / sh.kv_heads;
@@ -186,7 +219,7 @@ fn attend_row<S: pulp::Simd>(
         // Scores, `[head, key]`.
         for (t, krow) in keys.chunks_exact(token).take(n).enumerate() {
             for (h, qh) in q.chunks_exact(hd).enumerate() {
-                let kv = (h / group) * hd;
+                let kv = ((first_head + h) / group) * hd;
                 scores[h * bs + t] = dot(qh, &krow[kv..kv + hd]) * sh.scale;
             }
         }
@@ -213,7 +246,7 @@ fn attend_row<S: pulp::Simd>(
         // Values, token by token into every head's accumulator.
         for (t, vrow) in values.chunks_exact(token).take(n).enumerate() {
             for (h, acc) in out.chunks_exact_mut(hd).enumerate() {
-                let kv = (h / group) * hd;
+                let kv = ((first_head + h) / group) * hd;
                 axpy_lanes(simd, acc, scores[h * bs + t], &vrow[kv..kv + hd]);
             }
         }
@@ -502,6 +535,89 @@ mod tests {
         x[2] = 0.0;
         exp_lanes(&mut x);
         assert_eq!((x[0], x[1], x[2]), (0.0, 0.0, 1.0));
+    }
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_rows_heads_split_over_the_threads_equal_dense_attention() {
+        use crate::kv::KvLayout;
+        // 9 query heads on 3 KV heads (SmolLM2's shape), a context long enough to be split.
+        let (heads, kv_heads, hd, len) = (9usize, 3usize, 16usize, 600usize);
+        let layout = KvLayout {
+            layers: 1,
+            kv_heads,
+            head_dim: hd,
+            block_size: 16,
+            model_hash: 0,
+        };
+        let mut cache = PagedKvCache::new(layout, len.div_ceil(16));
+        let seq = cache.create();
+        let (k, v) = (
+            values(len * kv_heads * hd, 1),
+            values(len * kv_heads * hd, 2),
+        );
+        for t in 0..len {
+            let r = t * kv_heads * hd..(t + 1) * kv_heads * hd;
+            cache
+                .append(seq, 0, &k[r.clone()], &v[r])
+                .expect("room for the context");
+        }
+        let q: Vec<f32> = values(heads * hd, 3).iter().map(|x| x * 8.0).collect();
+        let scale = 0.25;
+        // Dense, in f64.
+        let mut want = vec![0.0f64; heads * hd];
+        for h in 0..heads {
+            let kv = (h / (heads / kv_heads)) * hd;
+            let scores: Vec<f64> = (0..len)
+                .map(|t| {
+                    let key = &k[t * kv_heads * hd + kv..][..hd];
+                    let s: f64 = (0..hd)
+                        .map(|d| f64::from(q[h * hd + d]) * f64::from(key[d]))
+                        .sum();
+                    s * scale
+                })
+                .collect();
+            let top = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for (t, w) in e.iter().enumerate() {
+                for d in 0..hd {
+                    want[h * hd + d] += w / sum * f64::from(v[t * kv_heads * hd + kv + d]);
+                }
+            }
+        }
+        // One thread (no split), two (5 + 4 heads) and four (3 + 3 + 3).
+        for threads in [1, 2, 4] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("a thread pool");
+            // The cache moves to the pool's thread and back (it is not shared between threads).
+            let q = &q;
+            let (got, back) = pool.install(move || {
+                let got = paged_attention(&cache, 0, q, &[(seq, len - 1)], heads, scale as f32);
+                (got, cache)
+            });
+            cache = back;
+            let got = got.expect("written");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (f64::from(*g) - w).abs() < 1e-5,
+                    "{threads} threads, value {i}: {g} vs {w}"
+                );
+            }
+        }
     }
 
     #[test]
