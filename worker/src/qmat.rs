@@ -270,20 +270,41 @@ impl QMatrix {
             return ys;
         }
         let per_row = cols / BLOCK;
-        // Output rows in tasks; each task writes its rows for every input row, `[task rows, n]`.
+        // Output rows in tasks; each task writes its rows for every input row, `[task rows, n]`,
+        // and then (for several input rows) moves them into their places in the products,
+        // `[n, rows]`, in the same parallel loop: done after it, on one thread, the reordering
+        // of the output matrix's products was a twentieth of a batch-8 decode step.
         let mut ts: Vec<Vec<f32>> = ms.iter().map(|m| vec![0.0f32; m.rows * n]).collect();
+        let mut ys: Vec<Vec<f32>> = if n > 1 {
+            ms.iter().map(|m| vec![0.0f32; m.rows * n]).collect()
+        } else {
+            Vec::new()
+        };
         let mut tasks = Vec::new();
+        let mut ys_left = ys.iter_mut();
         for (m, t) in ms.iter().zip(ts.iter_mut()) {
             let per_task = if m.interleaved {
                 task_rows(m.rows).next_multiple_of(packed::GROUP)
             } else {
                 task_rows(m.rows)
             };
-            tasks.extend(
-                t.chunks_mut(per_task * n)
-                    .enumerate()
-                    .map(|(i, out)| (*m, i * per_task, out)),
-            );
+            // Each input row's products, cut at the tasks' rows as the tasks come.
+            let mut rows_of_y: Vec<&mut [f32]> = match ys_left.next() {
+                Some(y) => y.chunks_mut(m.rows).collect(),
+                None => Vec::new(),
+            };
+            for (i, out) in t.chunks_mut(per_task * n).enumerate() {
+                let len = out.len() / n;
+                let places: Vec<&mut [f32]> = rows_of_y
+                    .iter_mut()
+                    .map(|row| {
+                        let (here, rest) = std::mem::take(row).split_at_mut(len);
+                        *row = rest;
+                        here
+                    })
+                    .collect();
+                tasks.push((*m, i * per_task, out, places));
+            }
         }
         // The input rows block-major (`[block, row, 32]`) once for every task's batch kernel.
         let xt = (n > 1 && ms.iter().any(|m| !m.interleaved)).then(|| block_major(x, n, cols));
@@ -299,7 +320,7 @@ impl QMatrix {
             && ms.iter().any(|m| m.format == QFormat::Q4 && !m.interleaved))
         .then(|| digits::Digits::new(x))
         .flatten();
-        let run = |(m, r0, out): (&QMatrix, usize, &mut [f32])| {
+        let product = |m: &QMatrix, r0: usize, out: &mut [f32]| {
             if let (true, Some(xq)) = (m.interleaved, &xq) {
                 packed::products(m, xq, r0, n, out);
                 return;
@@ -319,27 +340,21 @@ impl QMatrix {
                 out,
             });
         };
+        let run = |(m, r0, out, mut places): (&QMatrix, usize, &mut [f32], Vec<&mut [f32]>)| {
+            product(m, r0, out);
+            for (i, place) in places.iter_mut().enumerate() {
+                for (r, o) in place.iter_mut().enumerate() {
+                    *o = out[r * n + i];
+                }
+            }
+        };
         let weights: usize = ms.iter().map(|m| m.rows * m.cols).sum();
         if weights >= PARALLEL_MIN {
             tasks.into_par_iter().for_each(run);
         } else {
             tasks.into_iter().for_each(run);
         }
-        if n == 1 {
-            return ts;
-        }
-        ts.into_iter()
-            .zip(ms)
-            .map(|(t, m)| {
-                let mut y = vec![0.0f32; n * m.rows];
-                for r in 0..m.rows {
-                    for i in 0..n {
-                        y[i * m.rows + r] = t[r * n + i];
-                    }
-                }
-                y
-            })
-            .collect()
+        if n == 1 { ts } else { ys }
     }
 
     /// The dot product of weight row `r` with the one input row `x`; `xsum[k]` is the sum of
