@@ -711,20 +711,26 @@ fn blocked_dots<S: pulp::Simd, const R: usize, const N: usize, const Q4: bool>(
     }
 }
 
+/// `len` pseudo-random values in `[-0.5, 0.5)` from `seed` (the kernels' tests).
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-        let mut x = seed;
-        (0..rows * cols)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+        test_values(rows * cols, seed)
     }
 
     /// `x · Wᵀ` in f64 from the dequantized matrix.

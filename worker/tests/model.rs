@@ -128,7 +128,7 @@ fn logits_match_the_numpy_reference_and_greedy_chat_answers_paris() {
     assert!(answer.contains("Paris"), "{answer}");
 }
 
-use dopd_worker::kv::PagedKvCache;
+use dopd_worker::kv::{KvLayout, PagedKvCache};
 
 #[test]
 fn paged_cached_decoding_equals_full_recompute_and_survives_export_import() {
@@ -239,6 +239,24 @@ fn quantized_weights_compute_the_dense_models_logits_in_a_fifth_of_the_memory() 
 /// decoding of the chat prompt gives the reference's answer. Measured 2026-11-30: centred RMS
 /// differences 0.23-0.46 (logits' own spread about 3), mean shifts up to 1.5, the largest single
 /// difference 3.5; the f32 path's are below 4e-5 by the same procedure. `docs/worker.md`.
+/// The last position's logits of a reference sequence fed as a prompt but for its last four
+/// tokens, which then go one decode step each (the batch-1 kernels).
+fn decoded_last_logits(model: &Llama<B>, layout: KvLayout, seq: &Value) -> Vec<f32> {
+    let input = ids(&seq["ids"]);
+    let mut cache = PagedKvCache::new(layout, 256);
+    let s = cache.create();
+    let split = input.len().saturating_sub(4).max(1);
+    let mut last = rows(
+        model
+            .forward_cached(&mut cache, s, &input[..split])
+            .expect("room"),
+    );
+    for &t in &input[split..] {
+        last = rows(model.forward_cached(&mut cache, s, &[t]).expect("room"));
+    }
+    last.pop().expect("a row")
+}
+
 /// Decode steps (one new token a step, the batch-1 kernels: on AVX-512 the integer kernel of
 /// `qmat/digits.rs`) keep every logit within the reference tolerance, as the prompt's pass does.
 #[test]
@@ -247,20 +265,8 @@ fn decode_steps_keep_every_logit_within_the_reference_tolerance() {
     let r = reference();
     let layout = model.kv_layout(16, 0x5eed);
     for (name, seq) in r["sequences"].as_object().expect("sequences") {
-        let input = ids(&seq["ids"]);
-        let mut cache = PagedKvCache::new(layout, 256);
-        let s = cache.create();
-        let split = input.len().saturating_sub(4).max(1);
-        let mut last = rows(
-            model
-                .forward_cached(&mut cache, s, &input[..split])
-                .expect("room"),
-        );
-        for &t in &input[split..] {
-            last = rows(model.forward_cached(&mut cache, s, &[t]).expect("room"));
-        }
+        let got = &decoded_last_logits(&model, layout, seq);
         let want = last_logits(seq);
-        let got = last.last().expect("row");
         assert_eq!(want.len(), got.len());
         let worst = want
             .iter()
@@ -289,20 +295,8 @@ fn int8_inputs_keep_decoding_near_the_reference() {
     let r = reference();
     let layout = model.kv_layout(16, 0x5eed);
     for (name, seq) in r["sequences"].as_object().expect("sequences") {
-        let input = ids(&seq["ids"]);
-        let mut cache = PagedKvCache::new(layout, 256);
-        let s = cache.create();
-        let split = input.len().saturating_sub(4).max(1);
-        let mut last = rows(
-            model
-                .forward_cached(&mut cache, s, &input[..split])
-                .expect("room"),
-        );
-        for &t in &input[split..] {
-            last = rows(model.forward_cached(&mut cache, s, &[t]).expect("room"));
-        }
+        let got = &decoded_last_logits(&model, layout, seq);
         let want = last_logits(seq);
-        let got = last.last().expect("row");
         assert_eq!(want.len(), got.len());
         let diffs: Vec<f64> = want
             .iter()

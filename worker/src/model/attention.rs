@@ -514,6 +514,7 @@ fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmat::test_values as values;
 
     #[test]
     fn exp_on_lanes_matches_the_library_and_underflows_to_zero() {
@@ -535,18 +536,6 @@ mod tests {
         x[2] = 0.0;
         exp_lanes(&mut x);
         assert_eq!((x[0], x[1], x[2]), (0.0, 0.0, 1.0));
-    }
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
     }
 
     #[test]

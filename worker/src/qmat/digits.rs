@@ -292,19 +292,8 @@ mod v4 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values as values;
     use super::*;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     #[test]
     fn the_digits_hold_each_input_to_a_2_21_part_of_its_blocks_largest() {
