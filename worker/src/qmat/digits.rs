@@ -5,12 +5,12 @@
 //!
 //! A decode step at batch 1 is a matrix-vector product per weight matrix. Widening each 4-bit
 //! weight to f32 costs more vector instructions than its multiply-add (a block of 32: two byte
-//! widenings, two conversions, a multiply and two multiply-adds), and on AVX-512 that, not
-//! reading the weights, bounds the product (`docs/benchmarks.md`). Here four blocks' 128
+//! widenings, two conversions, a multiply and two multiply-adds), and on one AVX-512 core that,
+//! not reading the weights, bounds the product (`docs/benchmarks.md`). Here four blocks' 128
 //! weights take about 22 instructions against 36.
 //!
-//! The digits leave at most `s / 2¹⁵` of each input unrepresented (a 2⁻²² part of the block's
-//! largest input), below f32's own rounding of the products' sum over a row; the integer sums
+//! The digits leave at most `s / 2¹⁵` of each input unrepresented (about a 2⁻²² part of the
+//! block's largest input), below f32's own rounding of the products' sum over a row; the integer sums
 //! are exact and convert to f32 once per block. So the results are the f32 kernel's up to the
 //! order of the additions (the reference tolerance of the logits is unchanged,
 //! `docs/worker.md`), unlike the 8-bit inputs of [`super::packed`], which round each input to
