@@ -54,24 +54,6 @@ pub(crate) fn paged_attention(
         scale,
     };
     let mut out = vec![0.0f32; rows.len() * width];
-    let tiles = tiles(rows);
-    let mut parts = Vec::with_capacity(tiles.len());
-    let mut rest = out.as_mut_slice();
-    for &(_, len) in &tiles {
-        let (part, tail) = rest.split_at_mut(len * width);
-        parts.push(part);
-        rest = tail;
-    }
-    let run = |(out, &(first, len)): (&mut [f32], &(usize, usize))| {
-        pulp::Arch::new().dispatch(Task {
-            shape,
-            q: &q[first * width..(first + len) * width],
-            out,
-            rows: &rows[first..first + len],
-            views: &views[first..first + len],
-            heads: 0..heads,
-        });
-    };
     let work: usize = rows.iter().map(|r| r.1 + 1).sum::<usize>() * width;
     let threads = rayon::current_num_threads();
     if rows.len() == 1 && threads > 1 && work >= 1 << 16 {
@@ -94,6 +76,24 @@ pub(crate) fn paged_attention(
             });
         return Ok(out);
     }
+    let tiles = tiles(rows);
+    let mut parts = Vec::with_capacity(tiles.len());
+    let mut rest = out.as_mut_slice();
+    for &(_, len) in &tiles {
+        let (part, tail) = rest.split_at_mut(len * width);
+        parts.push(part);
+        rest = tail;
+    }
+    let run = |(out, &(first, len)): (&mut [f32], &(usize, usize))| {
+        pulp::Arch::new().dispatch(Task {
+            shape,
+            q: &q[first * width..(first + len) * width],
+            out,
+            rows: &rows[first..first + len],
+            views: &views[first..first + len],
+            heads: 0..heads,
+        });
+    };
     if work >= 1 << 16 {
         parts.into_par_iter().zip(tiles.par_iter()).for_each(run);
     } else {

@@ -53,12 +53,7 @@ impl Digits {
     #[cfg(test)]
     fn value(&self, j: usize) -> f64 {
         let (k, col) = (j / BLOCK, j % BLOCK);
-        let (blocks, full) = (self.sums.len(), self.sums.len() / SPAN);
-        let (span, at) = if k < full * SPAN {
-            (k / SPAN, k % SPAN)
-        } else {
-            (full, k + SPAN - blocks)
-        };
+        let (span, at) = slot(k, self.sums.len());
         let (half, lane) = (col / 16, col % 16);
         let digit = |n: usize| f64::from(self.bytes[span * 6 + n * 2 + half][at * 16 + lane] as i8);
         let s = f64::from(self.scales[span][at * 4]) * 16384.0;
@@ -109,7 +104,6 @@ impl pulp::WithSimd for Splitting<'_> {
         let x = self.x;
         let blocks = x.len() / BLOCK;
         let spans = blocks.div_ceil(SPAN);
-        let full = blocks / SPAN;
         let mut d = Digits {
             bytes: vec![[0u8; SPAN_BYTES]; spans * 6],
             scales: vec![[0.0f32; 16]; spans],
@@ -120,12 +114,7 @@ impl pulp::WithSimd for Splitting<'_> {
                 continue;
             };
             d.sums.push(b.iter().sum());
-            // The short last span is read as the row's last four blocks (`span_start`).
-            let (span, at) = if k < full * SPAN {
-                (k / SPAN, k % SPAN)
-            } else {
-                (full, k + SPAN - blocks)
-            };
+            let (span, at) = slot(k, blocks);
             let mut lanes = [0.0f32; 16];
             for c in b.chunks_exact(16) {
                 for (l, v) in lanes.iter_mut().zip(c) {
@@ -163,6 +152,14 @@ impl pulp::WithSimd for Splitting<'_> {
 #[inline(always)]
 fn span_start(g: usize, blocks: usize) -> usize {
     (g * SPAN).min(blocks - SPAN)
+}
+
+/// Where block `k` of a row of `blocks` (at least [`SPAN`]) sits: its span, and its place
+/// among the four blocks that span reads ([`span_start`]).
+#[inline(always)]
+fn slot(k: usize, blocks: usize) -> (usize, usize) {
+    let span = (k / SPAN).min(blocks / SPAN);
+    (span, k - span_start(span, blocks))
 }
 
 #[cfg(target_arch = "x86_64")]
