@@ -24,6 +24,7 @@ use dopd_model::gguf::{GgmlType, Gguf, GgufError, f16_to_f32};
 
 pub mod digits;
 pub mod packed;
+pub(crate) mod vectors;
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
@@ -330,7 +331,7 @@ impl QMatrix {
             {
                 return;
             }
-            pulp::Arch::new().dispatch(Dots {
+            vectors::arch().dispatch(Dots {
                 m,
                 x,
                 xt: xt.as_deref(),

@@ -65,7 +65,7 @@ pub(crate) fn paged_attention(
             .for_each(|(i, out)| {
                 let h0 = i * per;
                 let h1 = h0 + out.len() / l.head_dim;
-                pulp::Arch::new().dispatch(Task {
+                crate::qmat::vectors::arch().dispatch(Task {
                     shape,
                     q: &q[h0 * l.head_dim..h1 * l.head_dim],
                     out,
@@ -85,7 +85,7 @@ pub(crate) fn paged_attention(
         rest = tail;
     }
     let run = |(out, &(first, len)): (&mut [f32], &(usize, usize))| {
-        pulp::Arch::new().dispatch(Task {
+        crate::qmat::vectors::arch().dispatch(Task {
             shape,
             q: &q[first * width..(first + len) * width],
             out,

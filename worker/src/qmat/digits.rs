@@ -46,7 +46,7 @@ impl Digits {
         if x.len() < SPAN * BLOCK || !x.iter().all(|v| v.is_finite()) {
             return None;
         }
-        Some(pulp::Arch::new().dispatch(Splitting { x }))
+        Some(super::vectors::arch().dispatch(Splitting { x }))
     }
 
     /// The value the digits stand for at input `j` (tests).
@@ -61,23 +61,24 @@ impl Digits {
     }
 }
 
-/// Whether this CPU runs [`products`] (AVX-512).
+/// Whether this CPU runs [`products`] (AVX-512, or AVX2 with FMA).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
-    return pulp::x86::V4::try_new().is_some();
+    return super::vectors::v3().is_some();
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
 
 /// `out[i] = x · W[r0 + i]ᵀ` for the Q4 matrix `m` (row-major, not interleaved) and one input
-/// row as digits. Only on CPUs with AVX-512: `None` elsewhere (and for other matrices), where
-/// the caller uses the f32 kernel.
+/// row as digits. On CPUs with AVX-512 (64-byte vectors) or AVX2 (32-byte vectors, the same
+/// arithmetic on half a span at a time): `None` elsewhere (and for other matrices), where the
+/// caller uses the f32 kernel.
 pub fn products(m: &QMatrix, x: &Digits, r0: usize, out: &mut [f32]) -> Option<()> {
     if m.format != QFormat::Q4 || m.interleaved || x.sums.len() != m.cols / BLOCK {
         return None;
     }
     #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V4::try_new() {
+    if let Some(simd) = super::vectors::v4() {
         simd.vectorize(v4::Kernel {
             simd,
             m,
@@ -85,6 +86,11 @@ pub fn products(m: &QMatrix, x: &Digits, r0: usize, out: &mut [f32]) -> Option<(
             r0,
             out,
         });
+        return Some(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = super::vectors::v3() {
+        v3::products(simd, m, x, r0, out);
         return Some(());
     }
     let _ = (x, r0, out);
@@ -287,6 +293,148 @@ mod v4 {
     }
 }
 
+/// The AVX2 kernel: a span's 64 weight bytes (and each of its 64-byte digit vectors) as two
+/// 32-byte halves, blocks 0-1 and 2-3, each with the AVX-512 kernel's arithmetic.
+#[cfg(target_arch = "x86_64")]
+mod v3 {
+    use core::arch::x86_64::{__m256, __m256i};
+
+    use pulp::x86::V3;
+
+    use super::super::{BLOCK, QMatrix, lane_dot};
+    use super::{Digits, SPAN, SPAN_BYTES, span_start};
+
+    /// [`super::products`] on AVX2.
+    pub(super) fn products(simd: V3, m: &QMatrix, x: &Digits, r0: usize, out: &mut [f32]) {
+        simd.vectorize(Kernel {
+            simd,
+            m,
+            x,
+            r0,
+            out,
+        })
+    }
+
+    struct Kernel<'a> {
+        simd: V3,
+        m: &'a QMatrix,
+        x: &'a Digits,
+        r0: usize,
+        out: &'a mut [f32],
+    }
+
+    /// Half `h` of 64 bytes as a vector.
+    #[inline(always)]
+    fn half(b: &[u8; SPAN_BYTES], h: usize) -> __m256i {
+        let mut v = [0u8; 32];
+        v.copy_from_slice(&b[h * 32..h * 32 + 32]);
+        pulp::cast(v)
+    }
+
+    /// The kernel's constants.
+    #[derive(Clone, Copy)]
+    struct Consts {
+        low: __m256i,
+        ka: __m256i,
+        kb: __m256i,
+        kc: __m256i,
+        /// Lanes 0-3 take a span's block 0 (or 2), lanes 4-7 block 1 (or 3).
+        spread: [__m256i; 2],
+    }
+
+    impl pulp::NullaryFnOnce for Kernel<'_> {
+        type Output = ();
+
+        #[inline(always)]
+        fn call(self) {
+            let Self {
+                simd,
+                m,
+                x,
+                r0,
+                out,
+            } = self;
+            let a = simd.avx;
+            let per_row = m.cols / BLOCK;
+            let c = Consts {
+                low: a._mm256_set1_epi8(0x0f),
+                ka: a._mm256_set1_epi16(16384),
+                kb: a._mm256_set1_epi16(128),
+                kc: a._mm256_set1_epi16(1),
+                spread: [
+                    a._mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                    a._mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                ],
+            };
+            let spans = x.scales.len();
+            for (i, o) in out.iter_mut().enumerate() {
+                let first = (r0 + i) * per_row;
+                let (q, d) = (
+                    &m.q[first * 16..(first + per_row) * 16],
+                    &m.scales[first..first + per_row],
+                );
+                // One accumulator per half: two independent chains.
+                let mut acc = [a._mm256_setzero_ps(); 2];
+                for g in 0..spans {
+                    let k0 = span_start(g, per_row);
+                    let (Some(w), Some(d)) = (
+                        q.get(k0 * 16..).and_then(|w| w.first_chunk::<SPAN_BYTES>()),
+                        d.get(k0..).and_then(|d| d.first_chunk::<SPAN>()),
+                    ) else {
+                        continue;
+                    };
+                    let Some(xb) = x.bytes.get(g * 6..g * 6 + 6) else {
+                        continue;
+                    };
+                    let mut ds = [0.0f32; 8];
+                    ds[..SPAN].copy_from_slice(d);
+                    for (h, acc) in acc.iter_mut().enumerate() {
+                        *acc = span_half(simd, c, (w, xb, h), (pulp::cast(ds), &x.scales[g]), *acc);
+                    }
+                }
+                let offsets = lane_dot(&m.mins[first..first + per_row], &x.sums);
+                let s: [f32; 8] = pulp::cast(a._mm256_add_ps(acc[0], acc[1]));
+                *o = ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7])) + offsets;
+            }
+        }
+    }
+
+    /// `acc` plus half `h` of a span's products: weights `w`, digits `xb` (`[digit][half of
+    /// the block][64]`), the weights' four block scales `ds` (lanes 0-3) and the digits'
+    /// scales (16 lanes, four a block).
+    #[inline(always)]
+    fn span_half(
+        simd: V3,
+        c: Consts,
+        (w, xb, h): (&[u8; SPAN_BYTES], &[[u8; SPAN_BYTES]], usize),
+        (ds, xs): (__m256, &[f32; 16]),
+        acc: __m256,
+    ) -> __m256 {
+        let (a, a2, f) = (simd.avx, simd.avx2, simd.fma);
+        let w = half(w, h);
+        let lo = a2._mm256_and_si256(w, c.low);
+        let hi = a2._mm256_and_si256(a2._mm256_srli_epi16::<4>(w), c.low);
+        let digit = |n: usize| {
+            a2._mm256_add_epi16(
+                a2._mm256_maddubs_epi16(lo, half(&xb[n * 2], h)),
+                a2._mm256_maddubs_epi16(hi, half(&xb[n * 2 + 1], h)),
+            )
+        };
+        let t = a2._mm256_add_epi32(
+            a2._mm256_add_epi32(
+                a2._mm256_madd_epi16(digit(0), c.ka),
+                a2._mm256_madd_epi16(digit(1), c.kb),
+            ),
+            a2._mm256_madd_epi16(digit(2), c.kc),
+        );
+        let dv = a2._mm256_permutevar8x32_ps(ds, c.spread[h]);
+        let mut s = [0.0f32; 8];
+        s.copy_from_slice(&xs[h * 8..h * 8 + 8]);
+        let scale = a._mm256_mul_ps(dv, pulp::cast(s));
+        f._mm256_fmadd_ps(a._mm256_cvtepi32_ps(t), scale, acc)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::test_values as values;
@@ -320,36 +468,15 @@ mod tests {
 
     #[test]
     fn digit_products_equal_the_f32_kernels_to_its_rounding() {
-        for cols in [128, 160, 576] {
-            let rows = 37;
-            let w = values(rows * cols, 1);
-            let q = QMatrix::quantize_q4(&w, rows, cols).expect("q4");
-            let dense = q.dequantize();
-            let mut x = values(cols, 9);
-            // Inputs of mixed sizes, as a layer's activations are.
-            x.iter_mut().step_by(7).for_each(|v| *v *= 40.0);
-            let d = Digits::new(&x).expect("finite");
-            let mut out = vec![0.0f32; rows];
-            if products(&q, &d, 0, &mut out).is_none() {
-                // No AVX-512 here: the f32 kernel serves (its own test covers it).
-                return;
-            }
-            for (r, got) in out.iter().enumerate() {
-                let want: f64 = (0..cols)
-                    .map(|c| f64::from(dense[r * cols + c]) * f64::from(x[c]))
-                    .sum();
-                let size: f64 = (0..cols)
-                    .map(|c| (f64::from(dense[r * cols + c]) * f64::from(x[c])).abs())
-                    .sum();
-                assert!(
-                    (f64::from(*got) - want).abs() <= size * 1e-6,
-                    "cols {cols} row {r}: {got} vs {want}"
-                );
-            }
-            // From a later row on: the same values as from the first.
-            let mut tail = vec![0.0f32; rows - 5];
-            products(&q, &d, 5, &mut tail).expect("AVX-512 found above");
-            assert_eq!(tail, out[5..]);
+        // The kernel `products` picks here, and the AVX2 one on its own (a machine with
+        // AVX-512 would not run it otherwise).
+        check_products("products", products);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = super::super::vectors::v3() {
+            check_products("avx2", |m, x, r0, out| {
+                v3::products(simd, m, x, r0, out);
+                Some(())
+            });
         }
         // Rows under four blocks are the f32 kernel's.
         assert!(Digits::new(&values(96, 4)).is_none());
@@ -361,5 +488,44 @@ mod tests {
         let x = Digits::new(&values(128, 3)).expect("finite");
         assert!(products(&q4i, &x, 0, &mut [0.0; 32]).is_none());
         assert!(products(&q8, &x, 0, &mut [0.0; 32]).is_none());
+    }
+
+    /// `kernel`'s products against the dequantized matrix's in f64, within a 1e-6 part of the
+    /// sum of the products' sizes, and the same from a later first row.
+    fn check_products(
+        name: &str,
+        kernel: impl Fn(&QMatrix, &Digits, usize, &mut [f32]) -> Option<()>,
+    ) {
+        for cols in [128, 160, 576] {
+            let rows = 37;
+            let w = values(rows * cols, 1);
+            let q = QMatrix::quantize_q4(&w, rows, cols).expect("q4");
+            let dense = q.dequantize();
+            let mut x = values(cols, 9);
+            // Inputs of mixed sizes, as a layer's activations are.
+            x.iter_mut().step_by(7).for_each(|v| *v *= 40.0);
+            let d = Digits::new(&x).expect("finite");
+            let mut out = vec![0.0f32; rows];
+            if kernel(&q, &d, 0, &mut out).is_none() {
+                // No vector kernel here: the f32 kernel serves (its own test covers it).
+                return;
+            }
+            for (r, got) in out.iter().enumerate() {
+                let want: f64 = (0..cols)
+                    .map(|c| f64::from(dense[r * cols + c]) * f64::from(x[c]))
+                    .sum();
+                let size: f64 = (0..cols)
+                    .map(|c| (f64::from(dense[r * cols + c]) * f64::from(x[c])).abs())
+                    .sum();
+                assert!(
+                    (f64::from(*got) - want).abs() <= size * 1e-6,
+                    "{name}: cols {cols} row {r}: {got} vs {want}"
+                );
+            }
+            // From a later row on: the same values as from the first.
+            let mut tail = vec![0.0f32; rows - 5];
+            kernel(&q, &d, 5, &mut tail).expect("found above");
+            assert_eq!(tail, out[5..], "{name}");
+        }
     }
 }

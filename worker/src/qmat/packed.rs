@@ -37,7 +37,7 @@ impl Quantized {
     /// for the CPU's vector unit (pulp's dispatch): for the baseline, each rounding was a call
     /// and the rounding of a decode step's inputs took longer than a small matrix's product.
     pub fn new(x: &[f32], cols: usize) -> Self {
-        pulp::Arch::new().dispatch(Rounding { x, cols })
+        super::vectors::arch().dispatch(Rounding { x, cols })
     }
 
     /// Input row `i`'s block `k`: its eight words, scale and sum.
@@ -157,7 +157,7 @@ impl QMatrix {
 /// interleaved `m` and the `n` (at most 8) quantized input rows, `out` as `[rows, n]`.
 pub fn products(m: &QMatrix, x: &Quantized, r0: usize, n: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V4::try_new() {
+    if let Some(simd) = super::vectors::v4() {
         simd.vectorize(v4::Kernel {
             simd,
             m,

@@ -1,0 +1,75 @@
+//! The vector instructions the CPU kernels use: the best the CPU has (pulp's detection), or
+//! AVX2 at most where the environment says `DOPD_CPU_VECTORS=avx2`. The cap is for measuring,
+//! on an AVX-512 machine, what a machine with AVX2 only does (`docs/benchmarks.md`); it is read
+//! once per process.
+
+use std::sync::OnceLock;
+
+/// Whether AVX-512 is set aside (`DOPD_CPU_VECTORS=avx2`). Another value is reported once and
+/// ignored.
+fn capped() -> bool {
+    static CAP: OnceLock<bool> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        let value = std::env::var("DOPD_CPU_VECTORS").ok();
+        cap_of(value.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!("{e}; using the CPU's best vectors");
+            false
+        })
+    })
+}
+
+/// What a value of `DOPD_CPU_VECTORS` asks: `avx2` caps the level, unset, empty or `best`
+/// does not, anything else is an error naming the value.
+fn cap_of(value: Option<&str>) -> Result<bool, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("best") => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("avx2") => Ok(true),
+        Some(v) => Err(format!(
+            "DOPD_CPU_VECTORS={v:?} is neither `avx2` nor `best`"
+        )),
+    }
+}
+
+/// pulp's dispatcher at the level in force: what `pulp::Arch::new()` gives, or its AVX2 level
+/// when capped (on x86-64 CPUs that have AVX2).
+pub(crate) fn arch() -> pulp::Arch {
+    #[cfg(target_arch = "x86_64")]
+    if capped()
+        && let Some(v3) = pulp::x86::V3::try_new()
+    {
+        return pulp::Arch::V3(v3);
+    }
+    pulp::Arch::new()
+}
+
+/// AVX-512, unless the CPU lacks it or it is set aside.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn v4() -> Option<pulp::x86::V4> {
+    if capped() {
+        return None;
+    }
+    pulp::x86::V4::try_new()
+}
+
+/// AVX2 with FMA (the level below AVX-512), where the CPU has it.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn v3() -> Option<pulp::x86::V3> {
+    pulp::x86::V3::try_new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cap_of;
+
+    #[test]
+    fn only_avx2_caps_the_vectors_and_other_values_are_named() {
+        assert_eq!(cap_of(None), Ok(false));
+        assert_eq!(cap_of(Some("")), Ok(false));
+        assert_eq!(cap_of(Some("best")), Ok(false));
+        assert_eq!(cap_of(Some("AVX2")), Ok(true));
+        assert_eq!(cap_of(Some(" avx2 ")), Ok(true));
+        let e = cap_of(Some("avx512")).expect_err("not a level it knows");
+        assert!(e.contains("\"avx512\""), "{e}");
+    }
+}
