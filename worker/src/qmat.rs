@@ -16,7 +16,8 @@
 //!
 //! Work is split over output rows across threads (rayon), and the inner loops are compiled for
 //! the CPU's widest vector unit found at run time (pulp's dispatch: AVX2+FMA or AVX-512 on
-//! x86-64, NEON on aarch64), so one binary runs everywhere.
+//! x86-64, NEON on aarch64), so one binary runs everywhere; `DOPD_CPU_VECTORS=avx2` caps it at
+//! AVX2 (`qmat/vectors.rs`).
 
 use rayon::prelude::*;
 
@@ -315,7 +316,7 @@ impl QMatrix {
             .any(|m| m.interleaved)
             .then(|| packed::Quantized::new(x, cols));
         // One input row as 8-bit digits for the Q4 matrices, where the CPU has the integer
-        // kernel for them (AVX-512).
+        // kernel for them (AVX-512, or AVX2 with FMA).
         let xd = (n == 1
             && digits::available()
             && ms.iter().any(|m| m.format == QFormat::Q4 && !m.interleaved))
