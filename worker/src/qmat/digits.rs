@@ -1,7 +1,7 @@
 //! One input row times a Q4 matrix in integer arithmetic, to f32's precision: each block of 32
 //! inputs is written as three signed 8-bit digits on a scale, `x ≈ s·(a + b/128 + c/128²)` with
 //! `s = max|x| / 127`, and the 4-bit weights multiply each digit with `vpmaddubsw` (64 products
-//! per instruction, exact integer sums).
+//! per instruction on AVX-512, 32 on AVX2; exact integer sums).
 //!
 //! A decode step at batch 1 is a matrix-vector product per weight matrix. Widening each 4-bit
 //! weight to f32 costs more vector instructions than its multiply-add (a block of 32: two byte

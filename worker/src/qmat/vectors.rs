@@ -34,19 +34,29 @@ fn cap_of(value: Option<&str>) -> Result<bool, String> {
 /// pulp's dispatcher at the level in force: what `pulp::Arch::new()` gives, or its AVX2 level
 /// when capped (on x86-64 CPUs that have AVX2).
 pub(crate) fn arch() -> pulp::Arch {
+    arch_for(capped())
+}
+
+/// [`arch`] with the cap given.
+fn arch_for(capped: bool) -> pulp::Arch {
     #[cfg(target_arch = "x86_64")]
-    if capped()
-        && let Some(v3) = pulp::x86::V3::try_new()
-    {
+    if capped && let Some(v3) = pulp::x86::V3::try_new() {
         return pulp::Arch::V3(v3);
     }
+    let _ = capped;
     pulp::Arch::new()
 }
 
 /// AVX-512, unless the CPU lacks it or it is set aside.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn v4() -> Option<pulp::x86::V4> {
-    if capped() {
+    v4_for(capped())
+}
+
+/// [`v4`] with the cap given.
+#[cfg(target_arch = "x86_64")]
+fn v4_for(capped: bool) -> Option<pulp::x86::V4> {
+    if capped {
         return None;
     }
     pulp::x86::V4::try_new()
@@ -60,7 +70,25 @@ pub(crate) fn v3() -> Option<pulp::x86::V3> {
 
 #[cfg(test)]
 mod tests {
-    use super::cap_of;
+    use super::*;
+
+    /// Capped, the dispatcher and the AVX-512 kernels' token are AVX2's and none (on x86-64
+    /// CPUs with AVX2); uncapped, pulp's own choice.
+    #[test]
+    fn the_cap_sets_avx512_aside_in_the_dispatcher_and_the_kernels() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(v4_for(true).is_none());
+            assert_eq!(v4_for(false).is_some(), pulp::x86::V4::try_new().is_some());
+            if pulp::x86::V3::try_new().is_some() {
+                assert!(matches!(arch_for(true), pulp::Arch::V3(_)));
+            }
+        }
+        assert_eq!(
+            std::mem::discriminant(&arch_for(false)),
+            std::mem::discriminant(&pulp::Arch::new())
+        );
+    }
 
     #[test]
     fn only_avx2_caps_the_vectors_and_other_values_are_named() {
