@@ -28,6 +28,9 @@ pub struct RoutingConfig {
     pub ultra_short_max_isl: u32,
     /// Turn the ultra-short bypass off (ablation).
     pub ultra_short_bypass: bool,
+    /// An ultra-short prompt is prefilled on a decode instance only while that instance has KV
+    /// room for it, else on a prefill instance (off: always on the decode instance; ablation).
+    pub bypass_needs_kv_room: bool,
     /// Turn short-request batching off (ablation): short prompts then go out one by one.
     pub short_batching: bool,
     /// A short batch is sent once it holds this many prompt tokens. The paper does not give a
@@ -43,6 +46,7 @@ impl Default for RoutingConfig {
         Self {
             ultra_short_max_isl: 511,
             ultra_short_bypass: true,
+            bypass_needs_kv_room: true,
             short_batching: true,
             batch_token_cap: 8192,
             batch_wait_cap_s: 0.05,
@@ -255,6 +259,9 @@ pub enum RouteReason {
     PrefillFailed,
     /// Its worker failed; another of the same kind takes it.
     Retry,
+    /// Ultra-short, but the decode instance that would prefill it has no KV room for it now:
+    /// prefilled on a prefill instance, its first token does not wait for decode's KV.
+    DecodeFull,
 }
 
 impl Route {
@@ -279,6 +286,7 @@ impl RouteReason {
             Self::NoPrefillWorker => "no_prefill_worker",
             Self::PrefillFailed => "prefill_failed",
             Self::Retry => "retry",
+            Self::DecodeFull => "decode_full",
         }
     }
 }
@@ -293,6 +301,32 @@ pub fn route(class: RequestClass, has_prefill: bool) -> (Route, RouteReason) {
         RequestClass::Long => (Route::Disaggregated, RouteReason::Long),
         RequestClass::Short => (Route::Batch, RouteReason::Short),
     }
+}
+
+/// [`route`], knowing whether the decode instance a local prefill would use has KV room for the
+/// prompt now (`decode_room`). Without room, an ultra-short prompt goes to a prefill instance at
+/// once: prefilled locally it would wait for KV before its first token, on its TTFT; prefilled
+/// remotely its first token comes from prefill, and a wait for decode's KV is spread over its
+/// output, on its TPOT, which has far more slack for long outputs.
+pub fn route_with_room(
+    class: RequestClass,
+    has_prefill: bool,
+    decode_room: bool,
+) -> (Route, RouteReason) {
+    match route(class, has_prefill) {
+        (Route::Local, RouteReason::UltraShort) if !decode_room => {
+            (Route::Disaggregated, RouteReason::DecodeFull)
+        }
+        r => r,
+    }
+}
+
+/// Whether a decode instance can take a local prefill of `prompt` tokens at its next step, from
+/// what it last reported: free KV for the prompt (and its first token) behind the `waiting`
+/// requests it has not admitted yet, each taken to be the size of this one.
+pub fn kv_room(waiting: u32, free_blocks: u32, block_size: u32, prompt: u32) -> bool {
+    let free = u64::from(free_blocks) * u64::from(block_size.max(1));
+    free >= (u64::from(waiting) + 1) * (u64::from(prompt) + 1)
 }
 
 /// The route of a short request once its batch is released (`has_prefill`: an instance took it).
@@ -491,6 +525,34 @@ mod tests {
             reroute(Route::Local, false),
             (Route::Local, RouteReason::Retry)
         );
+    }
+
+    #[test]
+    fn an_ultra_short_prompt_goes_to_prefill_when_decode_has_no_kv_room() {
+        assert_eq!(
+            route_with_room(RequestClass::UltraShort, true, false),
+            (Route::Disaggregated, RouteReason::DecodeFull)
+        );
+        assert_eq!(
+            route_with_room(RequestClass::UltraShort, true, true),
+            (Route::Local, RouteReason::UltraShort)
+        );
+        // Without a prefill instance it stays local; other classes do not look at the room.
+        assert_eq!(
+            route_with_room(RequestClass::UltraShort, false, false),
+            (Route::Local, RouteReason::NoPrefillWorker)
+        );
+        assert_eq!(
+            route_with_room(RequestClass::Short, true, false),
+            (Route::Batch, RouteReason::Short)
+        );
+        // 2 free blocks of 16 tokens: room for a 31-token prompt and its first token, not for
+        // a 32-token one, and not for a 15-token one behind another waiting.
+        assert!(kv_room(0, 2, 16, 31));
+        assert!(!kv_room(0, 2, 16, 32));
+        assert!(!kv_room(1, 2, 16, 16));
+        assert!(kv_room(1, 2, 16, 15));
+        assert!(!kv_room(0, 0, 16, 1));
     }
 
     #[test]

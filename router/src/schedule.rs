@@ -213,8 +213,19 @@ impl Scheduler {
         let class = classify(isl, self.threshold(), &routing);
         self.observe_isl(isl);
         let has_prefill = !self.pool.candidates(&[Role::Prefill], &[]).is_empty();
+        // An ultra-short prompt is prefilled locally only where the decode worker has KV room
+        // for it (by its last report; none yet counts as room).
+        let room = class != routing::RequestClass::UltraShort
+            || !routing.bypass_needs_kv_room
+            || self
+                .pool
+                .pick(&[Role::Decode, Role::Mixed], &[])
+                .and_then(|w| w.stats())
+                .is_none_or(|s| {
+                    routing::kv_room(s.waiting, s.kv_blocks_free, s.kv_block_size, isl)
+                });
         // Short prompts wait for their batch first (once; retries go straight on).
-        let (mut route, mut reason) = routing::route(class, has_prefill);
+        let (mut route, mut reason) = routing::route_with_room(class, has_prefill, room);
         let mut batch_prefill = None;
         if route == Route::Batch {
             let (tx, rx) = oneshot::channel();

@@ -191,6 +191,25 @@ fn ultra_short_prompts_prefill_on_the_decode_instance() {
 }
 
 #[test]
+fn an_ultra_short_prompt_goes_to_prefill_when_the_decode_cache_is_full() {
+    // One decode instance of 2 blocks; a long request holds both from 0.1 s to 0.65 s. A
+    // 100-token prompt arriving at 0.2 s would wait there for KV before its first token, so it
+    // is prefilled on the prefill instance (first token at 0.3 s) and waits for KV after it.
+    let mut p = flat();
+    p.kv.blocks = 2;
+    let mut c = cfg(one_p_one_d());
+    c.length_aware_routing = Some(true);
+    let reqs = [req(0.0, 200, 56), req(0.2, 100, 11)];
+    let r = simulate(&reqs, &p, &c).expect("runs");
+    let b = r.records[1];
+    assert_eq!(b.route, Route::Long, "{b:?}");
+    assert!(close(b.ttft_s, 0.1), "{b:?}");
+    // With room (the default 2040 blocks), the same prompt is prefilled on the decode instance.
+    let r = simulate(&reqs, &flat(), &c).expect("runs");
+    assert_eq!(r.records[1].route, Route::UltraShort, "{:?}", r.records[1]);
+}
+
+#[test]
 fn bypassed_prompts_are_spread_over_decode_steps_within_the_threshold() {
     // Length-aware routing on a fixed 1P+1D split, prompts up to 150 tokens bypassed: the
     // router's step budget for each is 150 tokens.

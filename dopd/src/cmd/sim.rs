@@ -49,7 +49,8 @@ pub enum Command {
         /// requests above forecasts like the current one), dopd-idle-shrink (quiet spells shrink
         /// to the minimums after `idle_after_s` instead of being sized), dopd-hold-dispersion
         /// (the hold stretched by the index of dispersion alone, not damped for loads whose rate
-        /// swings little relative to its level).
+        /// swings little relative to its level), dopd-bypass-when-full (ultra-short prompts
+        /// prefilled on a decode instance even when its KV cache has no room for them).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -228,6 +229,10 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         },
         "dopd-no-bypass" => {
             cfg.routing.ultra_short_bypass = false;
+            PolicySpec::Dopd
+        }
+        "dopd-bypass-when-full" => {
+            cfg.routing.bypass_needs_kv_room = false;
             PolicySpec::Dopd
         }
         "dopd-no-batching" => {

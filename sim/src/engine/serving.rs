@@ -21,7 +21,14 @@ impl Sim<'_> {
         self.reqs[i].step_budget = routing::step_prefill_budget(class, &self.routing);
         // The router's policy. Whether a prefill instance can take the request is decided when
         // the prefill is dispatched (`dispatch_prefill`), as the router does for batches.
-        match routing::route(class, true).0 {
+        let room = class != RequestClass::UltraShort
+            || !self.routing.bypass_needs_kv_room
+            || self.local_room(i);
+        let (route, why) = routing::route_with_room(class, true, room);
+        if why == routing::RouteReason::DecodeFull {
+            self.reqs[i].route = Route::Long;
+        }
+        match route {
             routing::Route::Local => self.send_to_decode(i, true),
             routing::Route::Disaggregated => self.dispatch_prefill(Batch {
                 items: vec![i],
@@ -35,6 +42,23 @@ impl Sim<'_> {
                 self.schedule_batch_deadline();
             }
         }
+    }
+
+    /// Whether the decode instance a local prefill of request `i` would go to can admit it at
+    /// its next step (its reservation fits beside those running and those already waiting).
+    fn local_room(&self, i: usize) -> bool {
+        let Some(k) = self.pick(self.decode_kind()) else {
+            return true;
+        };
+        let inst = &self.insts[k];
+        let block = u64::from(self.profile.kv.block_size.max(1));
+        let blocks = |j: usize| {
+            let r = &self.reqs[j].r;
+            (u64::from(r.isl) + u64::from(r.osl)).div_ceil(block)
+        };
+        let waiting: u64 = inst.waiting.iter().map(|&j| blocks(j)).sum();
+        inst.state == State::Ready
+            && inst.blocks_used + waiting + blocks(i) <= self.profile.kv.blocks
     }
 
     pub(super) fn schedule_batch_deadline(&mut self) {
