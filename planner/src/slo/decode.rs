@@ -62,20 +62,23 @@ impl<'a> DecodeModel<'a> {
         }
     }
 
-    /// Time per output token at `n_d` instances and the concurrency that implies (a fixed point
-    /// of Little's law and the profile).
+    /// Time per output token at `n_d` instances and the sequences running at once (a fixed
+    /// point of Little's law and the profile).
     pub(super) fn operating_point(&self, n_d: u32) -> (f64, f64) {
         let nd = f64::from(n_d.max(1));
         let busy = (self.local_prefill / nd).min(0.95);
         let osl = self.w.osl.max(1.0);
         let mut t = self.w.kappa.decode * self.profile.tpot(1.0, self.ctx) / (1.0 - busy);
-        let mut conc = 0.0;
+        // The batch is the sequences running (Little's law); the KV correction scales what
+        // they hold, not how many they are: long outputs stay longer, so the running sequences
+        // hold more KV than the mean request, but they are no more numerous.
+        let mut running = 0.0;
         for _ in 0..8 {
-            conc = self.rate * osl * t * self.scale;
-            t = self.w.kappa.decode * self.profile.tpot((conc / nd).max(1.0), self.ctx)
+            running = self.rate * osl * t;
+            t = self.w.kappa.decode * self.profile.tpot((running / nd).max(1.0), self.ctx)
                 / (1.0 - busy);
         }
-        (t, conc)
+        (t, running)
     }
 
     /// Share of requests that wait for KV space longer than they can afford at `n_d` instances.
@@ -143,8 +146,8 @@ impl<'a> DecodeModel<'a> {
     /// sequences, the cache full at most).
     pub(super) fn occupancy(&self, n_d: u32) -> f64 {
         let cap = f64::from(n_d.max(1)) * self.profile.kv.tokens() as f64;
-        let (_, conc) = self.operating_point(n_d);
-        (conc * self.kv_mean / cap.max(1.0)).min(1.0)
+        let (_, running) = self.operating_point(n_d);
+        (running * self.scale * self.kv_mean / cap.max(1.0)).min(1.0)
     }
 
     /// The same decode side when only a share of the arrivals reaches it (an overloaded prefill
