@@ -217,13 +217,7 @@ impl Scheduler {
         // for it (by its last report; none yet counts as room).
         let room = class != routing::RequestClass::UltraShort
             || !routing.bypass_needs_kv_room
-            || self
-                .pool
-                .pick(&[Role::Decode, Role::Mixed], &[])
-                .and_then(|w| w.stats())
-                .is_none_or(|s| {
-                    routing::kv_room(s.waiting, s.kv_blocks_free, s.kv_block_size, isl)
-                });
+            || decode_room(&self.pool, isl);
         // Short prompts wait for their batch first (once; retries go straight on).
         let (mut route, mut reason) = routing::route_with_room(class, has_prefill, room);
         let mut batch_prefill = None;
@@ -779,4 +773,39 @@ fn epoch_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_millis() as u64)
+}
+
+/// Whether the decode worker an ultra-short prompt of `isl` tokens would be prefilled on (the
+/// one a local route picks) has KV room for it by its last stats report; none yet counts as
+/// room.
+fn decode_room(pool: &Pool, isl: u32) -> bool {
+    pool.pick(&[Role::Decode, Role::Mixed], &[])
+        .and_then(|w| w.stats())
+        .is_none_or(|s| routing::kv_room(s.waiting, s.kv_blocks_free, s.kv_block_size, isl))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_decode_worker_s_last_report_decides_the_room() {
+        let pool = Pool::new();
+        // Nothing listens there: the entry is faked, never called.
+        let d = pool.add("http://127.0.0.1:1").await.expect("URL");
+        d.fake(Role::Decode, true, None);
+        assert!(decode_room(&pool, 20), "no report yet counts as room");
+        let report = |waiting, free| proto::StatsResponse {
+            waiting,
+            kv_blocks_free: free,
+            kv_block_size: 16,
+            ..Default::default()
+        };
+        d.fake(Role::Decode, true, Some(report(0, 2)));
+        assert!(decode_room(&pool, 20));
+        d.fake(Role::Decode, true, Some(report(0, 1)));
+        assert!(!decode_room(&pool, 20), "21 tokens in one block of 16");
+        d.fake(Role::Decode, true, Some(report(1, 2)));
+        assert!(!decode_room(&pool, 20), "behind one waiting request");
+    }
 }
