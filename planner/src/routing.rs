@@ -303,18 +303,20 @@ pub fn route(class: RequestClass, has_prefill: bool) -> (Route, RouteReason) {
     }
 }
 
-/// [`route`], knowing whether the decode instance a local prefill would use has KV room for the
-/// prompt now (`decode_room`). Without room, an ultra-short prompt goes to a prefill instance at
-/// once: prefilled locally it would wait for KV before its first token, on its TTFT; prefilled
+/// [`route`], for a request whose decode instance may have no KV room for it: an ultra-short
+/// prompt goes to a prefill instance at once when `cfg.bypass_needs_kv_room` and `decode_room`
+/// (asked only then) says the decode instance a local prefill would use cannot take it now.
+/// Prefilled locally it would wait for KV before its first token, on its TTFT; prefilled
 /// remotely its first token comes from prefill, and a wait for decode's KV is spread over its
 /// output, on its TPOT, which has far more slack for long outputs.
 pub fn route_with_room(
     class: RequestClass,
     has_prefill: bool,
-    decode_room: bool,
+    cfg: &RoutingConfig,
+    decode_room: impl FnOnce() -> bool,
 ) -> (Route, RouteReason) {
     match route(class, has_prefill) {
-        (Route::Local, RouteReason::UltraShort) if !decode_room => {
+        (Route::Local, RouteReason::UltraShort) if cfg.bypass_needs_kv_room && !decode_room() => {
             (Route::Disaggregated, RouteReason::DecodeFull)
         }
         r => r,
@@ -529,22 +531,32 @@ mod tests {
 
     #[test]
     fn an_ultra_short_prompt_goes_to_prefill_when_decode_has_no_kv_room() {
+        let cfg = RoutingConfig::default();
         assert_eq!(
-            route_with_room(RequestClass::UltraShort, true, false),
+            route_with_room(RequestClass::UltraShort, true, &cfg, || false),
             (Route::Disaggregated, RouteReason::DecodeFull)
         );
         assert_eq!(
-            route_with_room(RequestClass::UltraShort, true, true),
+            route_with_room(RequestClass::UltraShort, true, &cfg, || true),
             (Route::Local, RouteReason::UltraShort)
         );
-        // Without a prefill instance it stays local; other classes do not look at the room.
+        // Without a prefill instance it stays local; other classes do not look at the room,
+        // nor does the ablation.
         assert_eq!(
-            route_with_room(RequestClass::UltraShort, false, false),
+            route_with_room(RequestClass::UltraShort, false, &cfg, || false),
             (Route::Local, RouteReason::NoPrefillWorker)
         );
         assert_eq!(
-            route_with_room(RequestClass::Short, true, false),
+            route_with_room(RequestClass::Short, true, &cfg, || false),
             (Route::Batch, RouteReason::Short)
+        );
+        let off = RoutingConfig {
+            bypass_needs_kv_room: false,
+            ..RoutingConfig::default()
+        };
+        assert_eq!(
+            route_with_room(RequestClass::UltraShort, true, &off, || false),
+            (Route::Local, RouteReason::UltraShort)
         );
         // 2 free blocks of 16 tokens: room for a 31-token prompt and its first token, not for
         // a 32-token one, and not for a 15-token one behind another waiting.

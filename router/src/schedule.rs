@@ -213,13 +213,11 @@ impl Scheduler {
         let class = classify(isl, self.threshold(), &routing);
         self.observe_isl(isl);
         let has_prefill = !self.pool.candidates(&[Role::Prefill], &[]).is_empty();
-        // An ultra-short prompt is prefilled locally only where the decode worker has KV room
-        // for it (by its last report; none yet counts as room).
-        let room = class != routing::RequestClass::UltraShort
-            || !routing.bypass_needs_kv_room
-            || decode_room(&self.pool, isl);
         // Short prompts wait for their batch first (once; retries go straight on).
-        let (mut route, mut reason) = routing::route_with_room(class, has_prefill, room);
+        let (mut route, mut reason) =
+            routing::route_with_room(class, has_prefill, &routing, || {
+                decode_room(&self.pool, isl)
+            });
         let mut batch_prefill = None;
         if route == Route::Batch {
             let (tx, rx) = oneshot::channel();

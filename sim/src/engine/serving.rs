@@ -21,10 +21,8 @@ impl Sim<'_> {
         self.reqs[i].step_budget = routing::step_prefill_budget(class, &self.routing);
         // The router's policy. Whether a prefill instance can take the request is decided when
         // the prefill is dispatched (`dispatch_prefill`), as the router does for batches.
-        let room = class != RequestClass::UltraShort
-            || !self.routing.bypass_needs_kv_room
-            || self.local_room(i);
-        let (route, why) = routing::route_with_room(class, true, room);
+        let (route, why) =
+            routing::route_with_room(class, true, &self.routing, || self.local_room(i));
         if why == routing::RouteReason::DecodeFull {
             self.reqs[i].route = Route::Long;
         }
