@@ -95,6 +95,9 @@ pub struct Planner {
     last_request_at: Option<f64>,
     started_at: Option<f64>,
     desired_history: VecDeque<(f64, Replicas)>,
+    /// When the KV cache last filled and the decode count that asked for (held for
+    /// `slo_policy.kv_emergency_hold_startups` decode start-ups, not the whole hold).
+    kv_emergency_at: Option<(f64, u32)>,
     decode_grace_left: u32,
     queue_history: VecDeque<f64>,
     last_now: Option<f64>,
@@ -133,6 +136,7 @@ impl Planner {
             last_request_at: None,
             started_at: None,
             desired_history: VecDeque::new(),
+            kv_emergency_at: None,
             decode_grace_left: 0,
             queue_history: VecDeque::new(),
             last_now: None,
@@ -348,6 +352,7 @@ impl Planner {
             reasons.push(Reason::Idle { idle_s });
             let target = self.cfg.sizing.min_replicas;
             self.desired_history.clear();
+            self.kv_emergency_at = None;
             return decision(target, reasons, None, None, None, self);
         }
 
@@ -441,7 +446,9 @@ impl Planner {
         // cleared once. A full KV cache is different: it says the decode instances hold more
         // than the model gives them, and dropping the instance it asked for before it was up
         // left the cache full (a decode-heavy load flapped 2 <-> 3 decode instances with the
-        // third never serving; `docs/experiments.md`).
+        // third never serving; `docs/experiments.md`). That instance is held for
+        // `kv_emergency_hold_startups` decode start-ups: it comes up and serves, and then stays
+        // only while the cache fills again.
         let kv_emergency = reasons.iter().any(|r| {
             matches!(
                 r,
@@ -451,22 +458,32 @@ impl Planner {
                 }
             )
         });
-        let basis = match (self.cfg.policy, self.sustained.take()) {
-            (PolicyKind::Dopd, Some(s)) => PerRole {
+        let dopd = self.cfg.policy == PolicyKind::Dopd;
+        let basis = match (dopd, self.sustained.take()) {
+            (true, Some(s)) => PerRole {
                 prefill: desired.prefill.min(s.prefill),
-                decode: if kv_emergency {
-                    desired.decode
-                } else {
-                    desired.decode.min(s.decode)
-                },
+                decode: desired.decode.min(s.decode),
             },
             _ => desired,
         };
         self.remember_desired(now, basis);
         let windows = self.hold_windows();
+        let kv_window = if dopd {
+            (self.cfg.slo_policy.kv_emergency_hold_startups * self.profile.startup_s.decode)
+                .min(windows.decode)
+        } else {
+            0.0
+        };
+        if kv_emergency && dopd {
+            let before = match self.kv_emergency_at {
+                Some((t, n)) if now - t <= kv_window => n,
+                _ => 0,
+            };
+            self.kv_emergency_at = Some((now, desired.decode.max(before)));
+        }
         if windows.prefill > 0.0 || windows.decode > 0.0 {
             let within = |t: f64, w: f64| now - t <= w;
-            let peak = self
+            let mut peak = self
                 .desired_history
                 .iter()
                 .fold(desired, |m, (t, r)| PerRole {
@@ -481,6 +498,11 @@ impl Planner {
                         m.decode
                     },
                 });
+            if let Some((t, n)) = self.kv_emergency_at
+                && within(t, kv_window)
+            {
+                peak.decode = peak.decode.max(n);
+            }
             let mut held = desired;
             let mut held_reasons = Vec::new();
             for role in Role::SIZED {

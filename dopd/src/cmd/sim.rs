@@ -50,7 +50,9 @@ pub enum Command {
         /// to the minimums after `idle_after_s` instead of being sized), dopd-hold-dispersion
         /// (the hold stretched by the index of dispersion alone, not damped for loads whose rate
         /// swings little relative to its level), dopd-bypass-when-full (ultra-short prompts
-        /// prefilled on a decode instance even when its KV cache has no room for them).
+        /// prefilled on a decode instance even when its KV cache has no room for them),
+        /// dopd-kv-full-hold (a decode instance asked for by a full KV cache held for the whole
+        /// decode hold, not one start-up).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -257,6 +259,10 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-hold-dispersion" => {
             cfg.planner.slo_policy.hold_by_swing = false;
+            PolicySpec::Dopd
+        }
+        "dopd-kv-full-hold" => {
+            cfg.planner.slo_policy.kv_emergency_hold_startups = 1e9;
             PolicySpec::Dopd
         }
         "dopd-no-hold" => {

@@ -207,6 +207,10 @@ impl PlannerConfig {
             ("slo.ttft_per_token_s", self.slo.ttft_per_token_s),
             ("slo_policy.hold_startups", self.slo_policy.hold_startups),
             (
+                "slo_policy.kv_emergency_hold_startups",
+                self.slo_policy.kv_emergency_hold_startups,
+            ),
+            (
                 "slo_policy.kv_link_bytes_per_s",
                 self.slo_policy.kv_link_bytes_per_s,
             ),

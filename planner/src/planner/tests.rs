@@ -552,6 +552,44 @@ fn an_instance_a_full_kv_cache_asked_for_is_held() {
 }
 
 #[test]
+fn an_instance_a_full_kv_cache_asked_for_is_held_one_decode_start_up() {
+    // Returns the decode targets just inside and just past one decode start-up after the
+    // cache filled, with the new instance up and the cache no longer full.
+    let run = |hold_startups: f64| {
+        let mut c = with_budget(cfg(PolicyKind::Dopd), 100);
+        c.slo_policy.kv_emergency_hold_startups = hold_startups;
+        let mut p = Planner::new_ok(profile(), c);
+        let startup = profile().startup_s.decode;
+        let mut ready = ONE;
+        for k in 0..12 {
+            ready = p.tick(f64::from(k) * 10.0, &obs(50.0, ready)).target;
+        }
+        let steady = ready;
+        let mut o = obs(50.0, ready);
+        o.kv_usage = 0.97;
+        let up = p.tick(120.0, &o).target;
+        assert_eq!(up.decode, steady.decode + 1, "{up:?} vs {steady:?}");
+        let mut t = 130.0;
+        let mut inside = up;
+        while t <= 120.0 + startup {
+            inside = p.tick(t, &obs(50.0, up)).target;
+            t += 10.0;
+        }
+        let past = p.tick(t, &obs(50.0, up)).target;
+        (steady.decode, up.decode, inside.decode, past.decode)
+    };
+    let (steady, up, inside, past) = run(1.0);
+    assert_eq!(inside, up, "held while it comes up");
+    assert_eq!(
+        past, steady,
+        "let go once it has served and the cache has room"
+    );
+    // Held for the whole decode hold (the earlier rule), it outlives the start-up.
+    let (_, up, _, past) = run(1e9);
+    assert_eq!(past, up);
+}
+
+#[test]
 fn what_a_trend_looked_ahead_for_is_not_held_once_the_trend_is_gone() {
     let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 200));
     let mut ready = ONE;

@@ -95,6 +95,10 @@ pub struct SloPolicy {
     /// A role shrinks only after its surplus has lasted this many of its start-ups (0: the
     /// planner's `scale_down_stabilization_s`).
     pub hold_startups: f64,
+    /// A decode instance asked for because the KV cache filled is held this many decode
+    /// start-ups (capped at the decode hold): long enough to come up and serve, after which a
+    /// cache still full asks for it again and a cache with room lets it go.
+    pub kv_emergency_hold_startups: f64,
     /// The hold's stretch for bursty arrivals (beyond `hold_startups`, growing with the index of
     /// dispersion) applies in proportion to the rate's swings relative to its level, in full
     /// once their squared coefficient of variation reaches 1 (off: by the index of dispersion
@@ -132,6 +136,7 @@ impl Default for SloPolicy {
             level_surges: true,
             size_idle: true,
             hold_startups: 3.0,
+            kv_emergency_hold_startups: 1.0,
             hold_by_swing: true,
             closed_loop: true,
             max_correction: 1.25,
