@@ -60,7 +60,7 @@ echo "== The flash crowd beside its base alone (same arrivals until the crowd)"
   --out "$out/flash-onset.md" > /dev/null
 echo "== Ablations of dopd's mechanisms, same rows"
 "$dopd" sim scoreboard --suite examples/scoreboard/suite.yaml \
-  --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-ratio-surges,dopd-idle-shrink,dopd-hold-dispersion,dopd-no-hold,dopd-no-kv-calibration,dopd-fixed-bypass,dopd-no-bypass,dopd-bypass-when-full,dopd-kv-full-hold,dopd-fifo-model,static:search \
+  --policies dopd,dopd-arima,dopd-last,dopd-open-loop,dopd-no-trend,dopd-ratio-surges,dopd-idle-shrink,dopd-hold-dispersion,dopd-no-hold,dopd-no-kv-calibration,dopd-fixed-bypass,dopd-no-bypass,dopd-bypass-when-full,dopd-kv-full-hold,dopd-no-kv-emergency,dopd-fifo-model,static:search \
   --out "$out/ablations.md" > /dev/null
 echo "== Held-out workloads (examples/scoreboard/heldout.yaml), every policy"
 "$dopd" sim scoreboard --suite examples/scoreboard/heldout.yaml --out "$out/heldout.md" > /dev/null

@@ -52,7 +52,8 @@ pub enum Command {
         /// swings little relative to its level), dopd-bypass-when-full (ultra-short prompts
         /// prefilled on a decode instance even when its KV cache has no room for them),
         /// dopd-kv-full-hold (a decode instance asked for by a full KV cache held for the whole
-        /// decode hold, not one start-up).
+        /// decode hold, not one start-up), dopd-no-kv-emergency (no decode instance added when
+        /// the KV caches fill).
         #[arg(
             long,
             default_value = "dopd,oracle,dyn-sla,dyn-load,static:1x1,aggregated"
@@ -263,6 +264,11 @@ fn config_for(name: &str, s: &Setup, budget: u32) -> anyhow::Result<SimConfig> {
         }
         "dopd-kv-full-hold" => {
             cfg.planner.slo_policy.kv_emergency_hold_startups = 1e9;
+            PolicySpec::Dopd
+        }
+        "dopd-no-kv-emergency" => {
+            // No cache is used above its whole: the KV emergency never fires.
+            cfg.planner.emergency.kv_usage = 1.0;
             PolicySpec::Dopd
         }
         "dopd-no-hold" => {

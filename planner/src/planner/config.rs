@@ -73,7 +73,7 @@ pub struct EmergencyConfig {
     pub enabled: bool,
     /// Prefill queue length per ready prefill instance.
     pub prefill_queue_per_instance: f64,
-    /// Decode KV usage fraction.
+    /// Decode KV usage fraction above which one decode instance is added (1 or more: never).
     pub kv_usage: f64,
 }
 
