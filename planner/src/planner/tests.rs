@@ -530,19 +530,25 @@ fn a_swap_under_the_budget_lands_before_it_is_reversed() {
     assert_eq!(new_high.landing(&p, budget), None);
 }
 
-#[test]
-fn an_instance_a_full_kv_cache_asked_for_is_held() {
-    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+/// Twelve steady intervals, then one with the decode instances' KV cache full (at 120 s):
+/// returns the steady counts and the target of the full interval, checked to be one decode
+/// instance more, at once.
+fn steady_then_full_cache(p: &mut Planner) -> (Replicas, Replicas) {
     let mut ready = ONE;
     for k in 0..12 {
         ready = p.tick(f64::from(k) * 10.0, &obs(50.0, ready)).target;
     }
-    let steady = ready;
-    // The decode instances' KV cache is full: one decode instance more, at once.
     let mut o = obs(50.0, ready);
     o.kv_usage = 0.97;
     let up = p.tick(120.0, &o).target;
-    assert_eq!(up.decode, steady.decode + 1, "{up:?} vs {steady:?}");
+    assert_eq!(up.decode, ready.decode + 1, "{up:?} vs {ready:?}");
+    (ready, up)
+}
+
+#[test]
+fn an_instance_a_full_kv_cache_asked_for_is_held() {
+    let mut p = Planner::new_ok(profile(), with_budget(cfg(PolicyKind::Dopd), 100));
+    let (ready, up) = steady_then_full_cache(&mut p);
     // The next interval looks like the steady ones (the new instance is still starting): it
     // is kept, not stopped before it serves.
     let mut o = obs(50.0, ready);
@@ -560,15 +566,7 @@ fn an_instance_a_full_kv_cache_asked_for_is_held_one_decode_start_up() {
         c.slo_policy.kv_emergency_hold_startups = hold_startups;
         let mut p = Planner::new_ok(profile(), c);
         let startup = profile().startup_s.decode;
-        let mut ready = ONE;
-        for k in 0..12 {
-            ready = p.tick(f64::from(k) * 10.0, &obs(50.0, ready)).target;
-        }
-        let steady = ready;
-        let mut o = obs(50.0, ready);
-        o.kv_usage = 0.97;
-        let up = p.tick(120.0, &o).target;
-        assert_eq!(up.decode, steady.decode + 1, "{up:?} vs {steady:?}");
+        let (steady, up) = steady_then_full_cache(&mut p);
         let mut t = 130.0;
         let mut inside = up;
         while t <= 120.0 + startup {
